@@ -1,0 +1,1 @@
+"""The public face: Settings, SessionLifecycle, the CLI and the demo."""

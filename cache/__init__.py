@@ -1,0 +1,71 @@
+"""The Redis hot store: records, keys, codec, scripts and ``RedisSessionCache``."""
+
+from __future__ import annotations
+
+from cache.client import RedisClient, connect
+from cache.errors import (
+    AgentSessionsError,
+    BacklogFull,
+    ConfigurationError,
+    CorruptValue,
+    InvalidId,
+    InvalidInput,
+    InvalidSnapshot,
+    PayloadTooLarge,
+    Refused,
+    RunEnded,
+    ScriptContractError,
+    StoreUnavailable,
+    VersionConflict,
+)
+from cache.keys import KeySpace
+from cache.records import (
+    ClosedBy,
+    LayerSpec,
+    LifecycleState,
+    RunRef,
+    Scope,
+    SessionKey,
+    SessionStatus,
+    SessionWrite,
+    Snapshot,
+    SnapshotLayer,
+    StoredSession,
+)
+from cache.settings import Settings
+from cache.store import DirtyEntry, EndedRun, Loaded, RedisSessionCache
+
+__all__ = [
+    "AgentSessionsError",
+    "BacklogFull",
+    "ClosedBy",
+    "ConfigurationError",
+    "CorruptValue",
+    "DirtyEntry",
+    "EndedRun",
+    "InvalidId",
+    "InvalidInput",
+    "InvalidSnapshot",
+    "KeySpace",
+    "LayerSpec",
+    "LifecycleState",
+    "Loaded",
+    "PayloadTooLarge",
+    "RedisClient",
+    "RedisSessionCache",
+    "Refused",
+    "RunEnded",
+    "RunRef",
+    "Scope",
+    "ScriptContractError",
+    "SessionKey",
+    "SessionStatus",
+    "SessionWrite",
+    "Settings",
+    "Snapshot",
+    "SnapshotLayer",
+    "StoreUnavailable",
+    "StoredSession",
+    "VersionConflict",
+    "connect",
+]

@@ -1,0 +1,42 @@
+"""Building a Redis client from the settings, and translating its errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeAlias
+
+import redis
+from redis.cluster import RedisCluster
+
+from cache.errors import StoreUnavailable
+from cache.settings import Settings
+
+RedisClient: TypeAlias = redis.Redis | RedisCluster
+
+
+def connect(settings: Settings) -> RedisClient:
+    """A client for ``settings.redis_url``; bytes replies, since snapshots are binary."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.socket_timeout_s,
+        )
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        health_check_interval=30,
+    )
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Re-raise redis-py's errors as :class:`StoreUnavailable`, from the original."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(f"{what}: Redis is unavailable: {exc}") from exc
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"{what}: Redis refused the command: {exc}") from exc

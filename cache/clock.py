@@ -1,0 +1,14 @@
+"""Wall-clock helpers: the text timestamps stored in hashes and rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def now_iso() -> str:
+    """The current time as ISO-8601 UTC text with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text)

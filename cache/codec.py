@@ -1,0 +1,182 @@
+"""The one place that turns records into Redis hash fields and back (DESIGN §3).
+
+Every field is plain text except ``snapshot`` and ``layer_specs``, which are msgpack bytes.
+Encoding enforces the size limits, so an oversized snapshot is refused before any I/O;
+decoding raises :class:`CorruptValue` naming the key and field of anything foreign.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+
+from cache.errors import CorruptValue, InvalidSnapshot, PayloadTooLarge
+from cache.records import (
+    ClosedBy,
+    LayerSpec,
+    SessionKey,
+    SessionStatus,
+    SessionWrite,
+    Snapshot,
+    StoredSession,
+    specs_from_list,
+    specs_to_list,
+)
+
+SNAPSHOT = "snapshot"
+LAYER_SPECS = "layer_specs"
+WRITE_TEXT_FIELDS = (
+    "app_id",
+    "workflow_id",
+    "node_execution_id",
+    "agent_config_snapshot_id",
+    "backend_run_id",
+    "pending_form_id",
+    "pending_tool_call_id",
+)
+STATE_TEXT_FIELDS = ("created_at", "updated_at", "cleaned_at", "cleanup_error")
+
+T = TypeVar("T")
+E = TypeVar("E", SessionStatus, ClosedBy)
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+def _decode_snapshot_bytes(data: bytes) -> Snapshot:
+    return Snapshot.from_dict(unpack(data))
+
+
+def _decode_specs_bytes(data: bytes) -> tuple[LayerSpec, ...]:
+    return specs_from_list(unpack(data))
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """Encodes and decodes session hashes within the configured size limits."""
+
+    max_snapshot_bytes: int = 4 * 1024 * 1024
+    max_specs_bytes: int = 1024 * 1024
+
+    def encode_snapshot(self, snapshot: Snapshot) -> bytes:
+        return self._bounded("snapshot", pack(snapshot.to_dict()), self.max_snapshot_bytes)
+
+    def encode_specs(self, specs: tuple[LayerSpec, ...]) -> bytes:
+        return self._bounded("layer_specs", pack(specs_to_list(specs)), self.max_specs_bytes)
+
+    @staticmethod
+    def _bounded(what: str, data: bytes, limit: int) -> bytes:
+        if len(data) > limit:
+            raise PayloadTooLarge(f"encoded {what} is {len(data)} bytes; the limit is {limit}")
+        return data
+
+    def write_fields(self, write: SessionWrite) -> list[bytes | str]:
+        """Flat ``field, value, ...`` pairs for a script; an empty value deletes the field."""
+        pairs: list[bytes | str] = [
+            SNAPSHOT,
+            self.encode_snapshot(write.snapshot),
+            LAYER_SPECS,
+            self.encode_specs(write.layer_specs),
+        ]
+        for name in WRITE_TEXT_FIELDS:
+            pairs += [name, getattr(write, name) or ""]
+        return pairs
+
+    def stored_fields(self, session: StoredSession) -> list[bytes | str]:
+        """All fields of a stored session (for ``fill``), as flat pairs."""
+        pairs = self.write_fields(session.data)
+        pairs += ["status", session.status.value, "version", str(session.version)]
+        pairs += ["flushed_version", str(session.flushed_version)]
+        pairs += ["closed_by", session.closed_by.value if session.closed_by else ""]
+        for name in STATE_TEXT_FIELDS:
+            pairs += [name, getattr(session, name) or ""]
+        return pairs
+
+    def decode_session(
+        self, name: str, key: SessionKey, raw: Mapping[bytes, bytes]
+    ) -> StoredSession:
+        """Build a :class:`StoredSession` from an ``HGETALL`` reply of key ``name``."""
+        fields = _Fields(name, raw)
+        write = SessionWrite(
+            snapshot=fields.binary(SNAPSHOT, _decode_snapshot_bytes),
+            layer_specs=fields.binary(LAYER_SPECS, _decode_specs_bytes),
+            app_id=fields.required("app_id"),
+            workflow_id=fields.required("workflow_id"),
+            node_execution_id=fields.required("node_execution_id"),
+            agent_config_snapshot_id=fields.required("agent_config_snapshot_id"),
+            backend_run_id=fields.text("backend_run_id"),
+            pending_form_id=fields.text("pending_form_id"),
+            pending_tool_call_id=fields.text("pending_tool_call_id"),
+        )
+        closed_by = fields.text("closed_by")
+        return StoredSession(
+            key=key,
+            status=fields.enum("status", SessionStatus),
+            version=fields.integer("version"),
+            flushed_version=fields.integer("flushed_version", default=0),
+            data=write,
+            created_at=fields.text("created_at"),
+            updated_at=fields.text("updated_at"),
+            cleaned_at=fields.text("cleaned_at"),
+            closed_by=fields.enum("closed_by", ClosedBy) if closed_by else None,
+            cleanup_error=fields.text("cleanup_error"),
+        )
+
+
+class _Fields:
+    """Typed access to one hash reply, raising :class:`CorruptValue` for the field at fault."""
+
+    def __init__(self, name: str, raw: Mapping[bytes, bytes]) -> None:
+        self.name = name
+        self.raw = raw
+
+    def _fail(self, field: str, reason: str) -> CorruptValue:
+        return CorruptValue(self.name, field, reason)
+
+    def text(self, field: str) -> str | None:
+        value = self.raw.get(field.encode())
+        if value is None:
+            return None
+        try:
+            return value.decode()
+        except UnicodeDecodeError as exc:
+            raise self._fail(field, "not UTF-8 text") from exc
+
+    def required(self, field: str) -> str:
+        value = self.text(field)
+        if not value:
+            raise self._fail(field, "missing")
+        return value
+
+    def integer(self, field: str, default: int | None = None) -> int:
+        value = self.text(field)
+        if value is None and default is not None:
+            return default
+        try:
+            return int(value or "")
+        except ValueError as exc:
+            raise self._fail(field, f"not an integer: {value!r}") from exc
+
+    def enum(self, field: str, kind: type[E]) -> E:
+        value = self.required(field)
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise self._fail(field, f"unknown {kind.__name__}: {value!r}") from exc
+
+    def binary(self, field: str, decode: Callable[[bytes], T]) -> T:
+        value = self.raw.get(field.encode())
+        if value is None:
+            raise self._fail(field, "missing")
+        try:
+            return decode(value)
+        except (InvalidSnapshot, ValueError, TypeError) as exc:
+            raise self._fail(field, f"not a msgpack {field}: {exc}") from exc

@@ -1,0 +1,87 @@
+"""The one place that builds Redis key names (DESIGN §3).
+
+Every key of a run carries the run's shard as a hash tag (``{s042}``), so every script's keys
+share one Redis Cluster slot. IDs are percent-encoded outside ``[A-Za-z0-9._-]``: ``:`` can
+then separate parts, and a key can be parsed back into its IDs.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from cache.errors import InvalidId
+from cache.records import RunRef, SessionKey
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9._%-]+$")
+
+
+def encode_id(value: str) -> str:
+    """Percent-encode every character outside ``[A-Za-z0-9._-]``."""
+    return quote(value, safe="").replace("~", "%7E")
+
+
+def decode_id(value: str) -> str:
+    if not _KEY_PART.match(value):
+        raise InvalidId(f"not an encoded ID: {value!r}")
+    return unquote(value, errors="strict")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Key names for one prefix and shard count."""
+
+    prefix: str = "asc"
+    shards: int = 256
+
+    @property
+    def meta(self) -> str:
+        return f"{self.prefix}:meta"
+
+    def shard_of(self, tenant_id: str, workflow_run_id: str) -> int:
+        return zlib.crc32(f"{tenant_id}:{workflow_run_id}".encode()) % self.shards
+
+    def tag(self, shard: int) -> str:
+        return f"{{s{shard:03d}}}"
+
+    def _base(self, shard: int) -> str:
+        return f"{self.prefix}:{self.tag(shard)}"
+
+    def session(self, key: SessionKey) -> str:
+        shard = self.shard_of(key.tenant_id, key.workflow_run_id)
+        parts = ":".join(encode_id(part) for part in key.parts())
+        return f"{self._base(shard)}:session:{parts}"
+
+    def run(self, run: RunRef) -> str:
+        shard = self.shard_of(run.tenant_id, run.workflow_run_id)
+        ids = f"{encode_id(run.tenant_id)}:{encode_id(run.workflow_run_id)}"
+        return f"{self._base(shard)}:run:{ids}"
+
+    def run_sessions(self, run: RunRef) -> str:
+        return f"{self.run(run)}:sessions"
+
+    def dirty(self, shard: int) -> str:
+        return f"{self._base(shard)}:dirty"
+
+    def poison(self, shard: int) -> str:
+        return f"{self._base(shard)}:poison"
+
+    def all_shards(self) -> range:
+        return range(self.shards)
+
+    def shard_of_key(self, key: SessionKey) -> int:
+        return self.shard_of(key.tenant_id, key.workflow_run_id)
+
+    def parse_session(self, name: str | bytes) -> SessionKey:
+        """The :class:`SessionKey` a session key name was built from."""
+        text = name.decode() if isinstance(name, bytes) else name
+        head = f"{self.prefix}:{{s"
+        pieces = text.split(":")
+        if not text.startswith(head) or len(pieces) != 8 or pieces[2] != "session":
+            raise InvalidId(f"not a session key of prefix {self.prefix!r}: {text!r}")
+        key = SessionKey(*(decode_id(part) for part in pieces[3:]))
+        if self.session(key) != text:
+            raise InvalidId(f"session key has the wrong shard tag: {text!r}")
+        return key

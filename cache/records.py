@@ -1,0 +1,348 @@
+"""Domain records: scope, session key, snapshot, layer specs and stored sessions.
+
+Plain frozen dataclasses rather than pydantic models: they sit on the hot path (every loop
+iteration decodes one snapshot), and their validation is small enough to write once here.
+Every constructor validates, so a record that exists is a record that may be written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeAlias
+
+from cache.errors import InvalidId, InvalidSnapshot
+
+JsonValue: TypeAlias = Any
+"""A JSON value (None, bool, int, float, str, list, dict with str keys)."""
+
+MAX_ID_LENGTH = 255
+SNAPSHOT_SCHEMA_VERSION = 1
+
+
+class SessionStatus(StrEnum):
+    """Where a session is in its life (DESIGN §1)."""
+
+    ACTIVE = "active"
+    CLEANING = "cleaning"
+    CLEANED = "cleaned"
+
+
+class LifecycleState(StrEnum):
+    """Lifecycle of one layer between backend runs (``active`` never leaves a run)."""
+
+    NEW = "new"
+    SUSPENDED = "suspended"
+    CLOSED = "closed"
+
+
+class ClosedBy(StrEnum):
+    """Why a session stopped being resumable; decides the TTL of a flushed ``cleaned`` session."""
+
+    BACKEND_FAILURE = "backend_failure"
+    WORKFLOW_END = "workflow_end"
+
+
+def check_id(name: str, value: object) -> str:
+    """Return ``value`` if it is a usable ID (a string of 1-255 characters)."""
+    if not isinstance(value, str):
+        raise InvalidId(f"{name} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidId(f"{name} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidId(f"{name} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
+    return value
+
+
+def check_optional_id(name: str, value: object) -> str | None:
+    """Like :func:`check_id`, but ``None`` is allowed."""
+    return None if value is None else check_id(name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """The five IDs that identify one session; every loop iteration of a node shares it."""
+
+    tenant_id: str
+    workflow_run_id: str
+    node_id: str
+    binding_id: str
+    agent_id: str
+
+    def __post_init__(self) -> None:
+        for name in ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id"):
+            check_id(name, getattr(self, name))
+
+    def parts(self) -> tuple[str, str, str, str, str]:
+        return (self.tenant_id, self.workflow_run_id, self.node_id, self.binding_id, self.agent_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRef:
+    """One workflow run of one tenant."""
+
+    tenant_id: str
+    workflow_run_id: str
+
+    def __post_init__(self) -> None:
+        check_id("tenant_id", self.tenant_id)
+        check_id("workflow_run_id", self.workflow_run_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Who a session belongs to: the five key IDs plus the attributes saved with it.
+
+    ``workflow_run_id`` may be ``None`` (a single-step debug run); such a scope has no
+    session and every store operation on it is a no-op.
+    """
+
+    tenant_id: str
+    app_id: str
+    workflow_id: str
+    workflow_run_id: str | None
+    node_id: str
+    node_execution_id: str
+    binding_id: str
+    agent_id: str
+    agent_config_snapshot_id: str
+
+    def __post_init__(self) -> None:
+        for name in ("tenant_id", "app_id", "workflow_id", "node_id", "node_execution_id"):
+            check_id(name, getattr(self, name))
+        for name in ("binding_id", "agent_id", "agent_config_snapshot_id"):
+            check_id(name, getattr(self, name))
+        check_optional_id("workflow_run_id", self.workflow_run_id)
+
+    @property
+    def key(self) -> SessionKey | None:
+        if self.workflow_run_id is None:
+            return None
+        return SessionKey(
+            self.tenant_id, self.workflow_run_id, self.node_id, self.binding_id, self.agent_id
+        )
+
+
+def _check_json_object(where: str, value: object) -> dict[str, JsonValue]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidSnapshot(f"{where} must be an object with string keys")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotLayer:
+    """The state of one compositor layer between backend runs."""
+
+    name: str
+    lifecycle_state: LifecycleState
+    runtime_state: dict[str, JsonValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidSnapshot("a snapshot layer needs a non-empty string name")
+        try:
+            object.__setattr__(self, "lifecycle_state", LifecycleState(self.lifecycle_state))
+        except ValueError:
+            raise InvalidSnapshot(
+                f"layer {self.name!r}: lifecycle_state must be one of "
+                f"{[s.value for s in LifecycleState]}, got {self.lifecycle_state!r}"
+            ) from None
+        _check_json_object(f"layer {self.name!r} runtime_state", self.runtime_state)
+
+    def to_dict(self) -> dict[str, JsonValue]:
+        return {
+            "name": self.name,
+            "lifecycle_state": self.lifecycle_state.value,
+            "runtime_state": self.runtime_state,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The agent's layer states between backend runs, in compositor order."""
+
+    layers: tuple[SnapshotLayer, ...]
+    schema_version: int = SNAPSHOT_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if type(self.schema_version) is not int or self.schema_version < 1:
+            raise InvalidSnapshot(f"schema_version must be a positive int: {self.schema_version!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        names = self.layer_names()
+        if len(set(names)) != len(names):
+            raise InvalidSnapshot(f"snapshot layer names must be unique: {list(names)}")
+
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def filtered_to(self, names: Sequence[str]) -> Snapshot:
+        """Only the layers named in ``names``, in snapshot order (cleanup replays specs)."""
+        wanted = set(names)
+        kept = tuple(layer for layer in self.layers if layer.name in wanted)
+        if len(kept) == len(self.layers):
+            return self
+        return Snapshot(layers=kept, schema_version=self.schema_version)
+
+    def to_dict(self) -> dict[str, JsonValue]:
+        return {
+            "schema_version": self.schema_version,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Snapshot:
+        raw = _check_json_object("snapshot", data)
+        unknown = set(raw) - {"schema_version", "layers"}
+        if unknown:
+            raise InvalidSnapshot(f"unknown snapshot fields: {sorted(unknown)}")
+        layers = raw.get("layers", [])
+        if not isinstance(layers, list):
+            raise InvalidSnapshot("snapshot layers must be a list")
+        return cls(
+            layers=tuple(_layer_from_dict(item) for item in layers),
+            schema_version=raw.get("schema_version", SNAPSHOT_SCHEMA_VERSION),
+        )
+
+
+def _layer_from_dict(data: object) -> SnapshotLayer:
+    raw = _check_json_object("snapshot layer", data)
+    unknown = set(raw) - {"name", "lifecycle_state", "runtime_state"}
+    if unknown:
+        raise InvalidSnapshot(f"unknown snapshot layer fields: {sorted(unknown)}")
+    return SnapshotLayer(
+        name=raw.get("name", ""),
+        lifecycle_state=raw.get("lifecycle_state", ""),
+        runtime_state=raw.get("runtime_state", {}),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """One replayable, credential-free layer of the composition that produced a snapshot."""
+
+    name: str
+    type: str
+    deps: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, JsonValue] = field(default_factory=dict)
+    config: JsonValue = None
+
+    def __post_init__(self) -> None:
+        for attr in ("name", "type"):
+            value = getattr(self, attr)
+            if not isinstance(value, str) or not value:
+                raise InvalidSnapshot(f"a layer spec needs a non-empty string {attr}")
+        deps = _check_json_object(f"layer spec {self.name!r} deps", self.deps)
+        if not all(isinstance(v, str) for v in deps.values()):
+            raise InvalidSnapshot(f"layer spec {self.name!r} deps must map names to layer names")
+        _check_json_object(f"layer spec {self.name!r} metadata", self.metadata)
+
+    def to_dict(self) -> dict[str, JsonValue]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "deps": self.deps,
+            "metadata": self.metadata,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> LayerSpec:
+        raw = _check_json_object("layer spec", data)
+        unknown = set(raw) - {"name", "type", "deps", "metadata", "config"}
+        if unknown:
+            raise InvalidSnapshot(f"unknown layer spec fields: {sorted(unknown)}")
+        return cls(
+            name=raw.get("name", ""),
+            type=raw.get("type", ""),
+            deps=raw.get("deps", {}),
+            metadata=raw.get("metadata", {}),
+            config=raw.get("config"),
+        )
+
+
+def specs_from_list(data: object) -> tuple[LayerSpec, ...]:
+    if not isinstance(data, list):
+        raise InvalidSnapshot("layer specs must be a list")
+    return tuple(LayerSpec.from_dict(item) for item in data)
+
+
+def specs_to_list(specs: Sequence[LayerSpec]) -> list[dict[str, JsonValue]]:
+    return [spec.to_dict() for spec in specs]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionWrite:
+    """Everything a save writes besides status and version (which the script owns)."""
+
+    snapshot: Snapshot
+    layer_specs: tuple[LayerSpec, ...]
+    app_id: str
+    workflow_id: str
+    node_execution_id: str
+    agent_config_snapshot_id: str
+    backend_run_id: str | None = None
+    pending_form_id: str | None = None
+    pending_tool_call_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.snapshot, Snapshot):
+            raise InvalidSnapshot("snapshot must be a Snapshot")
+        object.__setattr__(self, "layer_specs", tuple(self.layer_specs))
+        if not all(isinstance(spec, LayerSpec) for spec in self.layer_specs):
+            raise InvalidSnapshot("layer_specs must be LayerSpec records")
+        for name in ("app_id", "workflow_id", "node_execution_id", "agent_config_snapshot_id"):
+            check_id(name, getattr(self, name))
+        for name in ("backend_run_id", "pending_form_id", "pending_tool_call_id"):
+            check_optional_id(name, getattr(self, name))
+
+    @classmethod
+    def for_scope(
+        cls,
+        scope: Scope,
+        snapshot: Snapshot,
+        layer_specs: Sequence[LayerSpec] = (),
+        *,
+        backend_run_id: str | None = None,
+        pending_form_id: str | None = None,
+        pending_tool_call_id: str | None = None,
+    ) -> SessionWrite:
+        return cls(
+            snapshot=snapshot,
+            layer_specs=tuple(layer_specs),
+            app_id=scope.app_id,
+            workflow_id=scope.workflow_id,
+            node_execution_id=scope.node_execution_id,
+            agent_config_snapshot_id=scope.agent_config_snapshot_id,
+            backend_run_id=backend_run_id,
+            pending_form_id=pending_form_id,
+            pending_tool_call_id=pending_tool_call_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """One session as stored, whatever its status (Redis hash or Postgres row)."""
+
+    key: SessionKey
+    status: SessionStatus
+    version: int
+    data: SessionWrite
+    flushed_version: int = 0
+    created_at: str | None = None
+    updated_at: str | None = None
+    cleaned_at: str | None = None
+    closed_by: ClosedBy | None = None
+    cleanup_error: str | None = None
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.data.snapshot
+
+    @property
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        return self.data.layer_specs
+
+    @property
+    def dirty(self) -> bool:
+        return self.version > self.flushed_version

@@ -1,0 +1,82 @@
+"""Loads the Lua scripts of ``lua/`` and maps their result codes to outcomes.
+
+Each script is registered once per store instance as a redis-py ``Script`` (EVALSHA, with
+a reload on NOSCRIPT). The file, the method that calls it and the attribute holding it share
+one stem. :func:`check_code` is the one place where a code becomes an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from importlib import resources
+from typing import Any
+
+from redis.commands.core import Script
+
+from cache.errors import BacklogFull, RunEnded, ScriptContractError, VersionConflict
+
+SCRIPT_NAMES = (
+    "save",
+    "retire",
+    "end_run",
+    "begin_cleanup",
+    "mark_cleaned",
+    "ack_flush",
+    "fill",
+)
+
+
+class Code(IntEnum):
+    """Result codes shared by every script (each file's header lists the ones it returns)."""
+
+    OK = 0
+    RUN_ENDED = 1
+    VERSION_CONFLICT = 2
+    BACKLOG_FULL = 3
+    NOOP = 4
+    EXISTS = 5
+
+
+def source(name: str) -> str:
+    """The text of ``lua/<name>.lua``, read from the installed package."""
+    return resources.files("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """The registered scripts of one store instance."""
+
+    save: Script
+    retire: Script
+    end_run: Script
+    begin_cleanup: Script
+    mark_cleaned: Script
+    ack_flush: Script
+    fill: Script
+
+    @classmethod
+    def register(cls, client: Any) -> Scripts:
+        return cls(*(client.register_script(source(name)) for name in SCRIPT_NAMES))
+
+
+def check_code(
+    script: str, reply: Any, allowed: frozenset[Code], *, key: str = "", expected: int = 0
+) -> tuple[Code, list[Any]]:
+    """Split a script reply into its code and values; raise for a refusal or an unknown code."""
+    if not isinstance(reply, list) or not reply or not isinstance(reply[0], int):
+        raise ScriptContractError(f"{script}: malformed reply {reply!r}")
+    try:
+        code = Code(reply[0])
+    except ValueError:
+        raise ScriptContractError(f"{script}: unknown result code {reply[0]!r}") from None
+    if code not in allowed:
+        raise ScriptContractError(f"{script}: result code {code.name} is not one it returns")
+    values = reply[1:]
+    if code is Code.RUN_ENDED and script == "save":
+        raise RunEnded(f"{key}: the workflow run has ended")
+    if code is Code.VERSION_CONFLICT:
+        raise VersionConflict(key, expected, int(values[0]))
+    if code is Code.BACKLOG_FULL:
+        raise BacklogFull(key, int(values[0]))
+    return code, values

@@ -1,0 +1,70 @@
+"""All configuration, read from the environment once and passed in (never read from globals).
+
+It lives in the lowest package because every layer needs some of it; ``agent_sessions``
+re-exports it as the public ``Settings``. Each field documents its environment variable:
+the four service URLs use their conventional names, everything else is ``ASC_<FIELD>``.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+DAY_S = 86_400
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(f"ASC_{name}", name)
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Defaults suit a single host; see the README's table."""
+
+    model_config = SettingsConfigDict(env_prefix="ASC_", extra="ignore", frozen=True)
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=_env("REDIS_URL"),
+        description="Redis for the session cache (REDIS_URL); standalone or a cluster node.",
+    )
+    redis_cluster: bool = Field(False, description="Treat REDIS_URL as a Redis Cluster node.")
+    rq_redis_url: str | None = Field(
+        None,
+        validation_alias=_env("RQ_REDIS_URL"),
+        description="Standalone Redis for RQ (RQ_REDIS_URL); defaults to REDIS_URL.",
+    )
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/agent_sessions",
+        validation_alias=_env("DATABASE_URL"),
+        description="Postgres for the write-behind (DATABASE_URL).",
+    )
+    agent_backend_url: str | None = Field(
+        None,
+        validation_alias=_env("AGENT_BACKEND_URL"),
+        description="Agent backend base URL (AGENT_BACKEND_URL); unset = clean up locally.",
+    )
+    key_prefix: str = Field("asc", pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    shards: int = Field(256, ge=1, le=16384, description="Logical shards; fixed once used.")
+    flush_delay_ms: int = Field(1000, ge=0, description="Age a dirty entry reaches before flush.")
+    flush_batch: int = Field(500, ge=1, le=10_000, description="Sessions per flush statement.")
+    max_dirty_per_shard: int = Field(
+        50_000, ge=0, description="Dirty sessions per shard before saves are refused; 0 = no bound."
+    )
+    active_ttl_s: int = Field(3 * DAY_S, ge=1, description="TTL of a flushed resumable session.")
+    cleaned_ttl_s: int = Field(600, ge=1, description="TTL of a flushed session of an ended run.")
+    ended_run_ttl_s: int = Field(7 * DAY_S, ge=1, description="How long an ended-run marker lives.")
+    max_snapshot_bytes: int = Field(4 * MiB, ge=1024, description="Largest encoded snapshot.")
+    max_specs_bytes: int = Field(1 * MiB, ge=1024, description="Largest encoded layer-spec list.")
+    socket_timeout_s: float = Field(5.0, gt=0, description="Redis socket timeout.")
+
+    @field_validator("redis_url", "database_url")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def queue_redis_url(self) -> str:
+        return self.rq_redis_url or self.redis_url

@@ -1,0 +1,254 @@
+"""``RedisSessionCache``: the hot store. One round trip per load and per save.
+
+Every mutation is one Lua script (``lua/<method>.lua``) over keys of one shard, so each is
+atomic and runs unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from cache.client import RedisClient, translate_errors
+from cache.clock import now_iso
+from cache.codec import Codec
+from cache.errors import ConfigurationError, CorruptValue, InvalidInput
+from cache.keys import KeySpace
+from cache.records import RunRef, SessionKey, SessionStatus, SessionWrite, StoredSession
+from cache.scripts import Code, Scripts, check_code
+from cache.settings import Settings
+
+_OK = frozenset({Code.OK})
+_SAVE = frozenset({Code.OK, Code.RUN_ENDED, Code.VERSION_CONFLICT, Code.BACKLOG_FULL})
+_OK_OR_NOOP = frozenset({Code.OK, Code.NOOP})
+_END = frozenset({Code.OK, Code.RUN_ENDED})
+_FILL = frozenset({Code.OK, Code.EXISTS})
+_CLEANUP_CHUNK = 500
+_OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What ``load`` found: the stored record (any status) and the resumable session."""
+
+    record: StoredSession | None
+
+    @property
+    def session(self) -> StoredSession | None:
+        """The session if it may be resumed (``active``), else ``None``."""
+        record = self.record
+        return record if record is not None and record.status is SessionStatus.ACTIVE else None
+
+    @property
+    def version(self) -> int:
+        """The stored version (0 when absent): pass it as ``expected_version`` to save."""
+        return self.record.version if self.record is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class EndedRun:
+    """The sessions of a run that ``end_run`` found, and whether it had already ended."""
+
+    keys: tuple[SessionKey, ...]
+    already_ended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyEntry:
+    """A session waiting for Postgres, and when it first became dirty (Redis time, ms)."""
+
+    name: str
+    since_ms: int
+
+
+SessionRead = StoredSession | CorruptValue | None
+
+
+class RedisSessionCache:
+    """Typed access to the session hashes, run markers and dirty sets of one key space."""
+
+    def __init__(self, client: RedisClient, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.client = client
+        self.keys = KeySpace(self.settings.key_prefix, self.settings.shards)
+        self.codec = Codec(self.settings.max_snapshot_bytes, self.settings.max_specs_bytes)
+        self.scripts = Scripts.register(client)
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Record the shard count on first use; refuse to run against a different one."""
+        with translate_errors("checking the key layout"):
+            self.client.hsetnx(self.keys.meta, "shards", self.settings.shards)
+            stored = self.client.hget(self.keys.meta, "shards")
+        if stored is None or int(stored) != self.settings.shards:
+            raise ConfigurationError(
+                f"{self.keys.meta} says shards={stored!r}, this process is configured with "
+                f"shards={self.settings.shards}; keys would land in the wrong shards"
+            )
+
+    def _ms(self, seconds: int) -> int:
+        return seconds * 1000
+
+    # --- reads -------------------------------------------------------------------------
+
+    def load(self, key: SessionKey) -> Loaded:
+        """The stored session of ``key``: one ``HGETALL``."""
+        name = self.keys.session(key)
+        with translate_errors(f"loading {name}"):
+            raw = cast(dict[bytes, bytes], self.client.hgetall(name))
+        if not raw:
+            return Loaded(None)
+        return Loaded(self.codec.decode_session(name, key, raw))
+
+    def read_many(self, names: Sequence[str]) -> list[SessionRead]:
+        """Sessions by key name in one pipeline; a corrupt one is returned, not raised."""
+        with translate_errors("reading sessions"):
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.hgetall(name)
+            replies: list[Any] = pipe.execute()
+        return [self._decode(name, raw) for name, raw in zip(names, replies, strict=True)]
+
+    def _decode(self, name: str, raw: dict[bytes, bytes]) -> SessionRead:
+        if not raw:
+            return None
+        try:
+            return self.codec.decode_session(name, self.keys.parse_session(name), raw)
+        except CorruptValue as exc:
+            return exc
+        except InvalidInput as exc:
+            return CorruptValue(name, "<key>", str(exc))
+
+    def run_sessions(self, run: RunRef) -> list[SessionKey]:
+        """The keys of every session the run has saved (while its markers live)."""
+        with translate_errors("listing run sessions"):
+            members = cast(set[bytes], self.client.smembers(self.keys.run_sessions(run)))
+        return sorted((self.keys.parse_session(m) for m in members), key=SessionKey.parts)
+
+    def run_state(self, run: RunRef) -> dict[str, str]:
+        """The run hash (``state``, ``opened_at``, ``ended_at``, ``outcome``) as text."""
+        with translate_errors("reading run state"):
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.run(run)))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def dirty_entries(self, shard: int, *, older_than_ms: int, limit: int) -> list[DirtyEntry]:
+        """Up to ``limit`` dirty entries of a shard that first became dirty before the cutoff."""
+        with translate_errors("reading the dirty set"):
+            rows: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
+                self.keys.dirty(shard), "-inf", older_than_ms, start=0, num=limit, withscores=True
+            )
+        return [DirtyEntry(name.decode(), int(score)) for name, score in rows]
+
+    def server_time_ms(self) -> int:
+        """Redis's clock, the one dirty scores are written with."""
+        with translate_errors("reading the server time"):
+            seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    # --- writes --------------------------------------------------------------------------
+
+    def save(
+        self, key: SessionKey, write: SessionWrite, *, expected_version: int | None = None
+    ) -> int:
+        """Write the session as ``active`` and dirty; return its new version.
+
+        Raises :class:`RunEnded`, :class:`VersionConflict` or :class:`BacklogFull` with
+        nothing written. ``expected_version=0`` means "only if there is no session yet".
+        """
+        if expected_version is not None and expected_version < 0:
+            raise InvalidInput("expected_version must be >= 0")
+        fields = self.codec.write_fields(write)
+        run = RunRef(key.tenant_id, key.workflow_run_id)
+        name = self.keys.session(key)
+        keys = [name, self.keys.run(run), self.keys.run_sessions(run), self._dirty_of(key)]
+        args: list[Any] = [
+            "" if expected_version is None else expected_version,
+            self.settings.max_dirty_per_shard,
+            now_iso(),
+            self._ms(self.settings.active_ttl_s),
+            *fields,
+        ]
+        with translate_errors(f"saving {name}"):
+            reply = self.scripts.save(keys=keys, args=args)
+        _, values = check_code("save", reply, _SAVE, key=name, expected=expected_version or 0)
+        return int(values[0])
+
+    def retire(self, key: SessionKey, failed_backend_run_id: str | None = None) -> int | None:
+        """``active`` → ``cleaned`` after a failed backend run; ``None`` if nothing changed."""
+        name = self.keys.session(key)
+        with translate_errors(f"retiring {name}"):
+            reply = self.scripts.retire(
+                keys=[name, self._dirty_of(key)], args=[failed_backend_run_id or "", now_iso()]
+            )
+        code, values = check_code("retire", reply, _OK_OR_NOOP, key=name)
+        return int(values[0]) if code is Code.OK else None
+
+    def end_run(self, run: RunRef, outcome: str) -> EndedRun:
+        """Mark the run ended (every later save is refused) and list its sessions."""
+        if outcome not in _OUTCOMES:
+            raise InvalidInput(f"outcome must be one of {sorted(_OUTCOMES)}, got {outcome!r}")
+        keys = [self.keys.run(run), self.keys.run_sessions(run)]
+        args: list[Any] = [now_iso(), outcome, self._ms(self.settings.ended_run_ttl_s)]
+        with translate_errors("ending a run"):
+            reply = self.scripts.end_run(keys=keys, args=args)
+        code, members = check_code("end_run", reply, _END)
+        found = sorted((self.keys.parse_session(m) for m in members), key=SessionKey.parts)
+        return EndedRun(tuple(found), already_ended=code is Code.RUN_ENDED)
+
+    def begin_cleanup(self, run: RunRef, keys: Iterable[SessionKey]) -> int:
+        """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``."""
+        names = [self.keys.session(self._of_run(run, key)) for key in keys]
+        dirty = self.keys.dirty(self.keys.shard_of(run.tenant_id, run.workflow_run_id))
+        moved = 0
+        for start in range(0, len(names), _CLEANUP_CHUNK):
+            chunk = names[start : start + _CLEANUP_CHUNK]
+            with translate_errors("beginning cleanup"):
+                reply = self.scripts.begin_cleanup(keys=[dirty, *chunk], args=[now_iso()])
+            moved += int(check_code("begin_cleanup", reply, _OK)[1][0])
+        return moved
+
+    def mark_cleaned(
+        self, key: SessionKey, *, cleanup_run_id: str | None = None, error: str | None = None
+    ) -> int | None:
+        """``cleaning`` → ``cleaned``; ``None`` if the session was not cleaning."""
+        name = self.keys.session(key)
+        args: list[Any] = [cleanup_run_id or "", (error or "")[:2000], now_iso()]
+        with translate_errors(f"marking {name} cleaned"):
+            reply = self.scripts.mark_cleaned(keys=[name, self._dirty_of(key)], args=args)
+        code, values = check_code("mark_cleaned", reply, _OK_OR_NOOP, key=name)
+        return int(values[0]) if code is Code.OK else None
+
+    def ack_flush(self, shard: int, flushed: Sequence[tuple[str, int]]) -> tuple[int, int]:
+        """Record flushed ``(key name, version)`` pairs; return ``(acked, still_dirty)``."""
+        if not flushed:
+            return 0, 0
+        keys = [self.keys.dirty(shard), *(name for name, _ in flushed)]
+        args: list[Any] = [
+            self._ms(self.settings.active_ttl_s),
+            self._ms(self.settings.cleaned_ttl_s),
+            *(version for _, version in flushed),
+        ]
+        with translate_errors("acknowledging a flush"):
+            reply = self.scripts.ack_flush(keys=keys, args=args)
+        _, values = check_code("ack_flush", reply, _OK)
+        return int(values[0]), int(values[1])
+
+    def fill(self, session: StoredSession) -> bool:
+        """Write a session read from Postgres if Redis has none; ``False`` if one is there."""
+        run = RunRef(session.key.tenant_id, session.key.workflow_run_id)
+        keys = [self.keys.session(session.key), self.keys.run_sessions(run)]
+        args: list[Any] = [self._ms(self.settings.active_ttl_s), *self.codec.stored_fields(session)]
+        with translate_errors("filling a session"):
+            reply = self.scripts.fill(keys=keys, args=args)
+        code, _ = check_code("fill", reply, _FILL)
+        return code is Code.OK
+
+    def _dirty_of(self, key: SessionKey) -> str:
+        return self.keys.dirty(self.keys.shard_of_key(key))
+
+    @staticmethod
+    def _of_run(run: RunRef, key: SessionKey) -> SessionKey:
+        if (key.tenant_id, key.workflow_run_id) != (run.tenant_id, run.workflow_run_id):
+            raise InvalidInput(f"session {key} does not belong to run {run}")
+        return key

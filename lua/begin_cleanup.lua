@@ -1,0 +1,21 @@
+-- begin_cleanup: at workflow end, every active session of the run goes to cleaning.
+-- KEYS[1] shard dirty zset  <prefix>:{sNNN}:dirty
+-- KEYS[2..] session hashes of one run  <prefix>:{sNNN}:session:<tenant>:<run>:...
+-- ARGV[1] now: ISO-8601 UTC text
+-- returns {0, moved}  OK: moved = how many sessions went from active to cleaning
+local dirty, now = KEYS[1], ARGV[1]
+local t = redis.call('TIME')
+local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
+local moved = 0
+for i = 2, #KEYS do
+  local session = KEYS[i]
+  if redis.call('HGET', session, 'status') == 'active' then
+    redis.call('HSET', session, 'status', 'cleaning', 'updated_at', now,
+               'closed_by', 'workflow_end')
+    redis.call('HINCRBY', session, 'version', 1)
+    redis.call('PERSIST', session)
+    redis.call('ZADD', dirty, 'NX', now_ms, session)
+    moved = moved + 1
+  end
+end
+return {0, moved}

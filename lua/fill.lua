@@ -1,0 +1,25 @@
+-- fill: read-through; write a session loaded from Postgres only if Redis has none, as clean.
+-- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
+-- KEYS[2] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions
+-- ARGV[1] TTL of the filled session (and of a new run session set): integer milliseconds
+-- ARGV[2..] field, value pairs (version and flushed_version included); "" = no field
+-- returns {0}  OK: filled
+--         {5}  EXISTS: the key is present (it may be newer); nothing written
+local session, run_sessions, ttl = KEYS[1], KEYS[2], ARGV[1]
+if redis.call('EXISTS', session) == 1 then
+  return {5}
+end
+local sets = {}
+for i = 2, #ARGV, 2 do
+  if ARGV[i + 1] ~= '' then
+    sets[#sets + 1] = ARGV[i]
+    sets[#sets + 1] = ARGV[i + 1]
+  end
+end
+redis.call('HSET', session, unpack(sets))
+redis.call('PEXPIRE', session, ttl)
+redis.call('SADD', run_sessions, session)
+if redis.call('PTTL', run_sessions) == -1 then
+  redis.call('PEXPIRE', run_sessions, ttl)
+end
+return {0}

@@ -1,0 +1,55 @@
+-- save: write a session, mark it active and dirty, bump its version by one.
+-- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
+-- KEYS[2] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
+-- KEYS[3] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions
+-- KEYS[4] shard dirty zset  <prefix>:{sNNN}:dirty
+-- ARGV[1] expected version: integer, or "" for any version (0 = the session must not exist)
+-- ARGV[2] dirty backlog bound of the shard: integer, 0 = unbounded
+-- ARGV[3] now: ISO-8601 UTC text
+-- ARGV[4] TTL of the run hash and run session set: integer milliseconds (sliding)
+-- ARGV[5..] field, value pairs to write; an empty value deletes the field
+-- returns {0, version}  OK: saved; version is the new version
+--         {1}           RUN_ENDED: the run has ended; nothing written
+--         {2, version}  VERSION_CONFLICT: the stored version is not ARGV[1]; nothing written
+--         {3, backlog}  BACKLOG_FULL: the shard holds ARGV[2] dirty sessions; nothing written
+local session, run, run_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local expected, bound, now, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+
+if redis.call('HGET', run, 'state') == 'ended' then
+  return {1}
+end
+local version = tonumber(redis.call('HGET', session, 'version') or '0')
+if expected ~= '' and tonumber(expected) ~= version then
+  return {2, version}
+end
+if bound > 0 and not redis.call('ZSCORE', dirty, session) then
+  local backlog = redis.call('ZCARD', dirty)
+  if backlog >= bound then
+    return {3, backlog}
+  end
+end
+
+local sets = {'status', 'active', 'updated_at', now}
+local dels = {'cleaned_at', 'closed_by', 'cleanup_error'}
+for i = 5, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    dels[#dels + 1] = ARGV[i]
+  else
+    sets[#sets + 1] = ARGV[i]
+    sets[#sets + 1] = ARGV[i + 1]
+  end
+end
+redis.call('HDEL', session, unpack(dels))
+redis.call('HSET', session, unpack(sets))
+redis.call('HSETNX', session, 'created_at', now)
+version = redis.call('HINCRBY', session, 'version', 1)
+redis.call('PERSIST', session)
+
+local t = redis.call('TIME')
+redis.call('ZADD', dirty, 'NX', t[1] * 1000 + math.floor(t[2] / 1000), session)
+redis.call('SADD', run_sessions, session)
+redis.call('HSETNX', run, 'state', 'open')
+redis.call('HSETNX', run, 'opened_at', now)
+redis.call('PEXPIRE', run, run_ttl)
+redis.call('PEXPIRE', run_sessions, run_ttl)
+return {0, version}

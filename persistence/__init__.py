@@ -1,0 +1,1 @@
+"""Postgres persistence: the sessions table, its migrations and the fenced repository."""

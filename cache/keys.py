@@ -68,6 +68,9 @@ class KeySpace:
     def poison(self, shard: int) -> str:
         return f"{self._base(shard)}:poison"
 
+    def flush_lock(self, shard: int) -> str:
+        return f"{self._base(shard)}:flush_lock"
+
     def all_shards(self) -> range:
         return range(self.shards)
 

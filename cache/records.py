@@ -184,6 +184,20 @@ class Snapshot:
             return self
         return Snapshot(layers=kept, schema_version=self.schema_version)
 
+    def aligned_to(self, names: Sequence[str]) -> Snapshot:
+        """Exactly the layers ``names``, in that order; a layer the snapshot lacks starts ``new``.
+
+        The backend refuses a snapshot whose layer names differ from the composition's, in
+        order. Aligning keeps every layer's state that can be kept instead of failing the run.
+        """
+        if self.layer_names() == tuple(names):
+            return self
+        by_name = {layer.name: layer for layer in self.layers}
+        return Snapshot(
+            layers=tuple(by_name.get(n) or SnapshotLayer(n, LifecycleState.NEW) for n in names),
+            schema_version=self.schema_version,
+        )
+
     def to_dict(self) -> dict[str, JsonValue]:
         return {
             "schema_version": self.schema_version,

@@ -24,6 +24,7 @@ SCRIPT_NAMES = (
     "mark_cleaned",
     "ack_flush",
     "fill",
+    "quarantine",
 )
 
 
@@ -54,6 +55,7 @@ class Scripts:
     mark_cleaned: Script
     ack_flush: Script
     fill: Script
+    quarantine: Script
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     shards: int = Field(256, ge=1, le=16384, description="Logical shards; fixed once used.")
     flush_delay_ms: int = Field(1000, ge=0, description="Age a dirty entry reaches before flush.")
     flush_batch: int = Field(500, ge=1, le=10_000, description="Sessions per flush statement.")
+    flush_lock_ttl_s: int = Field(
+        10, ge=1, description="Flush lock lifetime: how long a killed flush blocks its shard."
+    )
     max_dirty_per_shard: int = Field(
         50_000, ge=0, description="Dirty sessions per shard before saves are refused; 0 = no bound."
     )
@@ -56,6 +59,13 @@ class Settings(BaseSettings):
     ended_run_ttl_s: int = Field(7 * DAY_S, ge=1, description="How long an ended-run marker lives.")
     max_snapshot_bytes: int = Field(4 * MiB, ge=1024, description="Largest encoded snapshot.")
     max_specs_bytes: int = Field(1 * MiB, ge=1024, description="Largest encoded layer-spec list.")
+    backend_timeout_s: float = Field(10.0, gt=0, description="Timeout of one backend HTTP call.")
+    cleanup_wait_s: float = Field(
+        30.0, gt=0, description="How long a cleanup waits for its backend run to end."
+    )
+    cleanup_attempts: int = Field(
+        5, ge=1, le=50, description="Cleanup attempts per session before it is given up."
+    )
     socket_timeout_s: float = Field(5.0, gt=0, description="Redis socket timeout.")
 
     @field_validator("redis_url", "database_url")

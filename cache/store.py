@@ -223,7 +223,7 @@ class RedisSessionCache:
         """Record flushed ``(key name, version)`` pairs; return ``(acked, still_dirty)``."""
         if not flushed:
             return 0, 0
-        keys = [self.keys.dirty(shard), *(name for name, _ in flushed)]
+        keys = [self.keys.dirty(shard), self.keys.poison(shard), *(name for name, _ in flushed)]
         args: list[Any] = [
             self._ms(self.settings.active_ttl_s),
             self._ms(self.settings.cleaned_ttl_s),
@@ -243,6 +243,32 @@ class RedisSessionCache:
             reply = self.scripts.fill(keys=keys, args=args)
         code, _ = check_code("fill", reply, _FILL)
         return code is Code.OK
+
+    def quarantine(self, shard: int, name: str, version: int, reason: str) -> None:
+        """Park a session Postgres refused in the shard's poison hash, with the reason."""
+        keys = [self.keys.dirty(shard), self.keys.poison(shard), name]
+        with translate_errors("quarantining a session"):
+            reply = self.scripts.quarantine(keys=keys, args=[version, reason[:2000]])
+        check_code("quarantine", reply, _OK)
+
+    def poison(self, shard: int) -> dict[str, str]:
+        """The shard's poison hash: session key name → why Postgres refused it."""
+        with translate_errors("reading the poison hash"):
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.poison(shard)))
+        return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+
+    def shard_backlog(self, shards: Sequence[int]) -> list[tuple[int, int, int | None]]:
+        """``(shard, dirty count, oldest first-dirty time in ms or None)`` in one pipeline."""
+        with translate_errors("reading shard backlogs"):
+            pipe = self.client.pipeline(transaction=False)
+            for shard in shards:
+                pipe.zcard(self.keys.dirty(shard))
+                pipe.zrange(self.keys.dirty(shard), 0, 0, withscores=True)
+            replies: list[Any] = pipe.execute()
+        return [
+            (shard, int(count), int(oldest[0][1]) if oldest else None)
+            for shard, count, oldest in zip(shards, replies[::2], replies[1::2], strict=True)
+        ]
 
     def _dirty_of(self, key: SessionKey) -> str:
         return self.keys.dirty(self.keys.shard_of_key(key))

@@ -1,14 +1,15 @@
 -- ack_flush: record which versions reached Postgres; clean only what did not move on.
--- KEYS[1] shard dirty zset  <prefix>:{sNNN}:dirty
--- KEYS[2..] session hashes that were flushed  <prefix>:{sNNN}:session:...
+-- KEYS[1] shard dirty zset   <prefix>:{sNNN}:dirty
+-- KEYS[2] shard poison hash  <prefix>:{sNNN}:poison (a flushed session leaves it)
+-- KEYS[3..] session hashes that were flushed  <prefix>:{sNNN}:session:...
 -- ARGV[1] TTL of a clean session that may be resumed or cleaned up: integer milliseconds
 -- ARGV[2] TTL of a clean session cleaned at workflow end: integer milliseconds
--- ARGV[3..] the version written to Postgres for KEYS[2..], in the same order: integers
+-- ARGV[3..] the version Postgres holds for KEYS[3..], in the same order: integers
 -- returns {0, acked, still_dirty}  OK: acked = sessions made clean, still_dirty = moved on
-local dirty, resumable_ttl, ended_ttl = KEYS[1], ARGV[1], ARGV[2]
+local dirty, poison, resumable_ttl, ended_ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local acked, still_dirty = 0, 0
-for i = 2, #KEYS do
-  local session, flushed = KEYS[i], tonumber(ARGV[i + 1])
+for i = 3, #KEYS do
+  local session, flushed = KEYS[i], tonumber(ARGV[i])
   local stored = redis.call('HMGET', session, 'version', 'flushed_version', 'status', 'closed_by')
   if not stored[1] then
     redis.call('ZREM', dirty, session)
@@ -18,6 +19,7 @@ for i = 2, #KEYS do
     end
     if tonumber(stored[1]) == flushed then
       redis.call('ZREM', dirty, session)
+      redis.call('HDEL', poison, session)
       if stored[3] == 'cleaned' and stored[4] == 'workflow_end' then
         redis.call('PEXPIRE', session, ended_ttl)
       else

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from cache.errors import CorruptValue, InvalidSnapshot, PayloadTooLarge
+from cache.errors import CorruptValue, InvalidId, InvalidSnapshot, PayloadTooLarge
 from cache.records import (
     ClosedBy,
     LayerSpec,
@@ -22,8 +22,11 @@ from cache.records import (
     SessionWrite,
     Snapshot,
     StoredSession,
-    specs_from_list,
+    check_id,
+    snapshot_from_stored,
+    specs_from_stored,
     specs_to_list,
+    unchecked,
 )
 
 SNAPSHOT = "snapshot"
@@ -37,6 +40,8 @@ WRITE_TEXT_FIELDS = (
     "pending_form_id",
     "pending_tool_call_id",
 )
+REQUIRED_ID_FIELDS = WRITE_TEXT_FIELDS[:4]
+OPTIONAL_ID_FIELDS = WRITE_TEXT_FIELDS[4:]
 STATE_TEXT_FIELDS = ("created_at", "updated_at", "cleaned_at", "cleanup_error")
 
 T = TypeVar("T")
@@ -52,11 +57,11 @@ def unpack(data: bytes) -> Any:
 
 
 def _decode_snapshot_bytes(data: bytes) -> Snapshot:
-    return Snapshot.from_dict(unpack(data))
+    return snapshot_from_stored(unpack(data))
 
 
 def _decode_specs_bytes(data: bytes) -> tuple[LayerSpec, ...]:
-    return specs_from_list(unpack(data))
+    return specs_from_stored(unpack(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +110,12 @@ class Codec:
     ) -> StoredSession:
         """Build a :class:`StoredSession` from an ``HGETALL`` reply of key ``name``."""
         fields = _Fields(name, raw)
-        write = SessionWrite(
+        write = unchecked(
+            SessionWrite,
             snapshot=fields.binary(SNAPSHOT, _decode_snapshot_bytes),
             layer_specs=fields.binary(LAYER_SPECS, _decode_specs_bytes),
-            app_id=fields.required("app_id"),
-            workflow_id=fields.required("workflow_id"),
-            node_execution_id=fields.required("node_execution_id"),
-            agent_config_snapshot_id=fields.required("agent_config_snapshot_id"),
-            backend_run_id=fields.text("backend_run_id"),
-            pending_form_id=fields.text("pending_form_id"),
-            pending_tool_call_id=fields.text("pending_tool_call_id"),
+            **{f: fields.identifier(f) for f in REQUIRED_ID_FIELDS},
+            **{f: fields.identifier(f, required=False) for f in OPTIONAL_ID_FIELDS},
         )
         closed_by = fields.text("closed_by")
         return StoredSession(
@@ -155,6 +156,15 @@ class _Fields:
         if not value:
             raise self._fail(field, "missing")
         return value
+
+    def identifier(self, field: str, *, required: bool = True) -> str | None:
+        value = self.text(field)
+        if value is None and not required:
+            return None
+        try:
+            return check_id(field, value)
+        except InvalidId as exc:
+            raise self._fail(field, str(exc)) from exc
 
     def integer(self, field: str, default: int | None = None) -> int:
         value = self.text(field)

@@ -26,7 +26,10 @@ def encode_id(value: str) -> str:
 def decode_id(value: str) -> str:
     if not _KEY_PART.match(value):
         raise InvalidId(f"not an encoded ID: {value!r}")
-    return unquote(value, errors="strict")
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise InvalidId(f"not an encoded ID: {value!r}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,11 @@ class KeySpace:
     @property
     def meta(self) -> str:
         return f"{self.prefix}:meta"
+
+    @property
+    def stats(self) -> str:
+        """Counters of the whole key space (flushed rows, poisoned rows, cleanups)."""
+        return f"{self.prefix}:stats"
 
     def shard_of(self, tenant_id: str, workflow_run_id: str) -> int:
         return zlib.crc32(f"{tenant_id}:{workflow_run_id}".encode()) % self.shards

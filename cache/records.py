@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from cache.errors import InvalidId, InvalidSnapshot
+
+T = TypeVar("T")
 
 JsonValue: TypeAlias = Any
 """A JSON value (None, bool, int, float, str, list, dict with str keys)."""
@@ -124,10 +126,51 @@ class Scope:
         )
 
 
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def check_json(where: str, value: object) -> None:
+    """Raise :class:`InvalidSnapshot` unless ``value`` is JSON all the way down.
+
+    Only what survives a msgpack round trip unchanged is accepted: no tuples, sets, bytes,
+    non-string keys or integers msgpack cannot hold.
+    """
+    if value is None or isinstance(value, str | bool | float):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise InvalidSnapshot(f"{where}: integer {value} does not fit in 64 bits")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidSnapshot(f"{where}: object keys must be strings, got {key!r}")
+            check_json(where, item)
+    elif isinstance(value, list):
+        for item in value:
+            check_json(where, item)
+    else:
+        raise InvalidSnapshot(f"{where}: {type(value).__name__} is not a JSON value")
+
+
 def _check_json_object(where: str, value: object) -> dict[str, JsonValue]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+    if not isinstance(value, dict):
         raise InvalidSnapshot(f"{where} must be an object with string keys")
+    check_json(where, value)
     return value
+
+
+def _shallow_object(where: str, value: object) -> dict[str, JsonValue]:
+    if not isinstance(value, dict):
+        raise InvalidSnapshot(f"{where} must be an object")
+    return value
+
+
+def unchecked(cls: type[T], **fields: object) -> T:
+    """An instance without ``__post_init__``: for data this library validated when writing."""
+    obj = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
+    return obj
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +262,54 @@ class Snapshot:
         )
 
 
+def snapshot_from_stored(data: object) -> Snapshot:
+    """A snapshot this library stored: its structure is checked, its JSON values are not.
+
+    Every value was checked deeply before it was written (and msgpack's strict map keys
+    refuse non-string keys), so the hot path need not walk the whole tree again.
+    """
+    raw = _shallow_object("snapshot", data)
+    layers = raw.get("layers")
+    version = raw.get("schema_version")
+    if not isinstance(layers, list) or type(version) is not int:
+        raise InvalidSnapshot("snapshot needs an int schema_version and a list of layers")
+    return unchecked(
+        Snapshot, layers=tuple(_stored_layer(x) for x in layers), schema_version=version
+    )
+
+
+def _stored_layer(data: object) -> SnapshotLayer:
+    raw = _shallow_object("snapshot layer", data)
+    name, state = raw.get("name"), raw.get("runtime_state")
+    if not isinstance(name, str) or not name or not isinstance(state, dict):
+        raise InvalidSnapshot("snapshot layer needs a name and an object runtime_state")
+    try:
+        lifecycle = LifecycleState(str(raw.get("lifecycle_state")))
+    except ValueError:
+        raise InvalidSnapshot(f"layer {name!r}: unknown lifecycle_state") from None
+    return unchecked(SnapshotLayer, name=name, lifecycle_state=lifecycle, runtime_state=state)
+
+
+def specs_from_stored(data: object) -> tuple[LayerSpec, ...]:
+    """Layer specs this library stored (structure checked, JSON values trusted)."""
+    if not isinstance(data, list):
+        raise InvalidSnapshot("layer specs must be a list")
+    return tuple(_stored_spec(item) for item in data)
+
+
+def _stored_spec(data: object) -> LayerSpec:
+    raw = _shallow_object("layer spec", data)
+    name, kind = raw.get("name"), raw.get("type")
+    deps, metadata = raw.get("deps"), raw.get("metadata")
+    if not isinstance(name, str) or not isinstance(kind, str) or not name or not kind:
+        raise InvalidSnapshot("layer spec needs a name and a type")
+    if not isinstance(deps, dict) or not isinstance(metadata, dict):
+        raise InvalidSnapshot(f"layer spec {name!r} needs object deps and metadata")
+    return unchecked(
+        LayerSpec, name=name, type=kind, deps=deps, metadata=metadata, config=raw.get("config")
+    )
+
+
 def _layer_from_dict(data: object) -> SnapshotLayer:
     raw = _check_json_object("snapshot layer", data)
     unknown = set(raw) - {"name", "lifecycle_state", "runtime_state"}
@@ -250,6 +341,7 @@ class LayerSpec:
         if not all(isinstance(v, str) for v in deps.values()):
             raise InvalidSnapshot(f"layer spec {self.name!r} deps must map names to layer names")
         _check_json_object(f"layer spec {self.name!r} metadata", self.metadata)
+        check_json(f"layer spec {self.name!r} config", self.config)
 
     def to_dict(self) -> dict[str, JsonValue]:
         return {

@@ -78,7 +78,13 @@ def check_code(
     if code is Code.RUN_ENDED and script == "save":
         raise RunEnded(f"{key}: the workflow run has ended")
     if code is Code.VERSION_CONFLICT:
-        raise VersionConflict(key, expected, int(values[0]))
+        raise VersionConflict(key, expected, _count(script, values))
     if code is Code.BACKLOG_FULL:
-        raise BacklogFull(key, int(values[0]))
+        raise BacklogFull(key, _count(script, values))
     return code, values
+
+
+def _count(script: str, values: list[Any]) -> int:
+    if not values or not isinstance(values[0], int):
+        raise ScriptContractError(f"{script}: a refusal without its integer value: {values!r}")
+    return values[0]

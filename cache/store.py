@@ -6,6 +6,7 @@ atomic and runs unchanged on Redis Cluster.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -13,8 +14,9 @@ from typing import Any, cast
 from cache.client import RedisClient, translate_errors
 from cache.clock import now_iso
 from cache.codec import Codec
-from cache.errors import ConfigurationError, CorruptValue, InvalidInput
+from cache.errors import ConfigurationError, CorruptValue, InvalidInput, Refused
 from cache.keys import KeySpace
+from cache.metrics import LOADS, REFUSALS, RETIRES, SAVES
 from cache.records import RunRef, SessionKey, SessionStatus, SessionWrite, StoredSession
 from cache.scripts import Code, Scripts, check_code
 from cache.settings import Settings
@@ -98,7 +100,9 @@ class RedisSessionCache:
         with translate_errors(f"loading {name}"):
             raw = cast(dict[bytes, bytes], self.client.hgetall(name))
         if not raw:
+            LOADS.labels("miss").inc()
             return Loaded(None)
+        LOADS.labels("redis").inc()
         return Loaded(self.codec.decode_session(name, key, raw))
 
     def read_many(self, names: Sequence[str]) -> list[SessionRead]:
@@ -171,7 +175,12 @@ class RedisSessionCache:
         ]
         with translate_errors(f"saving {name}"):
             reply = self.scripts.save(keys=keys, args=args)
-        _, values = check_code("save", reply, _SAVE, key=name, expected=expected_version or 0)
+        try:
+            _, values = check_code("save", reply, _SAVE, key=name, expected=expected_version or 0)
+        except Refused as exc:
+            REFUSALS.labels(type(exc).__name__).inc()
+            raise
+        SAVES.inc()
         return int(values[0])
 
     def retire(self, key: SessionKey, failed_backend_run_id: str | None = None) -> int | None:
@@ -182,7 +191,10 @@ class RedisSessionCache:
                 keys=[name, self._dirty_of(key)], args=[failed_backend_run_id or "", now_iso()]
             )
         code, values = check_code("retire", reply, _OK_OR_NOOP, key=name)
-        return int(values[0]) if code is Code.OK else None
+        if code is not Code.OK:
+            return None
+        RETIRES.inc()
+        return int(values[0])
 
     def end_run(self, run: RunRef, outcome: str) -> EndedRun:
         """Mark the run ended (every later save is refused) and list its sessions."""
@@ -201,10 +213,11 @@ class RedisSessionCache:
         names = [self.keys.session(self._of_run(run, key)) for key in keys]
         dirty = self.keys.dirty(self.keys.shard_of(run.tenant_id, run.workflow_run_id))
         moved = 0
+        args: list[Any] = [now_iso(), self._ms(self.settings.cleaned_ttl_s)]
         for start in range(0, len(names), _CLEANUP_CHUNK):
             chunk = names[start : start + _CLEANUP_CHUNK]
             with translate_errors("beginning cleanup"):
-                reply = self.scripts.begin_cleanup(keys=[dirty, *chunk], args=[now_iso()])
+                reply = self.scripts.begin_cleanup(keys=[dirty, *chunk], args=args)
             moved += int(check_code("begin_cleanup", reply, _OK)[1][0])
         return moved
 
@@ -238,7 +251,8 @@ class RedisSessionCache:
         """Write a session read from Postgres if Redis has none; ``False`` if one is there."""
         run = RunRef(session.key.tenant_id, session.key.workflow_run_id)
         keys = [self.keys.session(session.key), self.keys.run_sessions(run)]
-        args: list[Any] = [self._ms(self.settings.active_ttl_s), *self.codec.stored_fields(session)]
+        clean = dataclasses.replace(session, flushed_version=session.version)
+        args: list[Any] = [self._ms(self.settings.active_ttl_s), *self.codec.stored_fields(clean)]
         with translate_errors("filling a session"):
             reply = self.scripts.fill(keys=keys, args=args)
         code, _ = check_code("fill", reply, _FILL)
@@ -269,6 +283,23 @@ class RedisSessionCache:
             (shard, int(count), int(oldest[0][1]) if oldest else None)
             for shard, count, oldest in zip(shards, replies[::2], replies[1::2], strict=True)
         ]
+
+    def count(self, **increments: int) -> None:
+        """Add to the key space's counters (``<prefix>:stats``), e.g. ``rows_flushed=12``."""
+        nonzero = {name: by for name, by in increments.items() if by}
+        if not nonzero:
+            return
+        with translate_errors("counting"):
+            pipe = self.client.pipeline(transaction=False)
+            for name, by in nonzero.items():
+                pipe.hincrby(self.keys.stats, name, by)
+            pipe.execute()
+
+    def counters(self) -> dict[str, int]:
+        """The key space's counters."""
+        with translate_errors("reading counters"):
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.stats))
+        return {k.decode(): int(v) for k, v in raw.items()}
 
     def _dirty_of(self, key: SessionKey) -> str:
         return self.keys.dirty(self.keys.shard_of_key(key))

@@ -3,14 +3,14 @@
 -- KEYS[2] shard poison hash  <prefix>:{sNNN}:poison (a flushed session leaves it)
 -- KEYS[3..] session hashes that were flushed  <prefix>:{sNNN}:session:...
 -- ARGV[1] TTL of a clean session that may be resumed or cleaned up: integer milliseconds
--- ARGV[2] TTL of a clean session cleaned at workflow end: integer milliseconds
+-- ARGV[2] TTL of a clean, cleaned session of an ended run (run_ended=1): integer milliseconds
 -- ARGV[3..] the version Postgres holds for KEYS[3..], in the same order: integers
 -- returns {0, acked, still_dirty}  OK: acked = sessions made clean, still_dirty = moved on
 local dirty, poison, resumable_ttl, ended_ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local acked, still_dirty = 0, 0
 for i = 3, #KEYS do
   local session, flushed = KEYS[i], tonumber(ARGV[i])
-  local stored = redis.call('HMGET', session, 'version', 'flushed_version', 'status', 'closed_by')
+  local stored = redis.call('HMGET', session, 'version', 'flushed_version', 'status', 'run_ended')
   if not stored[1] then
     redis.call('ZREM', dirty, session)
   else
@@ -20,7 +20,7 @@ for i = 3, #KEYS do
     if tonumber(stored[1]) == flushed then
       redis.call('ZREM', dirty, session)
       redis.call('HDEL', poison, session)
-      if stored[3] == 'cleaned' and stored[4] == 'workflow_end' then
+      if stored[3] == 'cleaned' and stored[4] == '1' then
         redis.call('PEXPIRE', session, ended_ttl)
       else
         redis.call('PEXPIRE', session, resumable_ttl)

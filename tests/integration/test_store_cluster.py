@@ -1,0 +1,165 @@
+"""Redis Cluster specifics: keys spread over every primary, every script and read_many work.
+
+The invariants themselves run on the cluster too (``test_store_invariants`` is parametrized).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import redis
+from redis.cluster import ClusterNode
+
+from cache.errors import CorruptValue, RunEnded
+from cache.records import SessionKey, SessionStatus, StoredSession
+from cache.scripts import SCRIPT_NAMES
+from cache.settings import Settings
+from cache.store import RedisSessionCache
+from tests import factories as f
+
+RUNS = 60
+
+
+@pytest.fixture
+def cache(cluster_client: redis.RedisCluster) -> RedisSessionCache:
+    return RedisSessionCache(cluster_client, Settings(active_ttl_s=5000, cleaned_ttl_s=50))
+
+
+def node_of(client: redis.RedisCluster, name: str) -> ClusterNode:
+    node = client.get_node_from_key(name)
+    assert node is not None
+    return node
+
+
+def one_key_per_primary(cache: RedisSessionCache) -> list[SessionKey]:
+    """A session key (each of its own run) on each primary of the cluster."""
+    client = cache.client
+    assert isinstance(client, redis.RedisCluster)
+    found: dict[str, SessionKey] = {}
+    for i in range(1000):
+        key = f.session_key(run=f"spread-{i}")
+        found.setdefault(node_of(client, cache.keys.session(key)).name, key)
+        if len(found) == len(client.get_primaries()):
+            return list(found.values())
+    raise AssertionError("could not find a run on every primary")
+
+
+def test_sessions_of_many_runs_land_on_all_three_primaries(
+    cache: RedisSessionCache, cluster_client: redis.RedisCluster
+) -> None:
+    """Shard hash tags spread runs over every primary; all keys of one run share a slot."""
+    primaries = cluster_client.get_primaries()
+    assert len(primaries) == 3
+    for i in range(RUNS):
+        key = f.session_key(run=f"run-{i}")
+        cache.save(key, f.session_write())
+        run = f.run_of(key)
+        names = [
+            cache.keys.session(key),
+            cache.keys.run(run),
+            cache.keys.run_sessions(run),
+            cache.keys.dirty(cache.keys.shard_of_key(key)),
+        ]
+        assert len({cluster_client.keyslot(name) for name in names}) == 1
+        assert all(cluster_client.exists(name) for name in names)
+    sizes = {node.name: cluster_client.dbsize(target_nodes=node) for node in primaries}
+    assert all(size > 0 for size in sizes.values()), sizes
+    assert len({cache.keys.shard_of("tenant-1", f"run-{i}") for i in range(RUNS)}) > 30
+
+
+def _exercise_save(cache: RedisSessionCache, key: SessionKey) -> None:
+    assert cache.save(key, f.session_write()) == 1
+    assert cache.save(key, f.session_write(), expected_version=1) == 2
+
+
+def _exercise_retire(cache: RedisSessionCache, key: SessionKey) -> None:
+    cache.save(key, f.session_write())
+    assert cache.retire(key, "failed-run") == 2
+    assert cache.retire(key) is None
+    record = cache.load(key).record
+    assert record is not None and record.status is SessionStatus.CLEANED
+
+
+def _exercise_end_run_and_cleanup(cache: RedisSessionCache, key: SessionKey) -> None:
+    cache.save(key, f.session_write())
+    ended = cache.end_run(f.run_of(key), "succeeded")
+    assert ended.keys == (key,) and not ended.already_ended
+    assert cache.end_run(f.run_of(key), "failed").already_ended
+    with pytest.raises(RunEnded):
+        cache.save(key, f.session_write())
+    assert cache.begin_cleanup(f.run_of(key), ended.keys) == 1
+    assert cache.mark_cleaned(key, cleanup_run_id="cleanup-1") == 3
+    assert cache.mark_cleaned(key) is None
+    shard = cache.keys.shard_of_key(key)
+    assert cache.ack_flush(shard, [(cache.keys.session(key), 3)]) == (1, 0)
+    assert 0 < int(cache.client.pttl(cache.keys.session(key))) <= 50_000  # type: ignore[arg-type]
+
+
+def _exercise_ack_flush(cache: RedisSessionCache, key: SessionKey) -> None:
+    cache.save(key, f.session_write())
+    cache.save(key, f.session_write())
+    shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
+    assert cache.ack_flush(shard, [(name, 1)]) == (0, 1)
+    assert cache.ack_flush(shard, [(name, 2)]) == (1, 0)
+    assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
+
+
+def _exercise_fill(cache: RedisSessionCache, key: SessionKey) -> None:
+    stored = f.stored_session(key, version=5)
+    assert cache.fill(stored) is True
+    assert cache.fill(f.stored_session(key, version=9)) is False
+    assert cache.load(key).record == stored
+
+
+def _exercise_quarantine(cache: RedisSessionCache, key: SessionKey) -> None:
+    cache.save(key, f.session_write())
+    shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
+    cache.quarantine(shard, name, 1, "postgres refused it")
+    assert name in cache.poison(shard)
+    assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
+
+
+EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
+    "save": _exercise_save,
+    "retire": _exercise_retire,
+    "end_run": _exercise_end_run_and_cleanup,
+    "begin_cleanup": _exercise_end_run_and_cleanup,
+    "mark_cleaned": _exercise_end_run_and_cleanup,
+    "ack_flush": _exercise_ack_flush,
+    "fill": _exercise_fill,
+    "quarantine": _exercise_quarantine,
+}
+
+
+def test_every_script_has_a_cluster_exercise() -> None:
+    assert set(EXERCISES) == set(SCRIPT_NAMES)
+
+
+@pytest.mark.parametrize("script", sorted(set(SCRIPT_NAMES)))
+def test_every_script_works_on_every_primary(cache: RedisSessionCache, script: str) -> None:
+    """Each script runs on the cluster (single-slot keys) for a run on each of the 3 primaries."""
+    for key in one_key_per_primary(cache):
+        EXERCISES[script](cache, key)
+
+
+def test_read_many_reads_across_slots_and_primaries(
+    cache: RedisSessionCache, cluster_client: redis.RedisCluster
+) -> None:
+    """read_many's pipeline works on RedisCluster across slots, in order, corrupt one isolated."""
+    keys = [f.session_key(run=f"many-{i}") for i in range(40)]
+    for i, key in enumerate(keys):
+        cache.save(key, f.session_write(f.snapshot(f"layer-{i}")))
+    names = [cache.keys.session(key) for key in keys]
+    assert len({node_of(cluster_client, name).name for name in names}) == 3
+    missing = cache.keys.session(f.session_key(run="absent"))
+    cluster_client.hset(names[7], "version", "not-a-number")
+    result = cache.read_many([*names, missing])
+    assert result[-1] is None
+    bad = result[7]
+    assert isinstance(bad, CorruptValue) and (bad.key, bad.field) == (names[7], "version")
+    for i, (key, read) in enumerate(zip(keys, result[:-1], strict=True)):
+        if i == 7:
+            continue
+        assert isinstance(read, StoredSession) and read.key == key
+        assert read.snapshot.layer_names() == (f"layer-{i}",)

@@ -1,0 +1,270 @@
+"""Validation of the domain records (no services)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cache.errors import InvalidId, InvalidSnapshot
+from cache.records import (
+    MAX_ID_LENGTH,
+    LayerSpec,
+    LifecycleState,
+    RunRef,
+    Scope,
+    SessionKey,
+    SessionStatus,
+    SessionWrite,
+    Snapshot,
+    SnapshotLayer,
+    check_id,
+    specs_from_list,
+)
+from tests import factories as f
+
+BAD_IDS: list[Any] = ["", "x" * (MAX_ID_LENGTH + 1), None, 7, b"bytes", ["a"]]
+KEY_FIELDS = ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id")
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_check_id_rejects_empty_overlong_and_non_string(bad: Any) -> None:
+    with pytest.raises(InvalidId):
+        check_id("tenant_id", bad)
+
+
+def test_check_id_accepts_exactly_255_characters() -> None:
+    value = "é" * MAX_ID_LENGTH  # characters, not bytes
+    assert check_id("tenant_id", value) == value
+    assert SessionKey(*(["x" * MAX_ID_LENGTH] * 5)).tenant_id == "x" * MAX_ID_LENGTH
+
+
+@pytest.mark.parametrize("field", KEY_FIELDS)
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_session_key_rejects_every_bad_part(field: str, bad: Any) -> None:
+    parts: dict[str, Any] = dict.fromkeys(KEY_FIELDS, "ok")
+    parts[field] = bad
+    with pytest.raises(InvalidId, match=field):
+        SessionKey(**parts)
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_run_ref_rejects_bad_ids(bad: Any) -> None:
+    with pytest.raises(InvalidId):
+        RunRef("tenant", bad)
+    with pytest.raises(InvalidId):
+        RunRef(bad, "run")
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "tenant_id",
+        "app_id",
+        "workflow_id",
+        "node_id",
+        "node_execution_id",
+        "binding_id",
+        "agent_id",
+        "agent_config_snapshot_id",
+        "workflow_run_id",
+    ],
+)
+def test_scope_rejects_an_empty_id_in_any_field(field: str) -> None:
+    fields: dict[str, Any] = {
+        "tenant_id": "t",
+        "app_id": "a",
+        "workflow_id": "w",
+        "workflow_run_id": "r",
+        "node_id": "n",
+        "node_execution_id": "e",
+        "binding_id": "b",
+        "agent_id": "g",
+        "agent_config_snapshot_id": "c",
+    }
+    fields[field] = ""
+    with pytest.raises(InvalidId, match=field):
+        Scope(**fields)
+
+
+def test_scope_key_is_the_five_key_ids_and_none_without_a_run() -> None:
+    s = f.scope(tenant="t", run="r", node="n", binding="b", agent="g")
+    assert s.key == SessionKey("t", "r", "n", "b", "g")
+    assert f.scope(run=None).key is None
+
+
+def test_session_write_validates_ids_and_record_types() -> None:
+    with pytest.raises(InvalidId):
+        f.session_write(backend_run_id="")
+    with pytest.raises(InvalidId):
+        f.session_write(pending_form_id="x" * 256)
+    with pytest.raises(InvalidSnapshot):
+        SessionWrite(
+            snapshot={"layers": []},  # type: ignore[arg-type]
+            layer_specs=(),
+            app_id="a",
+            workflow_id="w",
+            node_execution_id="e",
+            agent_config_snapshot_id="c",
+        )
+    with pytest.raises(InvalidSnapshot):
+        SessionWrite(
+            snapshot=f.snapshot(),
+            layer_specs=({"name": "x"},),  # type: ignore[arg-type]
+            app_id="a",
+            workflow_id="w",
+            node_execution_id="e",
+            agent_config_snapshot_id="c",
+        )
+
+
+# --- snapshot --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["new", "suspended", "closed"])
+def test_layer_accepts_the_three_lifecycle_states(state: str) -> None:
+    layer = SnapshotLayer("history", state)  # type: ignore[arg-type]
+    assert layer.lifecycle_state is LifecycleState(state)
+
+
+@pytest.mark.parametrize("state", ["active", "", "SUSPENDED", None, 1, {}])
+def test_layer_rejects_other_lifecycle_states(state: Any) -> None:
+    with pytest.raises(InvalidSnapshot, match="lifecycle_state"):
+        SnapshotLayer("history", state)
+
+
+@pytest.mark.parametrize("name", ["", None, 3])
+def test_layer_needs_a_non_empty_string_name(name: Any) -> None:
+    with pytest.raises(InvalidSnapshot):
+        SnapshotLayer(name, LifecycleState.NEW)
+
+
+@pytest.mark.parametrize("runtime_state", [[], "text", None, {1: "int key"}])
+def test_layer_runtime_state_must_be_an_object_with_string_keys(runtime_state: Any) -> None:
+    with pytest.raises(InvalidSnapshot, match="runtime_state"):
+        SnapshotLayer("history", LifecycleState.NEW, runtime_state)
+
+
+@pytest.mark.parametrize(
+    "runtime_state",
+    [
+        {"nested": {1: "int key inside"}},
+        {"value": {1, 2}},
+        {"value": 2**70},
+        {"value": object()},
+    ],
+    ids=["nested-int-key", "set", "int-over-64-bits", "object"],
+)
+def test_layer_runtime_state_must_be_json_all_the_way_down(runtime_state: Any) -> None:
+    """A value that is not JSON would be saved but could never be decoded again (bug 1)."""
+    with pytest.raises(InvalidSnapshot):
+        SnapshotLayer("history", LifecycleState.NEW, runtime_state)
+
+
+def test_snapshot_rejects_duplicate_layer_names() -> None:
+    with pytest.raises(InvalidSnapshot, match="unique"):
+        f.snapshot("history", "memory", "history")
+
+
+@pytest.mark.parametrize("version", [0, -1, True, "1", 1.0])
+def test_snapshot_schema_version_must_be_a_positive_int(version: Any) -> None:
+    with pytest.raises(InvalidSnapshot, match="schema_version"):
+        Snapshot(layers=(), schema_version=version)
+
+
+def test_snapshot_from_dict_round_trips_and_defaults() -> None:
+    snap = f.snapshot("a", "b", state={"k": [1, 2.5, None, "é"]})
+    assert Snapshot.from_dict(snap.to_dict()) == snap
+    assert Snapshot.from_dict({}) == Snapshot(layers=())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"layers": [], "extra": 1},
+        {"layers": [{"name": "a", "lifecycle_state": "new", "colour": "red"}]},
+        {"layers": {"a": {}}},
+        {"layers": ["a"]},
+        {"layers": [{"lifecycle_state": "new"}]},
+        {"layers": [{"name": "a"}]},
+        ["not", "an", "object"],
+        {1: "x"},
+    ],
+    ids=[
+        "unknown-snapshot-field",
+        "unknown-layer-field",
+        "layers-not-a-list",
+        "layer-not-an-object",
+        "layer-without-name",
+        "layer-without-state",
+        "snapshot-not-an-object",
+        "non-string-key",
+    ],
+)
+def test_snapshot_from_dict_rejects_malformed_input(data: Any) -> None:
+    with pytest.raises(InvalidSnapshot):
+        Snapshot.from_dict(data)
+
+
+def test_filtered_to_keeps_snapshot_order_and_drops_the_rest() -> None:
+    snap = f.snapshot("a", "b", "c", "d")
+    kept = snap.filtered_to(["d", "b", "zzz"])
+    assert kept.layer_names() == ("b", "d")
+    assert kept.schema_version == snap.schema_version
+    assert kept.layers[0] is snap.layers[1]
+
+
+def test_filtered_to_returns_the_same_object_when_nothing_is_dropped() -> None:
+    snap = f.snapshot("a", "b")
+    assert snap.filtered_to(["b", "a", "extra"]) is snap
+    assert snap.filtered_to(["a"]) is not snap
+
+
+def test_filtered_to_everything_dropped_is_empty() -> None:
+    assert f.snapshot("a").filtered_to([]).layers == ()
+
+
+# --- layer specs ---------------------------------------------------------------------
+
+
+def test_layer_spec_round_trips_through_dicts() -> None:
+    specs = f.specs("a", "b", "c")
+    assert specs_from_list([s.to_dict() for s in specs]) == specs
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"name": "a", "type": "t", "secret": "x"},
+        {"name": "", "type": "t"},
+        {"name": "a"},
+        {"name": "a", "type": "t", "deps": {"x": 1}},
+        {"name": "a", "type": "t", "deps": ["x"]},
+        {"name": "a", "type": "t", "metadata": []},
+        "a",
+    ],
+    ids=[
+        "unknown-field",
+        "empty-name",
+        "missing-type",
+        "dep-not-a-name",
+        "deps-not-an-object",
+        "metadata-not-an-object",
+        "not-an-object",
+    ],
+)
+def test_layer_spec_from_dict_rejects_malformed_input(data: Any) -> None:
+    with pytest.raises(InvalidSnapshot):
+        LayerSpec.from_dict(data)
+
+
+def test_specs_from_list_needs_a_list() -> None:
+    with pytest.raises(InvalidSnapshot):
+        specs_from_list({"name": "a", "type": "t"})
+
+
+def test_stored_session_dirty_means_version_ahead_of_flushed() -> None:
+    key = f.session_key()
+    assert f.stored_session(key, version=3, flushed_version=2).dirty
+    assert not f.stored_session(key, version=3).dirty
+    assert f.stored_session(key, status=SessionStatus.CLEANED).status is SessionStatus.CLEANED

@@ -1,0 +1,790 @@
+"""A loopback fake agent backend: a real HTTP server for the demo and the tests (DESIGN §7).
+
+It speaks the protocol of :mod:`workers.backend_models` and behaves like dify-agent where the
+session lifecycle depends on it:
+
+* ``POST /runs`` validates the body (422 if invalid) and answers ``202`` with status
+  ``running``; the run finishes shortly after in a background timer (``finish_delay_s``,
+  10 ms by default), so a client MUST wait for the terminal status.
+* Entry checks fail the run (visible only through ``GET /runs/{id}``, like the real backend):
+  snapshot layer names that differ from the composition's, in order (the name-order trap); a
+  ``closed`` layer in the snapshot; a composition without a ``dify.plugin.llm`` layer unless it
+  is a cleanup run (``on_exit.default == "delete"``).
+* A run enters every layer (``new`` or ``suspended`` state from the snapshot), appends one
+  message ``{"role": "assistant", "run": <run_id>, "n": <count>}`` to the ``messages`` of each
+  ``pydantic_ai.history`` layer (not in cleanup runs), and exits each layer per ``on_exit``
+  (``suspend`` → ``suspended``, ``delete`` → ``closed``). The resulting snapshot and output come
+  back in :class:`RunStatusResponse` (our extension; the real backend sends them as events).
+* Idempotency: a create with the ``idempotency_key`` of an earlier run that is running,
+  paused or succeeded returns THAT run (``200``, nothing new is started). A failed or cancelled
+  run releases its key, so a retry with the same key (a cleanup attempt) starts a new run.
+* ``POST /runs/{id}/cancel`` cancels a running run at once (the real backend records an intent
+  and may still say ``running`` for a while); cancelling a cancelled run is a no-op; 409 once
+  the run succeeded, failed or paused. ``GET /runs`` lists every run; ``GET /healthz`` → ok.
+
+Behaviours: ``succeed`` (default), ``fail`` or ``fail:<error>``, ``pause``, ``cancel``,
+``stall`` (running until cancelled), ``slow:<ms>``, ``human_input`` (paused with a deferred
+``ask_human`` tool call). A request chooses one with ``metadata["fake_behaviour"]``; otherwise
+the first matching programmatic rule (:meth:`FakeAgentBackend.set_behaviour`, :meth:`script`,
+:meth:`fail_next_cleanups`) applies, else the default. Entry-check failures beat any behaviour.
+
+Standalone: ``python -m agent_sessions.fake_backend --port 8900`` prints its URL and serves
+until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import re
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Literal, Self, TypeAlias, TypeVar, cast
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
+
+from workers.backend_models import (
+    CancelRunRequest,
+    CancelRunResponse,
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    CreateRunResponse,
+    ExitIntent,
+    LayerSessionSnapshot,
+    RunComposition,
+    RunStatus,
+    RunStatusResponse,
+    SnapshotLifecycleState,
+)
+
+__all__ = [
+    "BEHAVIOUR_METADATA_KEY",
+    "Behaviour",
+    "FakeAgentBackend",
+    "FakeRun",
+    "RunListResponse",
+    "entry_error",
+    "is_cleanup_request",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+HISTORY_LAYER_TYPE = "pydantic_ai.history"
+LLM_LAYER_TYPE = "dify.plugin.llm"
+BEHAVIOUR_METADATA_KEY = "fake_behaviour"
+DEFAULT_FINISH_DELAY_S = 0.01
+SCRIPTED_FAILURE = "fake agent backend: scripted failure"
+SCRIPTED_PAUSE = "fake agent backend: scripted pause"
+HUMAN_INPUT_PAUSE = "deferred_tool_call"
+
+BehaviourKind: TypeAlias = Literal[
+    "succeed", "fail", "pause", "cancel", "stall", "slow", "human_input"
+]
+_PLAIN_BEHAVIOURS: dict[str, BehaviourKind] = {
+    "succeed": "succeed",
+    "pause": "pause",
+    "cancel": "cancel",
+    "stall": "stall",
+    "human_input": "human_input",
+}
+_EXIT_STATE: dict[ExitIntent, SnapshotLifecycleState] = {
+    "suspend": "suspended",
+    "delete": "closed",
+}
+_KEY_RELEASING: frozenset[RunStatus] = frozenset({"failed", "cancelled"})
+_NOT_CANCELLABLE: frozenset[RunStatus] = frozenset({"succeeded", "failed", "paused"})
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ------------------------------------------------------------------------------ behaviours
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """What a run does once its entry checks pass."""
+
+    kind: BehaviourKind
+    delay_s: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Behaviour:
+        """``succeed``, ``fail[:<error>]``, ``pause``, ``cancel``, ``stall``, ``slow:<ms>``…"""
+        name, _, arg = text.partition(":")
+        if name == "slow":
+            return cls("slow", delay_s=_parse_ms(arg))
+        if name == "fail":
+            return cls("fail", error=arg or None)
+        if name in _PLAIN_BEHAVIOURS and not arg:
+            return cls(_PLAIN_BEHAVIOURS[name])
+        raise ValueError(f"unknown fake behaviour {text!r}")
+
+    @classmethod
+    def requested_by(cls, request: CreateRunRequest) -> Behaviour | None:
+        """The behaviour named in ``metadata["fake_behaviour"]``, if any (``ValueError``)."""
+        value = request.metadata.get(BEHAVIOUR_METADATA_KEY)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"metadata[{BEHAVIOUR_METADATA_KEY!r}] must be a string")
+        return cls.parse(value)
+
+
+def _parse_ms(text: str) -> float:
+    try:
+        ms = float(text)
+    except ValueError:
+        raise ValueError(f"slow:<ms> needs a number of milliseconds, got {text!r}") from None
+    if ms < 0:
+        raise ValueError(f"slow:<ms> must not be negative, got {ms}")
+    return ms / 1000
+
+
+@dataclass(slots=True)
+class _Rule:
+    behaviour: Behaviour
+    prefix: str | None = None
+    remaining: int | None = None
+    cleanup_only: bool = False
+
+    def matches(self, request: CreateRunRequest) -> bool:
+        if self.remaining == 0:
+            return False
+        if self.cleanup_only and not is_cleanup_request(request):
+            return False
+        return self.prefix is None or (request.idempotency_key or "").startswith(self.prefix)
+
+    def consume(self) -> Behaviour:
+        if self.remaining is not None:
+            self.remaining -= 1
+        return self.behaviour
+
+
+class _Script:
+    """Programmatic behaviours: ordered rules (first match wins), then the default."""
+
+    def __init__(self) -> None:
+        self.default = Behaviour("succeed")
+        self.rules: list[_Rule] = []
+
+    def choose(self, request: CreateRunRequest) -> Behaviour:
+        requested = Behaviour.requested_by(request)
+        if requested is not None:
+            return requested
+        for rule in self.rules:
+            if rule.matches(request):
+                chosen = rule.consume()
+                self.rules = [r for r in self.rules if r.remaining != 0]
+                return chosen
+        return self.default
+
+
+# ------------------------------------------------------------------------ run simulation
+
+
+def has_llm_layer(composition: RunComposition) -> bool:
+    return any(layer.type == LLM_LAYER_TYPE for layer in composition.layers)
+
+
+def is_cleanup_request(request: CreateRunRequest) -> bool:
+    """A cleanup run: no model layer, and every layer deleted on exit by default."""
+    return not has_llm_layer(request.composition) and request.on_exit.default == "delete"
+
+
+def entry_error(request: CreateRunRequest) -> str | None:
+    """Why the compositor would refuse to enter this run, or ``None``."""
+    snapshot = request.session_snapshot
+    if snapshot is not None:
+        error = _snapshot_error(request.composition, snapshot)
+        if error is not None:
+            return error
+    if not has_llm_layer(request.composition) and not is_cleanup_request(request):
+        return "Layer 'llm' is not defined in this compositor run."
+    return None
+
+
+def _snapshot_error(composition: RunComposition, snapshot: CompositorSessionSnapshot) -> str | None:
+    if snapshot.schema_version != 1:
+        return f"Unsupported CompositorSessionSnapshot schema_version {snapshot.schema_version}."
+    expected, got = list(composition.layer_names()), list(snapshot.layer_names())
+    if expected != got:
+        return (
+            "CompositorSessionSnapshot layer names must match compositor layers in order. "
+            f"Expected {expected}, got {got}"
+        )
+    closed = [layer.name for layer in snapshot.layers if layer.lifecycle_state == "closed"]
+    if closed:
+        return f"Layer {closed[0]!r} is closed: CLOSED snapshots cannot be entered."
+    return None
+
+
+def _entered_states(run_id: str, request: CreateRunRequest) -> list[dict[str, JsonValue]]:
+    """Each layer's runtime state after entering (history appended unless cleanup)."""
+    snapshot = request.session_snapshot
+    layers = request.composition.layers
+    states = [copy.deepcopy(s.runtime_state) for s in snapshot.layers] if snapshot else []
+    states = states or [{} for _ in layers]
+    if not is_cleanup_request(request):
+        for spec, state in zip(layers, states, strict=True):
+            if spec.type == HISTORY_LAYER_TYPE:
+                _append_history(state, run_id)
+    return states
+
+
+def _append_history(state: dict[str, JsonValue], run_id: str) -> None:
+    messages = state.get("messages")
+    if not isinstance(messages, list):
+        messages = []
+    messages.append({"role": "assistant", "run": run_id, "n": len(messages) + 1})
+    state["messages"] = messages
+
+
+def _exited_snapshot(
+    run_id: str, request: CreateRunRequest, intent_for: Callable[[str], ExitIntent]
+) -> CompositorSessionSnapshot:
+    names = request.composition.layer_names()
+    states = _entered_states(run_id, request)
+    layers = [
+        LayerSessionSnapshot(
+            name=name, lifecycle_state=_EXIT_STATE[intent_for(name)], runtime_state=state
+        )
+        for name, state in zip(names, states, strict=True)
+    ]
+    return CompositorSessionSnapshot(layers=layers)
+
+
+def _suspend_all(_name: str) -> ExitIntent:
+    return "suspend"
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How a run ends."""
+
+    status: RunStatus
+    error: str | None = None
+    session_snapshot: CompositorSessionSnapshot | None = None
+    output: JsonValue = None
+    pause_reason: str | None = None
+    deferred_tool_call: dict[str, JsonValue] | None = None
+
+
+def _succeeded(run_id: str, request: CreateRunRequest, _b: Behaviour) -> _Outcome:
+    snapshot = _exited_snapshot(run_id, request, request.on_exit.intent_for)
+    output: JsonValue = None
+    if not is_cleanup_request(request):
+        output = {"text": f"fake answer of run {run_id}"}
+    return _Outcome("succeeded", session_snapshot=snapshot, output=output)
+
+
+def _failed(_run_id: str, _request: CreateRunRequest, behaviour: Behaviour) -> _Outcome:
+    return _Outcome("failed", error=behaviour.error or SCRIPTED_FAILURE)
+
+
+def _cancelled(_run_id: str, _request: CreateRunRequest, _b: Behaviour) -> _Outcome:
+    return _Outcome("cancelled")
+
+
+def _paused(run_id: str, request: CreateRunRequest, _b: Behaviour) -> _Outcome:
+    snapshot = _exited_snapshot(run_id, request, _suspend_all)
+    return _Outcome("paused", session_snapshot=snapshot, pause_reason=SCRIPTED_PAUSE)
+
+
+def _human_input(run_id: str, request: CreateRunRequest, _b: Behaviour) -> _Outcome:
+    call: dict[str, JsonValue] = {
+        "tool_call_id": f"call-{run_id}",
+        "tool_name": "ask_human",
+        "args": {"question": "fake agent backend: please confirm"},
+    }
+    snapshot = _exited_snapshot(run_id, request, _suspend_all)
+    return _Outcome(
+        "paused",
+        session_snapshot=snapshot,
+        pause_reason=HUMAN_INPUT_PAUSE,
+        deferred_tool_call=call,
+    )
+
+
+_OUTCOMES: dict[BehaviourKind, Callable[[str, CreateRunRequest, Behaviour], _Outcome]] = {
+    "succeed": _succeeded,
+    "slow": _succeeded,
+    "fail": _failed,
+    "cancel": _cancelled,
+    "pause": _paused,
+    "human_input": _human_input,
+}
+
+
+def plan_run(
+    run_id: str, request: CreateRunRequest, behaviour: Behaviour, default_delay_s: float
+) -> tuple[_Outcome | None, float]:
+    """The outcome of a run and when it lands (``None``: stays running until cancelled)."""
+    error = entry_error(request)
+    if error is not None:
+        return _Outcome("failed", error=error), default_delay_s
+    if behaviour.kind == "stall":
+        return None, default_delay_s
+    delay = default_delay_s if behaviour.delay_s is None else behaviour.delay_s
+    return _OUTCOMES[behaviour.kind](run_id, request, behaviour), delay
+
+
+# ---------------------------------------------------------------------------- run records
+
+
+@dataclass(frozen=True, slots=True)
+class FakeRun:
+    """One run as the fake keeps it: the full request plus its current state (immutable)."""
+
+    run_id: str
+    request: CreateRunRequest
+    behaviour: Behaviour
+    status: RunStatus
+    created_at: datetime
+    updated_at: datetime
+    error: str | None = None
+    session_snapshot: CompositorSessionSnapshot | None = None
+    output: JsonValue = None
+    pause_reason: str | None = None
+    deferred_tool_call: dict[str, JsonValue] | None = None
+    cancel_request: CancelRunRequest | None = None
+
+    @property
+    def is_cleanup(self) -> bool:
+        return is_cleanup_request(self.request)
+
+    def finished(self, outcome: _Outcome) -> FakeRun:
+        return replace(
+            self,
+            status=outcome.status,
+            updated_at=_now(),
+            error=outcome.error,
+            session_snapshot=outcome.session_snapshot,
+            output=outcome.output,
+            pause_reason=outcome.pause_reason,
+            deferred_tool_call=outcome.deferred_tool_call,
+        )
+
+    def to_status(self) -> RunStatusResponse:
+        return RunStatusResponse(
+            run_id=self.run_id,
+            status=self.status,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            error=self.error,
+            session_snapshot=self.session_snapshot,
+            output=self.output,
+            pause_reason=self.pause_reason,
+            deferred_tool_call=self.deferred_tool_call,
+        )
+
+
+class RunListResponse(BaseModel):
+    """Answer of ``GET /runs`` (fake only): every run, in creation order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: list[RunStatusResponse]
+
+
+class _Conflict(Exception):
+    def __init__(self, run: FakeRun) -> None:
+        super().__init__(f"run {run.run_id} already {run.status}")
+        self.run = run
+
+
+class _RunStore:
+    """Thread-safe run records, behaviour rules and completion timers."""
+
+    def __init__(self, finish_delay_s: float) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, FakeRun] = {}
+        self._by_key: dict[str, str] = {}
+        self._timers: dict[str, threading.Timer] = {}
+        self._script = _Script()
+        self._delay_s = finish_delay_s
+
+    def create(self, request: CreateRunRequest) -> tuple[FakeRun, bool]:
+        """The new run and True, or the deduplicated earlier run and False."""
+        with self._lock:
+            existing = self._deduplicated(request)
+            if existing is not None:
+                return existing, False
+            return self._new_run(request), True
+
+    def _deduplicated(self, request: CreateRunRequest) -> FakeRun | None:
+        key = request.idempotency_key
+        run = self._runs.get(self._by_key.get(key, "")) if key is not None else None
+        return run if run is not None and run.status not in _KEY_RELEASING else None
+
+    def _new_run(self, request: CreateRunRequest) -> FakeRun:
+        behaviour = self._script.choose(request)
+        now = _now()
+        run_id = f"run-{uuid.uuid4().hex}"
+        run = FakeRun(run_id, request, behaviour, "running", created_at=now, updated_at=now)
+        self._runs[run_id] = run
+        if request.idempotency_key is not None:
+            self._by_key[request.idempotency_key] = run_id
+        self._schedule(run)
+        return run
+
+    def _schedule(self, run: FakeRun) -> None:
+        outcome, delay_s = plan_run(run.run_id, run.request, run.behaviour, self._delay_s)
+        if outcome is None:
+            return
+        timer = threading.Timer(delay_s, self._finish, args=(run.run_id, outcome))
+        timer.daemon = True
+        self._timers[run.run_id] = timer
+        timer.start()
+
+    def _finish(self, run_id: str, outcome: _Outcome) -> None:
+        with self._lock:
+            self._timers.pop(run_id, None)
+            run = self._runs.get(run_id)
+            if run is not None and run.status == "running":
+                self._runs[run_id] = run.finished(outcome)
+
+    def cancel(self, run_id: str, request: CancelRunRequest) -> FakeRun:
+        """Cancel a running run; ``KeyError`` if unknown, :class:`_Conflict` if it ended."""
+        with self._lock:
+            run = self._runs[run_id]
+            if run.status in _NOT_CANCELLABLE:
+                raise _Conflict(run)
+            if run.status == "running":
+                self._cancel_timer(run_id)
+                run = replace(run, status="cancelled", cancel_request=request, updated_at=_now())
+                self._runs[run_id] = run
+            return run
+
+    def _cancel_timer(self, run_id: str) -> None:
+        timer = self._timers.pop(run_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def get(self, run_id: str) -> FakeRun | None:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def all(self) -> list[FakeRun]:
+        with self._lock:
+            return list(self._runs.values())
+
+    def add_rule(self, rule: _Rule) -> None:
+        with self._lock:
+            self._script.rules.append(rule)
+
+    def set_default(self, behaviour: Behaviour) -> None:
+        with self._lock:
+            self._script.default = behaviour
+
+    def clear_behaviours(self) -> None:
+        with self._lock:
+            self._script = _Script()
+
+    def clear_runs(self) -> None:
+        with self._lock:
+            for run_id in list(self._timers):
+                self._cancel_timer(run_id)
+            self._runs.clear()
+            self._by_key.clear()
+
+    def cancel_timers(self) -> None:
+        with self._lock:
+            for run_id in list(self._timers):
+                self._cancel_timer(run_id)
+
+
+# ------------------------------------------------------------------------------ HTTP layer
+
+_RUN_PATH = re.compile(r"^/runs/(?P<run_id>[^/]+)$")
+_CANCEL_PATH = re.compile(r"^/runs/(?P<run_id>[^/]+)/cancel$")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], store: _RunStore) -> None:
+        super().__init__(address, _Handler)
+        self.store = store
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes requests to small methods; one connection per request (HTTP/1.0)."""
+
+    server_version = "FakeAgentBackend/1.0"
+
+    @property
+    def _store(self) -> _RunStore:
+        return cast(_Server, self.server).store
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/healthz":
+            self._reply_json(HTTPStatus.OK, {"status": "ok"})
+        elif path == "/runs":
+            self._list_runs()
+        elif match := _RUN_PATH.match(path):
+            self._get_run(unquote(match["run_id"]))
+        else:
+            self._not_found(f"no route for GET {path}")
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/runs":
+            self._create_run()
+        elif match := _CANCEL_PATH.match(path):
+            self._cancel_run(unquote(match["run_id"]))
+        else:
+            self._not_found(f"no route for POST {path}")
+
+    def _create_run(self) -> None:
+        request = self._read_model(CreateRunRequest)
+        if request is None:
+            return
+        try:
+            run, created = self._store.create(request)
+        except ValueError as exc:
+            self._reply_json(HTTPStatus.UNPROCESSABLE_ENTITY, {"detail": str(exc)})
+            return
+        status = HTTPStatus.ACCEPTED if created else HTTPStatus.OK
+        self._reply_model(status, CreateRunResponse(run_id=run.run_id, status=run.status))
+
+    def _get_run(self, run_id: str) -> None:
+        run = self._store.get(run_id)
+        if run is None:
+            self._not_found(f"run {run_id!r} not found")
+        else:
+            self._reply_model(HTTPStatus.OK, run.to_status())
+
+    def _cancel_run(self, run_id: str) -> None:
+        request = self._read_model(CancelRunRequest, empty_body=b"{}")
+        if request is None:
+            return
+        try:
+            run = self._store.cancel(run_id, request)
+        except KeyError:
+            self._not_found(f"run {run_id!r} not found")
+        except _Conflict as exc:
+            self._reply_json(HTTPStatus.CONFLICT, {"detail": str(exc)})
+        else:
+            self._reply_model(HTTPStatus.OK, CancelRunResponse(run_id=run_id, status=run.status))
+
+    def _list_runs(self) -> None:
+        runs = [run.to_status() for run in self._store.all()]
+        self._reply_model(HTTPStatus.OK, RunListResponse(runs=runs))
+
+    def _read_model(self, model: type[_M], *, empty_body: bytes = b"") -> _M | None:
+        """The body parsed as ``model``, or ``None`` after answering 422."""
+        body = self._read_body() or empty_body
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            detail = json.loads(exc.json(include_url=False))
+            self._reply_json(HTTPStatus.UNPROCESSABLE_ENTITY, {"detail": detail})
+            return None
+
+    def _read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _not_found(self, detail: str) -> None:
+        self._reply_json(HTTPStatus.NOT_FOUND, {"detail": detail})
+
+    def _reply_model(self, status: HTTPStatus, model: BaseModel) -> None:
+        self._reply_bytes(status, model.model_dump_json().encode())
+
+    def _reply_json(self, status: HTTPStatus, payload: JsonValue) -> None:
+        self._reply_bytes(status, json.dumps(payload).encode())
+
+    def _reply_bytes(self, status: HTTPStatus, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        logger.debug("%s - %s", self.address_string(), format % args)
+
+
+# -------------------------------------------------------------------------------- facade
+
+
+class FakeAgentBackend:
+    """The fake backend: ``with FakeAgentBackend() as fake: ... fake.url ...``."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        finish_delay_s: float = DEFAULT_FINISH_DELAY_S,
+    ) -> None:
+        self._address = (host, port)
+        self._store = _RunStore(finish_delay_s)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the running server (``RuntimeError`` when stopped)."""
+        if self._server is None:
+            raise RuntimeError("the fake agent backend is not running")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Self:
+        """Bind and serve in a daemon thread."""
+        if self._server is not None:
+            raise RuntimeError("the fake agent backend is already running")
+        self._server = _Server(self._address, self._store)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fake-agent-backend:{self._server.server_address[1]}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self, on_ready: Callable[[str], None] | None = None) -> None:
+        """Bind and serve in the calling thread until interrupted (the standalone entry)."""
+        self._server = _Server(self._address, self._store)
+        try:
+            if on_ready is not None:
+                on_ready(self.url)
+            self._server.serve_forever(poll_interval=0.2)
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        """Stop serving, close the socket and drop pending completions (idempotent)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        if self._server is not None:
+            self._server.server_close()
+        self._server = None
+        self._thread = None
+        self._store.cancel_timers()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --------------------------------------------------------------------- test controls
+
+    def set_behaviour(
+        self,
+        behaviour: str,
+        *,
+        match_idempotency_prefix: str | None = None,
+        times: int | None = None,
+    ) -> None:
+        """Without filters: the new default. With a prefix or ``times``: an ordered rule."""
+        parsed = Behaviour.parse(behaviour)
+        if match_idempotency_prefix is None and times is None:
+            self._store.set_default(parsed)
+            return
+        if times is not None and times < 1:
+            raise ValueError(f"times must be at least 1, got {times}")
+        self._store.add_rule(_Rule(parsed, match_idempotency_prefix, times))
+
+    def script(self, *behaviours: str, match_idempotency_prefix: str | None = None) -> None:
+        """The next matching runs behave as listed, one each, in order."""
+        for behaviour in behaviours:
+            self.set_behaviour(
+                behaviour, match_idempotency_prefix=match_idempotency_prefix, times=1
+            )
+
+    def fail_next_cleanups(self, n: int = 1, *, error: str | None = None) -> None:
+        """The next ``n`` cleanup runs fail (with ``error`` or a scripted message)."""
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        failure = Behaviour("fail", error=error)
+        self._store.add_rule(_Rule(failure, remaining=n, cleanup_only=True))
+
+    def clear_behaviours(self) -> None:
+        """Forget every rule; the default goes back to ``succeed``."""
+        self._store.clear_behaviours()
+
+    def reset(self) -> None:
+        """Forget every run and every behaviour."""
+        self._store.clear_runs()
+        self._store.clear_behaviours()
+
+    def runs(self) -> list[FakeRun]:
+        """Every run, in creation order (immutable records, including the full request)."""
+        return self._store.all()
+
+    def run(self, run_id: str) -> FakeRun:
+        """One run (``KeyError`` if unknown)."""
+        run = self._store.get(run_id)
+        if run is None:
+            raise KeyError(run_id)
+        return run
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agent_sessions.fake_backend [--host H] [--port N] [--finish-delay-ms MS]``."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fake = FakeAgentBackend(args.host, args.port, finish_delay_s=args.finish_delay_ms / 1000)
+    try:
+        fake.serve_forever(on_ready=_announce)
+    except KeyboardInterrupt:
+        logger.info("fake agent backend stopped")
+    return 0
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent_sessions.fake_backend",
+        description="Serve the loopback fake agent backend until interrupted.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--finish-delay-ms", type=float, default=DEFAULT_FINISH_DELAY_S * 1000)
+    return parser.parse_args(argv)
+
+
+def _announce(url: str) -> None:
+    sys.stdout.write(f"fake agent backend listening on {url}\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""AgentBackendClient against real HTTP servers on loopback (the fake agent backend, plus a
+tiny misbehaving server). Only ``test_retry_policy_with_mock_transport`` uses a mock transport.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
+
+import httpx
+import pytest
+from pydantic import JsonValue
+
+from agent_sessions.fake_backend import FakeAgentBackend
+from cache.errors import AgentBackendError
+from cache.records import LayerSpec
+from workers.backend import (
+    AgentBackendClient,
+    BackendHTTPError,
+    BackendNotFound,
+    BackendTimeout,
+    BackendTransportError,
+    BackendValidationError,
+)
+from workers.backend_models import (
+    CancelRunRequest,
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    LayerExitSignals,
+    RunComposition,
+    RunLayerSpec,
+    RunStatusResponse,
+    composition_from_specs,
+    snapshot_from_protocol,
+    snapshot_to_protocol,
+    spec_from_protocol,
+)
+
+WAIT_S = 5.0
+PLUGIN_TYPES = {"dify.plugin.llm", "dify.plugin.tools"}
+
+
+def node_composition() -> RunComposition:
+    return RunComposition(
+        layers=[
+            RunLayerSpec(name="workflow_node_job_prompt", type="plain.prompt", config={"p": 1}),
+            RunLayerSpec(name="execution_context", type="dify.execution_context"),
+            RunLayerSpec(name="history", type="pydantic_ai.history"),
+            RunLayerSpec(
+                name="llm", type="dify.plugin.llm", deps={"execution_context": "execution_context"}
+            ),
+        ]
+    )
+
+
+def node_request(
+    snapshot: CompositorSessionSnapshot | None = None, behaviour: str | None = None
+) -> CreateRunRequest:
+    metadata = {} if behaviour is None else {"fake_behaviour": behaviour}
+    return CreateRunRequest(
+        composition=node_composition(),
+        idempotency_key=None,
+        metadata=metadata,
+        session_snapshot=snapshot,
+    )
+
+
+def run_to_end(client: AgentBackendClient, request: CreateRunRequest) -> RunStatusResponse:
+    created = client.create_run(request)
+    assert created.status == "running"
+    return client.wait_run(created.run_id, timeout_s=WAIT_S, poll_interval_s=0.01)
+
+
+def history_messages(status: RunStatusResponse) -> list[dict[str, JsonValue]]:
+    assert status.session_snapshot is not None
+    (history,) = [layer for layer in status.session_snapshot.layers if layer.name == "history"]
+    messages = history.runtime_state["messages"]
+    assert isinstance(messages, list)
+    assert all(isinstance(message, dict) for message in messages)
+    return cast(list[dict[str, JsonValue]], messages)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAgentBackend]:
+    with FakeAgentBackend() as backend:
+        yield backend
+
+
+@pytest.fixture
+def client(fake: FakeAgentBackend) -> Iterator[AgentBackendClient]:
+    with AgentBackendClient(fake.url, timeout_s=5.0) as backend_client:
+        yield backend_client
+
+
+# ------------------------------------------------------------------------ happy paths
+
+
+def test_create_and_wait_returns_snapshot_with_history(client: AgentBackendClient) -> None:
+    status = run_to_end(client, node_request())
+    assert status.status == "succeeded"
+    assert status.error is None
+    assert status.output == {"text": f"fake answer of run {status.run_id}"}
+    assert status.session_snapshot is not None
+    assert status.session_snapshot.layer_names() == node_composition().layer_names()
+    assert {layer.lifecycle_state for layer in status.session_snapshot.layers} == {"suspended"}
+    assert history_messages(status) == [{"role": "assistant", "run": status.run_id, "n": 1}]
+
+
+def test_resume_with_snapshot_continues_history(client: AgentBackendClient) -> None:
+    first = run_to_end(client, node_request())
+    assert first.session_snapshot is not None
+    stored = snapshot_from_protocol(first.session_snapshot)
+    second = run_to_end(client, node_request(snapshot_to_protocol(stored)))
+    assert second.status == "succeeded"
+    messages = history_messages(second)
+    assert [m["run"] for m in messages] == [first.run_id, second.run_id]
+    assert [m["n"] for m in messages] == [1, 2]
+
+
+def test_name_order_mismatch_is_accepted_then_fails(client: AgentBackendClient) -> None:
+    first = run_to_end(client, node_request())
+    assert first.session_snapshot is not None
+    reordered = first.session_snapshot.model_copy(
+        update={"layers": list(reversed(first.session_snapshot.layers))}
+    )
+    created = client.create_run(node_request(reordered))
+    assert created.status == "running"
+    status = client.wait_run(created.run_id, timeout_s=WAIT_S, poll_interval_s=0.01)
+    assert status.status == "failed"
+    expected = list(node_composition().layer_names())
+    assert status.error == (
+        "CompositorSessionSnapshot layer names must match compositor layers in order. "
+        f"Expected {expected}, got {list(reversed(expected))}"
+    )
+    assert status.session_snapshot is None
+
+
+def test_cleanup_run_replays_specs_and_closes_every_layer(client: AgentBackendClient) -> None:
+    first = run_to_end(client, node_request())
+    specs = [
+        spec_from_protocol(layer)
+        for layer in node_composition().layers
+        if layer.type not in PLUGIN_TYPES
+    ]
+    assert first.session_snapshot is not None
+    stored = snapshot_from_protocol(first.session_snapshot)
+    filtered = stored.filtered_to([spec.name for spec in specs])
+    request = CreateRunRequest(
+        composition=composition_from_specs(specs),
+        idempotency_key="wr:node:binding:agent-session-cleanup",
+        session_snapshot=snapshot_to_protocol(filtered),
+        on_exit=LayerExitSignals(default="delete"),
+    )
+    status = run_to_end(client, request)
+    assert status.status == "succeeded", status.error
+    assert status.session_snapshot is not None
+    assert status.session_snapshot.layer_names() == tuple(spec.name for spec in specs)
+    assert {layer.lifecycle_state for layer in status.session_snapshot.layers} == {"closed"}
+    assert len(history_messages(status)) == 1  # a cleanup run does not talk
+
+
+def test_cleanup_with_unfiltered_snapshot_hits_the_trap(client: AgentBackendClient) -> None:
+    first = run_to_end(client, node_request())
+    specs = [LayerSpec("history", "pydantic_ai.history")]
+    request = CreateRunRequest(
+        composition=composition_from_specs(specs),
+        session_snapshot=first.session_snapshot,
+        on_exit=LayerExitSignals(default="delete"),
+    )
+    status = run_to_end(client, request)
+    assert status.status == "failed"
+    assert status.error is not None
+    assert "must match compositor layers in order" in status.error
+
+
+# ------------------------------------------------------------------------- behaviours
+
+
+def test_fail_behaviour(client: AgentBackendClient) -> None:
+    status = run_to_end(client, node_request(behaviour="fail:model exploded"))
+    assert (status.status, status.error, status.session_snapshot) == (
+        "failed",
+        "model exploded",
+        None,
+    )
+
+
+def test_pause_behaviour_returns_suspended_snapshot(client: AgentBackendClient) -> None:
+    status = run_to_end(client, node_request(behaviour="pause"))
+    assert status.status == "paused"
+    assert status.pause_reason
+    assert status.session_snapshot is not None
+    assert {layer.lifecycle_state for layer in status.session_snapshot.layers} == {"suspended"}
+    assert len(history_messages(status)) == 1
+
+
+def test_cancel_behaviour(client: AgentBackendClient) -> None:
+    status = run_to_end(client, node_request(behaviour="cancel"))
+    assert status.status == "cancelled"
+    assert status.session_snapshot is None
+
+
+def test_human_input_behaviour_defers_a_tool_call(client: AgentBackendClient) -> None:
+    status = run_to_end(client, node_request(behaviour="human_input"))
+    assert status.status == "paused"
+    assert status.deferred_tool_call is not None
+    assert status.deferred_tool_call["tool_name"] == "ask_human"
+    assert status.deferred_tool_call["tool_call_id"] == f"call-{status.run_id}"
+    assert isinstance(status.deferred_tool_call["args"], dict)
+    assert status.session_snapshot is not None
+
+
+def test_slow_behaviour_is_running_then_succeeds(client: AgentBackendClient) -> None:
+    created = client.create_run(node_request(behaviour="slow:400"))
+    assert client.get_run(created.run_id).status == "running"
+    status = client.wait_run(created.run_id, timeout_s=WAIT_S, poll_interval_s=0.02)
+    assert status.status == "succeeded"
+    assert status.updated_at > status.created_at
+
+
+def test_wait_run_deadline_on_stalled_run_then_cancel(client: AgentBackendClient) -> None:
+    created = client.create_run(node_request(behaviour="stall"))
+    with pytest.raises(BackendTimeout, match="still running"):
+        client.wait_run(created.run_id, timeout_s=0.2, poll_interval_s=0.02)
+    cancelled = client.cancel_run(created.run_id, CancelRunRequest(reason="test", message="bye"))
+    assert (cancelled.run_id, cancelled.status) == (created.run_id, "cancelled")
+    status = client.wait_run(created.run_id, timeout_s=WAIT_S)
+    assert status.status == "cancelled"
+    assert client.cancel_run(created.run_id).status == "cancelled"  # idempotent
+
+
+def test_cancel_of_succeeded_run_is_409(client: AgentBackendClient) -> None:
+    status = run_to_end(client, node_request())
+    with pytest.raises(BackendHTTPError) as caught:
+        client.cancel_run(status.run_id)
+    assert caught.value.status_code == 409
+    assert "succeeded" in str(caught.value.detail)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unknown_run_is_not_found(client: AgentBackendClient) -> None:
+    with pytest.raises(BackendNotFound) as caught:
+        client.get_run("no-such-run")
+    assert caught.value.status_code == 404
+    with pytest.raises(BackendNotFound):
+        client.cancel_run("no/such run")
+    with pytest.raises(BackendNotFound):
+        client.wait_run("no-such-run", timeout_s=1.0)
+
+
+def test_refused_request_is_validation_error(client: AgentBackendClient) -> None:
+    with pytest.raises(BackendValidationError) as caught:
+        client.create_run(node_request(behaviour="explode"))
+    assert caught.value.status_code == 422
+    assert "explode" in str(caught.value.detail)
+
+
+def test_stopped_server_is_transport_error(fake: FakeAgentBackend) -> None:
+    url = fake.url
+    fake.stop()
+    with AgentBackendClient(url, get_retries=1, retry_backoff_s=0.001) as stopped:
+        with pytest.raises(BackendTransportError) as caught:
+            stopped.get_run("any")
+        assert isinstance(caught.value.__cause__, httpx.ConnectError)
+        with pytest.raises(BackendTransportError):
+            stopped.create_run(node_request())
+
+
+class _Misbehaving(BaseHTTPRequestHandler):
+    """Answers every request with a body that is not a run status, or hangs until released."""
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/hang"):
+            assert isinstance(self.server, _MisbehavingServer)
+            self.server.release.wait(timeout=WAIT_S)
+        body = b'{"run_id": 7, "status": "sideways"}'
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _MisbehavingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Misbehaving)
+        self.release = threading.Event()
+
+
+@pytest.fixture
+def misbehaving_url() -> Iterator[str]:
+    server = _MisbehavingServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.release.set()
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_invalid_answer_is_validation_error(misbehaving_url: str) -> None:
+    with (
+        AgentBackendClient(misbehaving_url) as bad,
+        pytest.raises(BackendValidationError) as caught,
+    ):
+        bad.get_run("r1")
+    assert caught.value.status_code == 200
+    assert caught.value.__cause__ is not None
+
+
+def test_http_timeout_is_backend_timeout(misbehaving_url: str) -> None:
+    slow = AgentBackendClient(misbehaving_url, timeout_s=0.1, get_retries=0)
+    with slow, pytest.raises(BackendTimeout) as caught:
+        slow.get_run("hang")
+    assert isinstance(caught.value.__cause__, httpx.TimeoutException)
+
+
+def test_errors_share_the_project_root() -> None:
+    for error in (BackendTransportError, BackendTimeout, BackendValidationError, BackendHTTPError):
+        assert issubclass(error, AgentBackendError)
+    assert issubclass(BackendNotFound, BackendHTTPError)
+
+
+def test_client_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        AgentBackendClient("http://127.0.0.1:1", timeout_s=0)
+    with pytest.raises(ValueError, match="get_retries"):
+        AgentBackendClient("http://127.0.0.1:1", get_retries=-1)
+
+
+# ------------------------------------------------- retry policy (the one mock transport)
+
+
+def _status_json(run_id: str) -> dict[str, object]:
+    now = "2025-01-01T00:00:00Z"
+    return {"run_id": run_id, "status": "running", "created_at": now, "updated_at": now}
+
+
+def _flaky(
+    calls: list[str], failures: int, error: Callable[[str], Exception]
+) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}")
+        if len(calls) <= failures:
+            raise error("simulated")
+        return httpx.Response(200, json=_status_json("r1"))
+
+    return httpx.MockTransport(handle)
+
+
+def test_retry_policy_with_mock_transport() -> None:
+    # get_run: fails twice at the transport level, then answers -> retried, succeeds.
+    calls: list[str] = []
+    transport = _flaky(calls, 2, httpx.ConnectError)
+    with AgentBackendClient("http://backend", transport=transport, retry_backoff_s=0.001) as c:
+        assert c.get_run("r1").run_id == "r1"
+    assert calls == ["GET /runs/r1"] * 3
+
+    # get_run: retries exhausted on timeouts -> BackendTimeout after 1 + get_retries calls.
+    calls = []
+    transport = _flaky(calls, 99, httpx.ReadTimeout)
+    c = AgentBackendClient("http://backend", transport=transport, get_retries=2, retry_backoff_s=0)
+    with c, pytest.raises(BackendTimeout):
+        c.get_run("r1")
+    assert len(calls) == 3
+
+    # create_run: never retried, whatever the transport error.
+    for error in (httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError):
+        calls = []
+        transport = _flaky(calls, 99, error)
+        c = AgentBackendClient("http://backend", transport=transport, get_retries=5)
+        with c, pytest.raises((BackendTransportError, BackendTimeout)) as caught:
+            c.create_run(node_request())
+        assert calls == ["POST /runs"]
+        assert isinstance(caught.value.__cause__, error)

@@ -1,0 +1,125 @@
+"""``python -m bench NAME [--quick] [--json]`` | ``all [--quick]`` | ``report``.
+
+The registry below is the only list of benchmarks: add a line to :data:`BENCHMARKS` to plug
+one in (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from bench.harness import Benchmark, Result, machine_facts
+from bench.report import DOC_PATH, RESULTS_DIR, save_result, stamp, write_report
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "hot_path": Benchmark("bench.hot_path", "load+save of an 8 KB snapshot vs raw redis-py"),
+}
+COMMANDS = {
+    "all": "run every benchmark, then write docs/benchmarks.md",
+    "report": "rewrite docs/benchmarks.md from the saved results (bench/results/*.json)",
+}
+
+
+def build_parser(registry: Mapping[str, Benchmark]) -> argparse.ArgumentParser:
+    listing = [f"  {name:<18} {b.description}" for name, b in registry.items()]
+    listing += [f"  {name:<18} {text}" for name, text in COMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Run a benchmark; every run saves bench/results/NAME.json.",
+        epilog="benchmarks:\n" + "\n".join(listing),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", choices=[*registry, *COMMANDS], metavar="NAME")
+    parser.add_argument("--quick", action="store_true", help="a short run (seconds)")
+    parser.add_argument("--json", action="store_true", help="last line: the result as JSON")
+    return parser
+
+
+def summary_line(result: Result) -> str:
+    met = {True: "met", False: "MISSED", None: "?"}[result.met]
+    baseline = "" if result.baseline is None else f" vs baseline {result.baseline} {result.unit}"
+    ratio = "" if result.ratio is None else f", ratio {result.ratio:.2f}"
+    return (
+        f"{result.name}: {result.value} {result.unit}{baseline}{ratio} "
+        f"(goal {result.goal}: {met}; {result.extra.get('spread', '')})"
+    )
+
+
+def run_one(
+    name: str, benchmark: Benchmark, *, quick: bool, as_json: bool, command: str, results_dir: Path
+) -> Result:
+    """Run one benchmark, save its result, print the summary (and the JSON line last)."""
+    print(f"== {name}{' (quick)' if quick else ''}: {benchmark.description}", flush=True)
+    started = time.monotonic()
+    result = benchmark.load()(quick)
+    seconds = round(time.monotonic() - started, 1)
+    load = round(os.getloadavg()[0], 2)
+    result = stamp(result, command, quick=quick, seconds=seconds, loadavg_1m=load)
+    save_result(result, results_dir)
+    print(summary_line(result), flush=True)
+    if as_json:
+        print(json.dumps(result.to_dict()), flush=True)
+    return result
+
+
+def run_all(
+    registry: Mapping[str, Benchmark], args: argparse.Namespace, command: str, results_dir: Path
+) -> int:
+    """Every benchmark in turn; one failing does not stop the rest, but fails the command."""
+    failed = []
+    for name, benchmark in registry.items():
+        try:
+            run_one(
+                name,
+                benchmark,
+                quick=args.quick,
+                as_json=args.json,
+                command=command,
+                results_dir=results_dir,
+            )
+        except Exception:
+            traceback.print_exc()
+            (results_dir / f"{name}.json").unlink(missing_ok=True)  # never report stale numbers
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    registry: Mapping[str, Benchmark] = BENCHMARKS,
+    results_dir: Path = RESULTS_DIR,
+    doc_path: Path = DOC_PATH,
+) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(registry).parse_args(argv)
+    command = " ".join(["python -m bench", *argv])
+    status = 0
+    if args.name == "all":
+        status = run_all(registry, args, command, results_dir)
+    elif args.name != "report":
+        run_one(
+            args.name,
+            registry[args.name],
+            quick=args.quick,
+            as_json=args.json,
+            command=command,
+            results_dir=results_dir,
+        )
+        return 0
+    path = write_report(list(registry), machine_facts(), results_dir=results_dir, doc_path=doc_path)
+    print(f"wrote {path}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Shared benchmark machinery: the result shape, statistics, timing, servers, machine facts.
+
+Every benchmark returns one :class:`Result`. Its JSON form has exactly seven mandatory keys
+(:data:`RESULT_KEYS`) plus ``extra`` for details; ``extra["met"]`` says whether the goal was
+met and ``extra["spread"]`` is the one-line spread shown in ``docs/benchmarks.md``.
+
+Timing compares like with like: :func:`run_interleaved` alternates the arms of a benchmark in
+blocks, so CPU-frequency and idle-state drift on a small VM hits every arm equally. Absolute
+microseconds on this machine move about 4x with the CPU's idle state; ratios barely move.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+RESULT_KEYS = ("name", "metric", "value", "baseline", "ratio", "goal", "unit")
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/agent_sessions"
+
+_GOAL = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9]+(?:\.[0-9]+)?)\s*$")
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+
+
+class HarnessError(RuntimeError):
+    """A benchmark could not run (bad goal, missing server binary, unknown module…)."""
+
+
+# --------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Result:
+    """One benchmark outcome. ``ratio`` is ``value / baseline`` from the same run."""
+
+    name: str
+    metric: str
+    value: float
+    baseline: float | None
+    ratio: float | None
+    goal: str
+    unit: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def met(self) -> bool | None:
+        met = self.extra.get("met")
+        return met if isinstance(met, bool) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {key: getattr(self, key) for key in RESULT_KEYS}
+        data["extra"] = self.extra
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Result:
+        missing = [key for key in RESULT_KEYS if key not in data]
+        if missing:
+            raise HarnessError(f"result is missing keys {missing}")
+        return cls(**{key: data[key] for key in RESULT_KEYS}, extra=dict(data.get("extra", {})))
+
+    def with_extra(self, **values: Any) -> Result:
+        return Result(
+            **{key: getattr(self, key) for key in RESULT_KEYS}, extra={**self.extra, **values}
+        )
+
+
+def parse_goal(goal: str) -> tuple[str, float]:
+    """``"<= 1.3"`` → ``("<=", 1.3)``."""
+    match = _GOAL.match(goal)
+    if match is None:
+        raise HarnessError(f"goal must look like '<= 1.3' or '>= 5000', got {goal!r}")
+    return match.group(1), float(match.group(2))
+
+
+def goal_met(goal: str, observed: float | None) -> bool:
+    if observed is None:
+        return False
+    op, threshold = parse_goal(goal)
+    return _COMPARE[op](observed, threshold)
+
+
+def make_result(
+    name: str,
+    metric: str,
+    *,
+    value: float,
+    baseline: float | None,
+    goal: str,
+    unit: str,
+    goal_on: str = "ratio",
+    extra: Mapping[str, Any] | None = None,
+) -> Result:
+    """A result with ``ratio`` and ``extra["met"]`` computed; the goal applies to ``goal_on``."""
+    if goal_on not in ("ratio", "value"):
+        raise HarnessError(f"goal_on must be 'ratio' or 'value', got {goal_on!r}")
+    rat = round(ratio(value, baseline), 3) if baseline is not None else None
+    observed = rat if goal_on == "ratio" else value
+    details = {"met": goal_met(goal, observed), "goal_on": goal_on, **(extra or {})}
+    return Result(name, metric, value, baseline, rat, goal, unit, details)
+
+
+# --------------------------------------------------------------------------------- statistics
+
+
+def median(samples: Sequence[float]) -> float:
+    if not samples:
+        raise HarnessError("median of no samples")
+    return float(statistics.median(samples))
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest sample with at least ``q`` % of samples <= it."""
+    if not samples:
+        raise HarnessError("percentile of no samples")
+    if not 0 < q <= 100:
+        raise HarnessError(f"percentile must be in (0, 100], got {q}")
+    ordered = sorted(samples)
+    return float(ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)])
+
+
+def ratio(value: float, baseline: float) -> float:
+    if baseline <= 0:
+        raise HarnessError(f"baseline must be positive, got {baseline}")
+    return value / baseline
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median, p99 and count of samples, in the samples' unit."""
+
+    median: float
+    p99: float
+    count: int
+
+
+def summarize(samples: Sequence[float]) -> Summary:
+    return Summary(median(samples), percentile(samples, 99), len(samples))
+
+
+def ns_to_us(samples: Sequence[int]) -> list[float]:
+    return [sample / 1000 for sample in samples]
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+def time_calls(fn: Callable[[], object], count: int) -> list[int]:
+    """Wall time of ``count`` sequential calls of ``fn``, in nanoseconds each."""
+    clock = time.perf_counter_ns
+    samples = [0] * count
+    for i in range(count):
+        start = clock()
+        fn()
+        samples[i] = clock() - start
+    return samples
+
+
+BlockHook = Callable[[int, Mapping[str, list[int]]], None]
+
+
+def run_interleaved(
+    arms: Mapping[str, Callable[[], object]],
+    *,
+    blocks: int,
+    per_block: int,
+    warmup: int = 0,
+    on_block: BlockHook | None = None,
+) -> dict[str, list[list[int]]]:
+    """Time every arm in ``blocks`` alternating blocks; ``{arm: [block samples (ns)]}``.
+
+    Block order alternates (A B, B A, A B, …) so neither arm always runs second. ``warmup``
+    calls of each arm run first and are discarded. ``on_block(i, {arm: samples})`` reports
+    progress after each block.
+    """
+    names = list(arms)
+    for name in names:
+        time_calls(arms[name], warmup)
+    out: dict[str, list[list[int]]] = {name: [] for name in names}
+    for index in range(blocks):
+        order = names if index % 2 == 0 else names[::-1]
+        block = {name: time_calls(arms[name], per_block) for name in order}
+        for name in names:
+            out[name].append(block[name])
+        if on_block is not None:
+            on_block(index, block)
+    return out
+
+
+# --------------------------------------------------------------------------------- registry
+
+RunFn = Callable[[bool], Result]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A registered benchmark: the module holding ``run(quick: bool) -> Result``."""
+
+    module: str
+    description: str
+
+    def load(self) -> RunFn:
+        run = getattr(importlib.import_module(self.module), "run", None)
+        if not callable(run):
+            raise HarnessError(f"{self.module} has no run(quick: bool) -> Result")
+        return cast(RunFn, run)
+
+
+# --------------------------------------------------------------------------------- servers
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A private ``redis-server`` (unix socket, no persistence) for one run; yields its URL."""
+    from tests.servers import RedisServer  # the project's test servers; no pytest needed
+
+    with RedisServer() as server:
+        yield server.url
+
+
+def database_url() -> str:
+    return os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+@contextmanager
+def fresh_database(prefix: str = "asc_bench_") -> Iterator[str]:
+    """A new database on ``$DATABASE_URL``'s server, dropped on exit; yields its psycopg URL."""
+    from tests.servers import fresh_database as _fresh
+
+    with _fresh(database_url(), prefix=prefix) as database:
+        yield database.url
+
+
+# --------------------------------------------------------------------------------- machine
+
+
+def _first_line_with(path: str, prefix: str) -> str | None:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(prefix)), None)
+
+
+def _command_output(argv: Sequence[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    return done.stdout.strip() or None
+
+
+def redis_server_version() -> str:
+    out = _command_output(["redis-server", "--version"]) or ""
+    match = re.search(r"v=(\S+)", out)
+    return match.group(1) if match else "not found"
+
+
+def postgres_version(url: str | None = None) -> str:
+    """The version of ``$DATABASE_URL``'s server, or why it could not be read."""
+    import psycopg
+
+    from tests.servers import with_database
+
+    try:
+        server = with_database(url or database_url(), "postgres")
+        with psycopg.connect(server, connect_timeout=3) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+    except psycopg.Error as exc:
+        return f"not reachable ({type(exc).__name__})"
+    return str(row[0]) if row else "unknown"
+
+
+def _memory() -> str:
+    total = _first_line_with("/proc/meminfo", "MemTotal")
+    return f"{int(total.split()[0]) / 1024 / 1024:.1f} GiB" if total else "unknown"
+
+
+def machine_facts(*, with_postgres: bool = True) -> dict[str, str]:
+    """What a reader needs to judge the numbers: CPU, memory, OS, interpreter, servers."""
+    import hiredis
+    import redis
+
+    facts = {
+        "nproc": str(os.cpu_count() or 0),
+        "cpu": _first_line_with("/proc/cpuinfo", "model name") or platform.processor(),
+        "memory": _memory(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "redis_server": redis_server_version(),
+        "redis_py": f"{redis.__version__} (hiredis {hiredis.__version__})",
+    }
+    if with_postgres:
+        facts["postgres"] = postgres_version()
+    return facts

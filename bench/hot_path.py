@@ -1,0 +1,326 @@
+"""hot_path: one loop iteration through ``RedisSessionCache`` against raw redis-py.
+
+One iteration is what an Agent node in a loop costs the store: ``cache.load(key)`` and
+``cache.save(key, write, expected_version=loaded.version)`` of an ~8 KB snapshot (four layers,
+a 20-message history) over 1,000 existing sessions in random order. The baseline, timed in
+the same run against the same private server in alternating blocks, is the least a client
+can do for the same work: one ``HGETALL`` of a hash holding the same fields and one
+``EVALSHA`` of a two-command script (``HSET`` the payload, ``HINCRBY`` the version).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+from redis.utils import HIREDIS_AVAILABLE
+
+from bench.harness import (
+    Result,
+    make_result,
+    median,
+    ns_to_us,
+    private_redis,
+    ratio,
+    run_interleaved,
+    summarize,
+    time_calls,
+)
+from cache.client import connect
+from cache.codec import pack, unpack
+from cache.records import LayerSpec, LifecycleState, SessionKey, SessionWrite, Snapshot
+from cache.records import SnapshotLayer as Layer
+from cache.settings import Settings
+from cache.store import RedisSessionCache
+
+NAME = "hot_path"
+METRIC = "per-iteration time (load+save, 8 KB)"
+GOAL = "<= 1.3"
+SNAPSHOT_BYTES = 8 * 1024
+MESSAGES = 20
+RAW_PREFIX = "bench:raw:"
+RAW_SAVE_LUA = """
+redis.call('HSET', KEYS[1], 'snapshot', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'version', 1)
+"""
+_WORDS = (
+    "the", "agent", "calls", "a", "tool", "and", "reads", "its", "result", "before", "it",
+    "answers", "user", "with", "short", "summary", "of", "order", "status", "invoice",
+    "refund", "shipping", "date", "weather", "forecast", "next", "steps",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to run: ``blocks`` alternating blocks of ``per_block`` iterations per arm."""
+
+    keys: int
+    blocks: int
+    per_block: int
+    warmup: int
+
+
+QUICK = Plan(keys=1000, blocks=10, per_block=500, warmup=300)
+FULL = Plan(keys=1000, blocks=10, per_block=3000, warmup=1000)
+
+
+# --------------------------------------------------------------------------------- workload
+
+
+def _text(rng: random.Random, length: int) -> str:
+    words: list[str] = []
+    size = 0
+    while size < length:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)[:length]
+
+
+def _message(rng: random.Random, i: int, content_len: int) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "role": "user" if i % 2 == 0 else "assistant",
+        "content": _text(rng, content_len),
+        "timestamp": f"2026-01-01T00:{i:02d}:00.000+00:00",
+        "tokens": rng.randint(20, 400),
+    }
+    if i % 4 == 3:
+        message["tool_calls"] = [{"id": f"call-{i}", "name": "lookup_order", "args": {"n": i}}]
+    return message
+
+
+def _layers(seed: int, content_len: int) -> tuple[Layer, ...]:
+    rng = random.Random(seed)
+    suspended = LifecycleState.SUSPENDED
+    history = [_message(rng, i, content_len) for i in range(MESSAGES)]
+    return (
+        Layer("system_prompt", suspended, {"template": _text(rng, 300), "locale": "en-US"}),
+        Layer("memory", suspended, {"facts": [_text(rng, 60) for _ in range(5)], "turns": 10}),
+        Layer("tools", suspended, {"calls": [{"id": f"call-{i}", "ok": True} for i in range(4)]}),
+        Layer("history", suspended, {"messages": history, "usage": {"in": 4100, "out": 2300}}),
+    )
+
+
+def build_snapshot(target_bytes: int = SNAPSHOT_BYTES, seed: int = 7) -> Snapshot:
+    """A realistic snapshot whose msgpack encoding is close to ``target_bytes``."""
+    base = len(pack(Snapshot(_layers(seed, 0)).to_dict()))
+    per_message = max(0, (target_bytes - base) // MESSAGES)
+    return Snapshot(_layers(seed, per_message))
+
+
+def build_specs() -> tuple[LayerSpec, ...]:
+    return (
+        LayerSpec("system_prompt", "dify.prompt.system", {}, {"v": 3}, {"max_tokens": 512}),
+        LayerSpec("memory", "dify.memory.window", {"prompt": "system_prompt"}, {}, {"n": 20}),
+        LayerSpec("tools", "dify.tools.http", {"memory": "memory"}, {}, {"timeout_s": 10}),
+        LayerSpec("history", "pydantic_ai.history", {"memory": "memory"}, {}, {"max": 50}),
+    )
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def build_keys(count: int, seed: int = 11) -> list[SessionKey]:
+    """``count`` distinct session keys: ten nodes per run, runs spread over seven tenants."""
+    rng = random.Random(seed)
+    runs = [_uuid(rng) for _ in range(max(1, count // 10))]
+    keys = []
+    for i in range(count):
+        run = i % len(runs)
+        node = f"node-{i // len(runs)}"
+        keys.append(SessionKey(f"tenant-{run % 7}", runs[run], node, "binding-1", "agent-1"))
+    return keys
+
+
+def build_write(seed: int = 13) -> SessionWrite:
+    rng = random.Random(seed)
+    return SessionWrite(
+        snapshot=build_snapshot(),
+        layer_specs=build_specs(),
+        app_id=_uuid(rng),
+        workflow_id=_uuid(rng),
+        node_execution_id=_uuid(rng),
+        agent_config_snapshot_id=_uuid(rng),
+        backend_run_id=_uuid(rng),
+    )
+
+
+# --------------------------------------------------------------------------------- the two arms
+
+
+def _cycle(order: Sequence[int]) -> Iterator[int]:
+    return itertools.cycle(order)
+
+
+class OursLoop:
+    """One loop iteration through ``RedisSessionCache``: load, then save at that version."""
+
+    def __init__(
+        self, cache: RedisSessionCache, keys: Sequence[SessionKey], order: Sequence[int]
+    ) -> None:
+        self.cache = cache
+        self.keys = keys
+        self.write = build_write()
+        self._order = _cycle(order)
+
+    def populate(self) -> None:
+        for key in self.keys:
+            self.cache.save(key, self.write)
+
+    def __call__(self) -> None:
+        key = self.keys[next(self._order)]
+        loaded = self.cache.load(key)
+        self.cache.save(key, self.write, expected_version=loaded.version)
+
+
+class RawLoop:
+    """The same work with a bare client: ``HGETALL`` + ``EVALSHA`` of a two-command script."""
+
+    def __init__(self, client: redis.Redis, names: Sequence[str], order: Sequence[int]) -> None:
+        self.client = client
+        self.names = [f"{RAW_PREFIX}{i}" for i in range(len(names))]
+        self._sources = names
+        self._order = _cycle(order)
+        self.sha = str(client.script_load(RAW_SAVE_LUA))
+        self.payload = b""
+
+    def populate(self) -> None:
+        """Copy every session hash of ours to a raw hash with the same fields and payload."""
+        pipe = self.client.pipeline(transaction=False)
+        for source, name in zip(self._sources, self.names, strict=True):
+            fields = cast(dict[bytes, bytes], self.client.hgetall(source))
+            pipe.hset(name, mapping=fields)  # type: ignore[arg-type]
+            self.payload = fields[b"snapshot"]
+        pipe.execute()
+
+    def __call__(self) -> None:
+        name = self.names[next(self._order)]
+        self.client.hgetall(name)
+        self.client.evalsha(self.sha, 1, name, self.payload)
+
+
+class RawMsgpackLoop(RawLoop):
+    """Raw plus the serialisation no store can skip: unpack the snapshot, pack it to save.
+
+    Informational only (``extra``): the gap between it and ``raw`` is msgpack's share.
+    """
+
+    def __call__(self) -> None:
+        name = self.names[next(self._order)]
+        fields = cast(dict[bytes, bytes], self.client.hgetall(name))
+        self.client.evalsha(self.sha, 1, name, pack(unpack(fields[b"snapshot"])))
+
+
+# --------------------------------------------------------------------------------- running
+
+
+def _progress(plan: Plan) -> Any:
+    def report(index: int, block: Mapping[str, list[int]]) -> None:
+        ours, raw = median(block["ours"]) / 1000, median(block["raw"]) / 1000
+        codec = median(block["raw_msgpack"]) / 1000
+        print(
+            f"  block {index + 1:>2}/{plan.blocks}: ours {ours:6.1f} us  raw {raw:6.1f} us  "
+            f"ratio {ours / raw:.2f}  (raw+msgpack {codec:6.1f} us)",
+            flush=True,
+        )
+
+    return report
+
+
+def _codec_costs(cache: RedisSessionCache, ours: OursLoop) -> dict[str, float]:
+    """Client-side CPU of the codec alone (no I/O), median µs: where our overhead goes."""
+    key = ours.keys[0]
+    name = cache.keys.session(key)
+    raw = cast(dict[bytes, bytes], cache.client.hgetall(name))
+    decode = time_calls(lambda: cache.codec.decode_session(name, key, raw), 2000)
+    encode = time_calls(lambda: cache.codec.write_fields(ours.write), 2000)
+    return {
+        "decode_session": round(median(decode) / 1000, 1),
+        "write_fields": round(median(encode) / 1000, 1),
+    }
+
+
+def _block_ratios(samples: Mapping[str, list[list[int]]]) -> list[float]:
+    pairs = zip(samples["ours"], samples["raw"], strict=True)
+    return [round(ratio(median(ours), median(raw)), 3) for ours, raw in pairs]
+
+
+def _measure(url: str, plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
+    """Set both arms up on the server at ``url``, run them interleaved; samples and facts."""
+    keys = build_keys(plan.keys)
+    order = list(range(len(keys)))
+    random.Random(17).shuffle(order)
+    with ExitStack() as stack:
+        settings = Settings(redis_url=url)
+        ours_client = stack.enter_context(cast(redis.Redis, connect(settings)))
+        raw_client = stack.enter_context(redis.Redis.from_url(url))
+        cache = RedisSessionCache(ours_client, settings)
+        ours = OursLoop(cache, keys, order)
+        ours.populate()
+        raw = RawLoop(raw_client, [cache.keys.session(key) for key in keys], order)
+        raw.populate()
+        codec = RawMsgpackLoop(raw_client, raw.names, order)
+        print(f"  {len(keys)} sessions of {len(raw.payload):,} B snapshot; timing…", flush=True)
+        samples = run_interleaved(
+            {"ours": ours, "raw": raw, "raw_msgpack": codec},
+            blocks=plan.blocks,
+            per_block=plan.per_block,
+            warmup=plan.warmup,
+            on_block=_progress(plan),
+        )
+        facts = {
+            "snapshot_bytes": len(raw.payload),
+            "hash_fields": len(cast(dict[bytes, bytes], raw_client.hgetall(raw.names[0]))),
+            "codec_us": _codec_costs(cache, ours),
+            "hiredis": HIREDIS_AVAILABLE,
+        }
+    return samples, facts
+
+
+def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str, Any]) -> Result:
+    ours = summarize(ns_to_us([s for block in samples["ours"] for s in block]))
+    raw = summarize(ns_to_us([s for block in samples["raw"] for s in block]))
+    codec = summarize(ns_to_us([s for block in samples["raw_msgpack"] for s in block]))
+    blocks = _block_ratios(samples)
+    spread = (
+        f"block ratios {min(blocks):.2f}-{max(blocks):.2f}; p99 {ours.p99:.0f} vs {raw.p99:.0f} us"
+    )
+    extra = {
+        "spread": spread,
+        "ours_p50_us": round(ours.median, 1),
+        "ours_p99_us": round(ours.p99, 1),
+        "raw_p50_us": round(raw.median, 1),
+        "raw_p99_us": round(raw.p99, 1),
+        "block_ratios": blocks,
+        "raw_msgpack_p50_us": round(codec.median, 1),
+        "ratio_vs_raw_msgpack": round(ratio(ours.median, codec.median), 3),
+        "iterations_per_arm": ours.count,
+        "blocks": plan.blocks,
+        "per_block": plan.per_block,
+        "warmup": plan.warmup,
+        "keys": plan.keys,
+        **facts,
+    }
+    return make_result(
+        NAME,
+        METRIC,
+        value=round(ours.median, 1),
+        baseline=round(raw.median, 1),
+        goal=GOAL,
+        unit="us",
+        extra=extra,
+    )
+
+
+def run(quick: bool) -> Result:
+    plan = QUICK if quick else FULL
+    with private_redis() as url:
+        samples, facts = _measure(url, plan)
+    return _result(samples, plan, facts)

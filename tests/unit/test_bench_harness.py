@@ -1,0 +1,276 @@
+"""The benchmark harness without services: statistics, goals, the JSON line, registry, report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import BENCHMARKS, main
+from bench.harness import (
+    RESULT_KEYS,
+    Benchmark,
+    HarnessError,
+    Result,
+    goal_met,
+    make_result,
+    median,
+    parse_goal,
+    percentile,
+    ratio,
+    run_interleaved,
+    summarize,
+)
+from bench.report import load_results, render, save_result
+
+FAKE_MODULE = "bench_fake_for_tests"
+
+
+# --------------------------------------------------------------------------------- statistics
+
+
+def test_median_of_odd_and_even_counts() -> None:
+    assert median([3, 1, 2]) == 2
+    assert median([4, 1, 3, 2]) == 2.5
+
+
+def test_p99_is_nearest_rank() -> None:
+    samples = list(range(1, 101))  # 1..100
+    assert percentile(samples, 99) == 99
+    assert percentile(samples, 100) == 100
+    assert percentile(samples, 50) == 50
+    assert percentile([7], 99) == 7
+
+
+def test_p99_of_a_few_samples_is_the_largest() -> None:
+    assert percentile([5, 1, 9, 3], 99) == 9
+
+
+def test_stats_refuse_empty_or_bad_input() -> None:
+    with pytest.raises(HarnessError):
+        median([])
+    with pytest.raises(HarnessError):
+        percentile([], 99)
+    with pytest.raises(HarnessError):
+        percentile([1], 0)
+    with pytest.raises(HarnessError):
+        ratio(1.0, 0.0)
+
+
+def test_summarize() -> None:
+    summary = summarize([float(n) for n in range(1, 201)])
+    assert (summary.median, summary.p99, summary.count) == (100.5, 198.0, 200)
+
+
+def test_ratio() -> None:
+    assert ratio(130.0, 100.0) == pytest.approx(1.3)
+
+
+# --------------------------------------------------------------------------------- goals
+
+
+@pytest.mark.parametrize(
+    ("goal", "observed", "met"),
+    [
+        ("<= 1.3", 1.3, True),
+        ("<= 1.3", 1.31, False),
+        ("< 1.3", 1.3, False),
+        (">= 5000", 5000, True),
+        ("> 5000", 4999, False),
+        ("<=2", 1.0, True),
+    ],
+)
+def test_goal_met(goal: str, observed: float, met: bool) -> None:
+    assert goal_met(goal, observed) is met
+
+
+def test_goal_without_observation_is_not_met() -> None:
+    assert goal_met("<= 1.3", None) is False
+
+
+@pytest.mark.parametrize("goal", ["1.3", "about 1.3", "<= x", "== 1"])
+def test_malformed_goal_is_refused(goal: str) -> None:
+    with pytest.raises(HarnessError):
+        parse_goal(goal)
+
+
+def test_make_result_computes_ratio_and_met() -> None:
+    result = make_result("b", "m", value=260.0, baseline=200.0, goal="<= 1.3", unit="us")
+    assert result.ratio == 1.3
+    assert result.met is True
+    assert result.extra["goal_on"] == "ratio"
+
+
+def test_goal_on_value_ignores_the_ratio() -> None:
+    result = make_result(
+        "b", "m", value=900.0, baseline=None, goal="<= 1000", unit="ms", goal_on="value"
+    )
+    assert result.ratio is None
+    assert result.met is True
+
+
+# --------------------------------------------------------------------------------- result JSON
+
+
+def test_result_round_trips_through_json() -> None:
+    result = make_result("b", "m", value=1.0, baseline=2.0, goal="<= 1.3", unit="us")
+    again = Result.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again == result
+
+
+def test_result_from_dict_needs_the_seven_keys() -> None:
+    with pytest.raises(HarnessError, match="baseline"):
+        Result.from_dict(
+            {"name": "b", "metric": "m", "value": 1, "ratio": 1, "goal": "", "unit": ""}
+        )
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+def test_run_interleaved_alternates_block_order() -> None:
+    calls: list[str] = []
+    arms = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    seen: list[int] = []
+    samples = run_interleaved(
+        arms, blocks=3, per_block=2, warmup=1, on_block=lambda i, _: seen.append(i)
+    )
+    assert calls == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert [len(block) for block in samples["a"]] == [2, 2, 2]
+    assert all(ns >= 0 for block in samples["b"] for ns in block)
+    assert seen == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------- registry + CLI
+
+
+@pytest.fixture
+def fake_benchmark() -> Iterator[Benchmark]:
+    """A registered benchmark module that needs no services."""
+    module = types.ModuleType(FAKE_MODULE)
+
+    def run(quick: bool) -> Result:
+        print("progress: working")
+        return make_result(
+            "fake",
+            "per-call time",
+            value=120.0 if quick else 140.0,
+            baseline=100.0,
+            goal="<= 1.3",
+            unit="us",
+            extra={"spread": "block ratios 1.1-1.3"},
+        )
+
+    module.run = run  # type: ignore[attr-defined]
+    sys.modules[FAKE_MODULE] = module
+    yield Benchmark(FAKE_MODULE, "a fake for the harness tests")
+    del sys.modules[FAKE_MODULE]
+
+
+def _no_machine_facts(**_: object) -> dict[str, str]:
+    return {"nproc": "2", "cpu": "test CPU"}
+
+
+def test_json_flag_makes_the_last_line_the_result(
+    fake_benchmark: Benchmark, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        ["fake", "--quick", "--json"], registry={"fake": fake_benchmark}, results_dir=tmp_path
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    data = json.loads(lines[-1])
+    assert status == 0
+    assert set(data) == {*RESULT_KEYS, "extra"}
+    assert (data["name"], data["value"], data["baseline"], data["ratio"]) == (
+        "fake",
+        120.0,
+        100.0,
+        1.2,
+    )
+    assert data["extra"]["met"] is True
+    assert data["extra"]["command"] == "python -m bench fake --quick --json"
+    assert any("progress" in line for line in lines[:-1])
+    assert (tmp_path / "fake.json").is_file()
+
+
+def test_a_missed_goal_still_exits_zero(
+    fake_benchmark: Benchmark, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["fake", "--json"], registry={"fake": fake_benchmark}, results_dir=tmp_path)
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 0
+    assert data["ratio"] == 1.4
+    assert data["extra"]["met"] is False
+
+
+def test_unknown_benchmark_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["no_such_benchmark"])
+    assert exited.value.code != 0
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_lists_every_registered_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert all(name in out for name in [*BENCHMARKS, "all", "report"])
+
+
+def test_registered_modules_expose_run() -> None:
+    assert "hot_path" in BENCHMARKS
+    for benchmark in BENCHMARKS.values():
+        assert callable(benchmark.load())
+
+
+def test_a_module_without_run_is_refused() -> None:
+    with pytest.raises(HarnessError, match="run"):
+        Benchmark("bench.report", "not a benchmark").load()
+
+
+def test_all_runs_every_benchmark_and_writes_the_page(
+    fake_benchmark: Benchmark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bench.__main__.machine_facts", _no_machine_facts)
+    doc = tmp_path / "benchmarks.md"
+    registry = {"fake": fake_benchmark}
+    status = main(["all", "--quick"], registry=registry, results_dir=tmp_path, doc_path=doc)
+    page = doc.read_text()
+    assert status == 0
+    assert "| `fake` |" in page
+    assert "`python -m bench all --quick`" in page
+    assert "test CPU" in page
+
+
+def test_all_reports_a_failing_benchmark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("bench.__main__.machine_facts", _no_machine_facts)
+    broken = Benchmark("bench.report", "has no run()")
+    doc = tmp_path / "benchmarks.md"
+    status = main(["all"], registry={"broken": broken}, results_dir=tmp_path, doc_path=doc)
+    assert status == 1
+    assert "No saved result for: `broken`" in doc.read_text()
+    assert "failed: broken" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def test_report_page_from_saved_results(tmp_path: Path) -> None:
+    result = make_result(
+        "hot_path", "t", value=1300.0, baseline=1000.0, goal="<= 1.2", unit="us",
+        extra={"spread": "a|b", "command": "python -m bench hot_path"},
+    )  # fmt: skip
+    save_result(result, tmp_path)
+    loaded = load_results(tmp_path)
+    page = render(list(loaded.values()), {"nproc": "2"}, missing=["flush_lag"])
+    assert loaded == {"hot_path": result}
+    assert "| `hot_path` | t | 1,300 µs | 1,000 µs | 1.30 | ratio <= 1.2 | **no** | a\\|b |" in page
+    assert "No saved result for: `flush_lag`" in page
+    assert "- nproc: 2" in page

@@ -1,0 +1,89 @@
+"""Apply the Alembic migrations from code (``agent-sessions migrate`` calls :func:`upgrade`).
+
+The Alembic config is built here rather than read from an ``alembic.ini``: the script
+directory is the installed ``persistence/migrations`` package, wherever it lives, and the
+database URL never passes through configparser (a ``%`` in a password would break it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from persistence.errors import PersistenceError, RowRejected, translate_errors
+from persistence.repository import create_engine
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK: Final = 0x61736373_6D696772  # "ascsmigr": one advisory lock key per database
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config for this package's migrations, optionally bound to ``connection``."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+@contextmanager
+def _schema_errors() -> Iterator[None]:
+    """Like ``translate_errors``, but a refused DDL statement is a schema problem, not a row."""
+    try:
+        with translate_errors():
+            yield
+    except RowRejected as error:
+        raise PersistenceError(str(error)) from error.__cause__
+
+
+@contextmanager
+def _connection(database_url: str) -> Iterator[Connection]:
+    """One connection in one transaction (DDL is transactional in Postgres), then dispose."""
+    engine = create_engine(database_url, pool_pre_ping=False)
+    try:
+        with _schema_errors(), engine.begin() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def _serialise(connection: Connection) -> None:
+    """Hold a transaction-scoped advisory lock, so processes migrating at once take turns.
+
+    Several workers may run ``migrate`` on start-up; without the lock two of them could both
+    see no table and the second ``CREATE TABLE`` would fail.
+    """
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    """Migrate the database at ``database_url`` up to ``revision``; a no-op when already there."""
+    with _connection(database_url) as connection:
+        _serialise(connection)
+        command.upgrade(alembic_config(connection), revision)
+
+
+def downgrade(database_url: str, revision: str = "base") -> None:
+    """Migrate down to ``revision`` (``base`` drops the table and everything in it)."""
+    with _connection(database_url) as connection:
+        _serialise(connection)
+        command.downgrade(alembic_config(connection), revision)
+
+
+def current(database_url: str) -> str | None:
+    """The revision the database is at, or ``None`` if it was never migrated."""
+    with _connection(database_url) as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head() -> str | None:
+    """The newest revision this package ships (what :func:`upgrade` goes to by default)."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()

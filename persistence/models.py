@@ -1,0 +1,102 @@
+"""The ``workflow_agent_runtime_sessions`` table (DESIGN §8) as SQLAlchemy Core.
+
+Core rather than an ORM mapping: the only writer is the flush job's batch upsert, which is
+one ``INSERT ... VALUES`` statement, and reads convert rows to ``cache.records.StoredSession``
+at one boundary anyway, so mapped classes would add a second record type for nothing.
+
+Every constraint and index has a fixed name so the hand-written migrations can refer to it;
+the naming convention covers anything added later without an explicit name.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from cache.records import SessionStatus
+
+TABLE_NAME: Final = "workflow_agent_runtime_sessions"
+SCOPE_UNIQUE: Final = "workflow_agent_runtime_session_scope_unique"
+RUN_STATUS_INDEX: Final = "workflow_agent_runtime_session_run_status_idx"
+BACKEND_RUN_INDEX: Final = "workflow_agent_runtime_session_backend_run_idx"
+STATUS_CHECK: Final = "status"
+SNAPSHOT_COMPRESSION: Final = "lz4"
+"""TOAST compression of ``snapshot``; lz4 is ~3x the batch throughput of pglz (docs)."""
+
+KEY_COLUMNS: Final = ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id")
+"""The five session-key columns, in ``SessionKey.parts()`` order: the upsert conflict target."""
+
+SCOPE_COLUMNS: Final = (
+    "tenant_id",
+    "app_id",
+    "workflow_id",
+    "workflow_run_id",
+    "node_id",
+    "node_execution_id",
+    "binding_id",
+    "agent_id",
+    "agent_config_snapshot_id",
+)
+
+NAMING_CONVENTION: Final = {
+    "pk": "%(table_name)s_pkey",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+_STATUS_VALUES = ", ".join(f"'{status.value}'" for status in SessionStatus)
+
+
+def _id_column(name: str, *, nullable: bool = False) -> Column[str]:
+    return Column(name, String(255), nullable=nullable)
+
+
+def _time_column(name: str, *, nullable: bool) -> Column[datetime]:
+    return Column(name, DateTime(timezone=True), nullable=nullable)
+
+
+sessions = Table(
+    TABLE_NAME,
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    *(_id_column(name) for name in SCOPE_COLUMNS),
+    Column("status", String(16), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("snapshot", LargeBinary, nullable=False, info={"compression": SNAPSHOT_COMPRESSION}),
+    Column("layer_specs", JSONB, nullable=False),
+    _id_column("backend_run_id", nullable=True),
+    _id_column("pending_form_id", nullable=True),
+    _id_column("pending_tool_call_id", nullable=True),
+    Column("closed_by", String(32), nullable=True),
+    Column("cleanup_error", Text, nullable=True),
+    _time_column("cleaned_at", nullable=True),
+    _time_column("created_at", nullable=False),
+    _time_column("updated_at", nullable=False),
+    Column("flushed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(f"status IN ({_STATUS_VALUES})", name=STATUS_CHECK),
+    UniqueConstraint(*KEY_COLUMNS, name=SCOPE_UNIQUE),
+    Index(RUN_STATUS_INDEX, "tenant_id", "workflow_run_id", "status"),
+    Index(BACKEND_RUN_INDEX, "backend_run_id"),
+)
+"""One row per session key: the last flushed version of the Redis hash."""

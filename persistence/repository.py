@@ -1,0 +1,345 @@
+"""``SessionRepository``: the fenced batch upsert the flush job calls, and the read-through reads.
+
+A flush writes up to ``flush_batch`` sessions in ONE ``INSERT ... SELECT FROM unnest(...)
+ON CONFLICT (key) DO UPDATE ... WHERE stored.version < excluded.version`` statement
+(DESIGN §5.3): a retried, duplicated or out-of-order flush can never move a row backwards.
+docs/persistence.md has the measurements that chose this shape over multi-row VALUES.
+Rows the fence kept are reported with the version Postgres holds, so the caller can tell an
+already-applied retry (acknowledge it) from a Postgres that is ahead of Redis (poison it).
+
+Rows become ``StoredSession`` records at one boundary (``_from_row``) and back at another
+(``_to_row``); nothing else here knows the column layout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import psycopg
+import sqlalchemy as sa
+from psycopg.types.array import ListBinaryDumper
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
+from sqlalchemy.types import UserDefinedType
+
+from cache.clock import parse_iso
+from cache.codec import pack, unpack
+from cache.records import (
+    ClosedBy,
+    SessionKey,
+    SessionStatus,
+    SessionWrite,
+    Snapshot,
+    StoredSession,
+    specs_from_list,
+    specs_to_list,
+)
+from persistence.errors import translate_errors
+from persistence.models import KEY_COLUMNS, sessions
+
+_CONNECT_TIMEOUT_S: Final = 5
+_WRITTEN_COLUMNS: Final = tuple(
+    column.name for column in sessions.columns if column.name not in {"id", "flushed_at"}
+)
+_KEY: Final = tuple(sessions.c[name] for name in KEY_COLUMNS)
+_DATA_TEXT_COLUMNS: Final = (  # SessionWrite fields stored as-is
+    "app_id",
+    "workflow_id",
+    "node_execution_id",
+    "agent_config_snapshot_id",
+    "backend_run_id",
+    "pending_form_id",
+    "pending_tool_call_id",
+)
+
+Fenced = tuple[SessionKey, int, int]
+"""``(key, stored_version, offered_version)`` of a row the fence kept as it was."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    """What one ``upsert_fenced`` did: which versions landed and which the fence refused."""
+
+    written: list[tuple[SessionKey, int]] = field(default_factory=list)
+    fenced: list[Fenced] = field(default_factory=list)
+
+    @property
+    def stale_equal(self) -> list[Fenced]:
+        """Fenced rows Postgres already holds at the offered version: a retry, safe to ack."""
+        return [entry for entry in self.fenced if entry[1] == entry[2]]
+
+    @property
+    def ahead(self) -> list[Fenced]:
+        """Fenced rows where Postgres is ahead of Redis: never ack silently (poison them)."""
+        return [entry for entry in self.fenced if entry[1] > entry[2]]
+
+
+def create_engine(database_url: str, **kwargs: Any) -> Engine:
+    """An engine for ``database_url``; plain ``postgresql://`` URLs get the psycopg 3 driver.
+
+    ``pool_pre_ping`` makes a connection that died while idle (server restart between
+    flushes) reconnect instead of failing the next flush; the connect timeout turns an
+    unreachable server into ``PersistenceUnavailable`` quickly rather than hanging a worker.
+    """
+    url = make_url(database_url)
+    if url.drivername in {"postgresql", "postgres"}:
+        url = url.set(drivername="postgresql+psycopg")
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("connect_args", {"connect_timeout": _CONNECT_TIMEOUT_S})
+    return sa.create_engine(url, **kwargs)
+
+
+def _to_datetime(text: str | None) -> datetime | None:
+    """Parse the stored ISO text; a naive time is taken as UTC, as ``cache.clock`` writes."""
+    if not text:
+        return None
+    value = parse_iso(text)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _to_iso(value: datetime | None) -> str | None:
+    """UTC ISO text in ``cache.clock.now_iso``'s format, microseconds only when present."""
+    if value is None:
+        return None
+    spec = "milliseconds" if value.microsecond % 1000 == 0 else "microseconds"
+    return value.astimezone(UTC).isoformat(timespec=spec)
+
+
+def _to_row(session: StoredSession, now: datetime) -> dict[str, Any]:
+    """The column values of one session; a missing created/updated time becomes ``now``."""
+    data = session.data
+    row: dict[str, Any] = dict(zip(KEY_COLUMNS, session.key.parts(), strict=True))
+    row |= {name: getattr(data, name) for name in _DATA_TEXT_COLUMNS}
+    row |= {
+        "status": session.status.value,
+        "version": session.version,
+        "snapshot": pack(data.snapshot.to_dict()),
+        "layer_specs": json.dumps(specs_to_list(data.layer_specs), separators=(",", ":")),
+        "closed_by": session.closed_by.value if session.closed_by else None,
+        "cleanup_error": session.cleanup_error,
+        "cleaned_at": _to_datetime(session.cleaned_at),
+        "created_at": _to_datetime(session.created_at) or now,
+        "updated_at": _to_datetime(session.updated_at) or now,
+    }
+    return row
+
+
+def _from_row(row: RowMapping) -> StoredSession:
+    """The one place a row becomes a record; a row in Postgres is by definition flushed."""
+    data = SessionWrite(
+        snapshot=Snapshot.from_dict(unpack(row["snapshot"])),
+        layer_specs=specs_from_list(row["layer_specs"]),
+        **{name: row[name] for name in _DATA_TEXT_COLUMNS},
+    )
+    return StoredSession(
+        key=_key_of(row),
+        status=SessionStatus(row["status"]),
+        version=row["version"],
+        flushed_version=row["version"],
+        data=data,
+        created_at=_to_iso(row["created_at"]),
+        updated_at=_to_iso(row["updated_at"]),
+        cleaned_at=_to_iso(row["cleaned_at"]),
+        closed_by=ClosedBy(row["closed_by"]) if row["closed_by"] else None,
+        cleanup_error=row["cleanup_error"],
+    )
+
+
+def _key_of(row: RowMapping) -> SessionKey:
+    return SessionKey(*(row[name] for name in KEY_COLUMNS))
+
+
+def _newest_per_key(batch: Iterable[StoredSession]) -> list[StoredSession]:
+    """One session per key (the highest version), sorted by key.
+
+    Postgres refuses an upsert that touches one row twice, so duplicates collapse here.
+    Sorting gives every flush the same lock order, so two overlapping flushes (a sweep and
+    a triggered flush) wait for each other instead of deadlocking.
+    """
+    newest: dict[SessionKey, StoredSession] = {}
+    for session in batch:
+        kept = newest.get(session.key)
+        if kept is None or session.version > kept.version:
+            newest[session.key] = session
+    return [newest[key] for key in sorted(newest, key=SessionKey.parts)]
+
+
+class _BinaryArray(list[Any]):
+    """A column of a batch that psycopg sends as one binary array parameter.
+
+    psycopg's default text format quotes and escapes every element (bytea as hex, twice
+    the size); for 500 8 KB snapshots that made the flush 3x slower (docs/persistence.md).
+    The dumper is registered for this private type only, so no other list changes format.
+    """
+
+
+psycopg.adapters.register_dumper(_BinaryArray, ListBinaryDumper)
+
+
+class _ArrayParameter(UserDefinedType[list[Any]]):
+    """A bind parameter SQLAlchemy passes through untouched (no processor, no ``::`` cast).
+
+    SQLAlchemy's ``ARRAY`` type would rebuild the list and so lose :class:`_BinaryArray`;
+    the SQL ``CAST`` around the parameter gives Postgres the column's array type instead.
+    """
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "unknown[]"
+
+
+def _array_parameter(name: str) -> sa.ColumnElement[Any]:
+    """``CAST(:name AS <type>[])``; lengths are dropped, so an over-long value is refused.
+
+    An explicit cast to ``varchar(255)`` would silently truncate; casting to ``varchar``
+    leaves the check to the column, which rejects the row instead.
+    """
+    column_type = sessions.c[name].type
+    if isinstance(column_type, sa.String):
+        column_type = sa.String()
+    return sa.cast(sa.bindparam(name, type_=_ArrayParameter()), ARRAY(column_type))
+
+
+def _upsert_statement() -> sa.Executable:
+    """The fenced upsert of a whole batch: one statement, one array parameter per column.
+
+    ``INSERT ... SELECT FROM unnest(<arrays>)`` rather than ``VALUES (...) x N``: its SQL is
+    the same for every batch, so SQLAlchemy compiles it once instead of building 21 x N
+    bind parameters per flush (the cost that made ``VALUES`` the slowest shape measured),
+    and no batch size can reach Postgres' 65,535-parameter limit. It returns the key and
+    version of each row it wrote; rows the fence kept return nothing.
+    """
+    arrays = [_array_parameter(name) for name in _WRITTEN_COLUMNS]
+    source = sa.func.unnest(*arrays).table_valued(*_WRITTEN_COLUMNS).render_derived()
+    insert = pg_insert(sessions).from_select(
+        list(_WRITTEN_COLUMNS), sa.select(*(source.c[name] for name in _WRITTEN_COLUMNS))
+    )
+    updated = {name: insert.excluded[name] for name in _WRITTEN_COLUMNS}
+    return insert.on_conflict_do_update(
+        index_elements=list(_KEY),
+        set_={**updated, "flushed_at": sa.func.now()},
+        where=sessions.c.version < insert.excluded.version,
+    ).returning(*_KEY, sessions.c.version)
+
+
+_UPSERT: Final = _upsert_statement()
+
+
+def _as_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, _BinaryArray]:
+    """Column-major parameters for :data:`_UPSERT`: one binary array per column."""
+    return {name: _BinaryArray(row[name] for row in rows) for name in _WRITTEN_COLUMNS}
+
+
+class SessionRepository:
+    """Reads and fenced writes of the sessions table; every call is one short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def upsert_fenced(self, batch: Sequence[StoredSession]) -> UpsertResult:
+        """Write ``batch`` where it is newer than Postgres, all or nothing, in one transaction.
+
+        Raises ``RowRejected`` if Postgres refuses any row (nothing is written; the caller
+        isolates the row) and ``PersistenceUnavailable`` when it cannot be reached.
+        Duplicate keys collapse to their highest version; each key is reported once.
+        """
+        offered = _newest_per_key(batch)
+        if not offered:
+            return UpsertResult()
+        with translate_errors(), self.engine.begin() as conn:
+            written = self._write(conn, offered)
+            fenced = self._fenced(conn, offered, written)
+        return UpsertResult(written=sorted(written.items(), key=_by_key), fenced=fenced)
+
+    @staticmethod
+    def _write(conn: Connection, offered: list[StoredSession]) -> dict[SessionKey, int]:
+        now = datetime.now(UTC)
+        params = _as_arrays([_to_row(session, now) for session in offered])
+        return {_key_of(row): row["version"] for row in conn.execute(_UPSERT, params).mappings()}
+
+    @staticmethod
+    def _fenced(
+        conn: Connection, offered: list[StoredSession], written: Mapping[SessionKey, int]
+    ) -> list[Fenced]:
+        """Stored versions of the rows the fence kept (one SELECT, only when there are any).
+
+        A row that vanished in between (nothing in this project deletes rows) is left out
+        of both lists, so the caller leaves it dirty and the next flush inserts it.
+        """
+        refused = {s.key: s.version for s in offered if s.key not in written}
+        if not refused:
+            return []
+        query = sa.select(*_KEY, sessions.c.version).where(
+            sa.tuple_(*_KEY).in_([key.parts() for key in refused])
+        )
+        stored = {_key_of(row): row["version"] for row in conn.execute(query).mappings()}
+        return [(key, stored[key], refused[key]) for key in refused if key in stored]
+
+    def get(self, key: SessionKey) -> StoredSession | None:
+        """The stored session of ``key`` in any status (read-through fills Redis with it)."""
+        query = sa.select(sessions).where(
+            *(col == part for col, part in zip(_KEY, key.parts(), strict=True))
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            row = conn.execute(query).mappings().one_or_none()
+        return None if row is None else _from_row(row)
+
+    def list_run(
+        self, tenant_id: str, workflow_run_id: str, status: SessionStatus | None = None
+    ) -> list[StoredSession]:
+        """Every session of one run of one tenant, optionally of one status, in key order."""
+        query = sa.select(sessions).where(
+            sessions.c.tenant_id == tenant_id, sessions.c.workflow_run_id == workflow_run_id
+        )
+        if status is not None:
+            query = query.where(sessions.c.status == SessionStatus(status).value)
+        return self._rows(query.order_by(*_KEY))
+
+    def count_rows(self) -> int:
+        """How many sessions Postgres holds (CLI ``stats`` and tests)."""
+        with translate_errors(), self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(sessions)).scalar_one())
+
+    def count_by_status(self) -> dict[str, int]:
+        """Rows per status, across tenants (operators' ``stats``)."""
+        query = sa.select(sessions.c.status, sa.func.count()).group_by(sessions.c.status)
+        with translate_errors(), self.engine.connect() as conn:
+            return {str(status): int(n) for status, n in conn.execute(query).all()}
+
+    def list_status(self, status: SessionStatus, *, limit: int) -> list[StoredSession]:
+        """Up to ``limit`` sessions of one status across tenants, oldest update first."""
+        query = (
+            sa.select(sessions)
+            .where(sessions.c.status == SessionStatus(status).value)
+            .order_by(sessions.c.updated_at)
+            .limit(limit)
+        )
+        return self._rows(query)
+
+    def cleanup_failures(self, *, limit: int) -> list[StoredSession]:
+        """Sessions whose end-of-workflow cleanup gave up (``cleaned`` with an error)."""
+        query = (
+            sa.select(sessions)
+            .where(
+                sessions.c.status == SessionStatus.CLEANED.value,
+                sessions.c.cleanup_error.is_not(None),
+            )
+            .order_by(sessions.c.updated_at.desc())
+            .limit(limit)
+        )
+        return self._rows(query)
+
+    def _rows(self, query: sa.Select[Any]) -> list[StoredSession]:
+        """Run a read of whole rows and convert each at the one boundary."""
+        with translate_errors(), self.engine.connect() as conn:
+            return [_from_row(row) for row in conn.execute(query).mappings().all()]
+
+
+def _by_key(entry: tuple[SessionKey, int]) -> tuple[str, ...]:
+    return entry[0].parts()

@@ -1,0 +1,204 @@
+"""The Alembic migrations build exactly the schema ``persistence.models`` declares (DESIGN §8).
+
+Alembic's autogenerate comparison covers tables, columns, types, nullability, server
+defaults, unique constraints and indexes; it does not see CHECK constraints or TOAST
+compression, so those two are compared with catalog queries.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import Connection, Engine
+
+from persistence import migrate
+from persistence.models import TABLE_NAME, metadata, sessions
+from persistence.repository import create_engine
+from tests.servers import Database
+
+
+@pytest.fixture
+def engine(database_url: Database) -> Iterator[Engine]:
+    engine = create_engine(database_url.url)
+    yield engine
+    engine.dispose()
+
+
+def schema_diff(conn: Connection, target: sa.MetaData = metadata) -> list[Any]:
+    context = MigrationContext.configure(
+        conn, opts={"compare_type": True, "compare_server_default": True}
+    )
+    return list(compare_metadata(context, target))
+
+
+def check_constraints(conn: Connection) -> dict[str, str]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = CAST(:table AS regclass) AND contype = 'c'"
+        ),
+        {"table": TABLE_NAME},
+    )
+    return {name: definition for name, definition in rows}
+
+
+def column_compression(conn: Connection) -> dict[str, str]:
+    """Column name -> attcompression ('' = the server default, 'p' pglz, 'l' lz4)."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT attname, attcompression FROM pg_attribute "
+            "WHERE attrelid = CAST(:table AS regclass) AND attnum > 0 AND NOT attisdropped"
+        ),
+        {"table": TABLE_NAME},
+    )
+    return {name: compression for name, compression in rows}
+
+
+def table_exists(conn: Connection) -> bool:
+    return sa.inspect(conn).has_table(TABLE_NAME)
+
+
+def test_migrated_schema_equals_the_models(database_url: Database, engine: Engine) -> None:
+    migrate.upgrade(database_url.url)
+    with engine.connect() as conn:
+        assert schema_diff(conn) == []
+
+
+def test_migrated_check_constraints_equal_the_models(
+    database_url: Database, engine: Engine
+) -> None:
+    migrate.upgrade(database_url.url)
+    with engine.connect() as conn:
+        stored = check_constraints(conn)
+    declared = {c.name for c in sessions.constraints if isinstance(c, sa.CheckConstraint)}
+    assert set(stored) == declared
+    assert stored["ck_workflow_agent_runtime_sessions_status"] == (
+        "CHECK (((status)::text = ANY ((ARRAY['active'::character varying, "
+        "'cleaning'::character varying, 'cleaned'::character varying])::text[])))"
+    )
+
+
+def test_migrated_constraint_and_index_names_equal_the_models(
+    database_url: Database, engine: Engine
+) -> None:
+    migrate.upgrade(database_url.url)
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        stored = {
+            "pk": inspector.get_pk_constraint(TABLE_NAME)["name"],
+            "unique": {u["name"] for u in inspector.get_unique_constraints(TABLE_NAME)},
+            "index": {
+                i["name"]
+                for i in inspector.get_indexes(TABLE_NAME)
+                if not i.get("duplicates_constraint")
+            },
+        }
+    assert stored == {
+        "pk": sessions.primary_key.name,
+        "unique": {c.name for c in sessions.constraints if isinstance(c, sa.UniqueConstraint)},
+        "index": {i.name for i in sessions.indexes},
+    }
+    assert stored["unique"] == {"workflow_agent_runtime_session_scope_unique"}
+
+
+def test_snapshot_column_is_lz4_compressed_as_the_model_declares(
+    database_url: Database, engine: Engine
+) -> None:
+    migrate.upgrade(database_url.url)
+    with engine.connect() as conn:
+        stored = column_compression(conn)
+    codes = {"lz4": "l", "pglz": "p"}
+    declared = {c.name: codes[c.info.get("compression", "")] for c in sessions.c if c.info}
+    assert declared == {"snapshot": "l"}
+    assert {name: stored[name] for name in declared} == declared
+    assert all(code == "" for name, code in stored.items() if name not in declared)
+
+
+def test_schema_comparison_sees_a_model_that_drifted(
+    database_url: Database, engine: Engine
+) -> None:
+    """Guards the equality test above against comparing nothing."""
+    migrate.upgrade(database_url.url)
+    drifted = sa.MetaData()
+    table = sessions.to_metadata(drifted)
+    table.append_column(sa.Column("extra", sa.Integer, nullable=True))
+    table.c.status.type = sa.String(32)
+    sa.Index("drifted_idx", table.c.agent_id)
+    with engine.connect() as conn:
+        kinds = {
+            diff[0] if isinstance(diff, tuple) else diff[0][0]
+            for diff in schema_diff(conn, drifted)
+        }
+    assert kinds == {"add_column", "modify_type", "add_index"}
+
+
+def test_current_is_none_before_and_head_after_upgrade(database_url: Database) -> None:
+    assert migrate.current(database_url.url) is None
+    migrate.upgrade(database_url.url)
+    assert migrate.current(database_url.url) == migrate.head() == "0001"
+
+
+def test_upgrade_twice_is_a_no_op(database_url: Database, engine: Engine) -> None:
+    migrate.upgrade(database_url.sqlalchemy_url)
+    migrate.upgrade(database_url.url)
+    assert migrate.current(database_url.sqlalchemy_url) == "0001"
+    with engine.connect() as conn:
+        assert schema_diff(conn) == []
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from persistence import migrate
+print("ready", flush=True)
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.001)
+migrate.upgrade(sys.argv[1])
+"""
+
+
+def test_concurrent_upgrades_of_a_fresh_database_all_succeed(
+    database_url: Database, engine: Engine, tmp_path: Path
+) -> None:
+    """Workers starting together may all run ``migrate``; they must take turns, not collide."""
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, database_url.url, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for proc in procs:  # every racer has imported everything and is spinning on the start line
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    go.touch()
+    errors = [proc.communicate(timeout=60)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, errors
+    assert migrate.current(database_url.url) == "0001"
+    with engine.connect() as conn:
+        assert schema_diff(conn) == []
+
+
+def test_downgrade_to_base_then_upgrade_again_restores_the_schema(
+    database_url: Database, engine: Engine
+) -> None:
+    migrate.upgrade(database_url.url)
+    migrate.downgrade(database_url.url, "base")
+    assert migrate.current(database_url.url) is None
+    with engine.connect() as conn:
+        assert not table_exists(conn)
+    migrate.upgrade(database_url.url)
+    assert migrate.current(database_url.url) == "0001"
+    with engine.connect() as conn:
+        assert schema_diff(conn) == []
+        assert column_compression(conn)["snapshot"] == "l"

@@ -7,6 +7,7 @@ then separate parts, and a key can be parsed back into its IDs.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from cache.records import RunRef, SessionKey
 _KEY_PART = re.compile(r"^[A-Za-z0-9._%-]+$")
 
 
+@functools.lru_cache(maxsize=65_536)
 def encode_id(value: str) -> str:
-    """Percent-encode every character outside ``[A-Za-z0-9._-]``."""
+    """Percent-encode every character outside ``[A-Za-z0-9._-]`` (cached: IDs repeat a lot)."""
     return quote(value, safe="").replace("~", "%7E")
 
 

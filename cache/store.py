@@ -271,6 +271,15 @@ class RedisSessionCache:
             raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.poison(shard)))
         return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
 
+    def poison_sizes(self, shards: Sequence[int]) -> dict[int, int]:
+        """How many sessions each shard's poison hash holds (only shards with some)."""
+        with translate_errors("reading poison sizes"):
+            pipe = self.client.pipeline(transaction=False)
+            for shard in shards:
+                pipe.hlen(self.keys.poison(shard))
+            sizes: list[Any] = pipe.execute()
+        return {shard: int(n) for shard, n in zip(shards, sizes, strict=True) if n}
+
     def shard_backlog(self, shards: Sequence[int]) -> list[tuple[int, int, int | None]]:
         """``(shard, dirty count, oldest first-dirty time in ms or None)`` in one pipeline."""
         with translate_errors("reading shard backlogs"):

@@ -1,0 +1,286 @@
+"""Shared helpers of the integration tests that need workers, Postgres or the fake backend.
+
+A test module imports the fixtures it needs (``migrated_fixture`` is the fixture
+``migrated``, and so on); pytest registers imported fixtures like local ones. Importing
+``close_contexts_fixture`` (autouse) closes every context ``make_ctx`` opened.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent_sessions.fake_backend import FakeAgentBackend
+from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
+from cache.records import Scope, SessionKey, SessionStatus, Snapshot, StoredSession
+from cache.settings import Settings
+from persistence.migrate import upgrade
+from tests.servers import Database
+from workers.backend import AgentBackendClient
+from workers.backend_models import (
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    RunComposition,
+    RunLayerSpec,
+)
+from workers.backend_models import RunStatusResponse as Status
+from workers.context import WorkerContext
+
+WAIT_S = 10.0
+STOP_GRACE_S = 5.0
+POLL_S = 0.01
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+_open: list[WorkerContext] = []
+
+
+@pytest.fixture(autouse=True, name="close_contexts")
+def close_contexts_fixture() -> Iterator[None]:
+    """Close every context ``make_ctx`` opened during the test."""
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def make_ctx(redis_url: str, database_url: str, **overrides: object) -> WorkerContext:
+    """A worker context for the test's servers; closed by ``close_contexts`` after the test."""
+    options: dict[str, object] = {
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "flush_delay_ms": 100,
+        "shards": 4,
+        "flush_lock_ttl_s": 2,
+    }
+    options.update(overrides)
+    ctx = WorkerContext.from_settings(Settings(**options))  # type: ignore[arg-type]
+    _open.append(ctx)
+    return ctx
+
+
+def settings_env(ctx: WorkerContext) -> dict[str, str]:
+    """The environment that gives a worker process the same settings as ``ctx``."""
+    s = ctx.settings
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"AGENT_BACKEND_URL", "ASC_AGENT_BACKEND_URL"}
+    }
+    env.update(
+        {
+            "REDIS_URL": s.redis_url,
+            "DATABASE_URL": s.database_url,
+            "ASC_FLUSH_DELAY_MS": str(s.flush_delay_ms),
+            "ASC_SHARDS": str(s.shards),
+            "ASC_FLUSH_LOCK_TTL_S": str(s.flush_lock_ttl_s),
+            "ASC_MAX_DIRTY_PER_SHARD": str(s.max_dirty_per_shard),
+            "ASC_CLEANUP_ATTEMPTS": str(s.cleanup_attempts),
+            "ASC_CLEANUP_WAIT_S": str(s.cleanup_wait_s),
+            "ASC_BACKEND_TIMEOUT_S": str(s.backend_timeout_s),
+        }
+    )
+    if s.agent_backend_url:
+        env["AGENT_BACKEND_URL"] = s.agent_backend_url
+    return env
+
+
+class WorkerProcess:
+    """``agent-sessions worker`` as a real process group (pool + trigger)."""
+
+    def __init__(self, ctx: WorkerContext, log: Path, processes: int = 1) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent_sessions", "worker", "-n", str(processes)],
+                env=settings_env(ctx),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: no worker gets to clean up."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
+        """SIGTERM the group; SIGKILL it after ``grace_s``. True if it exited on its own.
+
+        The pool sometimes ignores a SIGTERM that lands right after a job ended (it then
+        waits for a worker that never logs "warm shut down requested"), so the grace is short.
+        """
+        if self.proc.poll() is not None:
+            return True
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return False
+        return True
+
+
+@pytest.fixture(name="migrated")
+def migrated_fixture(database_url: Database) -> Database:
+    """A fresh database with the schema migrated to the newest revision."""
+    upgrade(database_url.url)
+    return database_url
+
+
+@pytest.fixture(name="start_worker")
+def start_worker_fixture(tmp_path: Path) -> Iterator[Callable[[WorkerContext], WorkerProcess]]:
+    """Start ``agent-sessions worker`` processes; every one is stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(ctx: WorkerContext) -> WorkerProcess:
+        worker = WorkerProcess(ctx, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(name="fake")
+def fake_fixture() -> Iterator[FakeAgentBackend]:
+    """The loopback fake agent backend (10 ms finish delay)."""
+    with FakeAgentBackend() as backend:
+        yield backend
+
+
+@pytest.fixture(name="backend")
+def backend_fixture(fake: FakeAgentBackend) -> Iterator[AgentBackendClient]:
+    """An HTTP client of the fake backend."""
+    with AgentBackendClient(fake.url, timeout_s=5.0) as client:
+        yield client
+
+
+# ------------------------------------------------------------------------- node driving
+
+CREDENTIAL_LAYERS = ("llm", "tools", "core_tools")
+
+
+def node_composition() -> RunComposition:
+    """An Agent-node composition: prompts, context, credential-bearing plugins, output."""
+    secret = {"api_key": "sk-secret", "token": "tok-secret"}
+    return RunComposition(
+        layers=[
+            RunLayerSpec(
+                name="workflow_node_job_prompt",
+                type="plain.prompt",
+                metadata={"origin": "workflow_node_job"},
+                config={"prefix": "summarise the ticket"},
+            ),
+            RunLayerSpec(
+                name="execution_context",
+                type="dify.execution_context",
+                config={"tenant_id": "tenant-1", "invoke_from": "service-api"},
+            ),
+            RunLayerSpec(
+                name="llm",
+                type="dify.plugin.llm",
+                deps={"execution_context": "execution_context"},
+                config={"model": "gpt-x", "credentials": secret},
+            ),
+            RunLayerSpec(
+                name="tools",
+                type="dify.plugin.tools",
+                deps={"execution_context": "execution_context"},
+                config={"tools": ["search"], "credentials": secret},
+            ),
+            RunLayerSpec(name="core_tools", type="dify_core_tools", config={"secret": secret}),
+            RunLayerSpec(
+                name="output",
+                type="dify.output",
+                config={"json_schema": {"type": "object"}},
+            ),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    """One Agent-node entry driven against the fake backend."""
+
+    entry: Entry
+    request: CreateRunRequest
+    status: Status
+    result: NodeResult
+
+
+def run_node(
+    lifecycle: SessionLifecycle,
+    client: AgentBackendClient,
+    scope: Scope,
+    *,
+    composition: RunComposition | None = None,
+    attempt: int = 0,
+    behaviour: str | None = None,
+    pending_form_id: str | None = None,
+    entry: Entry | None = None,
+) -> NodeRun:
+    """enter → build_request → POST /runs → wait → finish, as a workflow engine does."""
+    entry = lifecycle.enter(scope) if entry is None else entry
+    metadata: dict[str, object] | None = None
+    if behaviour is not None:
+        metadata = {"fake_behaviour": behaviour}
+    request = lifecycle.build_request(
+        scope, entry, composition or node_composition(), attempt, metadata=metadata
+    )
+    created = client.create_run(request)
+    status = client.wait_run(created.run_id, timeout_s=WAIT_S, poll_interval_s=POLL_S)
+    outcome = RunOutcome.from_status(request, status, pending_form_id=pending_form_id)
+    return NodeRun(entry, request, status, lifecycle.finish(scope, entry, outcome))
+
+
+def history_of(snapshot: Snapshot | CompositorSessionSnapshot | None) -> list[object]:
+    """The ``messages`` of the ``history`` layer of a snapshot (domain or wire form)."""
+    assert snapshot is not None, "no snapshot"
+    for layer in snapshot.layers:
+        if layer.name == "history":
+            messages = layer.runtime_state.get("messages", [])
+            assert isinstance(messages, list)
+            return list(messages)
+    raise AssertionError(f"the snapshot has no history layer: {snapshot.layer_names()}")
+
+
+def redis_status(ctx: WorkerContext, key: SessionKey) -> SessionStatus | None:
+    record = ctx.cache.load(key).record
+    return None if record is None else record.status
+
+
+def pg_status(ctx: WorkerContext, key: SessionKey) -> SessionStatus | None:
+    row = ctx.repo.get(key)
+    return None if row is None else row.status
+
+
+def stored(ctx: WorkerContext, key: SessionKey) -> StoredSession:
+    """The Redis record of ``key`` (fails the test if there is none)."""
+    record = ctx.cache.load(key).record
+    assert record is not None, f"no session {key} in Redis"
+    return record
+
+
+def row(ctx: WorkerContext, key: SessionKey) -> StoredSession:
+    """The Postgres row of ``key`` (fails the test if there is none)."""
+    found = ctx.repo.get(key)
+    assert found is not None, f"no row {key} in Postgres"
+    return found

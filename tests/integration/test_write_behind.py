@@ -1,0 +1,269 @@
+"""Write-behind end to end: real Redis, real Postgres, real RQ worker processes (DESIGN §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from cache.errors import BacklogFull
+from cache.records import LayerSpec, SessionKey
+from persistence.migrate import upgrade
+from tests import factories as f
+from tests.integration.support import (
+    WorkerProcess,
+    close_contexts_fixture,  # noqa: F401  (autouse fixture)
+    make_ctx,
+    migrated_fixture,  # noqa: F401  (fixture)
+    start_worker_fixture,  # noqa: F401  (fixture)
+    wait_for,
+)
+from tests.servers import Database, PostgresServer, fresh_database
+from workers.context import WorkerContext
+from workers.drain import dirty_total, drain
+from workers.flush import flush_shard
+from workers.queues import enqueue_flush
+from workers.readthrough import load_through
+
+TABLE = "workflow_agent_runtime_sessions"
+
+
+@pytest.fixture
+def ctx(redis_client: object, redis_url: str, migrated: Database) -> WorkerContext:
+    return make_ctx(redis_url, migrated.url)
+
+
+def pg_row(db_url: str, key: SessionKey) -> tuple[object, ...] | None:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(
+            f"SELECT version, status, snapshot FROM {TABLE} WHERE tenant_id=%s AND "
+            "workflow_run_id=%s AND node_id=%s AND binding_id=%s AND agent_id=%s",
+            key.parts(),
+        ).fetchone()
+
+
+def count_row_writes(db_url: str) -> Callable[[], int]:
+    """Install a trigger that counts every row INSERT/UPDATE; return a reader."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE row_writes (n bigint NOT NULL)")
+        conn.execute("INSERT INTO row_writes VALUES (0)")
+        conn.execute(
+            "CREATE FUNCTION count_write() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN UPDATE row_writes SET n = n + 1; RETURN NEW; END $$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER count_writes AFTER INSERT OR UPDATE ON {TABLE} "
+            "FOR EACH ROW EXECUTE FUNCTION count_write()"
+        )
+
+    def read() -> int:
+        with psycopg.connect(db_url) as conn:
+            row = conn.execute("SELECT n FROM row_writes").fetchone()
+            return int(row[0]) if row else 0
+
+    return read
+
+
+def nothing_dirty(ctx: WorkerContext) -> bool:
+    return not dirty_total(ctx)
+
+
+def test_saves_flow_to_postgres_with_latest_version_snapshot_and_specs(
+    ctx: WorkerContext, start_worker: Callable[[WorkerContext], WorkerProcess]
+) -> None:
+    """Invariant: every save reaches Postgres, and the row holds the latest version."""
+    keys = [f.session_key(run=f"run-{i}", node=f"n{i % 3}") for i in range(30)]
+    final = {}
+    for round_ in range(3):
+        for key in keys:
+            write = f.session_write(
+                f.snapshot("history", state={"round": round_, "k": key.node_id})
+            )
+            final[key] = (ctx.cache.save(key, write), write)
+    start_worker(ctx)
+    wait_for(lambda: nothing_dirty(ctx), "the worker to flush everything")
+    for key, (version, write) in final.items():
+        row = ctx.repo.get(key)
+        assert row is not None
+        assert row.version == version == 3
+        assert row.snapshot == write.snapshot
+        assert row.layer_specs == write.layer_specs
+
+
+def test_loop_of_1000_saves_to_one_session_costs_a_handful_of_postgres_writes(
+    ctx: WorkerContext, migrated: Database, start_worker: Callable[[WorkerContext], WorkerProcess]
+) -> None:
+    """Invariant: saves coalesce; Postgres sees about one write per flush, not one per save."""
+    writes = count_row_writes(migrated.url)
+    start_worker(ctx)
+    key = f.session_key()
+    for i in range(1000):
+        ctx.cache.save(key, f.session_write(f.snapshot(state={"i": i})))
+    wait_for(lambda: nothing_dirty(ctx), "the loop's session to be flushed")
+    row = ctx.repo.get(key)
+    assert row is not None and row.version == 1000
+    assert row.snapshot.layers[0].runtime_state == {"i": 999}
+    assert 1 <= writes() <= 50, f"{writes()} Postgres writes for 1000 saves"
+
+
+def test_replayed_older_flush_never_moves_a_row_backwards(ctx: WorkerContext) -> None:
+    """Invariant: the version fence makes a late, duplicated or reordered flush harmless."""
+    key = f.session_key()
+    shard = ctx.cache.keys.shard_of_key(key)
+    name = ctx.cache.keys.session(key)
+    ctx.cache.save(key, f.session_write(f.snapshot(state={"v": 1})))
+    old = ctx.cache.read_many([name])[0]
+    for v in (2, 3):
+        ctx.cache.save(key, f.session_write(f.snapshot(state={"v": v})))
+    report = flush_shard(ctx.cache, ctx.repo, shard, cutoff_ms=ctx.cache.server_time_ms(), limit=10)
+    assert report.written == 1 and report.acked == 1
+    assert not isinstance(old, Exception) and old is not None
+    replay = ctx.repo.upsert_fenced([old])
+    assert replay.written == []
+    row = ctx.repo.get(key)
+    assert row is not None and row.version == 3
+    assert row.snapshot.layers[0].runtime_state == {"v": 3}
+
+
+def test_sigkill_during_a_flush_loses_nothing(
+    ctx: WorkerContext, migrated: Database, start_worker: Callable[[WorkerContext], WorkerProcess]
+) -> None:
+    """Invariant: a worker killed mid-flush acknowledged nothing; a later flush writes it all."""
+    keys = [f.session_key(run=f"run-{i}") for i in range(40)]
+    for key in keys:
+        ctx.cache.save(key, f.session_write())
+    blocker = psycopg.connect(migrated.url)
+    blocker.execute(f"LOCK TABLE {TABLE} IN ACCESS EXCLUSIVE MODE")  # the flush will hang here
+    worker = start_worker(ctx)
+    locks = [ctx.cache.keys.flush_lock(s) for s in range(ctx.settings.shards)]
+    wait_for(lambda: any(ctx.cache.client.exists(k) for k in locks), "a flush to be in progress")
+    worker.kill()
+    blocker.rollback()
+    blocker.close()
+    assert sum(count for _, count in dirty_total(ctx)) == len(keys)
+    report = drain(ctx, timeout_s=60)
+    # The killed worker's statement may still commit server-side once the lock is gone;
+    # the fence then reports those rows as already applied and they are acknowledged.
+    assert report.drained and report.poisoned == 0
+    for key in keys:
+        row = ctx.repo.get(key)
+        assert row is not None and row.version == 1
+
+
+def test_postgres_outage_grows_the_backlog_then_drains_it(
+    redis_client: object,
+    redis_url: str,
+    private_postgres: PostgresServer,
+    start_worker: Callable[[WorkerContext], WorkerProcess],
+) -> None:
+    """Invariant: saves go on while Postgres is down; the backlog drains when it returns."""
+    with fresh_database(private_postgres.url) as db:
+        upgrade(db.url)
+        ctx = make_ctx(redis_url, db.url)
+        start_worker(ctx)
+        private_postgres.stop()
+        keys = [f.session_key(run=f"run-{i}") for i in range(50)]
+        backlog = []
+        for round_ in range(4):
+            for key in keys:
+                ctx.cache.save(key, f.session_write(f.snapshot(state={"round": round_})))
+            backlog.append(sum(c for _, c in dirty_total(ctx)))
+        assert backlog[-1] == len(keys)
+        private_postgres.start()
+        wait_for(lambda: nothing_dirty(ctx), "the backlog to drain after Postgres returned", 120)
+        for key in keys:
+            row = ctx.repo.get(key)
+            assert row is not None and row.version == 4
+            assert row.snapshot.layers[0].runtime_state == {"round": 3}
+        ctx.close()
+
+
+def test_a_row_postgres_refuses_is_parked_in_poison_and_the_rest_land(
+    redis_client: object, redis_url: str, migrated: Database
+) -> None:
+    """Invariant: a poison row never blocks its batch; it is reported with the reason."""
+    ctx = make_ctx(redis_url, migrated.url, shards=1)
+    good = [f.session_key(run=f"run-{i}") for i in range(10)]
+    bad = f.session_key(run="run-poison")
+    for key in good:
+        ctx.cache.save(key, f.session_write())
+    refused = (LayerSpec("history", "pydantic_ai.history", config={"text": "nul\u0000byte"}),)
+    ctx.cache.save(bad, f.session_write(layer_specs=refused))
+    report = flush_shard(ctx.cache, ctx.repo, 0, cutoff_ms=ctx.cache.server_time_ms(), limit=100)
+    assert report.written == len(good)
+    assert report.poisoned == [ctx.cache.keys.session(bad)]
+    assert all(ctx.repo.get(key) is not None for key in good)
+    assert ctx.repo.get(bad) is None
+    poison = ctx.cache.poison(0)
+    assert "postgres refused" in poison[ctx.cache.keys.session(bad)]
+    assert nothing_dirty(ctx)
+    ctx.cache.save(bad, f.session_write())  # fixed by the next save: flushed, poison cleared
+    drain(ctx, timeout_s=30)
+    assert ctx.repo.get(bad) is not None and ctx.cache.poison(0) == {}
+
+
+def test_backlog_bound_refuses_saves_when_postgres_cannot_keep_up(
+    redis_client: object, redis_url: str, migrated: Database
+) -> None:
+    """Invariant: the dirty backlog is bounded; a full shard refuses new sessions, writes none."""
+    ctx = make_ctx(redis_url, migrated.url, shards=1, max_dirty_per_shard=5)
+    keys = [f.session_key(run=f"run-{i}") for i in range(6)]
+    for key in keys[:5]:
+        ctx.cache.save(key, f.session_write())
+    with pytest.raises(BacklogFull):
+        ctx.cache.save(keys[5], f.session_write())
+    assert ctx.cache.load(keys[5]).record is None
+    ctx.cache.save(keys[0], f.session_write())  # an already-dirty session may still move on
+    drain(ctx, timeout_s=30)
+    assert ctx.cache.save(keys[5], f.session_write()) == 1
+
+
+def test_read_through_after_the_redis_key_is_gone_returns_what_postgres_holds(
+    ctx: WorkerContext,
+) -> None:
+    """Invariant: a miss reads Postgres and fills Redis with the row's version (no restart)."""
+    key = f.session_key()
+    for i in range(3):
+        ctx.cache.save(key, f.session_write(f.snapshot(state={"i": i})))
+    drain(ctx, timeout_s=30)
+    ctx.cache.client.delete(ctx.cache.keys.session(key))
+    loaded = load_through(ctx.cache, ctx.repo, key)
+    assert loaded.record == ctx.repo.get(key)
+    assert loaded.version == 3 and loaded.session is not None
+    assert ctx.cache.load(key).version == 3
+    assert ctx.cache.save(key, f.session_write(), expected_version=3) == 4
+    drain(ctx, timeout_s=30)
+    assert ctx.cache.poison(ctx.cache.keys.shard_of_key(key)) == {}
+    row = ctx.repo.get(key)
+    assert row is not None and row.version == 4
+
+
+def test_recreating_a_key_without_fill_is_reported_not_acknowledged(ctx: WorkerContext) -> None:
+    """Invariant: if Postgres is ahead of Redis, the flush parks the session in poison."""
+    key = f.session_key()
+    for _ in range(3):
+        ctx.cache.save(key, f.session_write())
+    drain(ctx, timeout_s=30)
+    ctx.cache.client.delete(ctx.cache.keys.session(key))
+    ctx.cache.save(key, f.session_write())  # version 1 again, behind Postgres's 3
+    drain(ctx, timeout_s=30)
+    reason = ctx.cache.poison(ctx.cache.keys.shard_of_key(key))[ctx.cache.keys.session(key)]
+    assert "postgres is ahead" in reason
+    row = ctx.repo.get(key)
+    assert row is not None and row.version == 3
+
+
+def test_urgent_flush_job_ignores_the_flush_delay(
+    redis_client: object,
+    redis_url: str,
+    migrated: Database,
+    start_worker: Callable[[WorkerContext], WorkerProcess],
+) -> None:
+    """Invariant: an urgent flush (pause, retire, run end) lands without waiting the delay."""
+    ctx = make_ctx(redis_url, migrated.url, flush_delay_ms=3_600_000)
+    start_worker(ctx)
+    key = f.session_key()
+    ctx.cache.save(key, f.session_write())
+    assert enqueue_flush(ctx.flush_queue, "asc", ctx.cache.keys.shard_of_key(key), urgent=True)
+    wait_for(lambda: ctx.repo.get(key) is not None, "the urgent flush", 30)

@@ -1,0 +1,67 @@
+"""What a worker process needs, built once per process from the environment.
+
+RQ calls job functions with JSON arguments only, so a job cannot be handed its Redis
+client or its Postgres engine; it asks :func:`current` for the process's context instead.
+Everything else receives a :class:`WorkerContext` explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import redis
+from rq import Queue
+
+from cache.client import connect
+from cache.settings import Settings
+from cache.store import RedisSessionCache
+from persistence.repository import SessionRepository, create_engine
+from workers.backend import AgentBackendClient
+from workers.queues import cleanup_queue, flush_queue, queue_connection
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """The store, the repository, the queues and the backend client of one process."""
+
+    settings: Settings
+    cache: RedisSessionCache
+    repo: SessionRepository
+    queue_redis: redis.Redis
+    flush_queue: Queue
+    cleanup_queue: Queue
+    backend: AgentBackendClient | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        queue_redis = queue_connection(settings)
+        return cls(
+            settings=settings,
+            cache=RedisSessionCache(connect(settings), settings),
+            repo=SessionRepository(create_engine(settings.database_url)),
+            queue_redis=queue_redis,
+            flush_queue=flush_queue(queue_redis),
+            cleanup_queue=cleanup_queue(queue_redis),
+            backend=_backend(settings),
+        )
+
+    def close(self) -> None:
+        """Release the Redis connections and the Postgres pool."""
+        self.repo.engine.dispose()
+        self.cache.client.close()
+        self.queue_redis.close()
+        if self.backend is not None:
+            self.backend.close()
+
+
+def _backend(settings: Settings) -> AgentBackendClient | None:
+    if not settings.agent_backend_url:
+        return None
+    return AgentBackendClient(settings.agent_backend_url, timeout_s=settings.backend_timeout_s)
+
+
+@functools.cache
+def current() -> WorkerContext:
+    """This process's context, from the environment (built on first use)."""
+    return WorkerContext.from_settings(Settings())

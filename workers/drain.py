@@ -1,0 +1,69 @@
+"""Draining: flush every dirty session now, in this process, until nothing is dirty.
+
+For deploys and shutdown (``agent-sessions flush --wait``). It ignores ``flush_delay_ms`` and
+takes each shard's flush lock, so it cooperates with running workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workers.context import WorkerContext
+from workers.flush import flush_shard
+
+DRAIN_LOCK_WAIT_S = 5.0
+
+
+@dataclass
+class DrainReport:
+    drained: bool
+    written: int = 0
+    poisoned: int = 0
+    left: int = 0
+    passes: int = 0
+
+
+def dirty_total(ctx: WorkerContext) -> list[tuple[int, int]]:
+    """``(shard, dirty count)`` of every shard that has dirty entries."""
+    backlog = ctx.cache.shard_backlog(list(ctx.cache.keys.all_shards()))
+    return [(shard, count) for shard, count, _ in backlog if count]
+
+
+def drain(
+    ctx: WorkerContext,
+    *,
+    timeout_s: float = 300.0,
+    progress: Callable[[int], None] | None = None,
+) -> DrainReport:
+    """Flush until no shard has a dirty entry, or until ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    report = DrainReport(drained=False)
+    while True:
+        pending = dirty_total(ctx)
+        report.left = sum(count for _, count in pending)
+        if progress is not None:
+            progress(report.left)
+        if not pending:
+            report.drained = True
+            return report
+        if time.monotonic() > deadline:
+            return report
+        report.passes += 1
+        for shard, _ in pending:
+            _flush_all_now(ctx, shard, report)
+
+
+def _flush_all_now(ctx: WorkerContext, shard: int, report: DrainReport) -> None:
+    result = flush_shard(
+        ctx.cache,
+        ctx.repo,
+        shard,
+        cutoff_ms=ctx.cache.server_time_ms(),
+        limit=ctx.settings.flush_batch,
+        lock_wait_s=DRAIN_LOCK_WAIT_S,
+    )
+    report.written += result.written
+    report.poisoned += len(result.poisoned)
+    ctx.cache.count(rows_flushed=result.written, rows_poisoned=len(result.poisoned), flushes=1)

@@ -1,0 +1,63 @@
+"""RQ queues, job ids and enqueueing. JSON serializer only: no pickle anywhere.
+
+A flush job's id names its shard (``asc-flush-s042``) and is enqueued with ``unique=True``, so
+however many triggers fire, a shard has at most one flush job queued, scheduled for retry or
+running. Urgent flushes (a pause, a retire, a run's end) use a second id per shard so they
+never wait behind a delayed one; the shard's flush lock still serializes the two.
+"""
+
+from __future__ import annotations
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError
+from rq.serializers import JSONSerializer
+
+from cache.settings import Settings
+
+FLUSH_QUEUE = "asc-flush"
+CLEANUP_QUEUE = "asc-cleanup"
+FLUSH_RETRY = Retry(max=8, interval=[1, 2, 4, 8, 15, 30])
+FLUSH_JOB_TIMEOUT_S = 120
+FAILED_FLUSH_TTL_S = 30
+
+
+def queue_connection(settings: Settings) -> redis.Redis:
+    """RQ needs a standalone Redis: ``RQ_REDIS_URL``, or ``REDIS_URL`` when unset."""
+    return redis.Redis.from_url(
+        settings.queue_redis_url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+    )
+
+
+def flush_queue(connection: redis.Redis) -> Queue:
+    return Queue(FLUSH_QUEUE, connection=connection, serializer=JSONSerializer)
+
+
+def cleanup_queue(connection: redis.Redis) -> Queue:
+    return Queue(CLEANUP_QUEUE, connection=connection, serializer=JSONSerializer)
+
+
+def flush_job_id(prefix: str, shard: int, *, urgent: bool) -> str:
+    return f"{prefix}-flush-s{shard:03d}" + ("-urgent" if urgent else "")
+
+
+def enqueue_flush(queue: Queue, prefix: str, shard: int, *, urgent: bool = False) -> bool:
+    """Queue a flush of ``shard``; ``False`` if one with the same id is already pending."""
+    try:
+        queue.enqueue(
+            "workers.jobs.flush_job",
+            shard,
+            urgent,
+            job_id=flush_job_id(prefix, shard, urgent=urgent),
+            unique=True,
+            at_front=urgent,
+            retry=FLUSH_RETRY,
+            job_timeout=FLUSH_JOB_TIMEOUT_S,
+            result_ttl=0,
+            failure_ttl=FAILED_FLUSH_TTL_S,
+        )
+    except DuplicateJobError:
+        return False
+    return True

@@ -60,6 +60,7 @@ _T = TypeVar("_T")
 
 _RETRYABLE = (BackendTransportError, BackendTimeout)
 _MIN_POLL_TIMEOUT_S = 0.05
+_FIRST_POLL_S = 0.01
 """Lower bound of one poll's HTTP timeout when ``wait_run``'s deadline is nearly spent."""
 
 
@@ -121,10 +122,15 @@ class AgentBackendClient:
     def wait_run(
         self, run_id: str, *, timeout_s: float, poll_interval_s: float = 0.2
     ) -> RunStatusResponse:
-        """Poll until the run is terminal; :class:`BackendTimeout` once ``timeout_s`` passed."""
+        """Poll until the run is terminal; :class:`BackendTimeout` once ``timeout_s`` passed.
+
+        Polls start at ``_FIRST_POLL_S`` and double up to ``poll_interval_s``: short runs (a
+        cleanup) answer within milliseconds, long ones are not polled needlessly often.
+        """
         if timeout_s < 0 or poll_interval_s <= 0:
             raise ValueError("timeout_s must be >= 0 and poll_interval_s > 0")
         deadline = time.monotonic() + timeout_s
+        interval = min(_FIRST_POLL_S, poll_interval_s)
         while True:
             remaining = deadline - time.monotonic()
             status = self._get_run(run_id, _poll_timeout(self._timeout_s, remaining))
@@ -133,7 +139,8 @@ class AgentBackendClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BackendTimeout(f"run {run_id} still {status.status} after {timeout_s:.3f}s")
-            time.sleep(min(poll_interval_s, remaining))
+            time.sleep(min(interval, remaining))
+            interval = min(interval * 2, poll_interval_s)
 
     def cancel_run(self, run_id: str, request: CancelRunRequest | None = None) -> CancelRunResponse:
         """``POST /runs/{id}/cancel`` (idempotent, so retried); 409 if the run already ended."""

@@ -41,8 +41,8 @@ class WorkerContext:
             cache=RedisSessionCache(connect(settings), settings),
             repo=SessionRepository(create_engine(settings.database_url)),
             queue_redis=queue_redis,
-            flush_queue=flush_queue(queue_redis),
-            cleanup_queue=cleanup_queue(queue_redis),
+            flush_queue=flush_queue(queue_redis, settings.key_prefix),
+            cleanup_queue=cleanup_queue(queue_redis, settings.key_prefix),
             backend=_backend(settings),
         )
 

@@ -39,7 +39,9 @@ def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
         )
         _add(totals, report)
         ctx.cache.count(
-            rows_flushed=report.written, rows_poisoned=len(report.poisoned), flushes=report.locked
+            rows_flushed=report.written,
+            rows_poisoned=len(report.poisoned),
+            flushes=int(report.locked),
         )
         if not report.full:
             break

@@ -22,7 +22,7 @@ from rq.worker_pool import WorkerPool
 from cache.settings import Settings
 from workers.context import WorkerContext
 from workers.metrics_server import serve_metrics
-from workers.queues import CLEANUP_QUEUE, FLUSH_QUEUE, queue_connection
+from workers.queues import queue_connection, queue_names
 from workers.trigger import run_trigger
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def run_pool(
     trigger.start()
     try:
         pool = WorkerPool(
-            [FLUSH_QUEUE, CLEANUP_QUEUE],
+            queue_names(settings.key_prefix),
             connection=queue_connection(settings),
             num_workers=processes,
             worker_class=SessionWorker,

@@ -15,8 +15,6 @@ from rq.serializers import JSONSerializer
 
 from cache.settings import Settings
 
-FLUSH_QUEUE = "asc-flush"
-CLEANUP_QUEUE = "asc-cleanup"
 FLUSH_RETRY = Retry(max=8, interval=[1, 2, 4, 8, 15, 30])
 FLUSH_JOB_TIMEOUT_S = 120
 FAILED_FLUSH_TTL_S = 30
@@ -31,12 +29,21 @@ def queue_connection(settings: Settings) -> redis.Redis:
     )
 
 
-def flush_queue(connection: redis.Redis) -> Queue:
-    return Queue(FLUSH_QUEUE, connection=connection, serializer=JSONSerializer)
+def queue_names(prefix: str) -> list[str]:
+    """The key prefix's queues, flush first: ``asc-flush``, ``asc-cleanup`` by default.
+
+    Queues are per prefix because jobs carry only IDs: a pool serving another prefix must
+    never run them against its own keys.
+    """
+    return [f"{prefix}-flush", f"{prefix}-cleanup"]
 
 
-def cleanup_queue(connection: redis.Redis) -> Queue:
-    return Queue(CLEANUP_QUEUE, connection=connection, serializer=JSONSerializer)
+def flush_queue(connection: redis.Redis, prefix: str) -> Queue:
+    return Queue(queue_names(prefix)[0], connection=connection, serializer=JSONSerializer)
+
+
+def cleanup_queue(connection: redis.Redis, prefix: str) -> Queue:
+    return Queue(queue_names(prefix)[1], connection=connection, serializer=JSONSerializer)
 
 
 def flush_job_id(prefix: str, shard: int, *, urgent: bool) -> str:

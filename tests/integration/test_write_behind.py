@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
 from cache.errors import BacklogFull
 from cache.records import LayerSpec, SessionKey
@@ -83,6 +84,9 @@ def test_saves_flow_to_postgres_with_latest_version_snapshot_and_specs(
             final[key] = (ctx.cache.save(key, write), write)
     start_worker(ctx)
     wait_for(lambda: nothing_dirty(ctx), "the worker to flush everything")
+    wait_for(lambda: ctx.cache.counters().get("rows_flushed") == len(keys), "the flush counter")
+    assert FailedJobRegistry(queue=ctx.flush_queue).count == 0
+    assert ScheduledJobRegistry(queue=ctx.flush_queue).count == 0  # no job is waiting to retry
     for key, (version, write) in final.items():
         row = ctx.repo.get(key)
         assert row is not None

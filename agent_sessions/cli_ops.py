@@ -1,0 +1,194 @@
+"""Operator commands: ``inspect``, ``stats``, ``cleanup``, ``services``.
+
+Each prints a readable outline, or one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cache.records import RunRef, SessionKey, SessionStatus
+from cache.settings import Settings
+from workers.context import WorkerContext
+
+SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
+
+
+def _context() -> WorkerContext:
+    return WorkerContext.from_settings(Settings())
+
+
+def _emit(data: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=None, sort_keys=True, default=str))
+    else:
+        for line in _outline(data, 0):
+            click.echo(line)
+
+
+def _outline(data: Any, depth: int) -> list[str]:
+    pad = "  " * depth
+    if isinstance(data, dict):
+        lines = []
+        for key, value in data.items():
+            if isinstance(value, dict | list) and value:
+                lines += [f"{pad}{key}:", *_outline(value, depth + 1)]
+            else:
+                lines.append(f"{pad}{key}: {_scalar(value)}")
+        return lines
+    if isinstance(data, list):
+        lines = []
+        for item in data:
+            inner = _outline(item, depth + 1)
+            lines += [f"{pad}- {inner[0].lstrip()}", *inner[1:]] if inner else [f"{pad}-"]
+        return lines
+    return [f"{pad}{_scalar(data)}"]
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+@click.group()
+def inspect() -> None:
+    """Show a run or a session: Redis state (dirty, TTL, poison) beside Postgres."""
+
+
+@inspect.command("session")
+@click.argument("tenant_id")
+@click.argument("workflow_run_id")
+@click.argument("node_id")
+@click.argument("binding_id")
+@click.argument("agent_id")
+@click.option("--full", is_flag=True, help="Include the whole snapshot and layer specs.")
+@json_option
+def inspect_session(
+    *,
+    tenant_id: str,
+    workflow_run_id: str,
+    node_id: str,
+    binding_id: str,
+    agent_id: str,
+    full: bool,
+    as_json: bool,
+) -> None:
+    """One session, by its five key IDs; the snapshot decoded (layer names, states, sizes)."""
+    from agent_sessions.inspection import inspect_session as gather
+
+    key = SessionKey(tenant_id, workflow_run_id, node_id, binding_id, agent_id)
+    ctx = _context()
+    try:
+        result = gather(ctx, key, full=full)
+    finally:
+        ctx.close()
+    if result["redis"] is None and result["postgres"] is None:
+        raise click.ClickException(f"no session {result['key']} in Redis or Postgres")
+    _emit(result, as_json)
+
+
+@inspect.command("run")
+@click.argument("tenant_id")
+@click.argument("workflow_run_id")
+@json_option
+def inspect_run(tenant_id: str, workflow_run_id: str, as_json: bool) -> None:
+    """A workflow run: its state, and each session's status and version in Redis and Postgres."""
+    from agent_sessions.inspection import inspect_run as gather
+
+    ctx = _context()
+    try:
+        result = gather(ctx, RunRef(tenant_id, workflow_run_id))
+    finally:
+        ctx.close()
+    if not result["run"] and not result["sessions"]:
+        raise click.ClickException(f"no run {tenant_id}/{workflow_run_id} in Redis or Postgres")
+    _emit(result, as_json)
+
+
+@click.command()
+@json_option
+def stats(as_json: bool) -> None:
+    """Dirty backlog per shard and in total, oldest dirty age, poison entries with reasons,
+    sessions waiting for cleanup or given up, queue depths and flush counters."""
+    from agent_sessions.inspection import stats as gather
+
+    ctx = _context()
+    try:
+        _emit(gather(ctx), as_json)
+    finally:
+        ctx.close()
+
+
+@click.group()
+def cleanup() -> None:
+    """End-of-workflow cleanups: list the ones that wait or gave up; retry stuck ones."""
+
+
+@cleanup.command("list")
+@click.option("--limit", default=100, show_default=True, help="Most sessions to list.")
+@json_option
+def cleanup_list(limit: int, as_json: bool) -> None:
+    """Sessions still `cleaning`, and sessions whose cleanup gave up (with the error)."""
+    ctx = _context()
+    try:
+        waiting = ctx.repo.list_status(SessionStatus.CLEANING, limit=limit)
+        failed = ctx.repo.cleanup_failures(limit=limit)
+    finally:
+        ctx.close()
+    _emit(
+        {
+            "waiting": [ctx.cache.keys.session(s.key) for s in waiting],
+            "given_up": {ctx.cache.keys.session(s.key): s.cleanup_error for s in failed},
+        },
+        as_json,
+    )
+
+
+@cleanup.command("retry")
+@click.option("--limit", default=1000, show_default=True, help="Most sessions to re-queue.")
+def cleanup_retry(limit: int) -> None:
+    """Queue a cleanup job again for every session still `cleaning` (for example after the
+    queue's Redis lost its jobs). Sessions whose job is still queued are left alone."""
+    from workers.cleanup import enqueue_cleanup
+
+    ctx = _context()
+    try:
+        waiting = ctx.repo.list_status(SessionStatus.CLEANING, limit=limit)
+        s = ctx.settings
+        queued = sum(
+            enqueue_cleanup(
+                ctx.cleanup_queue,
+                s.key_prefix,
+                ctx.cache.keys.session(x.key),
+                x.key,
+                s.cleanup_attempts,
+            )
+            for x in waiting
+        )
+    finally:
+        ctx.close()
+    click.echo(f"cleaning sessions: {len(waiting)}, cleanup jobs queued: {queued}")
+
+
+@click.command()
+@click.argument("action", type=click.Choice(["up", "down", "status"]))
+def services(action: str) -> None:
+    """Make Redis and Postgres reachable at REDIS_URL / DATABASE_URL (up), stop what `up`
+    started (down), or show what answers (status). Starts private servers under .run/ only
+    when none answer; installs redis-server or postgresql with apt-get only when missing."""
+    if not SERVICES_SCRIPT.exists():
+        raise click.ClickException("services needs a source checkout (scripts/services.sh)")
+    result = subprocess.run(["bash", str(SERVICES_SCRIPT), action], check=False)
+    if result.returncode:
+        raise click.ClickException(f"services {action} failed (exit {result.returncode})")

@@ -1,0 +1,155 @@
+"""What ``agent-sessions inspect`` and ``stats`` show, as plain dicts (JSON-ready).
+
+Everything is read-only: Redis hashes and sorted sets, the Postgres row, RQ queue sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+from cache.codec import pack
+from cache.records import RunRef, SessionKey, StoredSession
+from workers.context import WorkerContext
+
+MAX_POISON_LISTED = 50
+
+
+def snapshot_summary(session: StoredSession, *, full: bool) -> dict[str, Any]:
+    """Layer names, states and encoded sizes; the whole snapshot and specs with ``full``."""
+    summary: dict[str, Any] = {
+        "schema_version": session.snapshot.schema_version,
+        "layers": [
+            {
+                "name": layer.name,
+                "lifecycle_state": layer.lifecycle_state.value,
+                "bytes": len(pack(layer.runtime_state)),
+            }
+            for layer in session.snapshot.layers
+        ],
+        "spec_names": [spec.name for spec in session.layer_specs],
+    }
+    if full:
+        summary["snapshot"] = session.snapshot.to_dict()
+        summary["layer_specs"] = [spec.to_dict() for spec in session.layer_specs]
+    return summary
+
+
+def _record(session: StoredSession) -> dict[str, Any]:
+    data = session.data
+    return {
+        "status": session.status.value,
+        "version": session.version,
+        "flushed_version": session.flushed_version,
+        "backend_run_id": data.backend_run_id,
+        "node_execution_id": data.node_execution_id,
+        "pending_form_id": data.pending_form_id,
+        "pending_tool_call_id": data.pending_tool_call_id,
+        "created_at": session.created_at,
+        "updated_at": session.updated_at,
+        "cleaned_at": session.cleaned_at,
+        "cleanup_error": session.cleanup_error,
+    }
+
+
+def inspect_session(ctx: WorkerContext, key: SessionKey, *, full: bool) -> dict[str, Any]:
+    """One session in Redis (with TTL, dirtiness and poison reason) beside its Postgres row."""
+    cache = ctx.cache
+    name = cache.keys.session(key)
+    shard = cache.keys.shard_of_key(key)
+    record = cache.load(key).record
+    row = ctx.repo.get(key)
+    redis_side: dict[str, Any] | None = None
+    if record is not None:
+        dirty_since = cache.client.zscore(cache.keys.dirty(shard), name)
+        redis_side = {
+            **_record(record),
+            "dirty": dirty_since is not None,
+            "dirty_since_ms": int(dirty_since) if dirty_since is not None else None,
+            "ttl_s": _ttl(ctx, name),
+            "poison": cache.poison(shard).get(name),
+            "snapshot": snapshot_summary(record, full=full),
+        }
+    return {
+        "key": name,
+        "shard": shard,
+        "redis": redis_side,
+        "postgres": None
+        if row is None
+        else {**_record(row), "snapshot": snapshot_summary(row, full=full)},
+    }
+
+
+def _ttl(ctx: WorkerContext, name: str) -> int | None:
+    pttl = int(ctx.cache.client.pttl(name))
+    return None if pttl < 0 else pttl // 1000
+
+
+def inspect_run(ctx: WorkerContext, run: RunRef) -> dict[str, Any]:
+    """A run's marker and every session of it, Redis beside Postgres."""
+    cache = ctx.cache
+    in_redis = {key: cache.load(key).record for key in cache.run_sessions(run)}
+    in_pg = {row.key: row for row in ctx.repo.list_run(run.tenant_id, run.workflow_run_id)}
+    sessions = []
+    for key in sorted(set(in_redis) | set(in_pg), key=SessionKey.parts):
+        redis_rec, pg_rec = in_redis.get(key), in_pg.get(key)
+        sessions.append(
+            {
+                "node_id": key.node_id,
+                "binding_id": key.binding_id,
+                "agent_id": key.agent_id,
+                "redis": None if redis_rec is None else _brief(redis_rec),
+                "postgres": None if pg_rec is None else _brief(pg_rec),
+            }
+        )
+    return {
+        "run": cache.run_state(run),
+        "shard": cache.keys.shard_of(run.tenant_id, run.workflow_run_id),
+        "sessions": sessions,
+    }
+
+
+def _brief(session: StoredSession) -> dict[str, Any]:
+    return {
+        "status": session.status.value,
+        "version": session.version,
+        "dirty": session.dirty,
+        "layers": list(session.snapshot.layer_names()),
+    }
+
+
+def stats(ctx: WorkerContext) -> dict[str, Any]:
+    """Backlog per shard and in total, oldest dirty age, poison, cleanups, queues, counters."""
+    cache = ctx.cache
+    shards = list(cache.keys.all_shards())
+    backlog = cache.shard_backlog(shards)
+    now_ms = cache.server_time_ms()
+    oldest = [since for _, _, since in backlog if since is not None]
+    poison = {}
+    for shard in cache.poison_sizes(shards):
+        for name, reason in list(cache.poison(shard).items())[:MAX_POISON_LISTED]:
+            poison[name] = reason
+    return {
+        "dirty_total": sum(count for _, count, _ in backlog),
+        "dirty_by_shard": {str(shard): count for shard, count, _ in backlog if count},
+        "oldest_dirty_age_s": round((now_ms - min(oldest)) / 1000, 3) if oldest else None,
+        "poison": poison,
+        "postgres_sessions_by_status": ctx.repo.count_by_status(),
+        "cleanups_given_up": len(ctx.repo.cleanup_failures(limit=10_000)),
+        "queues": queue_depths(ctx),
+        "counters": cache.counters(),
+    }
+
+
+def queue_depths(ctx: WorkerContext) -> dict[str, dict[str, int]]:
+    """Queued, running, scheduled (retry backoff) and failed jobs per queue."""
+    depths = {}
+    for queue in (ctx.flush_queue, ctx.cleanup_queue):
+        depths[queue.name] = {
+            "queued": queue.count,
+            "started": StartedJobRegistry(queue=queue).count,
+            "scheduled": ScheduledJobRegistry(queue=queue).count,  # type: ignore[no-untyped-call]
+            "failed": FailedJobRegistry(queue=queue).count,
+        }
+    return depths

@@ -1,0 +1,366 @@
+"""``SessionLifecycle``: what a workflow engine calls on every Agent-node entry and exit.
+
+::
+
+    entry = lifecycle.enter(scope)                          # one Redis round trip
+    request = lifecycle.build_request(scope, entry, composition, attempt)
+    ... run it on the agent backend ...
+    result = lifecycle.finish(scope, entry, RunOutcome.from_status(request, status))
+    ...
+    lifecycle.workflow_ended(tenant_id, workflow_run_id, "succeeded")
+
+A store error never breaks the node: ``finish`` reports it in ``NodeResult.metadata``.
+Passing the ``entry`` back makes the save conditional on the version it read, so two
+concurrent entries of one session cannot silently overwrite each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cache.errors import AgentSessionsError, InvalidInput, VersionConflict
+from cache.records import LayerSpec, RunRef, Scope, SessionKey, SessionWrite, Snapshot
+from cache.settings import Settings
+from workers.backend_models import (
+    CreateRunRequest,
+    LayerExitSignals,
+    RunComposition,
+    RunLayerSpec,
+    RunStatusResponse,
+    snapshot_from_protocol,
+    snapshot_to_protocol,
+    spec_from_protocol,
+)
+from workers.cleanup import enqueue_cleanup
+from workers.context import WorkerContext
+from workers.queues import enqueue_flush
+from workers.readthrough import load_through
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL_LAYER_TYPES = frozenset({"dify.plugin.llm", "dify.plugin.tools", "dify_core_tools"})
+HISTORY_LAYER = RunLayerSpec(
+    name="history", type="pydantic_ai.history", metadata={"origin": "agent_session_history"}
+)
+WORKFLOW_OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
+STORE_ERROR = "workflow_agent_runtime_session_store_error"
+
+BackendOutcome = Literal["succeeded", "paused", "failed", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What ``enter`` found. ``snapshot`` is ``None`` when the node starts fresh."""
+
+    snapshot: Snapshot | None = None
+    layer_specs: tuple[LayerSpec, ...] = ()
+    version: int | None = None
+    backend_run_id: str | None = None
+    pending_form_id: str | None = None
+    pending_tool_call_id: str | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.snapshot is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """How a backend run ended, and the request that started it."""
+
+    status: BackendOutcome
+    backend_run_id: str
+    request: CreateRunRequest
+    snapshot: Snapshot | None = None
+    error: str | None = None
+    pause_reason: str | None = None
+    pending_form_id: str | None = None
+    pending_tool_call_id: str | None = None
+
+    @classmethod
+    def from_status(
+        cls,
+        request: CreateRunRequest,
+        status: RunStatusResponse,
+        *,
+        pending_form_id: str | None = None,
+    ) -> RunOutcome:
+        """From a terminal ``GET /runs/{id}``; ``pending_form_id`` names the engine's form."""
+        if status.status == "running":
+            raise InvalidInput(f"run {status.run_id} has not ended")
+        call = status.deferred_tool_call or {}
+        tool_call_id = call.get("tool_call_id")
+        return cls(
+            status=status.status,
+            backend_run_id=status.run_id,
+            request=request,
+            snapshot=snapshot_from_protocol(status.session_snapshot)
+            if status.session_snapshot
+            else None,
+            error=status.error,
+            pause_reason=status.pause_reason,
+            pending_form_id=pending_form_id if call else None,
+            pending_tool_call_id=str(tool_call_id) if tool_call_id else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PauseRequest:
+    """A workflow-level pause: the workflow stops until resumed, then re-enters the node."""
+
+    reason: str
+    human_input: bool = False
+    pending_form_id: str | None = None
+    pending_tool_call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeResult:
+    """What the node reports. ``conflict`` means another entry saved the session first."""
+
+    status: Literal["completed", "paused", "failed"]
+    error: str | None = None
+    pause: PauseRequest | None = None
+    version: int | None = None
+    conflict: bool = False
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EndReport:
+    """What ``workflow_ended`` did."""
+
+    sessions: int
+    moved_to_cleaning: int
+    cleanups_enqueued: int
+    already_ended: bool
+
+
+def extract_layer_specs(composition: RunComposition) -> tuple[LayerSpec, ...]:
+    """The replayable layers of a composition: everything but credential-bearing plugins."""
+    return tuple(
+        spec_from_protocol(layer)
+        for layer in composition.layers
+        if layer.type not in CREDENTIAL_LAYER_TYPES
+    )
+
+
+def with_history(composition: RunComposition) -> RunComposition:
+    """The composition with a ``history`` layer, before the model layer, unless it has one."""
+    layers = composition.layers
+    if any(x.name == HISTORY_LAYER.name or x.type == HISTORY_LAYER.type for x in layers):
+        return composition
+    at = next((i for i, x in enumerate(layers) if x.type in CREDENTIAL_LAYER_TYPES), len(layers))
+    return composition.model_copy(update={"layers": [*layers[:at], HISTORY_LAYER, *layers[at:]]})
+
+
+def idempotency_key(scope: Scope, attempt: int) -> str:
+    base = scope.node_execution_id
+    if scope.workflow_run_id is not None:
+        base = f"{scope.workflow_run_id}:{base}"
+    return f"{base}:retry-{attempt}" if attempt >= 1 else base
+
+
+def scope_metadata(scope: Scope) -> dict[str, object]:
+    return {
+        "tenant_id": scope.tenant_id,
+        "app_id": scope.app_id,
+        "workflow_id": scope.workflow_id,
+        "workflow_run_id": scope.workflow_run_id,
+        "node_id": scope.node_id,
+        "node_execution_id": scope.node_execution_id,
+        "binding_id": scope.binding_id,
+        "agent_id": scope.agent_id,
+        "agent_config_snapshot_id": scope.agent_config_snapshot_id,
+    }
+
+
+class SessionLifecycle:
+    """The node contract over one worker context (store, repository, queues)."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> SessionLifecycle:
+        return cls(WorkerContext.from_settings(settings or Settings()))
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    # --- entry ---------------------------------------------------------------------------
+
+    def enter(self, scope: Scope) -> Entry:
+        """The resumable snapshot of the scope's session, or a fresh entry.
+
+        Fresh means: no ``workflow_run_id``, no session, or a ``cleaned``/``cleaning`` one.
+        The entry still carries the stored version, so ``finish`` can save conditionally.
+        """
+        key = scope.key
+        if key is None:
+            return Entry()
+        loaded = load_through(self.ctx.cache, self.ctx.repo, key)
+        session = loaded.session
+        if session is None:
+            return Entry(version=loaded.version)
+        data = session.data
+        return Entry(
+            snapshot=session.snapshot,
+            layer_specs=session.layer_specs,
+            version=session.version,
+            backend_run_id=data.backend_run_id,
+            pending_form_id=data.pending_form_id,
+            pending_tool_call_id=data.pending_tool_call_id,
+        )
+
+    def build_request(
+        self,
+        scope: Scope,
+        entry: Entry,
+        composition: RunComposition,
+        attempt: int = 0,
+        *,
+        include_history: bool = True,
+        metadata: dict[str, object] | None = None,
+    ) -> CreateRunRequest:
+        """The ``POST /runs`` body for this entry: stored snapshot threaded in, suspend on exit."""
+        if attempt < 0:
+            raise InvalidInput("attempt must be >= 0")
+        sent = with_history(composition) if include_history else composition
+        snapshot = None
+        if entry.snapshot is not None:
+            snapshot = snapshot_to_protocol(entry.snapshot.aligned_to(sent.layer_names()))
+        return CreateRunRequest(
+            composition=sent,
+            purpose="workflow_node",
+            idempotency_key=idempotency_key(scope, attempt),
+            metadata={**(metadata or {}), **scope_metadata(scope)},
+            session_snapshot=snapshot,
+            on_exit=LayerExitSignals(default="suspend"),
+        )
+
+    # --- exit ----------------------------------------------------------------------------
+
+    def finish(self, scope: Scope, entry: Entry, outcome: RunOutcome) -> NodeResult:
+        """Store what the run left behind and say what the node reports."""
+        if outcome.status in ("failed", "cancelled"):
+            return self._retire(scope, outcome)
+        result = self._save(scope, entry, outcome)
+        if outcome.status == "succeeded":
+            return result
+        pause = PauseRequest(
+            reason=outcome.pause_reason or "Agent backend run requested workflow pause.",
+            human_input=outcome.pending_tool_call_id is not None,
+            pending_form_id=outcome.pending_form_id,
+            pending_tool_call_id=outcome.pending_tool_call_id,
+        )
+        return NodeResult(
+            status="paused",
+            pause=pause,
+            version=result.version,
+            conflict=result.conflict,
+            metadata=result.metadata,
+        )
+
+    def _save(self, scope: Scope, entry: Entry, outcome: RunOutcome) -> NodeResult:
+        key = scope.key
+        if key is None or outcome.snapshot is None:
+            return NodeResult("completed")
+        write = SessionWrite.for_scope(
+            scope,
+            outcome.snapshot,
+            extract_layer_specs(outcome.request.composition),
+            backend_run_id=outcome.backend_run_id,
+            pending_form_id=outcome.pending_form_id,
+            pending_tool_call_id=outcome.pending_tool_call_id,
+        )
+        try:
+            version = self.ctx.cache.save(key, write, expected_version=entry.version)
+        except VersionConflict as exc:
+            return NodeResult("completed", conflict=True, metadata=_persist_failed(exc))
+        except AgentSessionsError as exc:
+            log.warning("saving the session of %s failed: %s", key, exc)
+            return NodeResult("completed", metadata=_persist_failed(exc))
+        metadata: dict[str, object] = {"session_snapshot_persisted": True}
+        if outcome.status == "paused":
+            metadata["session_flush_enqueued"] = self._urgent_flush(key)
+        return NodeResult("completed", version=version, metadata=metadata)
+
+    def _retire(self, scope: Scope, outcome: RunOutcome) -> NodeResult:
+        error = outcome.error or f"agent backend run {outcome.status}"
+        key = scope.key
+        if key is None:
+            return NodeResult("failed", error=error)
+        try:
+            version = self.ctx.cache.retire(key, outcome.backend_run_id)
+        except AgentSessionsError as exc:
+            log.warning("retiring the session of %s failed: %s", key, exc)
+            metadata = {
+                "session_snapshot_cleaned_on_failure": False,
+                "session_snapshot_cleanup_error": STORE_ERROR,
+                "session_store_error_detail": str(exc),
+            }
+            return NodeResult("failed", error=error, metadata=metadata)
+        metadata = {"session_snapshot_cleaned_on_failure": True}
+        if version is not None:
+            metadata["session_flush_enqueued"] = self._urgent_flush(key)
+        return NodeResult("failed", error=error, version=version, metadata=metadata)
+
+    def _urgent_flush(self, key: SessionKey) -> bool:
+        """Pauses may last days and retires must stick: flush now, not after the delay."""
+        shard = self.ctx.cache.keys.shard_of_key(key)
+        try:
+            enqueue_flush(self.ctx.flush_queue, self.ctx.settings.key_prefix, shard, urgent=True)
+        except Exception as exc:  # the trigger's sweep flushes it later
+            log.warning("could not enqueue an urgent flush of shard %s: %s", shard, exc)
+            return False
+        return True
+
+    # --- end of workflow -----------------------------------------------------------------
+
+    def workflow_ended(self, tenant_id: str, workflow_run_id: str, outcome: str) -> EndReport:
+        """End the run: refuse every later save, stop every session, queue their cleanup."""
+        if outcome not in WORKFLOW_OUTCOMES:
+            raise InvalidInput(
+                f"workflow outcome must be one of {sorted(WORKFLOW_OUTCOMES)}, got {outcome!r}"
+                " (a pause is not an end)"
+            )
+        run = RunRef(tenant_id, workflow_run_id)
+        cache = self.ctx.cache
+        ended = cache.end_run(run, outcome)
+        keys = self._with_postgres_only_sessions(run, ended.keys)
+        moved = cache.begin_cleanup(run, keys)
+        shard = cache.keys.shard_of(tenant_id, workflow_run_id)
+        enqueue_flush(self.ctx.flush_queue, self.ctx.settings.key_prefix, shard, urgent=True)
+        enqueued = sum(self._enqueue_cleanup(key) for key in keys)
+        return EndReport(len(keys), moved, enqueued, ended.already_ended)
+
+    def _with_postgres_only_sessions(
+        self, run: RunRef, keys: Sequence[SessionKey]
+    ) -> list[SessionKey]:
+        """Add active rows whose Redis keys expired, filled back so cleanup can reach them."""
+        known = set(keys)
+        for row in self.ctx.repo.list_run(run.tenant_id, run.workflow_run_id):
+            if row.key not in known and row.status.value == "active":
+                self.ctx.cache.fill(row)
+                known.add(row.key)
+        return sorted(known, key=SessionKey.parts)
+
+    def _enqueue_cleanup(self, key: SessionKey) -> bool:
+        name = self.ctx.cache.keys.session(key)
+        settings = self.ctx.settings
+        return enqueue_cleanup(
+            self.ctx.cleanup_queue, settings.key_prefix, name, key, settings.cleanup_attempts
+        )
+
+
+def _persist_failed(exc: AgentSessionsError) -> dict[str, object]:
+    code = "version_conflict" if isinstance(exc, VersionConflict) else STORE_ERROR
+    return {
+        "session_snapshot_persisted": False,
+        "session_snapshot_persist_error": code,
+        "session_store_error_detail": str(exc),
+    }

@@ -1,0 +1,231 @@
+"""Every ``agent-sessions`` command, run as a subprocess against real Redis and Postgres."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from agent_sessions.lifecycle import SessionLifecycle
+from cache.records import RunRef, SessionKey, SessionStatus
+from persistence.migrate import current
+from tests import factories as f
+from tests.integration.support import (
+    close_contexts_fixture,  # noqa: F401  (autouse fixture)
+    make_ctx,
+    settings_env,
+    wait_for,
+)
+from tests.servers import Database, free_port
+from workers.context import WorkerContext
+
+COMMANDS = ["demo", "worker", "flush", "migrate", "inspect", "stats", "cleanup", "services"]
+
+
+@pytest.fixture
+def ctx(redis_client: object, redis_url: str, database_url: Database) -> WorkerContext:
+    return make_ctx(redis_url, database_url.url)
+
+
+def cli(ctx: WorkerContext, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "agent_sessions", *args],
+        env=settings_env(ctx),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"agent-sessions {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def json_out(ctx: WorkerContext, *args: str) -> dict[str, object]:
+    return json.loads(cli(ctx, *args, "--json").stdout.strip().splitlines()[-1])
+
+
+def migrate(ctx: WorkerContext) -> None:
+    cli(ctx, "migrate")
+
+
+def saved(ctx: WorkerContext, n: int, run: str = "run-1") -> list[SessionKey]:
+    keys = [f.session_key(run=run, node=f"node-{i}") for i in range(n)]
+    for key in keys:
+        ctx.cache.save(key, f.session_write())
+    return keys
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself_with_help(ctx: WorkerContext, command: str) -> None:
+    """Every command has a --help that says what it does."""
+    result = cli(ctx, command, "--help")
+    assert "Usage:" in result.stdout and len(result.stdout.splitlines()) > 4
+
+
+def test_bad_arguments_and_bad_configuration_give_one_line_errors(ctx: WorkerContext) -> None:
+    """Bad input is one line on stderr with a non-zero status, never a traceback."""
+    bad_flag = cli(ctx, "flush", "--nonsense", check=False)
+    assert bad_flag.returncode == 2 and "Traceback" not in bad_flag.stderr
+    env = {**settings_env(ctx), "ASC_SHARDS": "0"}
+    bad_env = subprocess.run(
+        [sys.executable, "-m", "agent_sessions", "stats"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad_env.returncode == 1
+    assert "invalid configuration: shards" in bad_env.stderr and "Traceback" not in bad_env.stderr
+    bad_id = cli(ctx, "inspect", "session", "t", "r", "n", "b", "x" * 300, check=False)
+    assert bad_id.returncode == 1 and "InvalidId" in bad_id.stderr
+    assert len(bad_id.stderr.strip().splitlines()) == 1
+
+
+def test_migrate_brings_a_fresh_database_to_head(ctx: WorkerContext) -> None:
+    """`migrate` creates the schema; running it again is a no-op."""
+    assert current(ctx.settings.database_url) is None
+    first = cli(ctx, "migrate")
+    assert "revision" in first.stdout
+    assert current(ctx.settings.database_url) is not None
+    cli(ctx, "migrate")
+
+
+def test_flush_wait_drains_everything_and_reports_it(ctx: WorkerContext) -> None:
+    """`flush --wait` writes every dirty session to Postgres before it returns."""
+    migrate(ctx)
+    keys = saved(ctx, 12)
+    report = json_out(ctx, "flush", "--wait")
+    assert report == {"drained": True, "written": 12, "poisoned": 0, "left": 0}
+    assert all(ctx.repo.get(key) is not None for key in keys)
+
+
+def test_flush_without_wait_queues_urgent_jobs_a_worker_runs(ctx: WorkerContext) -> None:
+    """`flush` queues one urgent job per dirty shard; `worker` runs them."""
+    migrate(ctx)
+    keys = saved(ctx, 5)
+    report = json_out(ctx, "flush")
+    assert report["dirty"] == 5 and report["enqueued"] == report["shards"]
+    assert ctx.flush_queue.count == report["enqueued"]
+    cli(ctx, "worker", "-n", "1", "--burst")
+    assert all(ctx.repo.get(key) is not None for key in keys)
+
+
+def test_worker_serves_prometheus_metrics(ctx: WorkerContext) -> None:
+    """`worker --metrics-port` exposes the backlog gauges and the pool's counters."""
+    migrate(ctx)
+    saved(ctx, 3)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_sessions", "worker", "-n", "1", "--metrics-port", str(port)],
+        env={k: v for k, v in settings_env(ctx).items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _scrape(port) is not None, "the metrics endpoint", 30)
+        wait_for(lambda: "asc_flush_rows_total 3.0" in (_scrape(port) or ""), "flushed rows", 30)
+        body = _scrape(port) or ""
+        assert "asc_dirty_sessions 0.0" in body
+        assert "asc_dirty_oldest_age_seconds" in body and "asc_poison_sessions 0.0" in body
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            return str(answer.read().decode())
+    except OSError:
+        return None
+
+
+def test_inspect_session_shows_both_sides_and_the_decoded_snapshot(ctx: WorkerContext) -> None:
+    """`inspect session` shows status, versions, dirtiness, TTL and the snapshot's layers."""
+    migrate(ctx)
+    key = f.session_key(run="run/1")
+    ctx.cache.save(key, f.session_write(f.snapshot("prompt", "history", state={"n": 1})))
+    args = ("inspect", "session", *key.parts())
+    dirty = json_out(ctx, *args)
+    assert dirty["redis"]["dirty"] is True and dirty["redis"]["ttl_s"] is None  # type: ignore[index]
+    assert dirty["postgres"] is None
+    layers = dirty["redis"]["snapshot"]["layers"]  # type: ignore[index]
+    assert [layer["name"] for layer in layers] == ["prompt", "history"]
+    cli(ctx, "flush", "--wait")
+    clean = json_out(ctx, *args, "--full")
+    assert clean["redis"]["dirty"] is False and clean["redis"]["ttl_s"] > 0  # type: ignore[index]
+    assert clean["postgres"]["version"] == 1  # type: ignore[index]
+    assert clean["postgres"]["snapshot"]["snapshot"]["layers"][0]["runtime_state"] == {"n": 1}  # type: ignore[index]
+    text = cli(ctx, *args).stdout
+    assert "status: active" in text and "run%2F1" in text
+    missing = cli(ctx, "inspect", "session", "t", "nope", "n", "b", "a", check=False)
+    assert missing.returncode == 1 and "no session" in missing.stderr
+
+
+def test_inspect_run_lists_every_session_on_both_sides(ctx: WorkerContext) -> None:
+    """`inspect run` shows the run's state and each session in Redis and Postgres."""
+    migrate(ctx)
+    saved(ctx, 3)
+    cli(ctx, "flush", "--wait")
+    ctx.cache.end_run(RunRef(f.TENANT, "run-1"), "succeeded")
+    report = json_out(ctx, "inspect", "run", f.TENANT, "run-1")
+    assert report["run"]["state"] == "ended"  # type: ignore[index]
+    sessions = report["sessions"]
+    assert isinstance(sessions, list) and len(sessions) == 3
+    assert all(s["redis"]["version"] == s["postgres"]["version"] == 1 for s in sessions)
+
+
+def test_stats_reports_backlog_poison_statuses_and_queues(ctx: WorkerContext) -> None:
+    """`stats` shows the dirty backlog, its oldest age, poison with reasons and queue depths."""
+    migrate(ctx)
+    saved(ctx, 4)
+    before = json_out(ctx, "stats")
+    assert before["dirty_total"] == 4 and before["oldest_dirty_age_s"] is not None
+    shard = ctx.cache.keys.shard_of_key(f.session_key(run="run-1"))
+    ctx.cache.quarantine(shard, "asc:{s000}:session:a:b:c:d:e", 1, "postgres refused: test")
+    cli(ctx, "flush", "--wait")
+    after = json_out(ctx, "stats")
+    assert after["dirty_total"] == 0 and after["oldest_dirty_age_s"] is None
+    assert after["poison"] == {"asc:{s000}:session:a:b:c:d:e": "v1: postgres refused: test"}
+    assert after["postgres_sessions_by_status"] == {"active": 4}
+    assert set(after["queues"]) == {"asc-flush", "asc-cleanup"}  # type: ignore[arg-type]
+    assert after["counters"]["rows_flushed"] == 4  # type: ignore[index]
+    assert "dirty_total: 0" in cli(ctx, "stats").stdout
+
+
+def test_cleanup_list_and_retry(ctx: WorkerContext) -> None:
+    """`cleanup list` shows waiting and given-up cleanups; `retry` re-queues waiting ones."""
+    migrate(ctx)
+    lifecycle = SessionLifecycle(ctx)
+    keys = saved(ctx, 3)
+    lifecycle.workflow_ended(f.TENANT, "run-1", "failed")
+    ctx.cleanup_queue.empty()  # the queue's jobs are lost, as after a queue-Redis flush
+    cli(ctx, "flush", "--wait")
+    ctx.cache.mark_cleaned(keys[0], error="cleanup gave up: backend down")
+    cli(ctx, "flush", "--wait")
+    listed = json_out(ctx, "cleanup", "list")
+    assert len(listed["waiting"]) == 2  # type: ignore[arg-type]
+    assert list(listed["given_up"].values()) == ["cleanup gave up: backend down"]  # type: ignore[union-attr]
+    retried = cli(ctx, "cleanup", "retry")
+    assert "cleanup jobs queued: 2" in retried.stdout
+    cli(ctx, "worker", "-n", "1", "--burst")
+    cli(ctx, "flush", "--wait")
+    statuses = {ctx.repo.get(key).status for key in keys}  # type: ignore[union-attr]
+    assert statuses == {SessionStatus.CLEANED}
+
+
+def test_services_status_reports_what_answers(ctx: WorkerContext) -> None:
+    """`services status` reports the Redis and Postgres it would use."""
+    result = cli(ctx, "services", "status")
+    assert "redis" in result.stdout.lower() and "postgres" in result.stdout.lower()

@@ -1,0 +1,210 @@
+"""``agent-sessions``: the operator's command line.
+
+Every command reads its configuration from the environment (see ``Settings``); errors of
+this project are printed as one line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from agent_sessions.cli_ops import cleanup, inspect, services, stats
+from cache.errors import AgentSessionsError
+from cache.settings import Settings
+
+
+class _Group(click.Group):
+    """Our own errors (and bad configuration) become one line on stderr and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AgentSessionsError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except ValidationError as exc:
+            raise click.ClickException(f"invalid configuration: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "settings"
+    return f"{where}: {error['msg']}"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Redis hot cache with Postgres write-behind for workflow Agent-node sessions.
+
+    Configuration comes from the environment: REDIS_URL, RQ_REDIS_URL, DATABASE_URL,
+    AGENT_BACKEND_URL and ASC_* (see the README's configuration table).
+    """
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the Postgres schema (Alembic, to the newest revision)."""
+    from persistence.migrate import current, upgrade
+
+    settings = Settings()
+    upgrade(settings.database_url)
+    click.echo(f"database schema at revision {current(settings.database_url)}")
+
+
+@main.command()
+@click.option("-n", "--processes", default=2, show_default=True, help="RQ worker processes.")
+@click.option("--burst", is_flag=True, help="Exit once the queues are empty (for scripts).")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."
+)
+def worker(processes: int, burst: bool, metrics_port: int | None) -> None:
+    """Run the RQ worker pool (flush and cleanup jobs) plus the flush trigger.
+
+    The trigger enqueues a flush for every shard whose oldest dirty session is older than
+    ASC_FLUSH_DELAY_MS; the workers write those sessions to Postgres and run the cleanup
+    jobs of ended workflows. Stop with Ctrl-C.
+    """
+    from workers.pool import run_pool
+
+    if processes < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--processes")
+    if metrics_port is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _restart_in_multiprocess_mode()
+    run_pool(Settings(), processes=processes, burst=burst, metrics_port=metrics_port)
+
+
+def _restart_in_multiprocess_mode() -> None:
+    """prometheus-client picks its mode at import, so start again with the directory set."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="asc-metrics-")
+    argv = [sys.executable, "-m", "agent_sessions", *sys.argv[1:]]
+    os.execv(sys.executable, argv)  # noqa: S606
+
+
+@main.command()
+@click.option("--wait", "wait", is_flag=True, help="Flush here until nothing is dirty.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def flush(wait: bool, timeout: float, as_json: bool) -> None:
+    """Flush dirty sessions to Postgres now.
+
+    Without --wait, enqueue an urgent flush job for every shard with dirty sessions (the
+    workers do the writing). With --wait, flush in this process until nothing is dirty:
+    use it before a deploy or a Redis shutdown. Exit status 1 if sessions are left.
+    """
+    from workers.context import WorkerContext
+
+    ctx = WorkerContext.from_settings(Settings())
+    result = _drain(ctx, timeout) if wait else _enqueue_all(ctx)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(" ".join(f"{k}={v}" for k, v in result.items()))
+    if wait and result["left"]:
+        sys.exit(1)
+
+
+def _drain(ctx: Any, timeout: float) -> dict[str, Any]:
+    from workers.drain import drain
+
+    def progress(left: int) -> None:
+        click.echo(f"dirty sessions left: {left}", err=True)
+
+    report = drain(ctx, timeout_s=timeout, progress=progress)
+    return {
+        "drained": report.drained,
+        "written": report.written,
+        "poisoned": report.poisoned,
+        "left": report.left,
+    }
+
+
+def _enqueue_all(ctx: Any) -> dict[str, Any]:
+    from workers.drain import dirty_total
+    from workers.queues import enqueue_flush
+
+    pending = dirty_total(ctx)
+    prefix = ctx.settings.key_prefix
+    queued = [s for s, _ in pending if enqueue_flush(ctx.flush_queue, prefix, s, urgent=True)]
+    return {"dirty": sum(c for _, c in pending), "shards": len(pending), "enqueued": len(queued)}
+
+
+main.add_command(inspect)
+main.add_command(stats)
+main.add_command(cleanup)
+main.add_command(services)
+
+
+# --- demo ------------------------------------------------------------------------------------
+_POSITIVE = click.IntRange(min=1)
+_RATE = click.FloatRange(0.0, 1.0)
+
+
+@main.command()
+@click.option("--runs", default=24, show_default=True, type=_POSITIVE, help="Workflow runs.")
+@click.option("--nodes", default=3, show_default=True, type=_POSITIVE, help="Agent nodes per loop.")
+@click.option(
+    "--iterations", default=15, show_default=True, type=_POSITIVE, help="Loop iterations per run."
+)
+@click.option(
+    "--threads", default=4, show_default=True, type=_POSITIVE, help="Workflow runs at a time."
+)
+@click.option(
+    "--fail-rate",
+    default=0.05,
+    show_default=True,
+    type=_RATE,
+    help="Share of agent runs that fail (the session is retired).",
+)
+@click.option(
+    "--cancel-rate",
+    default=0.03,
+    show_default=True,
+    type=_RATE,
+    help="Share of agent runs that are cancelled (retired too).",
+)
+@click.option(
+    "--pause-rate",
+    default=0.05,
+    show_default=True,
+    type=_RATE,
+    help="Share that pause the workflow; the node's next entry resumes it.",
+)
+@click.option(
+    "--workers", default=2, show_default=True, type=click.IntRange(1, 32), help="RQ workers."
+)
+@click.option(
+    "--prefix", default="asc-demo", show_default=True, help="Redis key prefix the demo owns."
+)
+@click.option("--seed", type=int, help="Seed of the failure/pause mix (default: random).")
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    help="Seconds to wait for the write-behind to drain and the cleanups to finish.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
+def demo(as_json: bool, **options: Any) -> None:
+    """Drive a loop-heavy workload through the real stack, then verify Postgres.
+
+    Migrates DATABASE_URL, starts the loopback fake agent backend and a worker pool, runs
+    workflow runs concurrently (Agent nodes in a loop, with failed, cancelled and paused agent
+    runs), ends them, waits for the write-behind, checks that Postgres holds exactly the final
+    state of every session and that every cleanup ran, and reports latency, coalescing and
+    flush lag. It touches only its own key prefix and a tenant id unique to the run.
+    Exit status 1 if verification fails.
+    """
+    from agent_sessions.demo import DemoConfig
+    from agent_sessions.demo import main as run_demo
+
+    try:
+        config = DemoConfig(**options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sys.exit(run_demo(config, as_json=as_json))

@@ -137,13 +137,13 @@ class _Fields:
 
     def __init__(self, name: str, raw: Mapping[bytes, bytes]) -> None:
         self.name = name
-        self.raw = raw
+        self.raw = {key.decode(errors="replace"): value for key, value in raw.items()}
 
     def _fail(self, field: str, reason: str) -> CorruptValue:
         return CorruptValue(self.name, field, reason)
 
     def text(self, field: str) -> str | None:
-        value = self.raw.get(field.encode())
+        value = self.raw.get(field)
         if value is None:
             return None
         try:
@@ -183,7 +183,7 @@ class _Fields:
             raise self._fail(field, f"unknown {kind.__name__}: {value!r}") from exc
 
     def binary(self, field: str, decode: Callable[[bytes], T]) -> T:
-        value = self.raw.get(field.encode())
+        value = self.raw.get(field)
         if value is None:
             raise self._fail(field, "missing")
         try:

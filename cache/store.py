@@ -27,6 +27,8 @@ _OK_OR_NOOP = frozenset({Code.OK, Code.NOOP})
 _END = frozenset({Code.OK, Code.RUN_ENDED})
 _FILL = frozenset({Code.OK, Code.EXISTS})
 _CLEANUP_CHUNK = 500
+_LOADED_FROM_REDIS = LOADS.labels("redis")
+_LOAD_MISSED = LOADS.labels("miss")
 _OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
 
 
@@ -100,9 +102,9 @@ class RedisSessionCache:
         with translate_errors(f"loading {name}"):
             raw = cast(dict[bytes, bytes], self.client.hgetall(name))
         if not raw:
-            LOADS.labels("miss").inc()
+            _LOAD_MISSED.inc()
             return Loaded(None)
-        LOADS.labels("redis").inc()
+        _LOADED_FROM_REDIS.inc()
         return Loaded(self.codec.decode_session(name, key, raw))
 
     def read_many(self, names: Sequence[str]) -> list[SessionRead]:

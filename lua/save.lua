@@ -15,10 +15,12 @@
 local session, run, run_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected, bound, now, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
-if redis.call('HGET', run, 'state') == 'ended' then
+local run_state = redis.call('HGET', run, 'state')
+if run_state == 'ended' then
   return {1}
 end
-local version = tonumber(redis.call('HGET', session, 'version') or '0')
+local stored = redis.call('HMGET', session, 'version', 'status')
+local version = tonumber(stored[1] or '0')
 if expected ~= '' and tonumber(expected) ~= version then
   return {2, version}
 end
@@ -29,8 +31,16 @@ if bound > 0 and not redis.call('ZSCORE', dirty, session) then
   end
 end
 
-local sets = {'status', 'active', 'updated_at', now}
-local dels = {'cleaned_at', 'closed_by', 'cleanup_error'}
+version = version + 1
+local sets = {'status', 'active', 'updated_at', now, 'version', version}
+local dels = {}
+if stored[2] and stored[2] ~= 'active' then
+  dels = {'cleaned_at', 'closed_by', 'cleanup_error'}
+end
+if version == 1 then
+  sets[#sets + 1] = 'created_at'
+  sets[#sets + 1] = now
+end
 for i = 5, #ARGV, 2 do
   if ARGV[i + 1] == '' then
     dels[#dels + 1] = ARGV[i]
@@ -39,17 +49,18 @@ for i = 5, #ARGV, 2 do
     sets[#sets + 1] = ARGV[i + 1]
   end
 end
-redis.call('HDEL', session, unpack(dels))
+if #dels > 0 then
+  redis.call('HDEL', session, unpack(dels))
+end
 redis.call('HSET', session, unpack(sets))
-redis.call('HSETNX', session, 'created_at', now)
-version = redis.call('HINCRBY', session, 'version', 1)
 redis.call('PERSIST', session)
 
 local t = redis.call('TIME')
 redis.call('ZADD', dirty, 'NX', t[1] * 1000 + math.floor(t[2] / 1000), session)
 redis.call('SADD', run_sessions, session)
-redis.call('HSETNX', run, 'state', 'open')
-redis.call('HSETNX', run, 'opened_at', now)
+if not run_state then
+  redis.call('HSET', run, 'state', 'open', 'opened_at', now)
+end
 redis.call('PEXPIRE', run, run_ttl)
 redis.call('PEXPIRE', run_sessions, run_ttl)
 return {0, version}

@@ -52,8 +52,14 @@ class CleanupResult:
 
 
 def cleanup_idempotency_key(key: SessionKey) -> str:
-    """Stable per session, so repeated attempts share one key."""
-    return f"{key.workflow_run_id}:{key.node_id}:{key.binding_id}:agent-session-cleanup"
+    """Stable per session, so repeated attempts share one key.
+
+    DESIGN §6 leaves ``agent_id`` out; two agents on one node and binding would then share
+    a key, and the backend would answer the second cleanup with the first one's run.
+    """
+    return (
+        f"{key.workflow_run_id}:{key.node_id}:{key.binding_id}:{key.agent_id}:agent-session-cleanup"
+    )
 
 
 def cleanup_request(session: StoredSession) -> CreateRunRequest:

@@ -7,6 +7,7 @@ from typing import Any
 
 from rq import get_current_job
 
+from cache.errors import QueueError
 from cache.metrics import CLEANUPS
 from cache.records import SessionKey
 from workers.cleanup import Cleaner
@@ -14,6 +15,11 @@ from workers.context import current
 from workers.flush import FlushReport, flush_shard
 
 log = logging.getLogger(__name__)
+
+
+class FlushBusy(QueueError):
+    """An urgent flush could not take its shard's lock in time; RQ retries the job."""
+
 
 MAX_BATCHES_PER_JOB = 20
 URGENT_LOCK_WAIT_S = 5.0
@@ -37,6 +43,8 @@ def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
             limit=ctx.settings.flush_batch,
             lock_wait_s=URGENT_LOCK_WAIT_S if urgent else 0.0,
         )
+        if urgent and not report.locked:
+            raise FlushBusy(f"shard {shard} stayed locked for {URGENT_LOCK_WAIT_S}s; retrying")
         _add(totals, report)
         ctx.cache.count(
             rows_flushed=report.written,

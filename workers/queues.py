@@ -11,6 +11,7 @@ from __future__ import annotations
 import redis
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from cache.settings import Settings
@@ -51,20 +52,34 @@ def flush_job_id(prefix: str, shard: int, *, urgent: bool) -> str:
 
 
 def enqueue_flush(queue: Queue, prefix: str, shard: int, *, urgent: bool = False) -> bool:
-    """Queue a flush of ``shard``; ``False`` if one with the same id is already pending."""
-    try:
-        queue.enqueue(
-            "workers.jobs.flush_job",
-            shard,
-            urgent,
-            job_id=flush_job_id(prefix, shard, urgent=urgent),
-            unique=True,
-            at_front=urgent,
-            retry=FLUSH_RETRY,
-            job_timeout=FLUSH_JOB_TIMEOUT_S,
-            result_ttl=0,
-            failure_ttl=FAILED_FLUSH_TTL_S,
-        )
-    except DuplicateJobError:
-        return False
-    return True
+    """Queue a flush of ``shard``; ``False`` if a job that has not started yet will do it.
+
+    A job that already runs may have read its batch before the caller's save, so an urgent
+    request then queues one follow-up (``...-urgent-next``) instead of being dropped.
+    """
+    base = flush_job_id(prefix, shard, urgent=urgent)
+    for job_id in (base, f"{base}-next") if urgent else (base,):
+        try:
+            _enqueue_flush_job(queue, job_id, shard, urgent)
+        except DuplicateJobError:
+            existing = queue.fetch_job(job_id)
+            if existing is None or existing.get_status() != JobStatus.STARTED:
+                return False
+            continue
+        return True
+    return False
+
+
+def _enqueue_flush_job(queue: Queue, job_id: str, shard: int, urgent: bool) -> None:
+    queue.enqueue(
+        "workers.jobs.flush_job",
+        shard,
+        urgent,
+        job_id=job_id,
+        unique=True,
+        at_front=urgent,
+        retry=FLUSH_RETRY,
+        job_timeout=FLUSH_JOB_TIMEOUT_S,
+        result_ttl=0,
+        failure_ttl=FAILED_FLUSH_TTL_S,
+    )

@@ -63,7 +63,13 @@ def migrate() -> None:
 @click.option(
     "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."
 )
-def worker(processes: int, burst: bool, metrics_port: int | None) -> None:
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus).",
+)
+def worker(processes: int, burst: bool, metrics_port: int | None, metrics_host: str) -> None:
     """Run the RQ worker pool (flush and cleanup jobs) plus the flush trigger.
 
     The trigger enqueues a flush for every shard whose oldest dirty session is older than
@@ -76,7 +82,13 @@ def worker(processes: int, burst: bool, metrics_port: int | None) -> None:
         raise click.BadParameter("must be at least 1", param_hint="--processes")
     if metrics_port is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _restart_in_multiprocess_mode()
-    run_pool(Settings(), processes=processes, burst=burst, metrics_port=metrics_port)
+    run_pool(
+        Settings(),
+        processes=processes,
+        burst=burst,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+    )
 
 
 def _restart_in_multiprocess_mode() -> None:

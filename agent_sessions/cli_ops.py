@@ -158,8 +158,8 @@ def cleanup_list(limit: int, as_json: bool) -> None:
 @cleanup.command("retry")
 @click.option("--limit", default=1000, show_default=True, help="Most sessions to re-queue.")
 def cleanup_retry(limit: int) -> None:
-    """Queue a cleanup job again for every session still `cleaning` (for example after the
-    queue's Redis lost its jobs). Sessions whose job is still queued are left alone."""
+    """Queue a cleanup job again for every session still `cleaning` (after the queue's Redis
+    lost its jobs, or a job failed for good). Jobs still queued or running are left alone."""
     from workers.cleanup import enqueue_cleanup
 
     ctx = _context()
@@ -173,6 +173,7 @@ def cleanup_retry(limit: int) -> None:
                 ctx.cache.keys.session(x.key),
                 x.key,
                 s.cleanup_attempts,
+                replace_failed=True,
             )
             for x in waiting
         )

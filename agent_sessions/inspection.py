@@ -136,7 +136,7 @@ def stats(ctx: WorkerContext) -> dict[str, Any]:
         "oldest_dirty_age_s": round((now_ms - min(oldest)) / 1000, 3) if oldest else None,
         "poison": poison,
         "postgres_sessions_by_status": ctx.repo.count_by_status(),
-        "cleanups_given_up": len(ctx.repo.cleanup_failures(limit=10_000)),
+        "cleanups_given_up": ctx.repo.count_cleanup_failures(),
         "queues": queue_depths(ctx),
         "counters": cache.counters(),
     }

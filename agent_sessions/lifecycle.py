@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cache.errors import AgentSessionsError, InvalidInput, VersionConflict
-from cache.records import LayerSpec, RunRef, Scope, SessionKey, SessionWrite, Snapshot
+from cache.records import (
+    WORKFLOW_OUTCOMES,
+    LayerSpec,
+    RunRef,
+    Scope,
+    SessionKey,
+    SessionStatus,
+    SessionWrite,
+    Snapshot,
+)
 from cache.settings import Settings
 from workers.backend_models import (
     CreateRunRequest,
@@ -45,7 +54,6 @@ CREDENTIAL_LAYER_TYPES = frozenset({"dify.plugin.llm", "dify.plugin.tools", "dif
 HISTORY_LAYER = RunLayerSpec(
     name="history", type="pydantic_ai.history", metadata={"origin": "agent_session_history"}
 )
-WORKFLOW_OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
 STORE_ERROR = "workflow_agent_runtime_session_store_error"
 
 BackendOutcome = Literal["succeeded", "paused", "failed", "cancelled"]
@@ -295,19 +303,27 @@ class SessionLifecycle:
         if key is None:
             return NodeResult("failed", error=error)
         try:
-            version = self.ctx.cache.retire(key, outcome.backend_run_id)
+            version = self._retire_through(key, outcome.backend_run_id)
         except AgentSessionsError as exc:
             log.warning("retiring the session of %s failed: %s", key, exc)
-            metadata = {
+            failed: dict[str, object] = {
                 "session_snapshot_cleaned_on_failure": False,
                 "session_snapshot_cleanup_error": STORE_ERROR,
                 "session_store_error_detail": str(exc),
             }
-            return NodeResult("failed", error=error, metadata=metadata)
-        metadata = {"session_snapshot_cleaned_on_failure": True}
+            return NodeResult("failed", error=error, metadata=failed)
+        metadata: dict[str, object] = {"session_snapshot_cleaned_on_failure": True}
         if version is not None:
             metadata["session_flush_enqueued"] = self._urgent_flush(key)
         return NodeResult("failed", error=error, version=version, metadata=metadata)
+
+    def _retire_through(self, key: SessionKey, failed_run_id: str) -> int | None:
+        """Retire; if Redis had no active session, read Postgres first so that an active row
+        whose Redis hash expired is retired too rather than resumed by the next entry."""
+        version = self.ctx.cache.retire(key, failed_run_id)
+        if version is None and load_through(self.ctx.cache, self.ctx.repo, key).session:
+            version = self.ctx.cache.retire(key, failed_run_id)
+        return version
 
     def _urgent_flush(self, key: SessionKey) -> bool:
         """Pauses may last days and retires must stick: flush now, not after the delay."""
@@ -333,21 +349,23 @@ class SessionLifecycle:
         ended = cache.end_run(run, outcome)
         keys = self._with_postgres_only_sessions(run, ended.keys)
         moved = cache.begin_cleanup(run, keys)
-        shard = cache.keys.shard_of(tenant_id, workflow_run_id)
-        enqueue_flush(self.ctx.flush_queue, self.ctx.settings.key_prefix, shard, urgent=True)
         enqueued = sum(self._enqueue_cleanup(key) for key in keys)
+        if keys:
+            self._urgent_flush(keys[0])
         return EndReport(len(keys), moved, enqueued, ended.already_ended)
 
     def _with_postgres_only_sessions(
         self, run: RunRef, keys: Sequence[SessionKey]
     ) -> list[SessionKey]:
-        """Add active rows whose Redis keys expired, filled back so cleanup can reach them."""
-        known = set(keys)
-        for row in self.ctx.repo.list_run(run.tenant_id, run.workflow_run_id):
-            if row.key not in known and row.status.value == "active":
-                self.ctx.cache.fill(row)
-                known.add(row.key)
-        return sorted(known, key=SessionKey.parts)
+        """Add the run's active Postgres rows whose Redis hash is gone (expired during a long
+        run), filled back so begin_cleanup and the cleanup job can reach them."""
+        repo, cache = self.ctx.repo, self.ctx.cache
+        active = repo.list_keys(run.tenant_id, run.workflow_run_id, SessionStatus.ACTIVE)
+        for key in cache.missing(active):
+            row = repo.get(key)
+            if row is not None:
+                cache.fill(row)
+        return sorted({*keys, *active}, key=SessionKey.parts)
 
     def _enqueue_cleanup(self, key: SessionKey) -> bool:
         name = self.ctx.cache.keys.session(key)

@@ -17,7 +17,7 @@ subclasses say what went wrong and whether retrying can help::
     ├── StoreUnavailable        Redis could not be reached or timed out
     ├── ScriptContractError     a script returned a code we do not know (a bug)
     ├── PersistenceError        Postgres (``persistence.errors``)
-    ├── QueueError              RQ / worker side (``workers.errors``)
+    ├── QueueError              RQ / worker side (``workers.jobs.FlushBusy``)
     └── AgentBackendError       the agent backend (``workers.backend_errors``)
 
 Lower layers define the roots of their own branches here so that every layer can raise

@@ -20,6 +20,8 @@ JsonValue: TypeAlias = Any
 """A JSON value (None, bool, int, float, str, list, dict with str keys)."""
 
 MAX_ID_LENGTH = 255
+WORKFLOW_OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
+"""How a workflow run can end. A pause is not an end."""
 SNAPSHOT_SCHEMA_VERSION = 1
 
 
@@ -40,7 +42,7 @@ class LifecycleState(StrEnum):
 
 
 class ClosedBy(StrEnum):
-    """Why a session stopped being resumable; decides the TTL of a flushed ``cleaned`` session."""
+    """Why a session stopped being resumable (for operators; ``run_ended`` decides TTLs)."""
 
     BACKEND_FAILURE = "backend_failure"
     WORKFLOW_END = "workflow_end"
@@ -218,14 +220,6 @@ class Snapshot:
 
     def layer_names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
-
-    def filtered_to(self, names: Sequence[str]) -> Snapshot:
-        """Only the layers named in ``names``, in snapshot order (cleanup replays specs)."""
-        wanted = set(names)
-        kept = tuple(layer for layer in self.layers if layer.name in wanted)
-        if len(kept) == len(self.layers):
-            return self
-        return Snapshot(layers=kept, schema_version=self.schema_version)
 
     def aligned_to(self, names: Sequence[str]) -> Snapshot:
         """Exactly the layers ``names``, in that order; a layer the snapshot lacks starts ``new``.

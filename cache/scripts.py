@@ -17,6 +17,7 @@ from redis.commands.core import Script
 from cache.errors import BacklogFull, RunEnded, ScriptContractError, VersionConflict
 
 SCRIPT_NAMES = (
+    "load",
     "save",
     "retire",
     "end_run",
@@ -48,6 +49,7 @@ def source(name: str) -> str:
 class Scripts:
     """The registered scripts of one store instance."""
 
+    load: Script
     save: Script
     retire: Script
     end_run: Script

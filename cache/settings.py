@@ -7,10 +7,11 @@ the four service URLs use their conventional names, everything else is ``ASC_<FI
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+MAX_BATCH_BYTES = 1000 * MiB
 DAY_S = 86_400
 
 
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
     key_prefix: str = Field("asc", pattern=r"^[A-Za-z0-9._-]{1,32}$")
     shards: int = Field(256, ge=1, le=16384, description="Logical shards; fixed once used.")
     flush_delay_ms: int = Field(1000, ge=0, description="Age a dirty entry reaches before flush.")
-    flush_batch: int = Field(500, ge=1, le=10_000, description="Sessions per flush statement.")
+    flush_batch: int = Field(200, ge=1, le=10_000, description="Sessions per flush statement.")
     flush_lock_ttl_s: int = Field(
         10, ge=1, description="Flush lock lifetime: how long a killed flush blocks its shard."
     )
@@ -74,6 +75,18 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _batch_fits_postgres(self) -> Settings:
+        """A batch's snapshots travel as one ``bytea[]`` parameter, and Postgres refuses a
+        value over 1 GiB: a batch of maximal snapshots must stay under it."""
+        worst = self.flush_batch * self.max_snapshot_bytes
+        if worst > MAX_BATCH_BYTES:
+            raise ValueError(
+                f"flush_batch x max_snapshot_bytes = {worst} bytes exceeds {MAX_BATCH_BYTES}; "
+                "lower ASC_FLUSH_BATCH or ASC_MAX_SNAPSHOT_BYTES"
+            )
+        return self
 
     @property
     def queue_redis_url(self) -> str:

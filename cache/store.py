@@ -17,7 +17,15 @@ from cache.codec import Codec
 from cache.errors import ConfigurationError, CorruptValue, InvalidInput, Refused
 from cache.keys import KeySpace
 from cache.metrics import LOADS, REFUSALS, RETIRES, SAVES
-from cache.records import RunRef, SessionKey, SessionStatus, SessionWrite, StoredSession
+from cache.records import (
+    WORKFLOW_OUTCOMES,
+    RunRef,
+    SessionKey,
+    SessionStatus,
+    SessionWrite,
+    StoredSession,
+    check_optional_id,
+)
 from cache.scripts import Code, Scripts, check_code
 from cache.settings import Settings
 
@@ -29,7 +37,6 @@ _FILL = frozenset({Code.OK, Code.EXISTS})
 _CLEANUP_CHUNK = 500
 _LOADED_FROM_REDIS = LOADS.labels("redis")
 _LOAD_MISSED = LOADS.labels("miss")
-_OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +44,15 @@ class Loaded:
     """What ``load`` found: the stored record (any status) and the resumable session."""
 
     record: StoredSession | None
+    run_ended: bool = False
 
     @property
     def session(self) -> StoredSession | None:
-        """The session if it may be resumed (``active``), else ``None``."""
+        """The session if it may be resumed (``active`` in a run not ended), else ``None``."""
         record = self.record
-        return record if record is not None and record.status is SessionStatus.ACTIVE else None
+        if record is None or self.run_ended or record.status is not SessionStatus.ACTIVE:
+            return None
+        return record
 
     @property
     def version(self) -> int:
@@ -97,15 +107,23 @@ class RedisSessionCache:
     # --- reads -------------------------------------------------------------------------
 
     def load(self, key: SessionKey) -> Loaded:
-        """The stored session of ``key``: one ``HGETALL``."""
+        """The stored session of ``key`` and its run's state: one script call.
+
+        The script also renews the TTL of a clean active session, so a session cannot
+        expire between a node's entry and its exit.
+        """
         name = self.keys.session(key)
+        run = self.keys.run(RunRef(key.tenant_id, key.workflow_run_id))
         with translate_errors(f"loading {name}"):
-            raw = cast(dict[bytes, bytes], self.client.hgetall(name))
-        if not raw:
+            reply = self.scripts.load(keys=[name, run], args=[self._ms(self.settings.active_ttl_s)])
+        _, values = check_code("load", reply, _OK)
+        run_ended = values[0] == b"ended"
+        if len(values) == 1:
             _LOAD_MISSED.inc()
-            return Loaded(None)
+            return Loaded(None, run_ended)
         _LOADED_FROM_REDIS.inc()
-        return Loaded(self.codec.decode_session(name, key, raw))
+        raw = dict(zip(values[1::2], values[2::2], strict=True))
+        return Loaded(self.codec.decode_session(name, key, raw), run_ended)
 
     def read_many(self, names: Sequence[str]) -> list[SessionRead]:
         """Sessions by key name in one pipeline; a corrupt one is returned, not raised."""
@@ -125,6 +143,15 @@ class RedisSessionCache:
             return exc
         except InvalidInput as exc:
             return CorruptValue(name, "<key>", str(exc))
+
+    def missing(self, keys: Sequence[SessionKey]) -> list[SessionKey]:
+        """The keys among ``keys`` that have no session hash in Redis (one pipeline)."""
+        with translate_errors("checking sessions"):
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self.keys.session(key))
+            found: list[Any] = pipe.execute()
+        return [key for key, exists in zip(keys, found, strict=True) if not exists]
 
     def run_sessions(self, run: RunRef) -> list[SessionKey]:
         """The keys of every session the run has saved (while its markers live)."""
@@ -187,6 +214,7 @@ class RedisSessionCache:
 
     def retire(self, key: SessionKey, failed_backend_run_id: str | None = None) -> int | None:
         """``active`` → ``cleaned`` after a failed backend run; ``None`` if nothing changed."""
+        check_optional_id("failed_backend_run_id", failed_backend_run_id)
         name = self.keys.session(key)
         with translate_errors(f"retiring {name}"):
             reply = self.scripts.retire(
@@ -200,8 +228,10 @@ class RedisSessionCache:
 
     def end_run(self, run: RunRef, outcome: str) -> EndedRun:
         """Mark the run ended (every later save is refused) and list its sessions."""
-        if outcome not in _OUTCOMES:
-            raise InvalidInput(f"outcome must be one of {sorted(_OUTCOMES)}, got {outcome!r}")
+        if outcome not in WORKFLOW_OUTCOMES:
+            raise InvalidInput(
+                f"outcome must be one of {sorted(WORKFLOW_OUTCOMES)}, got {outcome!r}"
+            )
         keys = [self.keys.run(run), self.keys.run_sessions(run)]
         args: list[Any] = [now_iso(), outcome, self._ms(self.settings.ended_run_ttl_s)]
         with translate_errors("ending a run"):
@@ -227,6 +257,7 @@ class RedisSessionCache:
         self, key: SessionKey, *, cleanup_run_id: str | None = None, error: str | None = None
     ) -> int | None:
         """``cleaning`` → ``cleaned``; ``None`` if the session was not cleaning."""
+        check_optional_id("cleanup_run_id", cleanup_run_id)
         name = self.keys.session(key)
         args: list[Any] = [cleanup_run_id or "", (error or "")[:2000], now_iso()]
         with translate_errors(f"marking {name} cleaned"):
@@ -260,12 +291,20 @@ class RedisSessionCache:
         code, _ = check_code("fill", reply, _FILL)
         return code is Code.OK
 
-    def quarantine(self, shard: int, name: str, version: int, reason: str) -> None:
-        """Park a session Postgres refused in the shard's poison hash, with the reason."""
+    def quarantine(
+        self, shard: int, name: str, version: int, reason: str, *, force: bool = False
+    ) -> bool:
+        """Park a session Postgres refused in the shard's poison hash, with the reason.
+
+        Only if it is still at ``version`` (``False`` if it moved on: the next flush tries
+        the new version), unless ``force`` (for a value that cannot even be decoded).
+        """
         keys = [self.keys.dirty(shard), self.keys.poison(shard), name]
+        args: list[Any] = [version, reason[:2000], "1" if force else ""]
         with translate_errors("quarantining a session"):
-            reply = self.scripts.quarantine(keys=keys, args=[version, reason[:2000]])
-        check_code("quarantine", reply, _OK)
+            reply = self.scripts.quarantine(keys=keys, args=args)
+        code, _ = check_code("quarantine", reply, _OK_OR_NOOP)
+        return code is Code.OK
 
     def poison(self, shard: int) -> dict[str, str]:
         """The shard's poison hash: session key name → why Postgres refused it."""

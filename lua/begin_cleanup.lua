@@ -12,7 +12,8 @@ local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
 local moved = 0
 for i = 2, #KEYS do
   local session = KEYS[i]
-  local status = redis.call('HGET', session, 'status')
+  local stored = redis.call('HMGET', session, 'status', 'version', 'flushed_version')
+  local status = stored[1]
   if status then
     redis.call('HSET', session, 'run_ended', '1')
   end
@@ -23,7 +24,7 @@ for i = 2, #KEYS do
     redis.call('PERSIST', session)
     redis.call('ZADD', dirty, 'NX', now_ms, session)
     moved = moved + 1
-  elseif status == 'cleaned' and not redis.call('ZSCORE', dirty, session) then
+  elseif status == 'cleaned' and stored[2] == stored[3] then
     redis.call('PEXPIRE', session, ended_ttl)
   end
 end

@@ -4,13 +4,16 @@
 -- KEYS[3] session hash       <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- ARGV[1] the version Postgres refused: integer
 -- ARGV[2] why: text
--- returns {0}  OK: recorded; the dirty mark is gone unless the session moved on meanwhile
---              (a newer version stays dirty and is tried again)
+-- ARGV[3] force: "1" parks it whatever its version (a value that cannot be decoded), else ""
+-- returns {0}  OK: parked; the dirty mark is gone
+--         {4}  NOOP: the session moved on to another version meanwhile; it stays dirty and
+--              the next flush tries the new version
 local dirty, poison, session = KEYS[1], KEYS[2], KEYS[3]
-local refused, reason = tonumber(ARGV[1]), ARGV[2]
-redis.call('HSET', poison, session, 'v' .. refused .. ': ' .. reason)
+local refused, reason, force = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local version = tonumber(redis.call('HGET', session, 'version') or '0')
-if version == refused then
-  redis.call('ZREM', dirty, session)
+if force ~= '1' and version ~= refused then
+  return {4}
 end
+redis.call('HSET', poison, session, 'v' .. refused .. ': ' .. reason)
+redis.call('ZREM', dirty, session)
 return {0}

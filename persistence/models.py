@@ -1,8 +1,9 @@
 """The ``workflow_agent_runtime_sessions`` table (DESIGN §8) as SQLAlchemy Core.
 
 Core rather than an ORM mapping: the only writer is the flush job's batch upsert, which is
-one ``INSERT ... VALUES`` statement, and reads convert rows to ``cache.records.StoredSession``
-at one boundary anyway, so mapped classes would add a second record type for nothing.
+one ``INSERT ... SELECT FROM unnest(...)`` statement, and reads convert rows to
+``cache.records.StoredSession`` at one boundary anyway, so mapped classes would add a second
+record type for nothing.
 
 Every constraint and index has a fixed name so the hand-written migrations can refer to it;
 the naming convention covers anything added later without an explicit name.

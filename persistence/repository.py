@@ -301,6 +301,30 @@ class SessionRepository:
             query = query.where(sessions.c.status == SessionStatus(status).value)
         return self._rows(query.order_by(*_KEY))
 
+    def list_keys(
+        self, tenant_id: str, workflow_run_id: str, status: SessionStatus
+    ) -> list[SessionKey]:
+        """The keys (only) of one run's sessions of one status: no snapshots are read."""
+        query = (
+            sa.select(*_KEY)
+            .where(
+                sessions.c.tenant_id == tenant_id,
+                sessions.c.workflow_run_id == workflow_run_id,
+                sessions.c.status == SessionStatus(status).value,
+            )
+            .order_by(*_KEY)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_key_of(row) for row in conn.execute(query).mappings()]
+
+    def count_cleanup_failures(self) -> int:
+        """How many sessions' cleanups gave up (``cleaned`` with an error)."""
+        query = sa.select(sa.func.count()).where(
+            sessions.c.status == "cleaned", sessions.c.cleanup_error.is_not(None)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def count_rows(self) -> int:
         """How many sessions Postgres holds (CLI ``stats`` and tests)."""
         with translate_errors(), self.engine.connect() as conn:

@@ -60,8 +60,9 @@ _T = TypeVar("_T")
 
 _RETRYABLE = (BackendTransportError, BackendTimeout)
 _MIN_POLL_TIMEOUT_S = 0.05
-_FIRST_POLL_S = 0.01
 """Lower bound of one poll's HTTP timeout when ``wait_run``'s deadline is nearly spent."""
+_FIRST_POLL_S = 0.01
+"""First pause between polls; it doubles up to ``poll_interval_s``."""
 
 
 class AgentBackendClient:

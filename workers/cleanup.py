@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
+from rq.job import JobStatus
 
 from cache.records import SessionKey, SessionStatus, StoredSession
 from cache.store import RedisSessionCache
@@ -132,15 +133,28 @@ def cleanup_job_id(prefix: str, key_name: str) -> str:
 
 
 def enqueue_cleanup(
-    queue: Queue, prefix: str, key_name: str, key: SessionKey, attempts: int
+    queue: Queue,
+    prefix: str,
+    key_name: str,
+    key: SessionKey,
+    attempts: int,
+    *,
+    replace_failed: bool = False,
 ) -> bool:
-    """Queue the cleanup of one session; ``False`` if it is already queued or running."""
+    """Queue the cleanup of one session; ``False`` if it is already queued or running.
+
+    With ``replace_failed``, a failed job of the session (kept for inspection) is deleted
+    first so that ``cleanup retry`` can queue it again.
+    """
+    job_id = cleanup_job_id(prefix, key_name)
+    if replace_failed:
+        _delete_if_failed(queue, job_id)
     intervals = CLEANUP_INTERVALS_S[: max(attempts - 1, 1)]
     try:
         queue.enqueue(
             "workers.jobs.cleanup_job",
             *key.parts(),
-            job_id=cleanup_job_id(prefix, key_name),
+            job_id=job_id,
             unique=True,
             retry=Retry(max=attempts - 1, interval=intervals) if attempts > 1 else None,
             job_timeout=CLEANUP_JOB_TIMEOUT_S,
@@ -150,3 +164,9 @@ def enqueue_cleanup(
     except DuplicateJobError:
         return False
     return True
+
+
+def _delete_if_failed(queue: Queue, job_id: str) -> None:
+    job = queue.fetch_job(job_id)
+    if job is not None and job.get_status() == JobStatus.FAILED:
+        job.delete()

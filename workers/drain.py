@@ -66,4 +66,8 @@ def _flush_all_now(ctx: WorkerContext, shard: int, report: DrainReport) -> None:
     )
     report.written += result.written
     report.poisoned += len(result.poisoned)
-    ctx.cache.count(rows_flushed=result.written, rows_poisoned=len(result.poisoned), flushes=1)
+    ctx.cache.count(
+        rows_flushed=result.written,
+        rows_poisoned=len(result.poisoned),
+        flushes=int(result.locked),
+    )

@@ -79,7 +79,7 @@ def flush_shard(
         return FlushReport(shard, locked=False)
     try:
         with FLUSH_SECONDS.time():
-            report = _flush_locked(cache, repo, shard, cutoff_ms=cutoff_ms, limit=limit)
+            report = _flush_locked(cache, repo, lock, shard, cutoff_ms=cutoff_ms, limit=limit)
     except Exception:
         FLUSH_ERRORS.inc()
         raise
@@ -99,10 +99,16 @@ def _release(lock: Lock) -> None:
 
 
 def _flush_locked(
-    cache: RedisSessionCache, repo: SessionRepository, shard: int, *, cutoff_ms: int, limit: int
+    cache: RedisSessionCache,
+    repo: SessionRepository,
+    lock: Lock,
+    shard: int,
+    *,
+    cutoff_ms: int,
+    limit: int,
 ) -> FlushReport:
     entries = cache.dirty_entries(shard, older_than_ms=cutoff_ms, limit=limit)
-    flush = _ShardFlush(cache, repo, FlushReport(shard, read=len(entries)))
+    flush = _ShardFlush(cache, repo, lock, FlushReport(shard, read=len(entries)))
     flush.report.full = len(entries) == limit
     if entries:
         flush.run([entry.name for entry in entries])
@@ -127,15 +133,26 @@ class _ShardFlush:
 
     cache: RedisSessionCache
     repo: SessionRepository
+    lock: Lock
     report: FlushReport
 
     def run(self, names: list[str]) -> None:
         batch = _read(self.cache, names)
         for name, error in batch.corrupt:
-            self.poison(name, 0, f"cannot decode: {error.reason}")
+            self.poison(name, 0, f"cannot decode: {error.reason}", force=True)
         acks = [(name, 0) for name in batch.missing]
+        self.keep_lock()
         acks += self.write(batch.sessions)
+        self.keep_lock()
         self.report.acked, self.report.still_dirty = self.cache.ack_flush(self.report.shard, acks)
+
+    def keep_lock(self) -> None:
+        """Renew the shard lock before each slow step; if it was lost, carry on: the fence
+        and the version-checked acknowledgement keep an overlapping flush harmless."""
+        try:
+            self.lock.reacquire()
+        except LockError:
+            log.warning("flush lock of shard %s was lost; continuing", self.report.shard)
 
     def write(self, sessions: list[tuple[str, StoredSession]]) -> list[tuple[str, int]]:
         """Upsert the batch, isolating refused rows; return the ``(name, version)`` acks."""
@@ -173,7 +190,7 @@ class _ShardFlush:
             self.poison(names[key], offered, why)
         return acks
 
-    def poison(self, name: str, version: int, why: str) -> None:
-        log.error("flush: %s parked in the poison hash: %s", name, why)
-        self.cache.quarantine(self.report.shard, name, version, why)
-        self.report.poisoned.append(name)
+    def poison(self, name: str, version: int, why: str, *, force: bool = False) -> None:
+        if self.cache.quarantine(self.report.shard, name, version, why, force=force):
+            log.error("flush: %s parked in the poison hash: %s", name, why)
+            self.report.poisoned.append(name)

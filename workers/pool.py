@@ -15,10 +15,11 @@ import multiprocessing
 import threading
 from typing import Any
 
-from rq import Worker
+from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker_pool import WorkerPool
 
+from cache.errors import AgentSessionsError
 from cache.settings import Settings
 from workers.context import WorkerContext
 from workers.metrics_server import serve_metrics
@@ -30,10 +31,18 @@ log = logging.getLogger(__name__)
 MAINTENANCE_INTERVAL_S = 15
 JOB_MONITORING_INTERVAL_S = 5
 DEQUEUE_TIMEOUT_S = 2
+TRIGGER_START_RETRY_S = 2.0
 
 
-class SessionWorker(Worker):
-    """An RQ worker that finds abandoned jobs within seconds and stops promptly."""
+class SessionWorker(SimpleWorker):
+    """An RQ worker that runs jobs in its own process, finds abandoned jobs within seconds
+    and stops promptly.
+
+    In-process (``SimpleWorker``) rather than a forked horse per job: the job context
+    (Redis pool, Postgres engine, backend client) is then built once per worker instead of
+    once per job, which saved a Postgres connect on every flush. RQ still enforces
+    ``job_timeout`` with its signal-based death penalty.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL_S)
@@ -51,17 +60,33 @@ class SessionWorker(Worker):
 def _trigger_main(settings: Settings) -> None:
     stop = threading.Event()
     try:
-        run_trigger(WorkerContext.from_settings(settings), stop)
+        run_trigger(_context_when_reachable(settings, stop), stop)
     except KeyboardInterrupt:
         stop.set()
 
 
+def _context_when_reachable(settings: Settings, stop: threading.Event) -> WorkerContext:
+    """Build the trigger's context, waiting out an outage at start instead of dying."""
+    while True:
+        try:
+            return WorkerContext.from_settings(settings)
+        except AgentSessionsError as exc:
+            log.warning("flush trigger cannot start yet: %s", exc)
+            if stop.wait(TRIGGER_START_RETRY_S):
+                raise KeyboardInterrupt from exc
+
+
 def run_pool(
-    settings: Settings, *, processes: int, burst: bool = False, metrics_port: int | None = None
+    settings: Settings,
+    *,
+    processes: int,
+    burst: bool = False,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Run ``processes`` RQ workers and one trigger process until interrupted."""
     if metrics_port is not None:
-        serve_metrics(metrics_port, WorkerContext.from_settings(settings).cache)
+        serve_metrics(metrics_port, WorkerContext.from_settings(settings).cache, metrics_host)
     trigger = multiprocessing.get_context("spawn").Process(
         target=_trigger_main, args=(settings,), name="asc-flush-trigger", daemon=True
     )

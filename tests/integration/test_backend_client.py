@@ -146,7 +146,7 @@ def test_cleanup_run_replays_specs_and_closes_every_layer(client: AgentBackendCl
     ]
     assert first.session_snapshot is not None
     stored = snapshot_from_protocol(first.session_snapshot)
-    filtered = stored.filtered_to([spec.name for spec in specs])
+    filtered = stored.aligned_to([spec.name for spec in specs])
     request = CreateRunRequest(
         composition=composition_from_specs(specs),
         idempotency_key="wr:node:binding:agent-session-cleanup",

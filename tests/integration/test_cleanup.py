@@ -257,6 +257,23 @@ def test_workflow_end_reaches_an_active_session_only_postgres_still_holds(
     assert row(ctx, key).status is SessionStatus.CLEANED and row(ctx, key).version == 4
 
 
+def test_workflow_end_reaches_an_expired_session_still_listed_in_the_run(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient
+) -> None:
+    """A session whose hash expired while the run's set still lists it is cleaned up too."""
+    keys = list(seed(lc, backend, SESSIONS[:2]))
+    flushed(ctx)
+    ctx.cache.client.delete(ctx.cache.keys.session(keys[0]))  # only the hash is gone
+    assert ctx.cache.run_sessions(f.run_ref()) == sorted(keys, key=SessionKey.parts)
+    report = lc.workflow_ended("tenant-1", RUN, "succeeded")
+    assert report.sessions == 2 and report.moved_to_cleaning == 2
+    assert all(stored(ctx, key).status is SessionStatus.CLEANING for key in keys)
+    for key in keys:
+        assert cleaner(ctx, ctx.backend).clean(key, last_attempt=False).outcome == "cleaned"
+    flushed(ctx)
+    assert all(row(ctx, key).status is SessionStatus.CLEANED for key in keys)
+
+
 def test_sessions_differing_only_by_agent_each_get_their_own_cleanup_run(
     ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, fake: FakeAgentBackend
 ) -> None:

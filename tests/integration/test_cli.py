@@ -193,7 +193,9 @@ def test_stats_reports_backlog_poison_statuses_and_queues(ctx: WorkerContext) ->
     before = json_out(ctx, "stats")
     assert before["dirty_total"] == 4 and before["oldest_dirty_age_s"] is not None
     shard = ctx.cache.keys.shard_of_key(f.session_key(run="run-1"))
-    ctx.cache.quarantine(shard, "asc:{s000}:session:a:b:c:d:e", 1, "postgres refused: test")
+    ctx.cache.quarantine(
+        shard, "asc:{s000}:session:a:b:c:d:e", 1, "postgres refused: test", force=True
+    )
     cli(ctx, "flush", "--wait")
     after = json_out(ctx, "stats")
     assert after["dirty_total"] == 0 and after["oldest_dirty_age_s"] is None
@@ -229,3 +231,41 @@ def test_services_status_reports_what_answers(ctx: WorkerContext) -> None:
     """`services status` reports the Redis and Postgres it would use."""
     result = cli(ctx, "services", "status")
     assert "redis" in result.stdout.lower() and "postgres" in result.stdout.lower()
+
+
+def test_an_idle_worker_pool_stops_promptly_on_sigterm(ctx: WorkerContext) -> None:
+    """SIGTERM to an idle `worker` pool ends it within seconds, every time."""
+    from rq import Worker
+    from rq.serializers import JSONSerializer
+
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent_sessions", "worker", "-n", "2"],
+            env=settings_env(ctx),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_for(
+                lambda: (
+                    [
+                        w.get_state()
+                        for w in Worker.all(connection=ctx.queue_redis, serializer=JSONSerializer)
+                    ]
+                    == ["idle", "idle"]
+                ),
+                "two workers idle in their loop",
+                30,
+            )
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=15) is not None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        wait_for(
+            lambda: not Worker.all(connection=ctx.queue_redis, serializer=JSONSerializer),
+            "the workers to deregister",
+            30,
+        )

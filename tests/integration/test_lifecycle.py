@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import redis
 
-from agent_sessions.fake_backend import HUMAN_INPUT_PAUSE, SCRIPTED_PAUSE
+from agent_sessions.fake_agent import HUMAN_INPUT_PAUSE, SCRIPTED_PAUSE
 from agent_sessions.lifecycle import (
     STORE_ERROR,
     Entry,
@@ -652,6 +652,22 @@ def test_enter_reads_through_to_postgres_after_the_redis_key_is_gone(
     flushed(ctx)
     assert ctx.cache.poison(ctx.cache.keys.shard_of_key(KEY)) == {}
     assert row(ctx, KEY).version == 3
+
+
+def test_a_failure_after_the_redis_hash_expired_retires_the_postgres_session(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient
+) -> None:
+    """A retire that finds no hash reads Postgres first: the failed session never resumes."""
+    run_node(lc, backend, at(1))
+    flushed(ctx)
+    entry = lc.enter(at(2))
+    ctx.cache.client.delete(ctx.cache.keys.session(KEY))  # expired while the run was running
+    bad = run_node(lc, backend, at(2), entry=entry, behaviour="fail")
+    assert bad.result.metadata["session_snapshot_cleaned_on_failure"] is True
+    assert bad.result.version == 2
+    flushed(ctx)
+    assert row(ctx, KEY).status is SessionStatus.CLEANED
+    assert not lc.enter(at(3)).resumable
 
 
 def test_enter_of_a_cleaned_session_read_through_from_postgres_starts_fresh(

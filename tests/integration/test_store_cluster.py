@@ -68,6 +68,13 @@ def test_sessions_of_many_runs_land_on_all_three_primaries(
     assert len({cache.keys.shard_of("tenant-1", f"run-{i}") for i in range(RUNS)}) > 30
 
 
+def _exercise_load(cache: RedisSessionCache, key: SessionKey) -> None:
+    assert cache.load(key).record is None
+    cache.save(key, f.session_write())
+    loaded = cache.load(key)
+    assert loaded.session is not None and loaded.version == 1 and not loaded.run_ended
+
+
 def _exercise_save(cache: RedisSessionCache, key: SessionKey) -> None:
     assert cache.save(key, f.session_write()) == 1
     assert cache.save(key, f.session_write(), expected_version=1) == 2
@@ -115,12 +122,13 @@ def _exercise_fill(cache: RedisSessionCache, key: SessionKey) -> None:
 def _exercise_quarantine(cache: RedisSessionCache, key: SessionKey) -> None:
     cache.save(key, f.session_write())
     shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
-    cache.quarantine(shard, name, 1, "postgres refused it")
+    assert cache.quarantine(shard, name, 1, "postgres refused it")
     assert name in cache.poison(shard)
     assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
 
 
 EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
+    "load": _exercise_load,
     "save": _exercise_save,
     "retire": _exercise_retire,
     "end_run": _exercise_end_run_and_cleanup,

@@ -420,6 +420,63 @@ def test_tenants_are_isolated(cache: RedisSessionCache) -> None:
     with pytest.raises(RunEnded):
         cache.save(a, f.session_write())
     assert cache.retire(b) == 3
-    assert cache.load(a).session is not None  # retire of b did not touch a
+    loaded_a = cache.load(a)
+    assert loaded_a.record is not None and loaded_a.record.status is SessionStatus.ACTIVE
+    assert loaded_a.run_ended and loaded_a.session is None  # a's run ended; b's retire left a
     assert cache.run_sessions(f.run_of(a)) == [a]
     assert cache.run_sessions(f.run_of(b)) == [b]
+
+
+def test_load_renews_the_ttl_of_a_clean_active_session_only(cache: RedisSessionCache) -> None:
+    """A load renews a clean active session's TTL; a dirty one keeps none, others keep theirs."""
+    key = f.session_key()
+    name = name_of(cache, key)
+    cache.save(key, f.session_write())
+    cache.load(key)
+    assert cache.client.pttl(name) == -1  # dirty: never gets a TTL
+    shard = cache.keys.shard_of_key(key)
+    cache.ack_flush(shard, [(name, 1)])
+    cache.client.pexpire(name, 5_000)
+    cache.load(key)
+    assert cache.client.pttl(name) > 5_000  # renewed to the active TTL
+    cache.retire(key)
+    cache.ack_flush(shard, [(name, 2)])
+    cache.client.pexpire(name, 5_000)
+    cache.load(key)
+    assert 0 < cache.client.pttl(name) <= 5_000  # a cleaned session is not renewed
+
+
+def test_load_reports_an_ended_run_and_resumes_nothing_of_it(cache: RedisSessionCache) -> None:
+    """After end_run, load resumes no session of the run, even before begin_cleanup ran."""
+    key = f.session_key()
+    cache.save(key, f.session_write())
+    cache.end_run(f.run_of(key), "aborted")
+    loaded = cache.load(key)
+    assert loaded.run_ended and loaded.session is None and loaded.version == 1
+
+
+def test_quarantine_parks_only_the_refused_version_unless_forced(cache: RedisSessionCache) -> None:
+    """A session that moved on stays dirty instead of being poisoned; force always parks."""
+    key = f.session_key()
+    name = name_of(cache, key)
+    shard = cache.keys.shard_of_key(key)
+    cache.save(key, f.session_write())
+    cache.save(key, f.session_write())
+    assert cache.quarantine(shard, name, 1, "stale refusal") is False
+    assert cache.poison(shard) == {} and cache.client.zscore(cache.keys.dirty(shard), name)
+    assert cache.quarantine(shard, name, 0, "cannot decode", force=True) is True
+    assert cache.poison(shard) == {name: "v0: cannot decode"}
+    assert cache.client.zscore(cache.keys.dirty(shard), name) is None
+
+
+def test_a_poisoned_session_never_gets_a_ttl_at_run_end(cache: RedisSessionCache) -> None:
+    """begin_cleanup gives the short TTL only to cleaned sessions Postgres already holds."""
+    key = f.session_key()
+    name = name_of(cache, key)
+    shard = cache.keys.shard_of_key(key)
+    cache.save(key, f.session_write())
+    cache.retire(key)
+    assert cache.quarantine(shard, name, 2, "postgres refused: test")
+    ended = cache.end_run(f.run_of(key), "failed")
+    cache.begin_cleanup(f.run_of(key), ended.keys)
+    assert cache.client.pttl(name) == -1

@@ -271,3 +271,16 @@ def test_urgent_flush_job_ignores_the_flush_delay(
     ctx.cache.save(key, f.session_write())
     assert enqueue_flush(ctx.flush_queue, "asc", ctx.cache.keys.shard_of_key(key), urgent=True)
     wait_for(lambda: ctx.repo.get(key) is not None, "the urgent flush", 30)
+
+
+def test_an_undecodable_session_is_parked_once_and_never_loops(ctx: WorkerContext) -> None:
+    """A value that cannot be decoded leaves the dirty set for poison; drain terminates."""
+    key = f.session_key()
+    ctx.cache.save(key, f.session_write())
+    name = ctx.cache.keys.session(key)
+    ctx.cache.client.hset(name, "snapshot", b"\xc1 not msgpack")
+    report = drain(ctx, timeout_s=10)
+    assert report.drained and report.poisoned == 1
+    shard = ctx.cache.keys.shard_of_key(key)
+    assert "cannot decode" in ctx.cache.poison(shard)[name]
+    assert ctx.cache.client.pttl(name) == -1  # kept, without TTL, for the operator

@@ -206,27 +206,6 @@ def test_snapshot_from_dict_rejects_malformed_input(data: Any) -> None:
         Snapshot.from_dict(data)
 
 
-def test_filtered_to_keeps_snapshot_order_and_drops_the_rest() -> None:
-    snap = f.snapshot("a", "b", "c", "d")
-    kept = snap.filtered_to(["d", "b", "zzz"])
-    assert kept.layer_names() == ("b", "d")
-    assert kept.schema_version == snap.schema_version
-    assert kept.layers[0] is snap.layers[1]
-
-
-def test_filtered_to_returns_the_same_object_when_nothing_is_dropped() -> None:
-    snap = f.snapshot("a", "b")
-    assert snap.filtered_to(["b", "a", "extra"]) is snap
-    assert snap.filtered_to(["a"]) is not snap
-
-
-def test_filtered_to_everything_dropped_is_empty() -> None:
-    assert f.snapshot("a").filtered_to([]).layers == ()
-
-
-# --- layer specs ---------------------------------------------------------------------
-
-
 def test_layer_spec_round_trips_through_dicts() -> None:
     specs = f.specs("a", "b", "c")
     assert specs_from_list([s.to_dict() for s in specs]) == specs

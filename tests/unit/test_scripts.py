@@ -22,6 +22,7 @@ from cache.store import RedisSessionCache
 
 # The codes each store method accepts from its script (store.py passes these to check_code).
 ALLOWED: dict[str, frozenset[Code]] = {
+    "load": store._OK,
     "save": store._SAVE,
     "retire": store._OK_OR_NOOP,
     "end_run": store._END,
@@ -29,11 +30,11 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "mark_cleaned": store._OK_OR_NOOP,
     "ack_flush": store._OK,
     "fill": store._FILL,
-    "quarantine": store._OK,
+    "quarantine": store._OK_OR_NOOP,
 }
 # Commands a script may call; each takes exactly one key, as its first argument (TIME: none).
 SINGLE_KEY_COMMANDS = {
-    "EXISTS", "HDEL", "HGET", "HINCRBY", "HMGET", "HSET", "HSETNX", "PERSIST", "PEXPIRE",
+    "EXISTS", "HDEL", "HGET", "HGETALL", "HINCRBY", "HMGET", "HSET", "HSETNX", "PERSIST", "PEXPIRE",
     "PTTL", "SADD", "SMEMBERS", "ZADD", "ZCARD", "ZREM", "ZSCORE",
 }  # fmt: skip
 KEYLESS_COMMANDS = {"TIME"}

@@ -16,10 +16,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.harness import Benchmark, Result, machine_facts
-from bench.report import DOC_PATH, RESULTS_DIR, save_result, stamp, write_report
+from bench.report import DOC_PATH, RESULTS_DIR, save_result, save_run_info, stamp, write_report
 
 BENCHMARKS: dict[str, Benchmark] = {
     "hot_path": Benchmark("bench.hot_path", "load+save of an 8 KB snapshot vs raw redis-py"),
+    "coalescing": Benchmark("bench.coalescing", "Postgres row writes per save in a hot loop"),
+    "flush_throughput": Benchmark(
+        "bench.flush_throughput", "rows/s flushed end to end vs raw psycopg unnest"
+    ),
+    "flush_lag": Benchmark("bench.flush_lag", "p99 time from first dirty to written in Postgres"),
+    "loop_vs_postgres": Benchmark(
+        "bench.loop_vs_postgres", "loop iteration: ours vs the Postgres-only original"
+    ),
+    "parallel_loops": Benchmark(
+        "bench.parallel_loops", "iterations/s with N loop processes, ours vs original"
+    ),
+    "scale": Benchmark("bench.scale", "iteration time and memory with 100k live sessions"),
+    "cleanup": Benchmark("bench.cleanup", "workflow end: unresumable and cleaned, 100 sessions"),
 }
 COMMANDS = {
     "all": "run every benchmark, then write docs/benchmarks.md",
@@ -74,6 +87,7 @@ def run_all(
 ) -> int:
     """Every benchmark in turn; one failing does not stop the rest, but fails the command."""
     failed = []
+    started = time.monotonic()
     for name, benchmark in registry.items():
         try:
             run_one(
@@ -88,8 +102,18 @@ def run_all(
             traceback.print_exc()
             (results_dir / f"{name}.json").unlink(missing_ok=True)  # never report stale numbers
             failed.append(name)
+    wall = time.monotonic() - started
+    print(f"all: {len(registry)} benchmarks in {wall:.0f} s", flush=True)
+    info = {
+        "command": f"`{command}`",
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall time": f"{wall:.0f} s ({wall / 60:.1f} min) for {len(registry)} benchmarks",
+        "load average (1 min) at the end": f"{os.getloadavg()[0]:.2f}",
+    }
     if failed:
+        info["failed"] = ", ".join(failed)
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    save_run_info(info, results_dir)
     return 1 if failed else 0
 
 

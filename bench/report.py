@@ -16,6 +16,7 @@ from typing import Any
 from bench.harness import Result
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RUN_INFO = "_all_run.meta"  # the last ``bench all``: wall time and command (not a result)
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 _UNITS = {"us": "µs"}
 _COLUMNS = ("benchmark", "metric", "value", "baseline", "ratio", "goal", "met?", "spread")
@@ -33,6 +34,13 @@ HOW_TO_READ = """\
 - **spread** is the range of the per-block ratios (and p99s): a wide range means a noisy run;
   rerun without `--quick` before drawing conclusions.
 - `--quick` runs take seconds and are for smoke tests; publish full runs.
+- The write-behind benchmarks (`coalescing`, `flush_*`, `loop_vs_postgres`, `parallel_loops`,
+  `cleanup`) run real `agent-sessions worker` processes and use a fresh database on the
+  shared Postgres server (`$DATABASE_URL`, fsync on), which other work on this 2-vCPU machine
+  also uses: their absolute numbers move with it, and the loop processes, the RQ workers,
+  Redis and Postgres all share the same two vCPUs. Redis is always a private server.
+- A goal on `value` (rather than the ratio) is marked `value` in the goal column; `baseline`
+  is then the reference the value is read against (e.g. `flush_delay` for `flush_lag`).
 """
 
 
@@ -47,15 +55,23 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, Result]:
     """Every saved result, by benchmark name."""
     if not results_dir.is_dir():
         return {}
-    loaded = (Result.from_dict(json.loads(p.read_text())) for p in results_dir.glob("*.json"))
+    paths = sorted(results_dir.glob("*.json"))
+    loaded = (Result.from_dict(json.loads(p.read_text())) for p in paths)
     return {result.name: result for result in loaded}
 
 
 def _number(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
-    text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.1f}"
+    if abs(value) >= 1000:
+        text = f"{value:,.0f}"
+    else:
+        text = f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
     return f"{text} {_UNITS.get(unit, unit)}".strip()
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3f}"
 
 
 def _cell(text: object) -> str:
@@ -73,7 +89,7 @@ def _goal(result: Result) -> str:
 
 
 def _row(result: Result) -> str:
-    ratio = "-" if result.ratio is None else f"{result.ratio:.2f}"
+    ratio = "-" if result.ratio is None else _ratio(result.ratio)
     command = result.extra.get("command", "?")
     cells = [
         f"`{result.name}`",
@@ -89,24 +105,90 @@ def _row(result: Result) -> str:
     return "| " + " | ".join(_cell(cell) for cell in cells) + " |"
 
 
+def _also_rows(result: Result) -> list[str]:
+    """Secondary measurements a benchmark reports (``extra["also"]``), one row each."""
+    rows = []
+    for item in result.extra.get("also", []):
+        unit = str(item.get("unit", ""))
+        value, baseline = item.get("value"), item.get("baseline")
+        rat = _ratio(value / baseline) if value is not None and baseline else "-"
+        goal = f"value {item['goal']} {_UNITS.get(unit, unit)}" if "goal" in item else "-"
+        met = {True: "yes", False: "**no**"}.get(item.get("met"), "-")
+        cells = [
+            f"`{result.name}` (also)",
+            item.get("metric", "?"),
+            _number(value, unit),
+            _number(baseline, unit),
+            rat,
+            goal,
+            met,
+            item.get("note", "-"),
+            "same run",
+        ]
+        rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return rows
+
+
 def results_table(results: Iterable[Result]) -> list[str]:
     header = [*_COLUMNS, "command (when)"]
+    rows = []
+    for result in results:
+        rows += [_row(result), *_also_rows(result)]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]
+
+
+def plots(results: Iterable[Result]) -> list[str]:
+    """Image links for the results that drew a plot (``extra["plot"]``, a file in docs/)."""
+    lines = []
+    for result in results:
+        name = result.extra.get("plot")
+        if name:
+            lines += [f"### `{result.name}`", "", f"![{result.name}]({name})", ""]
+    return ["## Plots", "", *lines] if lines else []
+
+
+def save_run_info(info: Mapping[str, str], results_dir: Path = RESULTS_DIR) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / RUN_INFO).write_text(json.dumps(dict(info)) + "\n")
+
+
+def load_run_info(results_dir: Path = RESULTS_DIR) -> dict[str, str]:
+    path = results_dir / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _run_section(results: Sequence[Result], info: Mapping[str, str]) -> list[str]:
+    if not info:
+        return []
+    seconds = ", ".join(
+        f"`{r.name}` {r.extra['seconds']:.0f} s" for r in results if "seconds" in r.extra
+    )
     return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *(_row(result) for result in results),
+        "## Last full run",
+        "",
+        *(f"- {key}: {value}" for key, value in info.items()),
+        f"- per benchmark: {seconds}",
+        "",
     ]
 
 
 def _details(result: Result) -> list[str]:
-    skip = {"spread", "command", "recorded_at", "met", "goal_on"}
+    skip = {"spread", "command", "recorded_at", "met", "goal_on", "what", "also", "plot"}
     lines = [f"### `{result.name}`", ""]
+    if "what" in result.extra:
+        lines += [f"What is measured: {result.extra['what']}.", ""]
+    if result.extra.get("plot"):
+        lines += [f"Plot: [{result.extra['plot']}]({result.extra['plot']})", ""]
     lines += [f"- {key}: `{value}`" for key, value in result.extra.items() if key not in skip]
     return [*lines, ""]
 
 
 def render(
-    results: Sequence[Result], machine: Mapping[str, str], *, missing: Sequence[str] = ()
+    results: Sequence[Result],
+    machine: Mapping[str, str],
+    *,
+    missing: Sequence[str] = (),
+    run_info: Mapping[str, str] | None = None,
 ) -> str:
     """The whole of ``docs/benchmarks.md``."""
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -121,7 +203,11 @@ def render(
         "",
         *(f"- {key}: {value}" for key, value in machine.items()),
         "",
+        *_run_section(results, run_info or {}),
         "## Results",
+        "",
+        "value = the median over the repetitions (or blocks) of one run; spread = their range.",
+        "Rows marked (also) are secondary measurements of the benchmark above them.",
         "",
         *results_table(results),
         "",
@@ -129,7 +215,7 @@ def render(
     if missing:
         names = ", ".join(f"`{name}`" for name in missing)
         lines += [f"No saved result for: {names} (run `python -m bench NAME`).", ""]
-    lines += [HOW_TO_READ, "## Details", ""]
+    lines += [*plots(results), HOW_TO_READ, "## Details", ""]
     for result in results:
         lines += _details(result)
     return "\n".join(lines).rstrip() + "\n"
@@ -147,7 +233,13 @@ def write_report(
     names = [name for name in order if name in saved] + sorted(set(saved) - set(order))
     missing = [name for name in order if name not in saved]
     doc_path.parent.mkdir(parents=True, exist_ok=True)
-    doc_path.write_text(render([saved[name] for name in names], machine, missing=missing))
+    page = render(
+        [saved[name] for name in names],
+        machine,
+        missing=missing,
+        run_info=load_run_info(results_dir),
+    )
+    doc_path.write_text(page)
     return doc_path
 
 

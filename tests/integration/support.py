@@ -1,8 +1,8 @@
 """Shared helpers of the integration tests that need workers, Postgres or the fake backend.
 
-A test module imports the fixtures it needs (``migrated_fixture`` is the fixture
-``migrated``, and so on); pytest registers imported fixtures like local ones. Importing
-``close_contexts_fixture`` (autouse) closes every context ``make_ctx`` opened.
+The fixtures defined here (``migrated``, ``start_worker``, ``fake``, ``backend`` and the
+autouse ``close_contexts``, which closes every context ``make_ctx`` opened) are registered
+for the whole folder by ``conftest.py``.
 """
 
 from __future__ import annotations

@@ -29,17 +29,12 @@ from cache.records import (
 from tests import factories as f
 from tests.integration.support import (
     WorkerProcess,
-    backend_fixture,  # noqa: F401  (fixture)
-    close_contexts_fixture,  # noqa: F401  (autouse fixture)
-    fake_fixture,  # noqa: F401  (fixture)
     make_ctx,
-    migrated_fixture,  # noqa: F401  (fixture)
     node_composition,
     pg_status,
     redis_status,
     row,
     run_node,
-    start_worker_fixture,  # noqa: F401  (fixture)
     stored,
     wait_for,
 )

@@ -16,7 +16,6 @@ from cache.records import RunRef, SessionKey, SessionStatus
 from persistence.migrate import current
 from tests import factories as f
 from tests.integration.support import (
-    close_contexts_fixture,  # noqa: F401  (autouse fixture)
     make_ctx,
     settings_env,
     wait_for,

@@ -29,18 +29,13 @@ from tests import factories as f
 from tests.integration.support import (
     CREDENTIAL_LAYERS,
     WorkerProcess,
-    backend_fixture,  # noqa: F401  (fixture)
-    close_contexts_fixture,  # noqa: F401  (autouse fixture)
-    fake_fixture,  # noqa: F401  (fixture)
     history_of,
     make_ctx,
-    migrated_fixture,  # noqa: F401  (fixture)
     node_composition,
     pg_status,
     redis_status,
     row,
     run_node,
-    start_worker_fixture,  # noqa: F401  (fixture)
     stored,
     wait_for,
 )

@@ -18,17 +18,12 @@ from tests import factories as f
 from tests.integration.support import (
     NodeRun,
     WorkerProcess,
-    backend_fixture,  # noqa: F401  (fixture)
-    close_contexts_fixture,  # noqa: F401  (autouse fixture)
-    fake_fixture,  # noqa: F401  (fixture)
     history_of,
     make_ctx,
-    migrated_fixture,  # noqa: F401  (fixture)
     pg_status,
     redis_status,
     row,
     run_node,
-    start_worker_fixture,  # noqa: F401  (fixture)
     stored,
     wait_for,
 )

@@ -14,10 +14,7 @@ from persistence.migrate import upgrade
 from tests import factories as f
 from tests.integration.support import (
     WorkerProcess,
-    close_contexts_fixture,  # noqa: F401  (autouse fixture)
     make_ctx,
-    migrated_fixture,  # noqa: F401  (fixture)
-    start_worker_fixture,  # noqa: F401  (fixture)
     wait_for,
 )
 from tests.servers import Database, PostgresServer, fresh_database

@@ -232,6 +232,15 @@ def test_services_status_reports_what_answers(ctx: WorkerContext) -> None:
     assert "redis" in result.stdout.lower() and "postgres" in result.stdout.lower()
 
 
+def test_services_up_and_down_leave_answering_servers_alone(ctx: WorkerContext) -> None:
+    """`services up` uses servers that answer (starting nothing); `down` stops nothing of theirs."""
+    up = cli(ctx, "services", "up")
+    assert "answers" in up.stdout and "starting" not in up.stdout.lower()
+    cli(ctx, "services", "down")
+    assert ctx.cache.client.ping()
+    assert current(ctx.settings.database_url) is None  # the test's database is still there
+
+
 def test_an_idle_worker_pool_stops_promptly_on_sigterm(ctx: WorkerContext) -> None:
     """SIGTERM to an idle `worker` pool ends it within seconds, every time."""
     from rq import Worker

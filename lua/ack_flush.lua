@@ -6,8 +6,11 @@
 -- ARGV[2] TTL of a clean, cleaned session of an ended run (run_ended=1): integer milliseconds
 -- ARGV[3..] the version Postgres holds for KEYS[3..], in the same order: integers
 -- returns {0, acked, still_dirty}  OK: acked = sessions made clean, still_dirty = moved on
+--                                  (their first-dirty time becomes the time of this ack)
 local dirty, poison, resumable_ttl, ended_ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local acked, still_dirty = 0, 0
+local t = redis.call('TIME')
+local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
 for i = 3, #KEYS do
   local session, flushed = KEYS[i], tonumber(ARGV[i])
   local stored = redis.call('HMGET', session, 'version', 'flushed_version', 'status', 'run_ended')
@@ -27,6 +30,9 @@ for i = 3, #KEYS do
       end
       acked = acked + 1
     else
+      -- Saved again while it was being flushed: what is left is younger than this ack, so
+      -- it waits a full flush delay again instead of being flushed at the next pass.
+      redis.call('ZADD', dirty, 'XX', now_ms, session)
       still_dirty = still_dirty + 1
     end
   end

@@ -277,6 +277,22 @@ def test_ack_flush_removes_the_dirty_mark_only_when_the_version_did_not_move(
     assert record is not None and record.flushed_version == v + 1
 
 
+def test_a_session_saved_during_its_flush_waits_a_full_delay_again(
+    cache: RedisSessionCache, key: SessionKey
+) -> None:
+    """Ack of an older version re-scores the leftover change at ack time, so it coalesces."""
+    cache.save(key, f.session_write())
+    first = dirty_score(cache, key)
+    v = cache.load(key).version
+    cache.save(key, f.session_write())  # saved while the flush of v was running
+    assert dirty_score(cache, key) == first  # a save never moves the first-dirty time
+    before_ack = cache.server_time_ms()
+    assert ack(cache, key, v) == (0, 1)
+    rescored = dirty_score(cache, key)
+    assert rescored is not None and first is not None
+    assert rescored >= before_ack >= first
+
+
 # --- fill -----------------------------------------------------------------------------
 
 

@@ -571,6 +571,82 @@ def counted_writes(db_url: str) -> int:
     return int(row[0]) if row else 0
 
 
+def backlog_diagnostics(ctx: WorkerContext, *, entries: int = 3) -> dict[str, Any]:
+    """Why dirty entries are not going away: per dirty shard its count, the flush lock's TTL
+    and a few entries (versions, status); the flush queue's failed/scheduled/started jobs."""
+    from rq import registry
+
+    failed_registry: Any = registry.FailedJobRegistry
+    scheduled: Any = registry.ScheduledJobRegistry
+    started: Any = registry.StartedJobRegistry
+
+    cache = ctx.cache
+    shards: dict[str, Any] = {}
+    for shard, count in dirty_shards(ctx)[:5]:
+        found = cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=entries)
+        fields = ("version", "flushed_version", "status")
+        shards[str(shard)] = {
+            "dirty": count,
+            "lock_pttl_ms": cache.client.pttl(cache.keys.flush_lock(shard)),
+            "entries": [
+                {
+                    "since_ms": e.since_ms,
+                    **dict(zip(fields, _text(cache.client.hmget(e.name, fields)), strict=True)),
+                    "postgres_version": _row_version(ctx, e.name),
+                }
+                for e in found
+            ],
+        }
+    queue = ctx.flush_queue
+    failed = failed_registry(queue=queue)
+    return {
+        "shards": shards,
+        "queued": queue.count,
+        "failed": [(j, _last_line(queue.fetch_job(j))) for j in failed.get_job_ids()[:3]],
+        "scheduled": scheduled(queue=queue).get_job_ids()[:5],
+        "started": started(queue=queue).get_job_ids()[:5],
+    }
+
+
+def dirty_shards(ctx: WorkerContext) -> list[tuple[int, int]]:
+    from workers.drain import dirty_total
+
+    return dirty_total(ctx)
+
+
+def _row_version(ctx: WorkerContext, name: str) -> int | None:
+    row = ctx.repo.get(ctx.cache.keys.parse_session(name))
+    return None if row is None else row.version
+
+
+def _text(values: Any) -> list[str | None]:
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
+def _last_line(job: Any) -> str:
+    info = getattr(job, "exc_info", None) or ""
+    lines = str(info).strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Move everything allocated so far out of the cyclic GC's sight for the duration.
+
+    A benchmark that prepares a large baseline data set up front (a million objects) would
+    otherwise make every collection during the arm under test rescan that data, a cost no
+    real worker process pays.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 @contextmanager
 def cpu_warm() -> Iterator[None]:
     """A one-core busy-loop process for the duration: keeps the vCPUs out of their idle

@@ -1,0 +1,315 @@
+"""loop_vs_postgres: one Agent-node loop iteration, ours against the Postgres-only original.
+
+One iteration is what a loop costs the store between two backend runs, with no backend
+time: **ours** = ``SessionLifecycle.enter(scope)`` then ``finish(scope, entry, outcome)`` of
+a ``succeeded`` :class:`RunOutcome` built directly (an ~8 KB snapshot, the composition's
+specs), with a real ``agent-sessions worker`` pool flushing to Postgres in the background
+(default ``flush_delay_ms`` 1000). **original** = :mod:`bench.pg_original`:
+``load_active_session`` (ORM select by the five key columns + ``status = active``, JSON
+decode) then ``save_active_snapshot`` (ORM select by key, update the attributes,
+``commit()``) of the same snapshot as protocol JSON. Both use the same Postgres server and
+database, the same sessions (10 runs x 10 nodes, random order), in alternating blocks.
+
+:class:`LoopWorkload` is shared with ``parallel_loops``.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bench.harness import (
+    Result,
+    bench_settings,
+    cpu_warm,
+    make_result,
+    median,
+    migrated_database,
+    ns_to_us,
+    private_redis,
+    ratio,
+    run_interleaved,
+    summarize,
+    worker_context,
+    worker_pool,
+)
+from bench.hot_path import build_snapshot, build_specs
+from bench.pg_original import OriginalSessionStore, create_engine, create_table
+from cache.records import Scope
+from cache.settings import Settings
+from workers.backend_models import (
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    LayerExitSignals,
+    RunComposition,
+    RunLayerSpec,
+    snapshot_to_protocol,
+    spec_to_protocol,
+)
+
+if TYPE_CHECKING:
+    from agent_sessions.lifecycle import SessionLifecycle
+
+NAME = "loop_vs_postgres"
+METRIC = "per-iteration time (enter+finish, 8 KB) vs Postgres-only original"
+GOAL = "<= 0.1"
+WORKERS = 2
+LLM_LAYER = RunLayerSpec(
+    name="llm", type="dify.plugin.llm", config={"model": "gpt-x", "credentials": {"k": "sk"}}
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int
+    nodes: int
+    blocks: int
+    per_block: int
+    warmup: int
+    warm_blocks: int  # then again with a busy-loop process keeping the vCPUs awake
+
+
+QUICK = Plan(runs=10, nodes=10, blocks=4, per_block=150, warmup=50, warm_blocks=2)
+FULL = Plan(runs=10, nodes=10, blocks=8, per_block=800, warmup=200, warm_blocks=4)
+
+
+# --------------------------------------------------------------------------------- workload
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def build_scopes(runs: int, nodes: int, seed: int) -> list[Scope]:
+    """``runs`` workflow runs of one tenant and app, ``nodes`` Agent nodes each (uuid ids:
+    the original's columns are ``uuid``)."""
+    rng = random.Random(seed)
+    tenant, app, workflow = _uuid(rng), _uuid(rng), _uuid(rng)
+    binding, agent, config = _uuid(rng), _uuid(rng), _uuid(rng)
+    scopes = []
+    for _ in range(runs):
+        run = _uuid(rng)
+        scopes += [
+            Scope(tenant, app, workflow, run, f"agent-node-{n}", _uuid(rng), binding, agent, config)
+            for n in range(nodes)
+        ]
+    return scopes
+
+
+def build_request() -> CreateRunRequest:
+    """The request a node sent: the replayable layers plus a credential-bearing model layer."""
+    layers = [spec_to_protocol(spec) for spec in build_specs()]
+    return CreateRunRequest(
+        composition=RunComposition(layers=[*layers, LLM_LAYER]),
+        session_snapshot=None,
+        on_exit=LayerExitSignals(default="suspend"),
+    )
+
+
+@dataclass(frozen=True)
+class LoopWorkload:
+    """Sessions and payloads of one loop benchmark process; both arms iterate the same ones."""
+
+    scopes: list[Scope]
+    order: list[int]
+    request: CreateRunRequest
+    snapshot_proto: CompositorSessionSnapshot
+    specs_proto: list[RunLayerSpec]
+
+    @classmethod
+    def build(cls, runs: int, nodes: int, seed: int) -> LoopWorkload:
+        scopes = build_scopes(runs, nodes, seed)
+        order = list(range(len(scopes)))
+        random.Random(seed + 1).shuffle(order)
+        request = build_request()
+        specs = [x for x in request.composition.layers if x.type != LLM_LAYER.type]
+        return cls(scopes, order, request, snapshot_to_protocol(build_snapshot()), specs)
+
+    def cycle(self) -> Iterator[Scope]:
+        while True:
+            for i in self.order:
+                yield self.scopes[i]
+
+
+def ours_iteration(lifecycle: SessionLifecycle, workload: LoopWorkload) -> Callable[[], object]:
+    """``enter`` + ``finish(succeeded)`` through :class:`SessionLifecycle`."""
+    from agent_sessions.lifecycle import RunOutcome
+
+    outcome = RunOutcome(
+        status="succeeded",
+        backend_run_id=str(uuid.uuid4()),
+        request=workload.request,
+        snapshot=build_snapshot(),
+    )
+    scopes = workload.cycle()
+
+    def iteration() -> object:
+        scope = next(scopes)
+        entry = lifecycle.enter(scope)
+        result = lifecycle.finish(scope, entry, outcome)
+        if result.version is None:
+            raise RuntimeError(f"save failed: {result.metadata}")
+        return result
+
+    return iteration
+
+
+def original_iteration(store: OriginalSessionStore, workload: LoopWorkload) -> Callable[[], object]:
+    """``load_active_session`` + ``save_active_snapshot`` of the original store."""
+    scopes = workload.cycle()
+    backend_run_id = str(uuid.uuid4())
+
+    def iteration() -> object:
+        scope = next(scopes)
+        store.load_active_session(scope)
+        store.save_active_snapshot(
+            scope,
+            backend_run_id=backend_run_id,
+            snapshot=workload.snapshot_proto,
+            layer_specs=workload.specs_proto,
+        )
+        return None
+
+    return iteration
+
+
+@dataclass
+class LoopArms:
+    """Both arms, ready to call, over one workload (sessions created by one call each)."""
+
+    ours: Callable[[], object]
+    original: Callable[[], object]
+    sessions: int
+
+    def populate(self) -> None:
+        for _ in range(self.sessions):
+            self.ours()
+            self.original()
+
+
+@contextmanager
+def loop_arms(settings: Settings, workload: LoopWorkload) -> Iterator[LoopArms]:
+    """Our lifecycle and the original store for ``workload`` on ``settings``' servers."""
+    from agent_sessions.lifecycle import SessionLifecycle
+
+    with worker_context(settings) as ctx:
+        engine = create_engine(settings.database_url)
+        try:
+            arms = LoopArms(
+                ours_iteration(SessionLifecycle(ctx), workload),
+                original_iteration(OriginalSessionStore(engine), workload),
+                len(workload.scopes),
+            )
+            arms.populate()
+            yield arms
+        finally:
+            engine.dispose()
+
+
+# --------------------------------------------------------------------------------- running
+
+
+def _progress(plan: Plan) -> Callable[[int, Mapping[str, list[int]]], None]:
+    def report(index: int, block: Mapping[str, list[int]]) -> None:
+        ours, original = median(block["ours"]) / 1000, median(block["original"]) / 1000
+        print(
+            f"  block {index + 1:>2}/{plan.blocks}: ours {ours:7.1f} us  original "
+            f"{original:7.1f} us  ratio {ours / original:.3f}",
+            flush=True,
+        )
+
+    return report
+
+
+def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
+    workload = LoopWorkload.build(plan.runs, plan.nodes, seed=23)
+    with ExitStack() as stack:
+        redis_url = stack.enter_context(private_redis())
+        db_url = stack.enter_context(migrated_database())
+        settings = bench_settings(redis_url, db_url)
+        create_table(db_url)
+        stack.enter_context(worker_pool(settings, WORKERS))
+        arms = stack.enter_context(loop_arms(settings, workload))
+        ctx = stack.enter_context(worker_context(settings))
+        before = ctx.cache.counters().get("rows_flushed", 0)
+        print(f"  {arms.sessions} sessions, {WORKERS} flush workers; timing…", flush=True)
+        both = {"ours": arms.ours, "original": arms.original}
+        samples = run_interleaved(
+            both,
+            blocks=plan.blocks,
+            per_block=plan.per_block,
+            warmup=plan.warmup,
+            on_block=_progress(plan),
+        )
+        flushed = ctx.cache.counters().get("rows_flushed", 0) - before
+        print("  again with a busy-loop process (CPU-warm):", flush=True)
+        with cpu_warm():
+            warm = run_interleaved(
+                both, blocks=plan.warm_blocks, per_block=plan.per_block, on_block=_progress(plan)
+            )
+    facts = {"rows_flushed_meanwhile": flushed, "flush_workers": WORKERS, **_warm_facts(warm)}
+    return samples, facts
+
+
+def _warm_facts(warm: Mapping[str, list[list[int]]]) -> dict[str, Any]:
+    ours = median(ns_to_us([s for block in warm["ours"] for s in block]))
+    original = median(ns_to_us([s for block in warm["original"] for s in block]))
+    return {
+        "cpu_warm_ours_p50_us": round(ours, 1),
+        "cpu_warm_original_p50_us": round(original, 1),
+        "cpu_warm_ratio": round(ours / original, 3),
+        "cpu_warm_block_ratios": _block_ratios(warm),
+    }
+
+
+def _block_ratios(samples: Mapping[str, Sequence[Sequence[int]]]) -> list[float]:
+    pairs = zip(samples["ours"], samples["original"], strict=True)
+    return [round(ratio(median(a), median(b)), 3) for a, b in pairs]
+
+
+def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str, Any]) -> Result:
+    ours = summarize(ns_to_us([s for block in samples["ours"] for s in block]))
+    original = summarize(ns_to_us([s for block in samples["original"] for s in block]))
+    blocks = _block_ratios(samples)
+    extra = {
+        "spread": f"block ratios {min(blocks):.3f}-{max(blocks):.3f} over {len(blocks)} blocks",
+        "ours_p50_us": round(ours.median, 1),
+        "ours_p99_us": round(ours.p99, 1),
+        "original_p50_us": round(original.median, 1),
+        "original_p99_us": round(original.p99, 1),
+        "speedup": round(original.median / ours.median, 1),
+        "note": (
+            "cpu_warm_*: the same blocks with a 1-core busy loop running, which keeps the "
+            "vCPUs out of idle (baselines.md idle-vCPU caveat); the headline is the plain run"
+        ),
+        "block_ratios": blocks,
+        "iterations_per_arm": ours.count,
+        "sessions": plan.runs * plan.nodes,
+        "blocks": plan.blocks,
+        "per_block": plan.per_block,
+        "what": (
+            "ours = SessionLifecycle.enter + finish(succeeded) with a worker pool flushing "
+            "in the background; original = ORM load (select key+active) + save (select key, "
+            "update, commit), pg_original.py; same Postgres server and database"
+        ),
+        **facts,
+    }
+    return make_result(
+        NAME,
+        METRIC,
+        value=round(ours.median, 1),
+        baseline=round(original.median, 1),
+        goal=GOAL,
+        unit="us",
+        extra=extra,
+    )
+
+
+def run(quick: bool) -> Result:
+    plan = QUICK if quick else FULL
+    samples, facts = _measure(plan)
+    return _result(samples, plan, facts)

@@ -35,17 +35,10 @@ from typing import Any, TypeVar, cast
 
 from bench.harness import (
     Result,
-    WorkerPool,
-    bench_settings,
-    bulk_save,
     make_result,
     median,
-    migrated_database,
     private_redis,
     spread_text,
-    wait_for,
-    worker_context,
-    worker_pool,
 )
 from bench.hot_path import build_write
 from bench.loop_vs_postgres import LoopWorkload
@@ -54,6 +47,15 @@ from bench.pg_original import (
     cleanup_run_in_line,
     create_engine,
     create_table,
+)
+from bench.stack import (
+    WorkerPool,
+    bench_settings,
+    bulk_save,
+    migrated_database,
+    wait_for,
+    worker_context,
+    worker_pool,
 )
 from cache.records import Scope, SessionKey
 from workers.backend import AgentBackendClient

@@ -21,18 +21,20 @@ from typing import Any
 
 from bench.harness import (
     Result,
+    make_result,
+    private_redis,
+    spread_text,
+)
+from bench.loop_vs_postgres import LoopWorkload, ours_iteration
+from bench.stack import (
     bench_settings,
     counted_writes,
     install_write_counter,
-    make_result,
     migrated_database,
-    private_redis,
-    spread_text,
     wait_for,
     worker_context,
     worker_pool,
 )
-from bench.loop_vs_postgres import LoopWorkload, ours_iteration
 from workers.context import WorkerContext
 from workers.drain import dirty_total
 

@@ -31,18 +31,20 @@ import psycopg
 
 from bench.harness import (
     Result,
-    WorkerPool,
-    bench_settings,
     make_result,
     median,
-    migrated_database,
     percentile,
     private_redis,
+)
+from bench.hot_path import build_keys, build_write
+from bench.stack import (
+    WorkerPool,
+    bench_settings,
+    migrated_database,
     wait_for,
     worker_context,
     worker_pool,
 )
-from bench.hot_path import build_keys, build_write
 from cache.records import SessionKey
 from persistence.models import TABLE_NAME
 from workers.context import WorkerContext

@@ -33,19 +33,21 @@ from psycopg.types.json import Jsonb
 
 from bench.harness import (
     Result,
-    bench_settings,
-    bulk_save,
     frozen_heap,
     make_result,
     median,
-    migrated_database,
     private_redis,
     spread_text,
+)
+from bench.hot_path import build_keys, build_write
+from bench.stack import (
+    bench_settings,
+    bulk_save,
+    migrated_database,
     wait_for,
     worker_context,
     worker_pool,
 )
-from bench.hot_path import build_keys, build_write
 from cache.clock import now_iso
 from cache.records import SessionKey, SessionStatus, StoredSession
 from persistence.models import KEY_COLUMNS, TABLE_NAME, sessions

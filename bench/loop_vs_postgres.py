@@ -24,21 +24,23 @@ from typing import TYPE_CHECKING, Any
 
 from bench.harness import (
     Result,
-    bench_settings,
     cpu_warm,
     make_result,
     median,
-    migrated_database,
     ns_to_us,
     private_redis,
     ratio,
     run_interleaved,
     summarize,
-    worker_context,
-    worker_pool,
 )
 from bench.hot_path import build_snapshot, build_specs
 from bench.pg_original import OriginalSessionStore, create_engine, create_table
+from bench.stack import (
+    bench_settings,
+    migrated_database,
+    worker_context,
+    worker_pool,
+)
 from cache.records import Scope
 from cache.settings import Settings
 from workers.backend_models import (

@@ -28,19 +28,21 @@ from typing import Any
 from bench.harness import (
     HarnessError,
     Result,
-    backlog_diagnostics,
-    bench_settings,
     make_result,
     median,
-    migrated_database,
     private_redis,
-    wait_for,
-    worker_context,
-    worker_pool,
 )
 from bench.loop_vs_postgres import LoopWorkload, loop_arms
 from bench.pg_original import create_table
 from bench.plot import DOCS_DIR, plot_parallel_loops
+from bench.stack import (
+    backlog_diagnostics,
+    bench_settings,
+    migrated_database,
+    wait_for,
+    worker_context,
+    worker_pool,
+)
 from cache.settings import Settings
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain

@@ -29,7 +29,6 @@ import redis
 
 from bench.harness import (
     Result,
-    bulk_save,
     goal_met,
     make_result,
     median,
@@ -40,6 +39,9 @@ from bench.harness import (
     summarize,
 )
 from bench.hot_path import build_keys, build_snapshot, build_specs, build_write
+from bench.stack import (
+    bulk_save,
+)
 from cache.client import connect
 from cache.records import RunRef, SessionKey, SessionWrite
 from cache.settings import Settings

@@ -16,20 +16,15 @@ back only that tenant's rows.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 import secrets
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import click
 
@@ -52,6 +47,7 @@ from agent_sessions.lifecycle import (
     SessionLifecycle,
     extract_layer_specs,
 )
+from agent_sessions.worker_process import WorkerProcess
 from cache.records import Scope, SessionKey, SessionStatus, StoredSession
 from cache.settings import Settings
 from persistence.migrate import upgrade
@@ -69,10 +65,7 @@ PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 RUN_WAIT_S = 30.0
 RUN_POLL_S = 0.005
 DRAIN_POLL_S = 0.2
-WARM_STOP_S = 3.0
-COLD_STOP_S = 10.0
 # Service settings a worker must share with this process; any ASC_-named copy would win.
-_SHADOWING = ("ASC_REDIS_URL", "ASC_DATABASE_URL", "ASC_AGENT_BACKEND_URL")
 
 
 class Interrupted(Exception):
@@ -289,82 +282,12 @@ def _follow(futures: Sequence[Future[WorkflowResult]], progress: Progress, total
 # ------------------------------------------------------------------------------ the stack
 
 
-class WorkerPool:
-    """``agent-sessions worker -n N`` in its own process group, and its log file."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc = proc
-        self.log = log
-        self.keep_log = False
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        """SIGTERM the group and wait for every member (the pool's leader may exit first).
-
-        An RQ worker that is just finishing a job can miss the first SIGTERM and sit in its
-        next dequeue for minutes; a second SIGTERM (RQ's cold shutdown) reaches it. Whatever
-        outlives both is killed.
-        """
-        try:
-            for grace_s in (WARM_STOP_S, COLD_STOP_S):
-                if not self._signal(signal.SIGTERM) or self._group_gone_by(grace_s):
-                    break
-        finally:
-            self._signal(signal.SIGKILL)
-            self.proc.wait()
-            if not self.keep_log:
-                self.log.unlink(missing_ok=True)
-
-    def _group_gone_by(self, grace_s: float) -> bool:
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            self.proc.poll()  # reap the leader, so that only live members answer
-            if not self._signal(0):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def _signal(self, sig: int) -> bool:
-        """Signal the process group; ``False`` once nobody is left in it."""
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
-
-
-def worker_env(settings: Settings, backend_url: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in _SHADOWING}
-    return env | {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "AGENT_BACKEND_URL": backend_url,
-        "ASC_KEY_PREFIX": settings.key_prefix,
-        "ASC_FLUSH_DELAY_MS": str(settings.flush_delay_ms),
-        "ASC_SHARDS": str(settings.shards),
-    }
-
-
 @contextlib.contextmanager
-def worker_pool(settings: Settings, backend_url: str, workers: int) -> Iterator[WorkerPool]:
-    command = [sys.executable, "-m", "agent_sessions", "worker", "-n", str(workers)]
-    fd, path = tempfile.mkstemp(prefix="asc-demo-workers-", suffix=".log")
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(
-            command,
-            env=worker_env(settings, backend_url),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    pool = WorkerPool(proc, Path(path))
-    try:
+def worker_pool(settings: Settings, backend_url: str, workers: int) -> Iterator[WorkerProcess]:
+    """The demo's worker pool, configured to clean up on the fake backend."""
+    configured = settings.model_copy(update={"agent_backend_url": backend_url})
+    with WorkerProcess(configured, workers) as pool:
         yield pool
-    finally:
-        pool.stop()
 
 
 @dataclass(frozen=True)
@@ -373,7 +296,7 @@ class Stack:
 
     ctx: WorkerContext
     fake: FakeAgentBackend
-    pool: WorkerPool
+    pool: WorkerProcess
 
 
 @contextlib.contextmanager

@@ -3,18 +3,13 @@ write counters and backlog diagnostics (split from :mod:`bench.harness`)."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent_sessions.worker_process import WorkerProcess
 from bench.harness import HarnessError, fresh_database
 
 if TYPE_CHECKING:
@@ -31,9 +26,7 @@ if TYPE_CHECKING:
 # bulk fill and a trigger that counts row writes. Product modules are imported lazily so the
 # harness stays importable (and its unit tests fast) without the services.
 
-_SERVICE_ENV = ("REDIS_URL", "RQ_REDIS_URL", "DATABASE_URL", "AGENT_BACKEND_URL")
 POOL_READY_TIMEOUT_S = 60.0
-POOL_STOP_GRACE_S = (3.0, 10.0)
 _JOB_DONE = re.compile(r"Successfully completed (\S+?)\(.* job in (\d+):(\d+):([0-9.]+)s")
 
 
@@ -66,44 +59,13 @@ def bench_settings(redis_url: str, database_url: str, **overrides: Any) -> Setti
     return Settings(redis_url=redis_url, database_url=database_url, **overrides)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a child process exactly ``settings``.
-
-    Every field that was set explicitly is passed as ``ASC_<FIELD>`` (which wins over the
-    plain service names); the rest keep the child's own defaults. Inherited ``ASC_*`` and
-    service variables are dropped so nothing of the caller's environment leaks in.
-    """
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("ASC_") and name not in _SERVICE_ENV
-    }
-    for name in sorted(settings.model_fields_set):
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        env[f"ASC_{name.upper()}"] = text
-    return env
-
-
-class WorkerPool:
-    """``python -m agent_sessions worker -n N`` (RQ pool + flush trigger) in its own group."""
+class WorkerPool(WorkerProcess):
+    """The product's worker process group, plus what benchmarks ask of it."""
 
     def __init__(self, settings: Settings, processes: int) -> None:
+        super().__init__(settings, processes)
         self.settings = settings
         self.processes = processes
-        fd, path = tempfile.mkstemp(prefix="asc-bench-workers-", suffix=".log")
-        self.log = Path(path)
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent_sessions", "worker", "-n", str(processes)],
-                env=settings_env(settings),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
 
     def registered(self) -> int:
         """How many RQ workers of this pool have registered (they then take jobs)."""
@@ -128,44 +90,13 @@ class WorkerPool:
 
     def job_seconds(self, function: str = "") -> list[float]:
         """Durations RQ logged for the completed jobs ("... job in 0:00:00.009444s") whose
-        function name ends with ``function``: the time inside the job horse."""
+        function name ends with ``function``: the time inside the job."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return [
             int(h) * 3600 + int(m) * 60 + float(sec)
             for name, h, m, sec in _JOB_DONE.findall(text)
             if name.endswith(function)
         ]
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM the group (twice: RQ's warm, then cold shutdown), SIGKILL what is left."""
-        try:
-            for grace_s in POOL_STOP_GRACE_S:
-                if not self._signal(signal.SIGTERM) or self._gone_within(grace_s):
-                    break
-        finally:
-            self._signal(signal.SIGKILL)
-            self.proc.wait()
-            self.log.unlink(missing_ok=True)
-
-    def _gone_within(self, grace_s: float) -> bool:
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            self.proc.poll()
-            if not self._signal(0):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def _signal(self, sig: int) -> bool:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 @contextmanager

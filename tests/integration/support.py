@@ -7,10 +7,6 @@ for the whole folder by ``conftest.py``.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +16,8 @@ import pytest
 
 from agent_sessions.fake_backend import FakeAgentBackend
 from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
+from agent_sessions.worker_process import WorkerProcess
+from agent_sessions.worker_process import settings_env as product_settings_env
 from cache.records import Scope, SessionKey, SessionStatus, Snapshot, StoredSession
 from cache.settings import Settings
 from persistence.migrate import upgrade
@@ -75,66 +73,8 @@ def make_ctx(redis_url: str, database_url: str, **overrides: object) -> WorkerCo
 
 
 def settings_env(ctx: WorkerContext) -> dict[str, str]:
-    """The environment that gives a worker process the same settings as ``ctx``."""
-    s = ctx.settings
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in {"AGENT_BACKEND_URL", "ASC_AGENT_BACKEND_URL"}
-    }
-    env.update(
-        {
-            "REDIS_URL": s.redis_url,
-            "DATABASE_URL": s.database_url,
-            "ASC_FLUSH_DELAY_MS": str(s.flush_delay_ms),
-            "ASC_SHARDS": str(s.shards),
-            "ASC_FLUSH_LOCK_TTL_S": str(s.flush_lock_ttl_s),
-            "ASC_MAX_DIRTY_PER_SHARD": str(s.max_dirty_per_shard),
-            "ASC_CLEANUP_ATTEMPTS": str(s.cleanup_attempts),
-            "ASC_CLEANUP_WAIT_S": str(s.cleanup_wait_s),
-            "ASC_BACKEND_TIMEOUT_S": str(s.backend_timeout_s),
-        }
-    )
-    if s.agent_backend_url:
-        env["AGENT_BACKEND_URL"] = s.agent_backend_url
-    return env
-
-
-class WorkerProcess:
-    """``agent-sessions worker`` as a real process group (pool + trigger)."""
-
-    def __init__(self, ctx: WorkerContext, log: Path, processes: int = 1) -> None:
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent_sessions", "worker", "-n", str(processes)],
-                env=settings_env(ctx),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        """SIGKILL the whole group: no worker gets to clean up."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
-        """SIGTERM the group; SIGKILL it after ``grace_s``. True if it exited on its own.
-
-        The pool sometimes ignores a SIGTERM that lands right after a job ended (it then
-        waits for a worker that never logs "warm shut down requested"), so the grace is short.
-        """
-        if self.proc.poll() is not None:
-            return True
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return False
-        return True
+    """The environment that gives a child process the same settings as ``ctx``."""
+    return product_settings_env(ctx.settings)
 
 
 @pytest.fixture(name="migrated")
@@ -150,13 +90,13 @@ def start_worker_fixture(tmp_path: Path) -> Iterator[Callable[[WorkerContext], W
     started: list[WorkerProcess] = []
 
     def start(ctx: WorkerContext) -> WorkerProcess:
-        worker = WorkerProcess(ctx, tmp_path / f"worker-{len(started)}.log")
+        worker = WorkerProcess(ctx.settings, log=tmp_path / f"worker-{len(started)}.log")
         started.append(worker)
         return worker
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.stop(graces_s=(STOP_GRACE_S,))
 
 
 @pytest.fixture(name="fake")

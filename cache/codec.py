@@ -60,6 +60,60 @@ def _decode_snapshot_bytes(data: bytes) -> Snapshot:
     return snapshot_from_stored(unpack(data))
 
 
+class EncodedSnapshot(Snapshot):
+    """A stored snapshot kept as its msgpack bytes and decoded only if something reads it.
+
+    The flush path reads these and hands ``encoded`` to Postgres unchanged: the bytea column
+    holds the same msgpack encoding, so decoding and re-packing an 8 KB snapshot per row
+    was pure waste. Equal to a plain :class:`Snapshot` with the same content.
+    """
+
+    __slots__ = ("encoded",)
+    encoded: bytes
+
+    def __init__(self, encoded: bytes) -> None:
+        object.__setattr__(self, "encoded", encoded)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in ("layers", "schema_version"):
+            raise AttributeError(name)
+        decoded = _decode_snapshot_bytes(self.encoded)
+        object.__setattr__(self, "layers", decoded.layers)
+        object.__setattr__(self, "schema_version", decoded.schema_version)
+        return getattr(self, name)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Snapshot):
+            return NotImplemented
+        return (self.schema_version, self.layers) == (other.schema_version, other.layers)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _encoded_snapshot(data: bytes) -> EncodedSnapshot:
+    """Keep the bytes, but only if they are one well-formed msgpack map (checked in C,
+    without building it), so a corrupt value is parked instead of reaching Postgres."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    try:
+        unpacker.skip()
+    except Exception as exc:  # msgpack's errors do not share one base class
+        raise ValueError(f"malformed msgpack: {type(exc).__name__}") from exc
+    if not data or data[0] not in _MAP_MARKERS or unpacker.tell() != len(data):
+        raise ValueError("not exactly one msgpack map")
+    return EncodedSnapshot(data)
+
+
+_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+
+
+def snapshot_bytes(snapshot: Snapshot) -> bytes:
+    """The msgpack encoding of ``snapshot``: the stored bytes when it still has them."""
+    if isinstance(snapshot, EncodedSnapshot):
+        return snapshot.encoded
+    return pack(snapshot.to_dict())
+
+
 def _decode_specs_bytes(data: bytes) -> tuple[LayerSpec, ...]:
     return specs_from_stored(unpack(data))
 
@@ -106,13 +160,16 @@ class Codec:
         return pairs
 
     def decode_session(
-        self, name: str, key: SessionKey, raw: Mapping[bytes, bytes]
+        self, name: str, key: SessionKey, raw: Mapping[bytes, bytes], *, lazy: bool = False
     ) -> StoredSession:
-        """Build a :class:`StoredSession` from an ``HGETALL`` reply of key ``name``."""
+        """Build a :class:`StoredSession` from an ``HGETALL`` reply of key ``name``.
+
+        With ``lazy`` the snapshot stays encoded (:class:`EncodedSnapshot`) until read.
+        """
         fields = _Fields(name, raw)
         write = unchecked(
             SessionWrite,
-            snapshot=fields.binary(SNAPSHOT, _decode_snapshot_bytes),
+            snapshot=fields.binary(SNAPSHOT, _encoded_snapshot if lazy else _decode_snapshot_bytes),
             layer_specs=fields.binary(LAYER_SPECS, _decode_specs_bytes),
             **{f: fields.identifier(f) for f in REQUIRED_ID_FIELDS},
             **{f: fields.identifier(f, required=False) for f in OPTIONAL_ID_FIELDS},

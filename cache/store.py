@@ -125,20 +125,24 @@ class RedisSessionCache:
         raw = dict(zip(values[1::2], values[2::2], strict=True))
         return Loaded(self.codec.decode_session(name, key, raw), run_ended)
 
-    def read_many(self, names: Sequence[str]) -> list[SessionRead]:
-        """Sessions by key name in one pipeline; a corrupt one is returned, not raised."""
+    def read_many(self, names: Sequence[str], *, lazy: bool = False) -> list[SessionRead]:
+        """Sessions by key name in one pipeline; a corrupt one is returned, not raised.
+
+        With ``lazy`` snapshots stay msgpack bytes until read (the flush never reads them).
+        """
         with translate_errors("reading sessions"):
             pipe = self.client.pipeline(transaction=False)
             for name in names:
                 pipe.hgetall(name)
             replies: list[Any] = pipe.execute()
-        return [self._decode(name, raw) for name, raw in zip(names, replies, strict=True)]
+        return [self._decode(name, raw, lazy) for name, raw in zip(names, replies, strict=True)]
 
-    def _decode(self, name: str, raw: dict[bytes, bytes]) -> SessionRead:
+    def _decode(self, name: str, raw: dict[bytes, bytes], lazy: bool = False) -> SessionRead:
         if not raw:
             return None
         try:
-            return self.codec.decode_session(name, self.keys.parse_session(name), raw)
+            key = self.keys.parse_session(name)
+            return self.codec.decode_session(name, key, raw, lazy=lazy)
         except CorruptValue as exc:
             return exc
         except InvalidInput as exc:

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 from sqlalchemy.types import UserDefinedType
 
 from cache.clock import parse_iso
-from cache.codec import pack, unpack
+from cache.codec import snapshot_bytes, unpack
 from cache.records import (
     ClosedBy,
     SessionKey,
@@ -118,7 +118,7 @@ def _to_row(session: StoredSession, now: datetime) -> dict[str, Any]:
     row |= {
         "status": session.status.value,
         "version": session.version,
-        "snapshot": pack(data.snapshot.to_dict()),
+        "snapshot": snapshot_bytes(data.snapshot),
         "layer_specs": json.dumps(specs_to_list(data.layer_specs), separators=(",", ":")),
         "closed_by": session.closed_by.value if session.closed_by else None,
         "cleanup_error": session.cleanup_error,

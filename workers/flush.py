@@ -117,7 +117,7 @@ def _flush_locked(
 
 def _read(cache: RedisSessionCache, names: list[str]) -> _Batch:
     batch = _Batch([], [], [])
-    for name, item in zip(names, cache.read_many(names), strict=True):
+    for name, item in zip(names, cache.read_many(names, lazy=True), strict=True):
         if item is None:
             batch.missing.append(name)
         elif isinstance(item, CorruptValue):

@@ -237,3 +237,39 @@ def test_stored_id_that_is_not_a_valid_id_raises_corrupt_value(field: str, value
     with pytest.raises(CorruptValue) as info:
         Codec().decode_session(NAME, KEY, _stored_raw(**{field: value}))
     assert (info.value.key, info.value.field) == (NAME, field)
+
+
+def test_a_lazily_decoded_snapshot_keeps_its_bytes_and_decodes_only_when_read() -> None:
+    """The flush's lazy decode writes the stored bytes unchanged; reading still works."""
+    from cache.codec import EncodedSnapshot, snapshot_bytes
+
+    codec = Codec()
+    write = f.session_write(f.snapshot("prompt", "history", state={"n": [1, 2.5, "x"]}))
+    fields = codec.write_fields(write)
+    raw = {
+        (k if isinstance(k, bytes) else k.encode()): (v if isinstance(v, bytes) else v.encode())
+        for k, v in zip(fields[::2], fields[1::2], strict=True)
+        if v != ""
+    }
+    raw |= {b"status": b"active", b"version": b"1"}
+    key = f.session_key()
+    lazy = codec.decode_session("k", key, raw, lazy=True)
+    assert isinstance(lazy.snapshot, EncodedSnapshot)
+    assert snapshot_bytes(lazy.snapshot) == raw[b"snapshot"]
+    assert lazy.snapshot == write.snapshot and write.snapshot == lazy.snapshot
+    assert lazy.snapshot.layer_names() == ("prompt", "history")
+
+
+@pytest.mark.parametrize("bad", [b"\xc1 not msgpack", b"\x91\x01", b"\x81\xa1a\x01\x00"])
+def test_a_lazy_decode_still_refuses_malformed_or_foreign_snapshot_bytes(bad: bytes) -> None:
+    """Corrupt, non-map or trailing-garbage bytes raise CorruptValue even when lazy."""
+    codec = Codec()
+    fields = codec.write_fields(f.session_write())
+    raw = {
+        (k if isinstance(k, bytes) else k.encode()): (v if isinstance(v, bytes) else v.encode())
+        for k, v in zip(fields[::2], fields[1::2], strict=True)
+        if v != ""
+    }
+    raw |= {b"status": b"active", b"version": b"1", b"snapshot": bad}
+    with pytest.raises(CorruptValue, match="snapshot"):
+        codec.decode_session("k", f.session_key(), raw, lazy=True)

@@ -60,29 +60,8 @@ from persistence.repository import SessionRepository, _to_row, create_engine
 BATCH = 500
 BATCHES = 20
 WORDS = [f"{a}{b}" for a in ("lo", "ra", "mi", "ten", "sul", "pra", "ke") for b in range(70)]
-COLUMNS = [
-    "tenant_id",
-    "app_id",
-    "workflow_id",
-    "workflow_run_id",
-    "node_id",
-    "node_execution_id",
-    "binding_id",
-    "agent_id",
-    "agent_config_snapshot_id",
-    "status",
-    "version",
-    "snapshot",
-    "layer_specs",
-    "backend_run_id",
-    "pending_form_id",
-    "pending_tool_call_id",
-    "closed_by",
-    "cleanup_error",
-    "cleaned_at",
-    "created_at",
-    "updated_at",
-]
+COLUMNS = [c.name for c in sessions.columns if c.name not in {"id", "flushed_at"}]
+"""Every column the flush writes, in table order (as ``SessionRepository`` derives it)."""
 ARRAY_TYPES = ["text"] * 10 + ["bigint", "bytea", "jsonb"] + ["text"] * 5 + ["timestamptz"] * 3
 KEYS = ", ".join(KEY_COLUMNS)
 UPDATE_SET = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS) + ", flushed_at = now()"

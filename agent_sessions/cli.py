@@ -138,12 +138,20 @@ def _drain(ctx: Any, timeout: float) -> dict[str, Any]:
 
 def _enqueue_all(ctx: Any) -> dict[str, Any]:
     from workers.drain import dirty_total
-    from workers.queues import enqueue_flush
+    from workers.queues import FlushRequest, pending_ttl_ms, request_flush
 
     pending = dirty_total(ctx)
-    prefix = ctx.settings.key_prefix
-    queued = [s for s, _ in pending if enqueue_flush(ctx.flush_queue, prefix, s, urgent=True)]
-    return {"dirty": sum(c for _, c in pending), "shards": len(pending), "enqueued": len(queued)}
+    prefix, ms = ctx.settings.key_prefix, pending_ttl_ms(ctx.settings)
+    requests = [
+        request_flush(ctx.flush_queue, prefix, shard, urgent=True, pending_ms=ms)
+        for shard, _ in pending
+    ]
+    return {
+        "dirty": sum(c for _, c in pending),
+        "shards": len(pending),
+        "enqueued": requests.count(FlushRequest.ENQUEUED),
+        "pending": requests.count(FlushRequest.PENDING),
+    }
 
 
 main.add_command(inspect)

@@ -45,7 +45,8 @@ from workers.backend_models import (
 )
 from workers.cleanup import enqueue_cleanup
 from workers.context import WorkerContext
-from workers.queues import enqueue_flush
+from workers.flush import flush_session
+from workers.queues import pending_ttl_ms, request_flush
 from workers.readthrough import load_through
 
 log = logging.getLogger(__name__)
@@ -252,11 +253,19 @@ class SessionLifecycle:
 
     # --- exit ----------------------------------------------------------------------------
 
-    def finish(self, scope: Scope, entry: Entry, outcome: RunOutcome) -> NodeResult:
-        """Store what the run left behind and say what the node reports."""
+    def finish(
+        self, scope: Scope, entry: Entry, outcome: RunOutcome, *, durable: bool | None = None
+    ) -> NodeResult:
+        """Store what the run left behind and say what the node reports.
+
+        A pause is flushed to Postgres urgently; with ``durable`` (default: the setting
+        ``durable_pauses``) it is written to Postgres before this returns, so that a Redis
+        crash right after cannot lose it. ``metadata["session_flush"]`` says which happened.
+        """
         if outcome.status in ("failed", "cancelled"):
             return self._retire(scope, outcome)
-        result = self._save(scope, entry, outcome)
+        durable = self.ctx.settings.durable_pauses if durable is None else durable
+        result = self._save(scope, entry, outcome, durable=durable)
         if outcome.status == "succeeded":
             return result
         pause = PauseRequest(
@@ -273,7 +282,9 @@ class SessionLifecycle:
             metadata=result.metadata,
         )
 
-    def _save(self, scope: Scope, entry: Entry, outcome: RunOutcome) -> NodeResult:
+    def _save(
+        self, scope: Scope, entry: Entry, outcome: RunOutcome, *, durable: bool
+    ) -> NodeResult:
         key = scope.key
         if key is None or outcome.snapshot is None:
             return NodeResult("completed")
@@ -294,7 +305,7 @@ class SessionLifecycle:
             return NodeResult("completed", metadata=_persist_failed(exc))
         metadata: dict[str, object] = {"session_snapshot_persisted": True}
         if outcome.status == "paused":
-            metadata["session_flush_enqueued"] = self._urgent_flush(key)
+            metadata |= self._durable_flush(key) if durable else self._urgent_flush(key)
         return NodeResult("completed", version=version, metadata=metadata)
 
     def _retire(self, scope: Scope, outcome: RunOutcome) -> NodeResult:
@@ -314,7 +325,7 @@ class SessionLifecycle:
             return NodeResult("failed", error=error, metadata=failed)
         metadata: dict[str, object] = {"session_snapshot_cleaned_on_failure": True}
         if version is not None:
-            metadata["session_flush_enqueued"] = self._urgent_flush(key)
+            metadata |= self._urgent_flush(key)
         return NodeResult("failed", error=error, version=version, metadata=metadata)
 
     def _retire_through(self, key: SessionKey, failed_run_id: str) -> int | None:
@@ -325,15 +336,38 @@ class SessionLifecycle:
             version = self.ctx.cache.retire(key, failed_run_id)
         return version
 
-    def _urgent_flush(self, key: SessionKey) -> bool:
-        """Pauses may last days and retires must stick: flush now, not after the delay."""
+    def _urgent_flush(self, key: SessionKey) -> dict[str, object]:
+        """Pauses may last days and retires must stick: flush now, not after the delay.
+
+        ``session_flush`` is ``enqueued`` (a new urgent job), ``pending`` (an urgent job of
+        the shard that has not started yet will take it) or ``failed`` (the queue could not
+        be reached: the trigger flushes it once it is due, README "Durability").
+        """
+        settings = self.ctx.settings
         shard = self.ctx.cache.keys.shard_of_key(key)
         try:
-            enqueue_flush(self.ctx.flush_queue, self.ctx.settings.key_prefix, shard, urgent=True)
-        except Exception as exc:  # the trigger's sweep flushes it later
-            log.warning("could not enqueue an urgent flush of shard %s: %s", shard, exc)
-            return False
-        return True
+            request = request_flush(
+                self.ctx.flush_queue,
+                settings.key_prefix,
+                shard,
+                urgent=True,
+                pending_ms=pending_ttl_ms(settings),
+            )
+        except AgentSessionsError as exc:
+            log.warning("could not request an urgent flush of shard %s: %s", shard, exc)
+            return {"session_flush": "failed", "session_flush_enqueued": False}
+        return {"session_flush": request.value, "session_flush_enqueued": True}
+
+    def _durable_flush(self, key: SessionKey) -> dict[str, object]:
+        """Write the session to Postgres now; fall back to an urgent flush if that fails."""
+        try:
+            if flush_session(self.ctx.cache, self.ctx.repo, key):
+                return {"session_flush": "durable", "session_flush_enqueued": False}
+            detail = "the session was parked in the poison hash"
+        except AgentSessionsError as exc:
+            detail = str(exc)
+        log.warning("the durable write of %s failed: %s", key, detail)
+        return {**self._urgent_flush(key), "session_durable_error": detail}
 
     # --- end of workflow -----------------------------------------------------------------
 

@@ -25,6 +25,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         "bench.flush_throughput", "rows/s flushed end to end vs raw psycopg unnest"
     ),
     "flush_lag": Benchmark("bench.flush_lag", "p99 time from first dirty to written in Postgres"),
+    "fault_recovery": Benchmark(
+        "bench.fault_recovery", "longest wait for Postgres after SIGKILLs of flushing workers"
+    ),
     "loop_vs_postgres": Benchmark(
         "bench.loop_vs_postgres", "loop iteration: ours vs the Postgres-only original"
     ),

@@ -55,7 +55,7 @@ from persistence.repository import _to_row
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
 from workers.flush import flush_shard
-from workers.queues import enqueue_flush
+from workers.queues import FlushRequest, pending_ttl_ms, request_flush
 
 NAME = "flush_throughput"
 METRIC = "rows/s flushed end to end (dirty -> Postgres -> acked), 8 KB"
@@ -212,7 +212,14 @@ def _pool_pass(ctx: WorkerContext, raw: RawWriter, keys: Sequence[SessionKey], n
         start = time.perf_counter()
         jobs = 0
         for shard, _ in dirty_total(ctx):
-            jobs += enqueue_flush(ctx.flush_queue, ctx.settings.key_prefix, shard, urgent=True)
+            request = request_flush(
+                ctx.flush_queue,
+                ctx.settings.key_prefix,
+                shard,
+                urgent=True,
+                pending_ms=pending_ttl_ms(ctx.settings),
+            )
+            jobs += request is FlushRequest.ENQUEUED
         wait_for(lambda: not dirty_total(ctx), "the pool to flush everything", timeout_s=300)
         seconds = time.perf_counter() - start
         inside = pool.job_seconds()

@@ -9,7 +9,7 @@ from typing import TypeAlias
 import redis
 from redis.cluster import RedisCluster
 
-from cache.errors import StoreUnavailable
+from cache.errors import StoreOutOfMemory, StoreUnavailable
 from cache.settings import Settings
 
 RedisClient: TypeAlias = redis.Redis | RedisCluster
@@ -36,6 +36,8 @@ def translate_errors(what: str) -> Iterator[None]:
     """Re-raise redis-py's errors as :class:`StoreUnavailable`, from the original."""
     try:
         yield
+    except redis.exceptions.OutOfMemoryError as exc:
+        raise StoreOutOfMemory(f"{what}: Redis is over maxmemory: {exc}") from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailable(f"{what}: Redis is unavailable: {exc}") from exc
     except redis.RedisError as exc:

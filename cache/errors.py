@@ -14,10 +14,11 @@ subclasses say what went wrong and whether retrying can help::
     │   ├── RunEnded            the workflow run has ended; no save can land
     │   ├── VersionConflict     ``expected_version`` differs from the stored version
     │   └── BacklogFull         the shard's dirty backlog is at its bound
-    ├── StoreUnavailable        Redis could not be reached or timed out
+    ├── StoreUnavailable        Redis could not be reached, timed out or refused a command
+    │   └── StoreOutOfMemory    Redis is over ``maxmemory``: a write was refused, nothing written
     ├── ScriptContractError     a script returned a code we do not know (a bug)
     ├── PersistenceError        Postgres (``persistence.errors``)
-    ├── QueueError              RQ / worker side (``workers.jobs.FlushBusy``)
+    ├── QueueError              RQ / worker side: the queue's Redis failed a request
     └── AgentBackendError       the agent backend (``workers.backend_errors``)
 
 Lower layers define the roots of their own branches here so that every layer can raise
@@ -89,7 +90,16 @@ class BacklogFull(Refused):
 
 
 class StoreUnavailable(AgentSessionsError):
-    """Redis could not be reached, or the call timed out."""
+    """Redis could not be reached, the call timed out, or Redis refused the command."""
+
+
+class StoreOutOfMemory(StoreUnavailable):
+    """Redis is over ``maxmemory`` and refused a write before anything was written.
+
+    Every writing script carries a ``#!lua`` shebang, so Redis refuses it whole instead of
+    failing halfway. Flushing still works (its scripts may run over the limit) and frees
+    memory once acknowledged sessions expire or are evicted.
+    """
 
 
 class ScriptContractError(AgentSessionsError):

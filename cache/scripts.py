@@ -26,6 +26,8 @@ SCRIPT_NAMES = (
     "ack_flush",
     "fill",
     "quarantine",
+    "take_lock",
+    "release_lock",
 )
 
 
@@ -58,6 +60,8 @@ class Scripts:
     ack_flush: Script
     fill: Script
     quarantine: Script
+    take_lock: Script
+    release_lock: Script
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

@@ -49,8 +49,12 @@ class Settings(BaseSettings):
     shards: int = Field(256, ge=1, le=16384, description="Logical shards; fixed once used.")
     flush_delay_ms: int = Field(1000, ge=0, description="Age a dirty entry reaches before flush.")
     flush_batch: int = Field(200, ge=1, le=10_000, description="Sessions per flush statement.")
-    flush_lock_ttl_s: int = Field(
-        10, ge=1, description="Flush lock lifetime: how long a killed flush blocks its shard."
+    flush_lock_ttl_s: float = Field(
+        1.0,
+        ge=0.2,
+        le=60,
+        description="Flush lock lifetime, renewed while the flush runs: how long a killed "
+        "flusher can hold its shard.",
     )
     max_dirty_per_shard: int = Field(
         50_000, ge=0, description="Dirty sessions per shard before saves are refused; 0 = no bound."
@@ -68,6 +72,11 @@ class Settings(BaseSettings):
         5, ge=1, le=50, description="Cleanup attempts per session before it is given up."
     )
     socket_timeout_s: float = Field(5.0, gt=0, description="Redis socket timeout.")
+    durable_pauses: bool = Field(
+        False,
+        description="Write a paused session to Postgres before finish() returns, so that a "
+        "Redis crash right after cannot lose the pause (costs one Postgres commit per pause).",
+    )
 
     @field_validator("redis_url", "database_url")
     @classmethod

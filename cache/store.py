@@ -7,14 +7,25 @@ atomic and runs unchanged on Redis Cluster.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import redis
+from redis.cluster import RedisCluster
+
 from cache.client import RedisClient, translate_errors
 from cache.clock import now_iso
 from cache.codec import Codec
-from cache.errors import ConfigurationError, CorruptValue, InvalidInput, Refused
+from cache.errors import (
+    ConfigurationError,
+    CorruptValue,
+    InvalidInput,
+    Refused,
+    StoreOutOfMemory,
+    StoreUnavailable,
+)
 from cache.keys import KeySpace
 from cache.metrics import LOADS, REFUSALS, RETIRES, SAVES
 from cache.records import (
@@ -35,6 +46,7 @@ _OK_OR_NOOP = frozenset({Code.OK, Code.NOOP})
 _END = frozenset({Code.OK, Code.RUN_ENDED})
 _FILL = frozenset({Code.OK, Code.EXISTS})
 _CLEANUP_CHUNK = 500
+_POLICY = "maxmemory-policy"
 _LOADED_FROM_REDIS = LOADS.labels("redis")
 _LOAD_MISSED = LOADS.labels("miss")
 
@@ -77,6 +89,7 @@ class DirtyEntry:
 
 
 SessionRead = StoredSession | CorruptValue | None
+log = logging.getLogger(__name__)
 
 
 class RedisSessionCache:
@@ -89,20 +102,66 @@ class RedisSessionCache:
         self.codec = Codec(self.settings.max_snapshot_bytes, self.settings.max_specs_bytes)
         self.scripts = Scripts.register(client)
         self._check_layout()
+        self._check_eviction_policy()
 
     def _check_layout(self) -> None:
-        """Record the shard count on first use; refuse to run against a different one."""
+        """Record the shard count on first use; refuse to run against a different one.
+
+        Read first: a process that only drains must start even when Redis is over maxmemory.
+        """
         with translate_errors("checking the key layout"):
-            self.client.hsetnx(self.keys.meta, "shards", self.settings.shards)
             stored = self.client.hget(self.keys.meta, "shards")
+            if stored is None:
+                self.client.hsetnx(self.keys.meta, "shards", self.settings.shards)
+                stored = self.client.hget(self.keys.meta, "shards")
         if stored is None or int(stored) != self.settings.shards:
             raise ConfigurationError(
                 f"{self.keys.meta} says shards={stored!r}, this process is configured with "
                 f"shards={self.settings.shards}; keys would land in the wrong shards"
             )
 
-    def _ms(self, seconds: int) -> int:
-        return seconds * 1000
+    def _check_eviction_policy(self) -> None:
+        """Refuse ``allkeys-*`` eviction, warn about ``volatile-*`` (README, Durability).
+
+        ``allkeys-*`` may evict a dirty session, a dirty set or a run marker: acknowledged
+        saves would vanish before reaching Postgres. ``volatile-*`` only evicts keys with a
+        TTL (flushed sessions, which read-through brings back). A Redis that refuses CONFIG
+        (managed services, ACLs) is trusted, and said so in the log.
+        """
+        for node, policy in self._eviction_policies().items():
+            if policy.startswith("allkeys-"):
+                raise ConfigurationError(
+                    f"Redis {node} runs maxmemory-policy {policy}, which evicts sessions that "
+                    "have not reached Postgres yet; set noeviction or a volatile-* policy"
+                )
+            if policy.startswith("volatile-"):
+                log.warning(
+                    "Redis %s runs maxmemory-policy %s: flushed sessions may be evicted and read "
+                    "back from Postgres on their next entry; dirty ones never are",
+                    node,
+                    policy,
+                )
+
+    def _eviction_policies(self) -> dict[str, str]:
+        """``{node: maxmemory-policy}`` of every primary; empty if CONFIG is refused."""
+        try:
+            with translate_errors("reading maxmemory-policy"):
+                if isinstance(self.client, RedisCluster):
+                    nodes = RedisCluster.PRIMARIES
+                    replies: dict[str, dict[str, str]] = self.client.config_get(  # type: ignore[assignment]
+                        _POLICY, target_nodes=nodes
+                    )
+                    return {node: str(reply[_POLICY]) for node, reply in replies.items()}
+                reply = self.client.config_get(_POLICY)
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, redis.ResponseError):
+                raise
+            log.info("cannot read maxmemory-policy (%s); assuming it is safe", exc.__cause__)
+            return {}
+        return {self.settings.redis_url: str(reply.get(_POLICY, "noeviction"))}
+
+    def _ms(self, seconds: float) -> int:
+        return int(seconds * 1000)
 
     # --- reads -------------------------------------------------------------------------
 
@@ -338,16 +397,35 @@ class RedisSessionCache:
             for shard, count, oldest in zip(shards, replies[::2], replies[1::2], strict=True)
         ]
 
+    def take_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
+        """Take the shard's flush lock for ``token``, or extend it if ``token`` holds it;
+        ``False`` when another holder has it. Runs even when Redis is over ``maxmemory``."""
+        with translate_errors("taking a flush lock"):
+            reply = self.scripts.take_lock(keys=[self.keys.flush_lock(shard)], args=[token, ttl_ms])
+        return check_code("take_lock", reply, _OK_OR_NOOP)[0] is Code.OK
+
+    def release_lock(self, shard: int, token: str) -> bool:
+        """Release the shard's flush lock if ``token`` still holds it."""
+        with translate_errors("releasing a flush lock"):
+            reply = self.scripts.release_lock(keys=[self.keys.flush_lock(shard)], args=[token])
+        return check_code("release_lock", reply, _OK_OR_NOOP)[0] is Code.OK
+
     def count(self, **increments: int) -> None:
-        """Add to the key space's counters (``<prefix>:stats``), e.g. ``rows_flushed=12``."""
+        """Add to the key space's counters (``<prefix>:stats``), e.g. ``rows_flushed=12``.
+
+        Best effort over ``maxmemory``: counters must never stop a flush that frees memory.
+        """
         nonzero = {name: by for name, by in increments.items() if by}
         if not nonzero:
             return
-        with translate_errors("counting"):
-            pipe = self.client.pipeline(transaction=False)
-            for name, by in nonzero.items():
-                pipe.hincrby(self.keys.stats, name, by)
-            pipe.execute()
+        try:
+            with translate_errors("counting"):
+                pipe = self.client.pipeline(transaction=False)
+                for name, by in nonzero.items():
+                    pipe.hincrby(self.keys.stats, name, by)
+                pipe.execute()
+        except StoreOutOfMemory:
+            log.debug("counters %s not recorded: Redis is over maxmemory", nonzero)
 
     def counters(self) -> dict[str, int]:
         """The key space's counters."""

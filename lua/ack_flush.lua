@@ -1,4 +1,6 @@
+#!lua flags=allow-oom
 -- ack_flush: record which versions reached Postgres; clean only what did not move on.
+-- allow-oom: acknowledging shrinks the backlog (and gives clean sessions a TTL).
 -- KEYS[1] shard dirty zset   <prefix>:{sNNN}:dirty
 -- KEYS[2] shard poison hash  <prefix>:{sNNN}:poison (a flushed session leaves it)
 -- KEYS[3..] session hashes that were flushed  <prefix>:{sNNN}:session:...

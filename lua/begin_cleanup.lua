@@ -1,3 +1,4 @@
+#!lua
 -- begin_cleanup: at workflow end, every active session of the run goes to cleaning.
 -- KEYS[1] shard dirty zset  <prefix>:{sNNN}:dirty
 -- KEYS[2..] session hashes of one run  <prefix>:{sNNN}:session:<tenant>:<run>:...

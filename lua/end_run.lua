@@ -1,3 +1,4 @@
+#!lua
 -- end_run: mark a workflow run ended (every later save is refused); list its sessions.
 -- KEYS[1] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
 -- KEYS[2] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions

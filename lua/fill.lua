@@ -1,3 +1,4 @@
+#!lua
 -- fill: read-through; write a session loaded from Postgres only if Redis has none, as clean.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions

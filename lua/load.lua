@@ -1,4 +1,6 @@
+#!lua flags=allow-oom
 -- load: read a session and its run's state; renew the TTL of a clean, resumable session.
+-- allow-oom: a read; its only write renews a TTL, which never grows memory.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
 -- ARGV[1] TTL of a clean resumable session: integer milliseconds

@@ -1,3 +1,4 @@
+#!lua
 -- mark_cleaned: the backend cleanup of a cleaning session has ended (or given up).
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] shard dirty zset  <prefix>:{sNNN}:dirty

@@ -1,4 +1,6 @@
+#!lua flags=allow-oom
 -- quarantine: Postgres refused a flushed session; park it in the poison hash with the reason.
+-- allow-oom: parking a refused session shrinks the backlog.
 -- KEYS[1] shard dirty zset   <prefix>:{sNNN}:dirty
 -- KEYS[2] shard poison hash  <prefix>:{sNNN}:poison
 -- KEYS[3] session hash       <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>

@@ -1,3 +1,4 @@
+#!lua
 -- retire: a failed or cancelled backend run makes an active session unresumable.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] shard dirty zset  <prefix>:{sNNN}:dirty

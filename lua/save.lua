@@ -1,3 +1,4 @@
+#!lua
 -- save: write a session, mark it active and dirty, bump its version by one.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] run hash          <prefix>:{sNNN}:run:<tenant>:<run>

@@ -4,6 +4,9 @@
 
     PersistenceError            (cache.errors) anything else: a bug or a schema mismatch
     ├── PersistenceUnavailable  the server could not be reached or gave up: retry with backoff
+    ├── TransactionConflict     the transaction lost a race (serialization failure, deadlock,
+    │                           lock not available): retry it; if it keeps failing, split the
+    │                           batch so that one row cannot hold the others
     └── RowRejected             Postgres refused the data itself: retrying cannot help, so the
                                 offending row goes to the shard's poison hash
 
@@ -22,11 +25,21 @@ from sqlalchemy import exc as sa_exc
 
 from cache.errors import PersistenceError
 
-__all__ = ["PersistenceError", "PersistenceUnavailable", "RowRejected", "translate_errors"]
+__all__ = [
+    "PersistenceError",
+    "PersistenceUnavailable",
+    "RowRejected",
+    "TransactionConflict",
+    "translate_errors",
+]
 
 
 class PersistenceUnavailable(PersistenceError):
     """Postgres could not be reached, lost the connection, timed out or is shutting down."""
+
+
+class TransactionConflict(PersistenceError):
+    """The transaction lost a race with another one (SQLSTATE class 40 or 55); retry it."""
 
 
 class RowRejected(PersistenceError):
@@ -39,12 +52,14 @@ _BY_SQLSTATE_CLASS: Final[dict[str, type[PersistenceError]]] = {
     "22": RowRejected,
     "23": RowRejected,
     "54": RowRejected,
-    # The server, not the row: connection, rollback (deadlock, serialization), resources,
-    # lock not available, operator intervention (shutdown, statement timeout), system error.
+    # The transaction lost a race: rollback (serialization failure, deadlock), object not in
+    # prerequisite state (lock not available). The same statement may well pass next time.
+    "40": TransactionConflict,
+    "55": TransactionConflict,
+    # The server, not the statement: connection, resources, operator intervention (shutdown,
+    # statement timeout), system error.
     "08": PersistenceUnavailable,
-    "40": PersistenceUnavailable,
     "53": PersistenceUnavailable,
-    "55": PersistenceUnavailable,
     "57": PersistenceUnavailable,
     "58": PersistenceUnavailable,
 }

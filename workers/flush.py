@@ -2,35 +2,46 @@
 
 The steps, each safe to repeat (DESIGN §5):
 
-1. take the shard's flush lock (at most one flush per shard; any worker may take any shard);
+1. take the shard's flush lock (at most one flush per shard; any worker may take any shard)
+   and keep it alive from a heartbeat thread, so a killed flusher holds its shard for at
+   most ``flush_lock_ttl_s``;
 2. read up to ``flush_batch`` dirty entries older than the cutoff, and their hashes in one
    pipeline;
 3. upsert them in one statement, fenced by version, so a replayed or out-of-order flush can
    never move a row backwards;
 4. acknowledge what Postgres now holds. A session saved again meanwhile stays dirty.
 
-A row Postgres refuses, or one where Postgres is *ahead* of Redis, goes to the shard's poison
-hash with the reason and does not hold back the rest. Any other failure acknowledges nothing:
-the entries stay dirty and the job is retried.
+A statement Postgres refuses is split in halves until the refused rows stand alone: a row
+refused for its data (or where Postgres is *ahead* of Redis) goes to the shard's poison
+hash with the reason; a row whose transaction keeps losing a race (SQLSTATE class 40/55)
+stays dirty for the next flush. Neither holds back the rest. Any other failure acknowledges
+nothing: the entries stay dirty and the job is retried.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import secrets
+import socket
+import threading
+import time
 from dataclasses import dataclass, field
-
-from redis.exceptions import LockError
-from redis.lock import Lock
+from types import TracebackType
+from typing import Self
 
 from cache.errors import CorruptValue
 from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROWS, FLUSH_SECONDS
-from cache.records import StoredSession
+from cache.records import SessionKey, StoredSession
 from cache.store import RedisSessionCache
-from persistence.errors import RowRejected
+from persistence.errors import RowRejected, TransactionConflict
 from persistence.repository import SessionRepository, UpsertResult
 
 log = logging.getLogger(__name__)
+
+CONFLICT_RETRY_S = 0.05
+"""Pause before a statement that lost a race is tried again (once) before it is split."""
+_LOCK_POLL_S = 0.02
 
 
 @dataclass
@@ -45,18 +56,72 @@ class FlushReport:
     still_dirty: int = 0
     full: bool = False
     poisoned: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)
+    """Rows whose statement kept losing a race: still dirty, tried again by the next flush."""
+    landed: int = 0
+    """Rows Postgres now holds at the version read (written, or already there)."""
 
 
-_Written = tuple[list[tuple[str, StoredSession]], UpsertResult]
+Named = tuple[str, StoredSession]
 
 
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    """The decoded sessions of one flush, and the key names that could not be decoded."""
+class ShardLock:
+    """The shard's flush lock, renewed by a heartbeat thread while held.
 
-    sessions: list[tuple[str, StoredSession]]
-    corrupt: list[tuple[str, CorruptValue]]
-    missing: list[str]
+    The token names the holder (``host:pid:random``) so ``redis-cli GET`` shows who flushes.
+    If a renewal finds the lock gone (the process stalled past its lifetime), the flush
+    carries on: the version fence and the version-checked acknowledgement make an
+    overlapping flush harmless.
+    """
+
+    def __init__(self, cache: RedisSessionCache, shard: int) -> None:
+        self.cache = cache
+        self.shard = shard
+        self.ttl_ms = max(int(cache.settings.flush_lock_ttl_s * 1000), 1)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._stop = threading.Event()
+        self._heart: threading.Thread | None = None
+
+    def acquire(self, wait_s: float = 0.0) -> bool:
+        deadline = time.monotonic() + wait_s
+        while not self.cache.take_lock(self.shard, self.token, self.ttl_ms):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_LOCK_POLL_S)
+        self._heart = threading.Thread(target=self._beat, name=f"flush-lock-s{self.shard:03d}")
+        self._heart.daemon = True
+        self._heart.start()
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 4000):
+            try:
+                if not self.cache.take_lock(self.shard, self.token, self.ttl_ms):
+                    log.warning("flush lock of shard %s was lost; continuing", self.shard)
+                    return
+            except Exception:  # an outage: the flush itself will fail and say so
+                log.warning("could not renew the flush lock of shard %s", self.shard)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heart is not None:
+            self._heart.join()
+        try:
+            if not self.cache.release_lock(self.shard, self.token):
+                log.warning("flush lock of shard %s expired before the flush ended", self.shard)
+        except Exception:
+            log.warning("could not release the flush lock of shard %s; it expires", self.shard)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 def flush_shard(
@@ -69,117 +134,103 @@ def flush_shard(
     lock_wait_s: float = 0.0,
 ) -> FlushReport:
     """Flush up to ``limit`` entries of ``shard`` that first became dirty before ``cutoff_ms``."""
-    lock = cache.client.lock(
-        cache.keys.flush_lock(shard),
-        timeout=cache.settings.flush_lock_ttl_s,
-        blocking=lock_wait_s > 0,
-        blocking_timeout=lock_wait_s or None,
-    )
-    if not lock.acquire():
+    lock = ShardLock(cache, shard)
+    if not lock.acquire(lock_wait_s):
         return FlushReport(shard, locked=False)
     try:
-        with FLUSH_SECONDS.time():
-            report = _flush_locked(cache, repo, lock, shard, cutoff_ms=cutoff_ms, limit=limit)
+        with lock, FLUSH_SECONDS.time():
+            report = _flush_locked(cache, repo, shard, cutoff_ms=cutoff_ms, limit=limit)
     except Exception:
         FLUSH_ERRORS.inc()
         raise
-    finally:
-        _release(lock)
     FLUSH_BATCHES.inc(report.read > 0)
     FLUSH_ROWS.inc(report.written)
     FLUSH_POISONED.inc(len(report.poisoned))
     return report
 
 
-def _release(lock: Lock) -> None:
-    try:
-        lock.release()
-    except LockError:
-        log.warning("flush lock expired before the flush finished; the fence kept it safe")
-
-
 def _flush_locked(
-    cache: RedisSessionCache,
-    repo: SessionRepository,
-    lock: Lock,
-    shard: int,
-    *,
-    cutoff_ms: int,
-    limit: int,
+    cache: RedisSessionCache, repo: SessionRepository, shard: int, *, cutoff_ms: int, limit: int
 ) -> FlushReport:
     entries = cache.dirty_entries(shard, older_than_ms=cutoff_ms, limit=limit)
-    flush = _ShardFlush(cache, repo, lock, FlushReport(shard, read=len(entries)))
+    flush = _ShardFlush(cache, repo, FlushReport(shard, read=len(entries)))
     flush.report.full = len(entries) == limit
     if entries:
         flush.run([entry.name for entry in entries])
     return flush.report
 
 
-def _read(cache: RedisSessionCache, names: list[str]) -> _Batch:
-    batch = _Batch([], [], [])
-    for name, item in zip(names, cache.read_many(names, lazy=True), strict=True):
-        if item is None:
-            batch.missing.append(name)
-        elif isinstance(item, CorruptValue):
-            batch.corrupt.append((name, item))
-        else:
-            batch.sessions.append((name, item))
-    return batch
+def flush_session(cache: RedisSessionCache, repo: SessionRepository, key: SessionKey) -> bool:
+    """Write one session to Postgres now, without the shard lock; whether Postgres holds the
+    version Redis had (a durable pause). Raises what the upsert raises."""
+    shard = cache.keys.shard_of_key(key)
+    flush = _ShardFlush(cache, repo, FlushReport(shard, read=1))
+    flush.run([cache.keys.session(key)])
+    return flush.report.landed == 1
+
+
+def _split(part: list[Named], parts: list[list[Named]]) -> bool:
+    """Queue the halves of a refused statement; ``False`` if it was a single row."""
+    if len(part) == 1:
+        return False
+    middle = len(part) // 2
+    parts += [part[middle:], part[:middle]]
+    return True
 
 
 @dataclass
 class _ShardFlush:
-    """One locked flush of one shard."""
+    """One flush of one shard: read, write (splitting refused statements), acknowledge."""
 
     cache: RedisSessionCache
     repo: SessionRepository
-    lock: Lock
     report: FlushReport
 
     def run(self, names: list[str]) -> None:
-        batch = _read(self.cache, names)
-        for name, error in batch.corrupt:
-            self.poison(name, 0, f"cannot decode: {error.reason}", force=True)
-        acks = [(name, 0) for name in batch.missing]
-        self.keep_lock()
-        acks += self.write(batch.sessions)
-        self.keep_lock()
+        sessions: list[Named] = []
+        acks: list[tuple[str, int]] = []
+        for name, item in zip(names, self.cache.read_many(names, lazy=True), strict=True):
+            if item is None:
+                acks.append((name, 0))  # gone (expired or deleted): nothing to write
+            elif isinstance(item, CorruptValue):
+                self.poison(name, 0, f"cannot decode: {item.reason}", force=True)
+            else:
+                sessions.append((name, item))
+        written = self.write(sessions)
+        self.report.landed = len(written)
+        acks += written
         self.report.acked, self.report.still_dirty = self.cache.ack_flush(self.report.shard, acks)
 
-    def keep_lock(self) -> None:
-        """Renew the shard lock before each slow step; if it was lost, carry on: the fence
-        and the version-checked acknowledgement keep an overlapping flush harmless."""
-        try:
-            self.lock.reacquire()
-        except LockError:
-            log.warning("flush lock of shard %s was lost; continuing", self.report.shard)
-
-    def write(self, sessions: list[tuple[str, StoredSession]]) -> list[tuple[str, int]]:
-        """Upsert the batch, isolating refused rows; return the ``(name, version)`` acks."""
-        if not sessions:
-            return []
-        try:
-            results = [(sessions, self.repo.upsert_fenced([s for _, s in sessions]))]
-        except RowRejected:
-            results = self.write_one_by_one(sessions)
+    def write(self, sessions: list[Named]) -> list[tuple[str, int]]:
+        """Upsert the batch, splitting statements Postgres refuses; the ``(name, version)``
+        acks of every row that landed or was already there."""
         acks: list[tuple[str, int]] = []
-        for part, result in results:
-            acks += self.settle(part, result)
+        parts = [sessions] if sessions else []
+        while parts:
+            part = parts.pop()
+            try:
+                acks += self.settle(part, self.upsert(part))
+            except RowRejected as exc:
+                if not _split(part, parts):
+                    name, session = part[0]
+                    self.poison(name, session.version, f"postgres refused: {exc}")
+            except TransactionConflict as exc:
+                if not _split(part, parts):
+                    name = part[0][0]
+                    log.warning("flush: %s deferred; its statement keeps failing: %s", name, exc)
+                    self.report.deferred.append(name)
         return acks
 
-    def write_one_by_one(self, sessions: Sequence[tuple[str, StoredSession]]) -> list[_Written]:
-        """The batch was refused: write each row alone so only the bad ones are parked."""
-        results: list[_Written] = []
-        for name, session in sessions:
-            try:
-                results.append(([(name, session)], self.repo.upsert_fenced([session])))
-            except RowRejected as exc:
-                self.poison(name, session.version, f"postgres refused: {exc}")
-        return results
+    def upsert(self, part: list[Named]) -> UpsertResult:
+        """One statement; tried once more after a short pause if it lost a race."""
+        batch = [session for _, session in part]
+        try:
+            return self.repo.upsert_fenced(batch)
+        except TransactionConflict:
+            time.sleep(CONFLICT_RETRY_S)
+            return self.repo.upsert_fenced(batch)
 
-    def settle(
-        self, sessions: list[tuple[str, StoredSession]], result: UpsertResult
-    ) -> list[tuple[str, int]]:
+    def settle(self, sessions: list[Named], result: UpsertResult) -> list[tuple[str, int]]:
         """Acks for rows written or already there; poison for rows where Postgres is ahead."""
         names = {session.key: name for name, session in sessions}
         self.report.written += len(result.written)

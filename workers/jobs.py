@@ -1,57 +1,72 @@
-"""RQ job functions. Arguments are JSON values; the work is in plain functions they call."""
+"""RQ job functions. Arguments are JSON values; the work is in plain functions they call.
+
+:data:`JOB_FUNCTIONS` is the whole list of what a worker will run: ``SessionWorker`` drops
+any other job unrun, because whoever can write to the queue's Redis could otherwise name
+any importable function.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 from rq import get_current_job
 
-from cache.errors import QueueError
+from cache.errors import StoreUnavailable
 from cache.metrics import CLEANUPS
 from cache.records import SessionKey
+from persistence.errors import PersistenceUnavailable
 from workers.cleanup import Cleaner
-from workers.context import current
+from workers.context import WorkerContext, current
 from workers.flush import FlushReport, flush_shard
+from workers.queues import (
+    FLUSH_JOB,
+    back_off,
+    backing_off,
+    clear_pending,
+    pending_key,
+    pending_ttl_ms,
+    request_flush,
+)
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-class FlushBusy(QueueError):
-    """An urgent flush could not take its shard's lock in time; RQ retries the job."""
-
-
+CLEANUP_JOB: Final = "workers.jobs.cleanup_job"
+JOB_FUNCTIONS: Final = frozenset({FLUSH_JOB, CLEANUP_JOB})
 MAX_BATCHES_PER_JOB = 20
 URGENT_LOCK_WAIT_S = 5.0
+RETRY_PAUSES_S = (0.1, 0.3, 1.0)
+"""In-job retries of a flush that hit an outage: short, so a job never holds a worker long."""
 
 
 def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
     """Flush one shard until nothing eligible is left (bounded, so a job stays short).
 
     A normal flush takes entries older than ``flush_delay_ms``; an urgent one takes all.
-    Raises on a Postgres or Redis outage, so RQ retries the job with backoff.
+    An outage is retried in the job a few times, then the job fails; the trigger asks again
+    while the entries stay dirty (after a short backoff when Postgres was the cause).
     """
     ctx = current()
-    delay = 0 if urgent else ctx.settings.flush_delay_ms
+    _started(ctx, shard, urgent)
+    prefix = ctx.settings.key_prefix
+    if backing_off(ctx.queue_redis, prefix):
+        return {"shard": shard, "skipped": "postgres backoff"}
     totals = FlushReport(shard)
     for _ in range(MAX_BATCHES_PER_JOB):
-        report = flush_shard(
-            ctx.cache,
-            ctx.repo,
-            shard,
-            cutoff_ms=ctx.cache.server_time_ms() - delay,
-            limit=ctx.settings.flush_batch,
-            lock_wait_s=URGENT_LOCK_WAIT_S if urgent else 0.0,
-        )
+        report = _with_retries(ctx, lambda: _flush_once(ctx, shard, urgent))
         if urgent and not report.locked:
-            raise FlushBusy(f"shard {shard} stayed locked for {URGENT_LOCK_WAIT_S}s; retrying")
+            _request_urgent_again(ctx, shard)
         _add(totals, report)
         ctx.cache.count(
             rows_flushed=report.written,
             rows_poisoned=len(report.poisoned),
             flushes=int(report.locked),
         )
-        if not report.full:
+        if not report.full or not report.locked:
             break
     log.info("flush s%03d: %s", shard, totals)
     return {
@@ -59,8 +74,58 @@ def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
         "written": totals.written,
         "acked": totals.acked,
         "poisoned": totals.poisoned,
+        "deferred": totals.deferred,
         "locked": totals.locked,
     }
+
+
+def _started(ctx: WorkerContext, shard: int, urgent: bool) -> None:
+    """Clear the shard's pending marker: from now on a new save needs a job of its own."""
+    job = get_current_job()
+    if job is not None:
+        marker = pending_key(ctx.settings.key_prefix, shard, urgent=urgent)
+        clear_pending(ctx.queue_redis, marker, job.id)
+
+
+def _flush_once(ctx: WorkerContext, shard: int, urgent: bool) -> FlushReport:
+    delay = 0 if urgent else ctx.settings.flush_delay_ms
+    return flush_shard(
+        ctx.cache,
+        ctx.repo,
+        shard,
+        cutoff_ms=ctx.cache.server_time_ms() - delay,
+        limit=ctx.settings.flush_batch,
+        lock_wait_s=URGENT_LOCK_WAIT_S if urgent else 0.0,
+    )
+
+
+def _request_urgent_again(ctx: WorkerContext, shard: int) -> None:
+    """Another flush held the shard all along and may have read its batch before the save
+    this job is for: queue one more urgent job rather than leave it to the delay."""
+    log.info("flush s%03d stayed locked for %ss; asking again", shard, URGENT_LOCK_WAIT_S)
+    request_flush(
+        ctx.flush_queue,
+        ctx.settings.key_prefix,
+        shard,
+        urgent=True,
+        pending_ms=pending_ttl_ms(ctx.settings),
+    )
+
+
+def _with_retries(ctx: WorkerContext, call: Callable[[], T]) -> T:
+    """``call()``, retried after short pauses on an outage; a Postgres outage that outlasts
+    them starts the backoff before the error is raised."""
+    for pause in RETRY_PAUSES_S:
+        try:
+            return call()
+        except (PersistenceUnavailable, StoreUnavailable) as exc:
+            log.warning("flush failed (%s); retrying in %ss", exc, pause)
+            time.sleep(pause)
+    try:
+        return call()
+    except PersistenceUnavailable as exc:
+        back_off(ctx.queue_redis, ctx.settings.key_prefix, str(exc))
+        raise
 
 
 def _add(totals: FlushReport, report: FlushReport) -> None:
@@ -70,6 +135,7 @@ def _add(totals: FlushReport, report: FlushReport) -> None:
     totals.acked += report.acked
     totals.still_dirty = report.still_dirty
     totals.poisoned += report.poisoned
+    totals.deferred += report.deferred
 
 
 def cleanup_job(

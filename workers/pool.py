@@ -1,8 +1,10 @@
 """``agent-sessions worker``: an RQ worker pool on our queues, plus the flush trigger.
 
-Equivalent plain RQ command for the pool part (the trigger then has to run elsewhere)::
+Equivalent plain RQ command for the pool part (the trigger then has to run elsewhere); the
+worker class is what refuses jobs that are not ours, so never run these queues without it::
 
-    rq worker-pool asc-flush asc-cleanup -n 2 -u "$RQ_REDIS_URL" -S rq.serializers.JSONSerializer
+    rq worker-pool asc-flush asc-cleanup -n 2 -u "$RQ_REDIS_URL" \
+        -S rq.serializers.JSONSerializer -w workers.pool.SessionWorker
 
 Queues are served in order, so flush jobs go before cleanup jobs (which wait on the agent
 backend). On a busy system run a second pool on ``asc-cleanup`` alone.
@@ -16,13 +18,15 @@ import multiprocessing
 import threading
 from typing import Any
 
-from rq import SimpleWorker
+from rq import Queue, SimpleWorker
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker_pool import WorkerPool
 
 from cache.errors import AgentSessionsError
 from cache.settings import Settings
-from workers.context import WorkerContext
+from workers.context import WorkerContext, current
+from workers.jobs import JOB_FUNCTIONS
 from workers.metrics_server import serve_metrics
 from workers.queues import queue_connection, queue_names
 from workers.trigger import run_trigger
@@ -56,11 +60,37 @@ class SessionWorker(SimpleWorker):
         kwargs["serializer"] = JSONSerializer
         super().__init__(*args, **kwargs)
 
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run only the project's own job functions; drop anything else unrun.
+
+        Whoever can write to the queue's Redis can push a JSON job naming any importable
+        function (``os.system``), a callback or a webhook. Such a job is deleted before RQ
+        resolves any name in it; the refusal is logged and counted (``foreign_jobs_refused``).
+        """
+        reason = foreign(job)
+        if reason is None:
+            super().execute_job(job, queue)
+            return
+        self.log.error("Worker %s: refused job %s: %s", self.name, job.id, reason)
+        self.connection.lrem(queue.intermediate_queue_key, 0, job.id)
+        job.delete(remove_from_queue=True)
+        current().cache.count(foreign_jobs_refused=1)
+
     @property
     def dequeue_timeout(self) -> int:
         """RQ waits up to 405 s per dequeue and a stop signal can land on its pubsub thread;
         short waits let an idle worker notice Ctrl-C or SIGTERM within seconds."""
         return DEQUEUE_TIMEOUT_S
+
+
+def foreign(job: Job) -> str | None:
+    """Why ``job`` is not one of ours, or ``None`` if it is."""
+    if job.func_name not in JOB_FUNCTIONS or job.instance is not None:
+        return f"function {job.func_name!r} is not a job of this project"
+    hooks = ("_success_callback_name", "_failure_callback_name", "_stopped_callback_name")
+    if any(getattr(job, hook, None) for hook in hooks) or job.webhooks:
+        return "it carries a callback or a webhook"
+    return None
 
 
 def _trigger_main(settings: Settings) -> None:
@@ -90,9 +120,16 @@ def run_pool(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
 ) -> None:
-    """Run ``processes`` RQ workers and one trigger process until interrupted."""
+    """Run ``processes`` RQ workers and one trigger process until interrupted.
+
+    The context is built first, so a wrong configuration (an ``allkeys-*`` eviction policy,
+    another shard count) stops the command before any process starts.
+    """
+    ctx = WorkerContext.from_settings(settings)
     if metrics_port is not None:
-        serve_metrics(metrics_port, WorkerContext.from_settings(settings).cache, metrics_host)
+        serve_metrics(metrics_port, ctx.cache, metrics_host)
+    else:
+        ctx.close()
     trigger = multiprocessing.get_context("spawn").Process(
         target=_trigger_main, args=(settings,), name="asc-flush-trigger", daemon=True
     )

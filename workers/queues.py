@@ -1,24 +1,55 @@
-"""RQ queues, job ids and enqueueing. JSON serializer only: no pickle anywhere.
+"""RQ queues and flush requests. JSON serializer only: no pickle anywhere.
 
-A flush job's id names its shard (``asc-flush-s042``) and is enqueued with ``unique=True``, so
-however many triggers fire, a shard has at most one flush job queued, scheduled for retry or
-running. Urgent flushes (a pause, a retire, a run's end) use a second id per shard so they
-never wait behind a delayed one; the shard's flush lock still serializes the two.
+Delivery never depends on RQ's job ids. Every flush job gets a fresh id (RQ 3.0.0's unique
+ids could be orphaned: ``Queue.fetch_job`` runs ``Queue.remove`` (LREM) after a miss, which
+can take a concurrent unique enqueue off the list and leave its hash ``queued`` forever; an
+abandoned or retried job holds its id for minutes). What keeps the queue small instead is a
+*pending marker* per shard in the queue's Redis: a request sets it (``SET NX PX``) and
+enqueues a job only if it was not set; the job clears it as soon as it starts, so a save
+made after the job read its batch always gets a job of its own. The marker expires after
+:func:`pending_ttl_ms`, so a job lost in any way (a crash between marker and enqueue, a
+flushed queue) holds nothing for longer than that, and the trigger requests again while
+entries stay dirty. Duplicate jobs are harmless: the shard lock serializes them and the
+version fence makes a repeated write a no-op.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+
 import redis
-from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError
-from rq.job import JobStatus
+from rq import Queue
 from rq.serializers import JSONSerializer
 
+from cache.errors import QueueError
 from cache.settings import Settings
 
-FLUSH_RETRY = Retry(max=8, interval=[1, 2, 4, 8, 15, 30])
-FLUSH_JOB_TIMEOUT_S = 120
-FAILED_FLUSH_TTL_S = 30
+FLUSH_JOB = "workers.jobs.flush_job"
+FLUSH_JOB_TIMEOUT_S = 60
+"""A job runs at most ``MAX_BATCHES_PER_JOB`` batches plus short in-job retries."""
+FLUSH_FAILURE_TTL_S = 60
+"""A failed flush job is kept this long for ``rq info``; the trigger has re-requested by then."""
+FLUSH_QUEUED_TTL_S = 300
+"""A job still queued after this long is dropped by RQ; the trigger has requested another."""
+MIN_PENDING_TTL_MS = 1000
+POSTGRES_BACKOFF_MS = 2000
+"""After a flush job found Postgres unavailable, no new flush job is requested for this long."""
+
+
+class QueueUnavailable(QueueError):
+    """The queue's Redis could not be reached or refused the request."""
+
+
+class FlushRequest(StrEnum):
+    """What a flush request did."""
+
+    ENQUEUED = "enqueued"
+    """A new job was queued for the shard."""
+    PENDING = "pending"
+    """A job of the shard that has not started yet will flush this save too."""
 
 
 def queue_connection(settings: Settings) -> redis.Redis:
@@ -47,39 +78,85 @@ def cleanup_queue(connection: redis.Redis, prefix: str) -> Queue:
     return Queue(queue_names(prefix)[1], connection=connection, serializer=JSONSerializer)
 
 
-def flush_job_id(prefix: str, shard: int, *, urgent: bool) -> str:
-    return f"{prefix}-flush-s{shard:03d}" + ("-urgent" if urgent else "")
+@contextmanager
+def translate_queue_errors(what: str) -> Iterator[None]:
+    """Re-raise the queue Redis's errors as :class:`QueueUnavailable`, from the original."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise QueueUnavailable(f"{what}: the queue's Redis failed: {exc}") from exc
 
 
-def enqueue_flush(queue: Queue, prefix: str, shard: int, *, urgent: bool = False) -> bool:
-    """Queue a flush of ``shard``; ``False`` if a job that has not started yet will do it.
+def pending_ttl_ms(settings: Settings) -> int:
+    """How long a flush request holds its shard's marker before the trigger may ask again."""
+    return max(settings.flush_delay_ms, MIN_PENDING_TTL_MS)
 
-    A job that already runs may have read its batch before the caller's save, so an urgent
-    request then queues one follow-up (``...-urgent-next``) instead of being dropped.
+
+def pending_key(prefix: str, shard: int, *, urgent: bool) -> str:
+    return f"{prefix}:flush_pending:s{shard:03d}" + (":urgent" if urgent else "")
+
+
+def request_flush(
+    queue: Queue, prefix: str, shard: int, *, urgent: bool = False, pending_ms: int
+) -> FlushRequest:
+    """Make sure a flush job of ``shard`` that has not started yet exists.
+
+    ``urgent`` jobs go to the front of the queue and flush every dirty entry, not only those
+    older than the flush delay. Raises :class:`QueueUnavailable`; nothing is left behind then.
     """
-    base = flush_job_id(prefix, shard, urgent=urgent)
-    for job_id in (base, f"{base}-next") if urgent else (base,):
+    kind = "u" if urgent else "n"
+    job_id = f"{prefix}-flush-s{shard:03d}-{kind}-{secrets.token_hex(6)}"
+    marker = pending_key(prefix, shard, urgent=urgent)
+    with translate_queue_errors(f"requesting a flush of shard {shard}"):
+        if not queue.connection.set(marker, job_id, nx=True, px=pending_ms):
+            return FlushRequest.PENDING
         try:
-            _enqueue_flush_job(queue, job_id, shard, urgent)
-        except DuplicateJobError:
-            existing = queue.fetch_job(job_id)
-            if existing is None or existing.get_status() != JobStatus.STARTED:
-                return False
-            continue
-        return True
-    return False
+            queue.enqueue(
+                FLUSH_JOB,
+                shard,
+                urgent,
+                job_id=job_id,
+                at_front=urgent,
+                job_timeout=FLUSH_JOB_TIMEOUT_S,
+                result_ttl=0,
+                failure_ttl=FLUSH_FAILURE_TTL_S,
+                ttl=FLUSH_QUEUED_TTL_S,
+            )
+        except BaseException:
+            clear_pending(queue.connection, marker, job_id)
+            raise
+    return FlushRequest.ENQUEUED
 
 
-def _enqueue_flush_job(queue: Queue, job_id: str, shard: int, urgent: bool) -> None:
-    queue.enqueue(
-        "workers.jobs.flush_job",
-        shard,
-        urgent,
-        job_id=job_id,
-        unique=True,
-        at_front=urgent,
-        retry=FLUSH_RETRY,
-        job_timeout=FLUSH_JOB_TIMEOUT_S,
-        result_ttl=0,
-        failure_ttl=FAILED_FLUSH_TTL_S,
-    )
+def clear_pending(connection: redis.Redis, marker: str, job_id: str) -> None:
+    """Delete ``marker`` if it still names ``job_id`` (a newer request's marker stays)."""
+    with connection.pipeline() as pipe:
+        try:
+            pipe.watch(marker)  # type: ignore[no-untyped-call]
+            if pipe.get(marker) != job_id.encode():
+                return
+            pipe.multi()
+            pipe.delete(marker)
+            pipe.execute()
+        except redis.WatchError:
+            return  # replaced meanwhile by a newer request: leave it
+
+
+def backoff_key(prefix: str) -> str:
+    return f"{prefix}:flush_backoff"
+
+
+def back_off(connection: redis.Redis, prefix: str, why: str) -> None:
+    """Postgres is unavailable: pause flush requests for :data:`POSTGRES_BACKOFF_MS`.
+
+    Without it every due shard would get a job every trigger pass, each failing after its
+    in-job retries, while Postgres is down. The pause is short, so flushing resumes within
+    it once Postgres is back.
+    """
+    with translate_queue_errors("backing off"):
+        connection.set(backoff_key(prefix), why[:200], px=POSTGRES_BACKOFF_MS)
+
+
+def backing_off(connection: redis.Redis, prefix: str) -> bool:
+    with translate_queue_errors("reading the flush backoff"):
+        return bool(connection.exists(backoff_key(prefix)))

@@ -1,10 +1,13 @@
-"""Getting a flush job to every shard whose oldest dirty entry is due.
+"""The trigger: the reconciler that gets a flush job to every shard whose oldest entry is due.
 
-One pass reads every shard's backlog in one pipeline (``ZCARD`` + oldest score) and enqueues
+One pass reads every shard's backlog in one pipeline (``ZCARD`` + oldest score) and requests
 a flush for each shard whose oldest entry is older than ``flush_delay_ms``. Passes run every
-``flush_delay_ms / 2``, so an entry waits at most about ``1.5 * flush_delay_ms`` for its job.
-The dirty sets live in Redis, so the same pass is also the sweep that re-finds work a crashed
-process left behind; unique job ids make overlapping triggers harmless.
+``flush_delay_ms / 2``. Dirty state lives in Redis, not in any job, so the same pass is also
+the sweep that re-finds work a crashed process, a lost job or a killed worker left behind:
+a request is only skipped while a job of the shard that has not started yet exists, and
+that pending marker expires (``workers.queues.pending_ttl_ms``). So an entry that is due
+gets a fresh job within about ``flush_delay_ms / 2 + pending_ttl`` whatever RQ did to the
+previous one, and within ``flush_lock_ttl_s`` more if a killed flusher held its shard.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from workers.context import WorkerContext
-from workers.queues import enqueue_flush
+from workers.queues import FlushRequest, backing_off, pending_ttl_ms, request_flush
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +31,12 @@ class TriggerPass:
     dirty: int
     due_shards: tuple[int, ...]
     enqueued: tuple[int, ...]
+    backing_off: bool = False
 
 
-def trigger_once(ctx: WorkerContext) -> TriggerPass:
-    """Enqueue a flush for every shard with an entry older than the flush delay."""
-    now_ms = ctx.cache.server_time_ms()
-    cutoff = now_ms - ctx.settings.flush_delay_ms
+def due_shards(ctx: WorkerContext) -> tuple[int, tuple[int, ...]]:
+    """``(dirty sessions in all shards, shards whose oldest entry is older than the delay)``."""
+    cutoff = ctx.cache.server_time_ms() - ctx.settings.flush_delay_ms
     shards = list(ctx.cache.keys.all_shards())
     dirty, due = 0, []
     for start in range(0, len(shards), SHARDS_PER_PIPELINE):
@@ -43,9 +46,23 @@ def trigger_once(ctx: WorkerContext) -> TriggerPass:
             dirty += count
             if oldest is not None and oldest <= cutoff:
                 due.append(shard)
+    return dirty, tuple(due)
+
+
+def trigger_once(ctx: WorkerContext) -> TriggerPass:
+    """Request a flush for every due shard (none while Postgres is in backoff)."""
+    dirty, due = due_shards(ctx)
     prefix = ctx.settings.key_prefix
-    enqueued = tuple(s for s in due if enqueue_flush(ctx.flush_queue, prefix, s))
-    return TriggerPass(dirty, tuple(due), enqueued)
+    if due and backing_off(ctx.queue_redis, prefix):
+        return TriggerPass(dirty, due, (), backing_off=True)
+    pending_ms = pending_ttl_ms(ctx.settings)
+    enqueued = tuple(
+        shard
+        for shard in due
+        if request_flush(ctx.flush_queue, prefix, shard, pending_ms=pending_ms)
+        is FlushRequest.ENQUEUED
+    )
+    return TriggerPass(dirty, due, enqueued)
 
 
 def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:

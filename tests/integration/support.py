@@ -72,6 +72,12 @@ def make_ctx(redis_url: str, database_url: str, **overrides: object) -> WorkerCo
     return ctx
 
 
+def urgent_flush_queued(ctx: WorkerContext, shard: int) -> bool:
+    """Whether an urgent flush job of ``shard`` waits in the flush queue."""
+    prefix = f"{ctx.settings.key_prefix}-flush-s{shard:03d}-u-"
+    return any(job_id.startswith(prefix) for job_id in ctx.flush_queue.job_ids)
+
+
 def settings_env(ctx: WorkerContext) -> dict[str, str]:
     """The environment that gives a child process the same settings as ``ctx``."""
     return product_settings_env(ctx.settings)

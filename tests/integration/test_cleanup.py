@@ -36,6 +36,7 @@ from tests.integration.support import (
     row,
     run_node,
     stored,
+    urgent_flush_queued,
     wait_for,
 )
 from tests.servers import Database
@@ -59,7 +60,6 @@ from workers.cleanup import (
 )
 from workers.context import WorkerContext
 from workers.drain import drain
-from workers.queues import flush_job_id
 
 StartWorker = Callable[[WorkerContext], WorkerProcess]
 RUN = "run-1"
@@ -177,7 +177,7 @@ def test_every_terminal_workflow_outcome_moves_every_active_session_to_cleaning(
     assert stored(ctx, key_of(retired_scope)) == retired  # a retired session is left alone
     assert retired.data.backend_run_id == failed.status.run_id
     shard = ctx.cache.keys.shard_of("tenant-1", RUN)
-    assert flush_job_id("asc", shard, urgent=True) in ctx.flush_queue.job_ids
+    assert urgent_flush_queued(ctx, shard)
 
     scope = scope_of("node-a", "binding-1", "agent-1", 3)
     entry = lc.enter(scope)

@@ -37,6 +37,7 @@ from tests.integration.support import (
     row,
     run_node,
     stored,
+    urgent_flush_queued,
     wait_for,
 )
 from tests.servers import Database, RedisServer
@@ -45,7 +46,6 @@ from workers.backend_models import snapshot_from_protocol, snapshot_to_protocol,
 from workers.cleanup import Cleaner
 from workers.context import WorkerContext
 from workers.drain import drain
-from workers.queues import flush_job_id
 
 TABLE = "workflow_agent_runtime_sessions"
 KEY = f.session_key()
@@ -275,6 +275,7 @@ def test_a_pause_saves_flushes_urgently_and_requests_a_workflow_pause(
     assert paused.result.pause.pending_form_id is None
     assert paused.result.metadata == {
         "session_snapshot_persisted": True,
+        "session_flush": "enqueued",
         "session_flush_enqueued": True,
     }
     wait_for(lambda: ctx.repo.get(KEY) is not None, "the urgent flush of the pause", 30)
@@ -302,7 +303,7 @@ def test_human_input_keeps_the_pending_form_and_tool_call_until_the_next_success
     assert asked.result.pause.pending_tool_call_id == call_id
     assert asked.result.metadata["session_flush_enqueued"] is True
     shard = ctx.cache.keys.shard_of_key(KEY)
-    assert flush_job_id("asc", shard, urgent=True) in ctx.flush_queue.job_ids
+    assert urgent_flush_queued(ctx, shard)
 
     entry = lc.enter(at(2))
     assert entry.resumable

@@ -127,6 +127,18 @@ def _exercise_quarantine(cache: RedisSessionCache, key: SessionKey) -> None:
     assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
 
 
+def _exercise_locks(cache: RedisSessionCache, key: SessionKey) -> None:
+    shard = cache.keys.shard_of_key(key)
+    assert cache.take_lock(shard, "holder-a", 5000)
+    assert not cache.take_lock(shard, "holder-b", 5000)
+    assert cache.take_lock(shard, "holder-a", 9000)  # the holder extends it
+    assert 5000 < int(cache.client.pttl(cache.keys.flush_lock(shard))) <= 9000  # type: ignore[arg-type]
+    assert not cache.release_lock(shard, "holder-b")
+    assert cache.release_lock(shard, "holder-a")
+    assert cache.take_lock(shard, "holder-b", 5000)
+    assert cache.release_lock(shard, "holder-b")
+
+
 EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "load": _exercise_load,
     "save": _exercise_save,
@@ -137,6 +149,8 @@ EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "ack_flush": _exercise_ack_flush,
     "fill": _exercise_fill,
     "quarantine": _exercise_quarantine,
+    "take_lock": _exercise_locks,
+    "release_lock": _exercise_locks,
 }
 
 

@@ -21,7 +21,7 @@ from tests.servers import Database, PostgresServer, fresh_database
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
 from workers.flush import flush_shard
-from workers.queues import enqueue_flush
+from workers.queues import FlushRequest, request_flush
 from workers.readthrough import load_through
 
 TABLE = "workflow_agent_runtime_sessions"
@@ -266,7 +266,9 @@ def test_urgent_flush_job_ignores_the_flush_delay(
     start_worker(ctx)
     key = f.session_key()
     ctx.cache.save(key, f.session_write())
-    assert enqueue_flush(ctx.flush_queue, "asc", ctx.cache.keys.shard_of_key(key), urgent=True)
+    shard = ctx.cache.keys.shard_of_key(key)
+    request = request_flush(ctx.flush_queue, "asc", shard, urgent=True, pending_ms=5000)
+    assert request is FlushRequest.ENQUEUED
     wait_for(lambda: ctx.repo.get(key) is not None, "the urgent flush", 30)
 
 

@@ -8,7 +8,13 @@ from psycopg import errors as pg_errors
 from sqlalchemy import exc as sa_exc
 
 from cache.errors import PersistenceError
-from persistence.errors import PersistenceUnavailable, RowRejected, classify, translate_errors
+from persistence.errors import (
+    PersistenceUnavailable,
+    RowRejected,
+    TransactionConflict,
+    classify,
+    translate_errors,
+)
 
 
 def wrapped(error: Exception, kind: type[sa_exc.DBAPIError] = sa_exc.DBAPIError) -> Exception:
@@ -41,10 +47,7 @@ def test_errors_about_the_data_are_row_rejected(error: Exception) -> None:
         pg_errors.AdminShutdown("terminating connection due to administrator command"),
         pg_errors.CannotConnectNow("the database system is starting up"),
         pg_errors.QueryCanceled("canceling statement due to statement timeout"),
-        pg_errors.DeadlockDetected("deadlock detected"),
-        pg_errors.SerializationFailure("could not serialize access"),
         pg_errors.TooManyConnections("too many clients already"),
-        pg_errors.LockNotAvailable("could not obtain lock"),
         psycopg.InterfaceError("the connection is closed"),
         sa_exc.TimeoutError("QueuePool limit reached"),
         ConnectionResetError("reset by peer"),
@@ -52,6 +55,20 @@ def test_errors_about_the_data_are_row_rejected(error: Exception) -> None:
 )
 def test_errors_about_the_server_are_unavailable(error: Exception) -> None:
     assert classify(error) is PersistenceUnavailable
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pg_errors.DeadlockDetected("deadlock detected"),
+        pg_errors.SerializationFailure("could not serialize access"),
+        pg_errors.LockNotAvailable("could not obtain lock"),
+    ],
+)
+def test_errors_of_a_lost_race_are_transaction_conflicts(error: Exception) -> None:
+    """Class 40/55: the statement may pass next time, and may fail for one row only."""
+    assert classify(error) is TransactionConflict
+    assert classify(wrapped(error, sa_exc.OperationalError)) is TransactionConflict
 
 
 def test_an_invalidated_connection_is_unavailable_whatever_the_error() -> None:

@@ -31,11 +31,15 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "ack_flush": store._OK,
     "fill": store._FILL,
     "quarantine": store._OK_OR_NOOP,
+    "take_lock": store._OK_OR_NOOP,
+    "release_lock": store._OK_OR_NOOP,
 }
+# Scripts Redis may run over maxmemory: they shrink the backlog (or, load, only renew a TTL).
+ALLOW_OOM = {"ack_flush", "quarantine", "take_lock", "release_lock", "load"}
 # Commands a script may call; each takes exactly one key, as its first argument (TIME: none).
 SINGLE_KEY_COMMANDS = {
-    "EXISTS", "HDEL", "HGET", "HGETALL", "HINCRBY", "HMGET", "HSET", "HSETNX", "PERSIST", "PEXPIRE",
-    "PTTL", "SADD", "SMEMBERS", "ZADD", "ZCARD", "ZREM", "ZSCORE",
+    "DEL", "EXISTS", "GET", "HDEL", "HGET", "HGETALL", "HINCRBY", "HMGET", "HSET", "HSETNX",
+    "PERSIST", "PEXPIRE", "PTTL", "SADD", "SET", "SMEMBERS", "ZADD", "ZCARD", "ZREM", "ZSCORE",
 }  # fmt: skip
 KEYLESS_COMMANDS = {"TIME"}
 
@@ -43,6 +47,7 @@ KEYLESS_COMMANDS = {"TIME"}
 @dataclasses.dataclass(frozen=True)
 class Parsed:
     name: str
+    shebang: str
     header: list[str]
     body: list[str]  # code lines, comments removed
 
@@ -52,12 +57,12 @@ class Parsed:
 
 
 def parse(name: str) -> Parsed:
-    lines = source(name).splitlines()
+    shebang, *lines = source(name).splitlines()
     n = 0
     while n < len(lines) and lines[n].startswith("--"):
         n += 1
     body = [re.sub(r"--.*$", "", line) for line in lines[n:]]
-    return Parsed(name, lines[:n], [line for line in body if line.strip()])
+    return Parsed(name, shebang, lines[:n], [line for line in body if line.strip()])
 
 
 def header_indices(parsed: Parsed, table: str) -> tuple[set[int], set[int]]:
@@ -101,6 +106,17 @@ def test_every_script_file_is_listed_and_named_like_its_method() -> None:
     assert [field.name for field in dataclasses.fields(Scripts)] == list(SCRIPT_NAMES)
     assert all(callable(getattr(RedisSessionCache, name, None)) for name in SCRIPT_NAMES)
     assert set(ALLOWED) == set(SCRIPT_NAMES)
+
+
+def test_every_script_has_a_shebang_and_only_backlog_shrinkers_may_run_over_maxmemory(
+    script: Parsed,
+) -> None:
+    """With ``#!lua`` Redis refuses a script over maxmemory before it writes anything, instead
+    of failing (or, after a first HDEL, not failing) halfway; ``allow-oom`` lets a flush run."""
+    expected = "#!lua flags=allow-oom" if script.name in ALLOW_OOM else "#!lua"
+    assert script.shebang == expected
+    if script.name in ALLOW_OOM:
+        assert re.match(r"^-- allow-oom: \S", script.header[1]), "say why it may run over"
 
 
 def test_header_starts_with_a_purpose_line(script: Parsed) -> None:

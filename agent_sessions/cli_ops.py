@@ -111,7 +111,7 @@ def inspect_run(tenant_id: str, workflow_run_id: str, as_json: bool) -> None:
         result = gather(ctx, RunRef(tenant_id, workflow_run_id))
     finally:
         ctx.close()
-    if not result["run"] and not result["sessions"]:
+    if not result["run"] and not result["sessions"] and not result["ended_in_postgres"]:
         raise click.ClickException(f"no run {tenant_id}/{workflow_run_id} in Redis or Postgres")
     _emit(result, as_json)
 
@@ -157,26 +157,31 @@ def cleanup_list(limit: int, as_json: bool) -> None:
 
 @cleanup.command("retry")
 @click.option("--limit", default=1000, show_default=True, help="Most sessions to re-queue.")
-def cleanup_retry(limit: int) -> None:
-    """Queue a cleanup job again for every session still `cleaning` (after the queue's Redis
-    lost its jobs, or a job failed for good). Jobs still queued or running are left alone."""
-    from workers.cleanup import enqueue_cleanup
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also re-queue sessions whose cleanup counts as queued or running (its marker has "
+    "not expired yet), e.g. after a job failed for good.",
+)
+def cleanup_retry(limit: int, force: bool) -> None:
+    """Queue a cleanup job again for every session still `cleaning` in Postgres (after the
+    queue's Redis lost its jobs, or a job failed for good). Sessions whose cleanup is queued
+    or running are left alone unless --force. The reconciler does the same on its own for
+    every ended run, once a job's marker expires."""
+    from workers.cleanup import cleanup_pending, request_cleanup
 
     ctx = _context()
+    s = ctx.settings
     try:
         waiting = ctx.repo.list_status(SessionStatus.CLEANING, limit=limit)
-        s = ctx.settings
-        queued = sum(
-            enqueue_cleanup(
-                ctx.cleanup_queue,
-                s.key_prefix,
-                ctx.cache.keys.session(x.key),
-                x.key,
-                s.cleanup_attempts,
-                replace_failed=True,
+        queued = 0
+        for session in waiting:
+            name = ctx.cache.keys.session(session.key)
+            if force:
+                cleanup_pending(ctx.queue_redis, s.key_prefix, name, done=True)
+            queued += request_cleanup(
+                ctx.cleanup_queue, s.key_prefix, name, session.key, s.cleanup_attempts
             )
-            for x in waiting
-        )
     finally:
         ctx.close()
     click.echo(f"cleaning sessions: {len(waiting)}, cleanup jobs queued: {queued}")

@@ -17,7 +17,8 @@ session lifecycle depends on it:
   back in :class:`RunStatusResponse` (our extension; the real backend sends them as events).
 * Idempotency: a create with the ``idempotency_key`` of an earlier run that is running,
   paused or succeeded returns THAT run (``200``, nothing new is started). A failed or cancelled
-  run releases its key, so a retry with the same key (a cleanup attempt) starts a new run.
+  run releases its key, so a retry with the same key (a cleanup attempt) starts a new run;
+  with ``dedupe_failed=True`` it keeps it, as a backend that dedupes every key would.
 * ``POST /runs/{id}/cancel`` cancels a running run at once (the real backend records an intent
   and may still say ``running`` for a while); cancelling a cancelled run is a no-op; 409 once
   the run succeeded, failed or paused. ``GET /runs`` lists every run; ``GET /healthz`` → ok.
@@ -157,7 +158,8 @@ class _Conflict(Exception):
 class _RunStore:
     """Thread-safe run records, behaviour rules and completion timers."""
 
-    def __init__(self, finish_delay_s: float) -> None:
+    def __init__(self, finish_delay_s: float, *, dedupe_failed: bool = False) -> None:
+        self._dedupe_failed = dedupe_failed
         self._lock = threading.Lock()
         self._runs: dict[str, FakeRun] = {}
         self._by_key: dict[str, str] = {}
@@ -176,7 +178,9 @@ class _RunStore:
     def _deduplicated(self, request: CreateRunRequest) -> FakeRun | None:
         key = request.idempotency_key
         run = self._runs.get(self._by_key.get(key, "")) if key is not None else None
-        return run if run is not None and run.status not in _KEY_RELEASING else None
+        if run is None or (run.status in _KEY_RELEASING and not self._dedupe_failed):
+            return None
+        return run
 
     def _new_run(self, request: CreateRunRequest) -> FakeRun:
         behaviour = self._script.choose(request)
@@ -383,9 +387,10 @@ class FakeAgentBackend:
         port: int = 0,
         *,
         finish_delay_s: float = DEFAULT_FINISH_DELAY_S,
+        dedupe_failed: bool = False,
     ) -> None:
         self._address = (host, port)
-        self._store = _RunStore(finish_delay_s)
+        self._store = _RunStore(finish_delay_s, dedupe_failed=dedupe_failed)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

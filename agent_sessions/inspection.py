@@ -50,6 +50,7 @@ def _record(session: StoredSession) -> dict[str, Any]:
         "updated_at": session.updated_at,
         "cleaned_at": session.cleaned_at,
         "cleanup_error": session.cleanup_error,
+        "lineage": session.lineage,
     }
 
 
@@ -103,8 +104,12 @@ def inspect_run(ctx: WorkerContext, run: RunRef) -> dict[str, Any]:
                 "postgres": None if pg_rec is None else _brief(pg_rec),
             }
         )
+    end = ctx.repo.run_end(run)
     return {
         "run": cache.run_state(run),
+        "ended_in_postgres": None
+        if end is None
+        else {"outcome": end.outcome, "ended_at": end.ended_at, "settled": end.settled},
         "shard": cache.keys.shard_of(run.tenant_id, run.workflow_run_id),
         "sessions": sessions,
     }
@@ -136,6 +141,7 @@ def stats(ctx: WorkerContext) -> dict[str, Any]:
         "oldest_dirty_age_s": round((now_ms - min(oldest)) / 1000, 3) if oldest else None,
         "poison": poison,
         "postgres_sessions_by_status": ctx.repo.count_by_status(),
+        "ended_runs_not_settled": ctx.repo.count_unsettled_runs(),
         "cleanups_given_up": ctx.repo.count_cleanup_failures(),
         "queues": queue_depths(ctx),
         "counters": cache.counters(),

@@ -17,7 +17,6 @@ concurrent entries of one session cannot silently overwrite each other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +27,6 @@ from cache.records import (
     RunRef,
     Scope,
     SessionKey,
-    SessionStatus,
     SessionWrite,
     Snapshot,
 )
@@ -43,11 +41,11 @@ from workers.backend_models import (
     snapshot_to_protocol,
     spec_from_protocol,
 )
-from workers.cleanup import enqueue_cleanup
 from workers.context import WorkerContext
 from workers.flush import flush_session
 from workers.queues import pending_ttl_ms, request_flush
-from workers.readthrough import load_through
+from workers.readthrough import load_through, save_through
+from workers.reconcile import reconcile_run
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +295,9 @@ class SessionLifecycle:
             pending_tool_call_id=outcome.pending_tool_call_id,
         )
         try:
-            version = self.ctx.cache.save(key, write, expected_version=entry.version)
+            version = save_through(
+                self.ctx.cache, self.ctx.repo, key, write, expected_version=entry.version
+            )
         except VersionConflict as exc:
             return NodeResult("completed", conflict=True, metadata=_persist_failed(exc))
         except AgentSessionsError as exc:
@@ -372,40 +372,26 @@ class SessionLifecycle:
     # --- end of workflow -----------------------------------------------------------------
 
     def workflow_ended(self, tenant_id: str, workflow_run_id: str, outcome: str) -> EndReport:
-        """End the run: refuse every later save, stop every session, queue their cleanup."""
+        """End the run: refuse every later save, stop every session, queue their cleanup.
+
+        The end is recorded in Postgres first (the durable fact; the first outcome recorded
+        is kept), then applied to Redis. If this raises, nothing is lost: call it again, or
+        let the reconciler finish it (``reconcile_grace_s`` later).
+        """
         if outcome not in WORKFLOW_OUTCOMES:
             raise InvalidInput(
                 f"workflow outcome must be one of {sorted(WORKFLOW_OUTCOMES)}, got {outcome!r}"
                 " (a pause is not an end)"
             )
         run = RunRef(tenant_id, workflow_run_id)
-        cache = self.ctx.cache
-        ended = cache.end_run(run, outcome)
-        keys = self._with_postgres_only_sessions(run, ended.keys)
-        moved = cache.begin_cleanup(run, keys)
-        enqueued = sum(self._enqueue_cleanup(key) for key in keys)
-        if keys:
-            self._urgent_flush(keys[0])
-        return EndReport(len(keys), moved, enqueued, ended.already_ended)
-
-    def _with_postgres_only_sessions(
-        self, run: RunRef, keys: Sequence[SessionKey]
-    ) -> list[SessionKey]:
-        """Add the run's active Postgres rows whose Redis hash is gone (expired during a long
-        run), filled back so begin_cleanup and the cleanup job can reach them."""
-        repo, cache = self.ctx.repo, self.ctx.cache
-        active = repo.list_keys(run.tenant_id, run.workflow_run_id, SessionStatus.ACTIVE)
-        for key in cache.missing(active):
-            row = repo.get(key)
-            if row is not None:
-                cache.fill(row)
-        return sorted({*keys, *active}, key=SessionKey.parts)
-
-    def _enqueue_cleanup(self, key: SessionKey) -> bool:
-        name = self.ctx.cache.keys.session(key)
-        settings = self.ctx.settings
-        return enqueue_cleanup(
-            self.ctx.cleanup_queue, settings.key_prefix, name, key, settings.cleanup_attempts
+        grace = self.ctx.settings.reconcile_grace_s
+        end, recorded = self.ctx.repo.record_run_end(run, outcome, check_after_s=grace)
+        done = reconcile_run(self.ctx, run, end.outcome)
+        return EndReport(
+            sessions=done.sessions,
+            moved_to_cleaning=done.moved_to_cleaning,
+            cleanups_enqueued=done.cleanups_requested,
+            already_ended=done.already_ended or not recorded,
         )
 
 

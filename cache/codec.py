@@ -42,7 +42,7 @@ WRITE_TEXT_FIELDS = (
 )
 REQUIRED_ID_FIELDS = WRITE_TEXT_FIELDS[:4]
 OPTIONAL_ID_FIELDS = WRITE_TEXT_FIELDS[4:]
-STATE_TEXT_FIELDS = ("created_at", "updated_at", "cleaned_at", "cleanup_error")
+STATE_TEXT_FIELDS = ("created_at", "updated_at", "cleaned_at", "cleanup_error", "lineage")
 
 T = TypeVar("T")
 E = TypeVar("E", SessionStatus, ClosedBy)
@@ -186,6 +186,7 @@ class Codec:
             cleaned_at=fields.text("cleaned_at"),
             closed_by=fields.enum("closed_by", ClosedBy) if closed_by else None,
             cleanup_error=fields.text("cleanup_error"),
+            lineage=fields.text("lineage"),
         )
 
 

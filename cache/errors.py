@@ -12,6 +12,7 @@ subclasses say what went wrong and whether retrying can help::
     ├── CorruptValue            a value in Redis cannot be decoded (names the key)
     ├── Refused                 a script refused a write; nothing was written
     │   ├── RunEnded            the workflow run has ended; no save can land
+    │   ├── RunUnknown          Redis has no marker of the run (lost or evicted): ask Postgres
     │   ├── VersionConflict     ``expected_version`` differs from the stored version
     │   └── BacklogFull         the shard's dirty backlog is at its bound
     ├── StoreUnavailable        Redis could not be reached, timed out or refused a command
@@ -68,6 +69,14 @@ class Refused(AgentSessionsError):
 
 class RunEnded(Refused):
     """The workflow run has ended: no session of it can be saved again."""
+
+
+class RunUnknown(Refused):
+    """Redis has no marker of the run, so it cannot tell whether the run ended.
+
+    Raised only by saves that asked for it (``verify_run``); ``workers.readthrough`` then
+    reads the run's state from Postgres, restores the marker and saves again.
+    """
 
 
 class VersionConflict(Refused):

@@ -434,6 +434,10 @@ class StoredSession:
     cleaned_at: str | None = None
     closed_by: ClosedBy | None = None
     cleanup_error: str | None = None
+    lineage: str | None = None
+    """Which history this session's versions belong to: set when the session is created
+    (or filled from Postgres) and kept by every later save. Equal versions of two lineages
+    are two different sessions; the flush fence never takes one for the other."""
 
     @property
     def snapshot(self) -> Snapshot:

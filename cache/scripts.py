@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.commands.core import Script
 
-from cache.errors import BacklogFull, RunEnded, ScriptContractError, VersionConflict
+from cache.errors import BacklogFull, RunEnded, RunUnknown, ScriptContractError, VersionConflict
 
 SCRIPT_NAMES = (
     "load",
@@ -28,6 +28,9 @@ SCRIPT_NAMES = (
     "quarantine",
     "take_lock",
     "release_lock",
+    "open_run",
+    "settle_run",
+    "note_cleanup",
 )
 
 
@@ -40,6 +43,7 @@ class Code(IntEnum):
     BACKLOG_FULL = 3
     NOOP = 4
     EXISTS = 5
+    RUN_UNKNOWN = 6
 
 
 def source(name: str) -> str:
@@ -62,6 +66,9 @@ class Scripts:
     quarantine: Script
     take_lock: Script
     release_lock: Script
+    open_run: Script
+    settle_run: Script
+    note_cleanup: Script
 
     @classmethod
     def register(cls, client: Any) -> Scripts:
@@ -83,6 +90,8 @@ def check_code(
     values = reply[1:]
     if code is Code.RUN_ENDED and script == "save":
         raise RunEnded(f"{key}: the workflow run has ended")
+    if code is Code.RUN_UNKNOWN:
+        raise RunUnknown(f"{key}: Redis has no marker of the run")
     if code is Code.VERSION_CONFLICT:
         raise VersionConflict(key, expected, _count(script, values))
     if code is Code.BACKLOG_FULL:

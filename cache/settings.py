@@ -72,6 +72,15 @@ class Settings(BaseSettings):
         5, ge=1, le=50, description="Cleanup attempts per session before it is given up."
     )
     socket_timeout_s: float = Field(5.0, gt=0, description="Redis socket timeout.")
+    reconcile_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long after a run's end the reconciler first checks that its end "
+        "finished (every session stopped, cleaned up, flushed).",
+    )
+    reconcile_interval_s: float = Field(
+        30.0, gt=0, description="Between the reconciler's checks of a run not settled yet."
+    )
     durable_pauses: bool = Field(
         False,
         description="Write a paused session to Postgres before finish() returns, so that a "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -41,10 +42,13 @@ from cache.scripts import Code, Scripts, check_code
 from cache.settings import Settings
 
 _OK = frozenset({Code.OK})
-_SAVE = frozenset({Code.OK, Code.RUN_ENDED, Code.VERSION_CONFLICT, Code.BACKLOG_FULL})
+_SAVE = frozenset(
+    {Code.OK, Code.RUN_ENDED, Code.VERSION_CONFLICT, Code.BACKLOG_FULL, Code.RUN_UNKNOWN}
+)
 _OK_OR_NOOP = frozenset({Code.OK, Code.NOOP})
 _END = frozenset({Code.OK, Code.RUN_ENDED})
 _FILL = frozenset({Code.OK, Code.EXISTS})
+_OPEN = _FILL
 _CLEANUP_CHUNK = 500
 _POLICY = "maxmemory-policy"
 _LOADED_FROM_REDIS = LOADS.labels("redis")
@@ -53,10 +57,19 @@ _LOAD_MISSED = LOADS.labels("miss")
 
 @dataclass(frozen=True, slots=True)
 class Loaded:
-    """What ``load`` found: the stored record (any status) and the resumable session."""
+    """What ``load`` found: the stored record (any status) and the resumable session.
+
+    ``run_state`` is ``open``, ``ended`` or ``""`` when Redis has no marker of the run (lost,
+    evicted, or a run nothing was saved in yet): then only Postgres can tell whether it ended.
+    """
 
     record: StoredSession | None
     run_ended: bool = False
+    run_state: str = "open"
+
+    @property
+    def run_known(self) -> bool:
+        return self.run_state != ""
 
     @property
     def session(self) -> StoredSession | None:
@@ -90,6 +103,11 @@ class DirtyEntry:
 
 SessionRead = StoredSession | CorruptValue | None
 log = logging.getLogger(__name__)
+
+
+def new_lineage() -> str:
+    """A fresh lineage id (16 hex characters), for a session created by a save."""
+    return secrets.token_hex(8)
 
 
 class RedisSessionCache:
@@ -176,13 +194,13 @@ class RedisSessionCache:
         with translate_errors(f"loading {name}"):
             reply = self.scripts.load(keys=[name, run], args=[self._ms(self.settings.active_ttl_s)])
         _, values = check_code("load", reply, _OK)
-        run_ended = values[0] == b"ended"
+        state = values[0].decode() if isinstance(values[0], bytes) else ""
         if len(values) == 1:
             _LOAD_MISSED.inc()
-            return Loaded(None, run_ended)
+            return Loaded(None, state == "ended", state)
         _LOADED_FROM_REDIS.inc()
         raw = dict(zip(values[1::2], values[2::2], strict=True))
-        return Loaded(self.codec.decode_session(name, key, raw), run_ended)
+        return Loaded(self.codec.decode_session(name, key, raw), state == "ended", state)
 
     def read_many(self, names: Sequence[str], *, lazy: bool = False) -> list[SessionRead]:
         """Sessions by key name in one pipeline; a corrupt one is returned, not raised.
@@ -245,12 +263,20 @@ class RedisSessionCache:
     # --- writes --------------------------------------------------------------------------
 
     def save(
-        self, key: SessionKey, write: SessionWrite, *, expected_version: int | None = None
+        self,
+        key: SessionKey,
+        write: SessionWrite,
+        *,
+        expected_version: int | None = None,
+        verify_run: bool = False,
     ) -> int:
         """Write the session as ``active`` and dirty; return its new version.
 
         Raises :class:`RunEnded`, :class:`VersionConflict` or :class:`BacklogFull` with
         nothing written. ``expected_version=0`` means "only if there is no session yet".
+        When Redis has no marker of the run, the save opens the run, unless ``verify_run``:
+        then it raises :class:`RunUnknown` (``workers.readthrough.save_through`` asks
+        Postgres whether the run ended, which this layer cannot).
         """
         if expected_version is not None and expected_version < 0:
             raise InvalidInput("expected_version must be >= 0")
@@ -263,6 +289,8 @@ class RedisSessionCache:
             self.settings.max_dirty_per_shard,
             now_iso(),
             self._ms(self.settings.active_ttl_s),
+            new_lineage(),
+            "" if verify_run else "open",
             *fields,
         ]
         with translate_errors(f"saving {name}"):
@@ -296,12 +324,48 @@ class RedisSessionCache:
                 f"outcome must be one of {sorted(WORKFLOW_OUTCOMES)}, got {outcome!r}"
             )
         keys = [self.keys.run(run), self.keys.run_sessions(run)]
-        args: list[Any] = [now_iso(), outcome, self._ms(self.settings.ended_run_ttl_s)]
+        args: list[Any] = [now_iso(), outcome]
         with translate_errors("ending a run"):
             reply = self.scripts.end_run(keys=keys, args=args)
         code, members = check_code("end_run", reply, _END)
         found = sorted((self.keys.parse_session(m) for m in members), key=SessionKey.parts)
         return EndedRun(tuple(found), already_ended=code is Code.RUN_ENDED)
+
+    def open_run(self, run: RunRef) -> bool:
+        """Mark the run open if Redis has no marker of it (Postgres says it did not end)."""
+        args: list[Any] = [now_iso(), self._ms(self.settings.active_ttl_s)]
+        with translate_errors("opening a run"):
+            reply = self.scripts.open_run(keys=[self.keys.run(run)], args=args)
+        return check_code("open_run", reply, _OPEN)[0] is Code.OK
+
+    def settle_run(self, run: RunRef) -> bool:
+        """Every session of the ended run is cleaned: its markers get ``ended_run_ttl_s``."""
+        keys = [self.keys.run(run), self.keys.run_sessions(run)]
+        with translate_errors("settling a run"):
+            reply = self.scripts.settle_run(
+                keys=keys, args=[self._ms(self.settings.ended_run_ttl_s)]
+            )
+        return check_code("settle_run", reply, _OK_OR_NOOP)[0] is Code.OK
+
+    def note_cleanup(self, key: SessionKey, cleanup_run_id: str, attempt: int) -> bool:
+        """Remember the backend run of a cleanup attempt (only while the session is cleaning)."""
+        check_optional_id("cleanup_run_id", cleanup_run_id)
+        with translate_errors("noting a cleanup run"):
+            reply = self.scripts.note_cleanup(
+                keys=[self.keys.session(key)], args=[cleanup_run_id, attempt]
+            )
+        return check_code("note_cleanup", reply, _OK_OR_NOOP)[0] is Code.OK
+
+    def cleanup_state(self, key: SessionKey) -> tuple[str | None, int]:
+        """The remembered cleanup run of a session and its attempt number (``note_cleanup``)."""
+        with translate_errors("reading a cleanup run"):
+            reply = self.client.hmget(self.keys.session(key), ["cleanup_run_id", "cleanup_attempt"])
+        run_id, attempt = cast(list[bytes | None], reply)
+        try:
+            number = int(attempt) if attempt else 0
+        except ValueError:
+            number = 0
+        return (run_id.decode(errors="replace") if run_id else None), number
 
     def begin_cleanup(self, run: RunRef, keys: Iterable[SessionKey]) -> int:
         """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``."""

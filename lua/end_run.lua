@@ -1,14 +1,15 @@
 #!lua
 -- end_run: mark a workflow run ended (every later save is refused); list its sessions.
+-- The run hash and its session set lose their TTL: they may not be evicted before every
+-- session of the run is cleaned (settle_run gives them one back).
 -- KEYS[1] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
 -- KEYS[2] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions
 -- ARGV[1] now: ISO-8601 UTC text
 -- ARGV[2] outcome: text (succeeded, partial_succeeded, failed, aborted)
--- ARGV[3] TTL of the ended run hash and its session set: integer milliseconds
 -- returns {0, session key...}  OK: the run is ended now
 --         {1, session key...}  RUN_ENDED: it had already ended; outcome and time kept
 local run, run_sessions = KEYS[1], KEYS[2]
-local now, outcome, ttl = ARGV[1], ARGV[2], ARGV[3]
+local now, outcome = ARGV[1], ARGV[2]
 
 local code = 0
 if redis.call('HGET', run, 'state') == 'ended' then
@@ -16,9 +17,9 @@ if redis.call('HGET', run, 'state') == 'ended' then
 else
   redis.call('HSET', run, 'state', 'ended', 'ended_at', now, 'outcome', outcome)
   redis.call('HSETNX', run, 'opened_at', now)
+  redis.call('PERSIST', run)
+  redis.call('PERSIST', run_sessions)
 end
-redis.call('PEXPIRE', run, ttl)
-redis.call('PEXPIRE', run_sessions, ttl)
 local reply = redis.call('SMEMBERS', run_sessions)
 table.insert(reply, 1, code)
 return reply

@@ -19,8 +19,10 @@ for i = 2, #ARGV, 2 do
 end
 redis.call('HSET', session, unpack(sets))
 redis.call('PEXPIRE', session, ttl)
+-- a new set gets the TTL; an existing one keeps its own (none while its run is ended)
+local fresh = redis.call('EXISTS', run_sessions) == 0
 redis.call('SADD', run_sessions, session)
-if redis.call('PTTL', run_sessions) == -1 then
+if fresh then
   redis.call('PEXPIRE', run_sessions, ttl)
 end
 return {0}

@@ -23,7 +23,8 @@ if err ~= '' then
   sets[#sets + 1] = err
 end
 redis.call('HSET', session, unpack(sets))
-redis.call('HDEL', session, 'pending_form_id', 'pending_tool_call_id')
+redis.call('HDEL', session, 'pending_form_id', 'pending_tool_call_id', 'cleanup_run_id',
+           'cleanup_attempt')
 local version = redis.call('HINCRBY', session, 'version', 1)
 redis.call('PERSIST', session)
 local t = redis.call('TIME')

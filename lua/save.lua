@@ -7,20 +7,27 @@
 -- ARGV[1] expected version: integer, or "" for any version (0 = the session must not exist)
 -- ARGV[2] dirty backlog bound of the shard: integer, 0 = unbounded
 -- ARGV[3] now: ISO-8601 UTC text
--- ARGV[4] TTL of the run hash and run session set: integer milliseconds (sliding)
--- ARGV[5..] field, value pairs to write; an empty value deletes the field
+-- ARGV[4] TTL of an open run's hash and session set: integer milliseconds (sliding)
+-- ARGV[5] lineage of the session if it has none yet: text
+-- ARGV[6] when the run hash is missing: "open" opens the run, "" refuses (RUN_UNKNOWN)
+-- ARGV[7..] field, value pairs to write; an empty value deletes the field
 -- returns {0, version}  OK: saved; version is the new version
 --         {1}           RUN_ENDED: the run has ended; nothing written
 --         {2, version}  VERSION_CONFLICT: the stored version is not ARGV[1]; nothing written
 --         {3, backlog}  BACKLOG_FULL: the shard holds ARGV[2] dirty sessions; nothing written
+--         {6}           RUN_UNKNOWN: no run hash (lost or evicted); ask Postgres; nothing written
 local session, run, run_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected, bound, now, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local lineage, unknown_run = ARGV[5], ARGV[6]
 
 local run_state = redis.call('HGET', run, 'state')
 if run_state == 'ended' then
   return {1}
 end
-local stored = redis.call('HMGET', session, 'version', 'status')
+if not run_state and unknown_run ~= 'open' then
+  return {6}
+end
+local stored = redis.call('HMGET', session, 'version', 'status', 'lineage')
 local version = tonumber(stored[1] or '0')
 if expected ~= '' and tonumber(expected) ~= version then
   return {2, version}
@@ -42,7 +49,11 @@ if version == 1 then
   sets[#sets + 1] = 'created_at'
   sets[#sets + 1] = now
 end
-for i = 5, #ARGV, 2 do
+if not stored[3] then
+  sets[#sets + 1] = 'lineage'
+  sets[#sets + 1] = lineage
+end
+for i = 7, #ARGV, 2 do
   if ARGV[i + 1] == '' then
     dels[#dels + 1] = ARGV[i]
   else

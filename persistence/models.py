@@ -1,4 +1,4 @@
-"""The ``workflow_agent_runtime_sessions`` table (DESIGN §8) as SQLAlchemy Core.
+"""The ``workflow_agent_runtime_sessions`` and ``workflow_agent_runs`` tables (DESIGN §8).
 
 Core rather than an ORM mapping: the only writer is the flush job's batch upsert, which is
 one ``INSERT ... SELECT FROM unnest(...)`` statement, and reads convert rows to
@@ -23,21 +23,26 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from cache.records import SessionStatus
+from cache.records import WORKFLOW_OUTCOMES, SessionStatus
 
 TABLE_NAME: Final = "workflow_agent_runtime_sessions"
 SCOPE_UNIQUE: Final = "workflow_agent_runtime_session_scope_unique"
 RUN_STATUS_INDEX: Final = "workflow_agent_runtime_session_run_status_idx"
 BACKEND_RUN_INDEX: Final = "workflow_agent_runtime_session_backend_run_idx"
 STATUS_CHECK: Final = "status"
+RUNS_TABLE_NAME: Final = "workflow_agent_runs"
+RUNS_DUE_INDEX: Final = "workflow_agent_runs_unsettled_due_idx"
+LINEAGE_LENGTH: Final = 32
 SNAPSHOT_COMPRESSION: Final = "lz4"
 """TOAST compression of ``snapshot``; lz4 is ~3x the batch throughput of pglz (docs)."""
 
@@ -67,6 +72,7 @@ NAMING_CONVENTION: Final = {
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 _STATUS_VALUES = ", ".join(f"'{status.value}'" for status in SessionStatus)
+_OUTCOME_VALUES = ", ".join(f"'{outcome}'" for outcome in sorted(WORKFLOW_OUTCOMES))
 
 
 def _id_column(name: str, *, nullable: bool = False) -> Column[str]:
@@ -89,6 +95,7 @@ sessions = Table(
     _id_column("backend_run_id", nullable=True),
     _id_column("pending_form_id", nullable=True),
     _id_column("pending_tool_call_id", nullable=True),
+    Column("lineage", String(LINEAGE_LENGTH), nullable=True),
     Column("closed_by", String(32), nullable=True),
     Column("cleanup_error", Text, nullable=True),
     _time_column("cleaned_at", nullable=True),
@@ -101,3 +108,23 @@ sessions = Table(
     Index(BACKEND_RUN_INDEX, "backend_run_id"),
 )
 """One row per session key: the last flushed version of the Redis hash."""
+
+runs = Table(
+    RUNS_TABLE_NAME,
+    metadata,
+    _id_column("tenant_id"),
+    _id_column("workflow_run_id"),
+    Column("outcome", String(32), nullable=False),
+    _time_column("ended_at", nullable=False),
+    _time_column("settled_at", nullable=True),
+    _time_column("next_check_at", nullable=False),
+    PrimaryKeyConstraint("tenant_id", "workflow_run_id", name=f"{RUNS_TABLE_NAME}_pkey"),
+    CheckConstraint(f"outcome IN ({_OUTCOME_VALUES})", name="outcome"),
+    Index(RUNS_DUE_INDEX, "next_check_at", postgresql_where=text("settled_at IS NULL")),
+)
+"""One row per ENDED workflow run: the durable fact that nothing of it may be resumed.
+
+Written by ``workflow_ended`` before Redis is touched. ``settled_at`` is set once every
+session of the run is cleaned in Redis and Postgres; until then the reconciler visits the
+run at ``next_check_at``. Open runs have no row (their state lives in Redis only).
+"""

@@ -1,11 +1,20 @@
-"""``SessionRepository``: the fenced batch upsert the flush job calls, and the read-through reads.
+"""``SessionRepository``: the fenced batch upsert the flush job calls, the read-through reads
+and the durable record of ended runs.
 
 A flush writes up to ``flush_batch`` sessions in ONE ``INSERT ... SELECT FROM unnest(...)
-ON CONFLICT (key) DO UPDATE ... WHERE stored.version < excluded.version`` statement
-(DESIGN §5.3): a retried, duplicated or out-of-order flush can never move a row backwards.
+ON CONFLICT (key) DO UPDATE ... WHERE <fence>`` statement (DESIGN §5.3). The fence:
+
+* ``stored.version < excluded.version``: a retried, duplicated or out-of-order flush can
+  never move a row backwards;
+* the same lineage (or either unknown): equal versions of two histories of one key are
+  never taken for each other;
+* never ``active`` again once the workflow's end closed the row, and never an ``active``
+  row for a run ``workflow_agent_runs`` records as ended.
+
+Rows the fence kept are reported by why, so the caller can tell an already-applied retry
+(acknowledge it) from a Postgres that is ahead of Redis or holds another lineage (poison it)
+and from a save into an ended run (leave it for the reconciler).
 docs/persistence.md has the measurements that chose this shape over multi-row VALUES.
-Rows the fence kept are reported with the version Postgres holds, so the caller can tell an
-already-applied retry (acknowledge it) from a Postgres that is ahead of Redis (poison it).
 
 Rows become ``StoredSession`` records at one boundary (``_from_row``) and back at another
 (``_to_row``); nothing else here knows the column layout.
@@ -13,6 +22,7 @@ Rows become ``StoredSession`` records at one boundary (``_from_row``) and back a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +32,7 @@ from typing import Any, Final
 import psycopg
 import sqlalchemy as sa
 from psycopg.types.array import ListBinaryDumper
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, INTERVAL
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 from sqlalchemy.types import UserDefinedType
@@ -31,6 +41,7 @@ from cache.clock import parse_iso
 from cache.codec import snapshot_bytes, unpack
 from cache.records import (
     ClosedBy,
+    RunRef,
     SessionKey,
     SessionStatus,
     SessionWrite,
@@ -40,7 +51,7 @@ from cache.records import (
     specs_to_list,
 )
 from persistence.errors import translate_errors
-from persistence.models import KEY_COLUMNS, sessions
+from persistence.models import KEY_COLUMNS, runs, sessions
 
 _CONNECT_TIMEOUT_S: Final = 5
 _WRITTEN_COLUMNS: Final = tuple(
@@ -58,7 +69,20 @@ _DATA_TEXT_COLUMNS: Final = (  # SessionWrite fields stored as-is
 )
 
 Fenced = tuple[SessionKey, int, int]
-"""``(key, stored_version, offered_version)`` of a row the fence kept as it was."""
+"""``(key, stored_version, offered_version)`` of a row the version fence kept as it was."""
+Diverged = tuple[SessionKey, int, str, int, str]
+"""``(key, stored_version, stored_lineage, offered_version, offered_lineage)``."""
+_WORKFLOW_END = ClosedBy.WORKFLOW_END.value
+_ACTIVE = SessionStatus.ACTIVE.value
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """The durable record of an ended run."""
+
+    outcome: str
+    ended_at: datetime
+    settled: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +91,10 @@ class UpsertResult:
 
     written: list[tuple[SessionKey, int]] = field(default_factory=list)
     fenced: list[Fenced] = field(default_factory=list)
+    diverged: list[Diverged] = field(default_factory=list)
+    """Postgres holds another lineage of the key: two histories, never merged silently."""
+    run_ended: list[SessionKey] = field(default_factory=list)
+    """``active`` rows of a run that ended: refused, left for the run's reconciliation."""
 
     @property
     def stale_equal(self) -> list[Fenced]:
@@ -122,6 +150,7 @@ def _to_row(session: StoredSession, now: datetime) -> dict[str, Any]:
         "layer_specs": json.dumps(specs_to_list(data.layer_specs), separators=(",", ":")),
         "closed_by": session.closed_by.value if session.closed_by else None,
         "cleanup_error": session.cleanup_error,
+        "lineage": session.lineage,
         "cleaned_at": _to_datetime(session.cleaned_at),
         "created_at": _to_datetime(session.created_at) or now,
         "updated_at": _to_datetime(session.updated_at) or now,
@@ -147,6 +176,7 @@ def _from_row(row: RowMapping) -> StoredSession:
         cleaned_at=_to_iso(row["cleaned_at"]),
         closed_by=ClosedBy(row["closed_by"]) if row["closed_by"] else None,
         cleanup_error=row["cleanup_error"],
+        lineage=row["lineage"],
     )
 
 
@@ -217,14 +247,28 @@ def _upsert_statement() -> sa.Executable:
     """
     arrays = [_array_parameter(name) for name in _WRITTEN_COLUMNS]
     source = sa.func.unnest(*arrays).table_valued(*_WRITTEN_COLUMNS).render_derived()
-    insert = pg_insert(sessions).from_select(
-        list(_WRITTEN_COLUMNS), sa.select(*(source.c[name] for name in _WRITTEN_COLUMNS))
+    ended = sa.exists().where(
+        runs.c.tenant_id == source.c.tenant_id,
+        runs.c.workflow_run_id == source.c.workflow_run_id,
     )
+    rows = sa.select(*(source.c[name] for name in _WRITTEN_COLUMNS)).where(
+        sa.or_(source.c.status != _ACTIVE, ~ended)
+    )
+    insert = pg_insert(sessions).from_select(list(_WRITTEN_COLUMNS), rows)
     updated = {name: insert.excluded[name] for name in _WRITTEN_COLUMNS}
+    new = insert.excluded
     return insert.on_conflict_do_update(
         index_elements=list(_KEY),
         set_={**updated, "flushed_at": sa.func.now()},
-        where=sessions.c.version < insert.excluded.version,
+        where=sa.and_(
+            sessions.c.version < new.version,
+            sa.or_(
+                sessions.c.lineage.is_(None),
+                new.lineage.is_(None),
+                sessions.c.lineage == new.lineage,
+            ),
+            sa.or_(new.status != _ACTIVE, sessions.c.closed_by.is_distinct_from(_WORKFLOW_END)),
+        ),
     ).returning(*_KEY, sessions.c.version)
 
 
@@ -254,8 +298,9 @@ class SessionRepository:
             return UpsertResult()
         with translate_errors(), self.engine.begin() as conn:
             written = self._write(conn, offered)
-            fenced = self._fenced(conn, offered, written)
-        return UpsertResult(written=sorted(written.items(), key=_by_key), fenced=fenced)
+            refused = [session for session in offered if session.key not in written]
+            result = _Refusals(refused, *self._refused_state(conn, refused)).result()
+        return dataclasses.replace(result, written=sorted(written.items(), key=_by_key))
 
     @staticmethod
     def _write(conn: Connection, offered: list[StoredSession]) -> dict[SessionKey, int]:
@@ -264,30 +309,123 @@ class SessionRepository:
         return {_key_of(row): row["version"] for row in conn.execute(_UPSERT, params).mappings()}
 
     @staticmethod
-    def _fenced(
-        conn: Connection, offered: list[StoredSession], written: Mapping[SessionKey, int]
-    ) -> list[Fenced]:
-        """Stored versions of the rows the fence kept (one SELECT, only when there are any).
-
-        A row that vanished in between (nothing in this project deletes rows) is left out
-        of both lists, so the caller leaves it dirty and the next flush inserts it.
-        """
-        refused = {s.key: s.version for s in offered if s.key not in written}
+    def _refused_state(
+        conn: Connection, refused: list[StoredSession]
+    ) -> tuple[dict[SessionKey, RowMapping], set[RunRef]]:
+        """What Postgres holds for the rows the fence kept: their stored version, lineage and
+        ``closed_by``, and which of their runs ended (two SELECTs, only when there are any)."""
         if not refused:
-            return []
-        query = sa.select(*_KEY, sessions.c.version).where(
-            sa.tuple_(*_KEY).in_([key.parts() for key in refused])
+            return {}, set()
+        query = sa.select(*_KEY, sessions.c.version, sessions.c.lineage, sessions.c.closed_by)
+        query = query.where(sa.tuple_(*_KEY).in_([s.key.parts() for s in refused]))
+        stored = {_key_of(row): row for row in conn.execute(query).mappings()}
+        run_ids = {(s.key.tenant_id, s.key.workflow_run_id) for s in refused}
+        ended_query = sa.select(runs.c.tenant_id, runs.c.workflow_run_id).where(
+            sa.tuple_(runs.c.tenant_id, runs.c.workflow_run_id).in_(sorted(run_ids))
         )
-        stored = {_key_of(row): row["version"] for row in conn.execute(query).mappings()}
-        return [(key, stored[key], refused[key]) for key in refused if key in stored]
+        ended = {RunRef(*row) for row in conn.execute(ended_query).all()}
+        return stored, ended
+
+    # --- ended runs --------------------------------------------------------------------------
+
+    def record_run_end(
+        self, run: RunRef, outcome: str, *, check_after_s: float
+    ) -> tuple[RunEnd, bool]:
+        """Record that ``run`` ended; the stored record (the first outcome recorded is kept)
+        and whether this call recorded it. The reconciler visits the run ``check_after_s``
+        from now, unless it is settled first."""
+        values = {
+            "tenant_id": run.tenant_id,
+            "workflow_run_id": run.workflow_run_id,
+            "outcome": outcome,
+            "ended_at": sa.func.now(),
+            "next_check_at": sa.func.now() + _seconds(check_after_s),
+        }
+        insert = pg_insert(runs).values(values).on_conflict_do_nothing().returning(runs.c.outcome)
+        with translate_errors(), self.engine.begin() as conn:
+            inserted = conn.execute(insert).one_or_none() is not None
+            found = _run_end(conn, run)
+        assert found is not None, "a row this transaction inserted or found"
+        return found, inserted
+
+    def run_end(self, run: RunRef) -> RunEnd | None:
+        """The durable record of ``run``'s end, or ``None`` if it has not ended."""
+        with translate_errors(), self.engine.connect() as conn:
+            return _run_end(conn, run)
+
+    def claim_due_runs(self, *, limit: int, recheck_after_s: float) -> list[RunRef]:
+        """Up to ``limit`` unsettled ended runs due for a visit, pushed ``recheck_after_s``
+        into the future in the same statement (so concurrent reconcilers share the work)."""
+        due = (
+            sa.select(runs.c.tenant_id, runs.c.workflow_run_id)
+            .where(runs.c.settled_at.is_(None), runs.c.next_check_at <= sa.func.now())
+            .order_by(runs.c.next_check_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).subquery()
+        claim = (
+            sa.update(runs)
+            .where(
+                runs.c.tenant_id == due.c.tenant_id,
+                runs.c.workflow_run_id == due.c.workflow_run_id,
+            )
+            .values(next_check_at=sa.func.now() + _seconds(recheck_after_s))
+            .returning(runs.c.tenant_id, runs.c.workflow_run_id)
+        )
+        with translate_errors(), self.engine.begin() as conn:
+            return [RunRef(*row) for row in conn.execute(claim).all()]
+
+    def settle_run(self, run: RunRef) -> None:
+        """Every session of the ended run is cleaned: the reconciler stops visiting it."""
+        self._update_run(run, settled_at=sa.func.now())
+
+    def recheck_runs(self, refs: Iterable[RunRef]) -> None:
+        """Have the reconciler visit these ended runs now (a flush met a save it refused)."""
+        for run in set(refs):
+            self._update_run(run, settled_at=None, next_check_at=sa.func.now())
+
+    def _update_run(self, run: RunRef, **values: Any) -> None:
+        query = (
+            sa.update(runs)
+            .where(runs.c.tenant_id == run.tenant_id, runs.c.workflow_run_id == run.workflow_run_id)
+            .values(**values)
+        )
+        with translate_errors(), self.engine.begin() as conn:
+            conn.execute(query)
+
+    def count_unsettled_runs(self) -> int:
+        """Ended runs not settled yet (operators' ``stats``: the reconciler's backlog)."""
+        query = sa.select(sa.func.count()).select_from(runs).where(runs.c.settled_at.is_(None))
+        with translate_errors(), self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def unsettled_keys(self, run: RunRef) -> list[SessionKey]:
+        """Keys of the run's rows that are not ``cleaned`` yet (no snapshots are read)."""
+        query = (
+            sa.select(*_KEY)
+            .where(
+                sessions.c.tenant_id == run.tenant_id,
+                sessions.c.workflow_run_id == run.workflow_run_id,
+                sessions.c.status != SessionStatus.CLEANED.value,
+            )
+            .order_by(*_KEY)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_key_of(row) for row in conn.execute(query).mappings()]
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def get_with_run(self, key: SessionKey) -> tuple[StoredSession | None, RunEnd | None]:
+        """The stored session of ``key`` and its run's end record, on one connection."""
+        run = RunRef(key.tenant_id, key.workflow_run_id)
+        with translate_errors(), self.engine.connect() as conn:
+            row = conn.execute(_by_key_query(key)).mappings().one_or_none()
+            return (None if row is None else _from_row(row)), _run_end(conn, run)
 
     def get(self, key: SessionKey) -> StoredSession | None:
         """The stored session of ``key`` in any status (read-through fills Redis with it)."""
-        query = sa.select(sessions).where(
-            *(col == part for col, part in zip(_KEY, key.parts(), strict=True))
-        )
         with translate_errors(), self.engine.connect() as conn:
-            row = conn.execute(query).mappings().one_or_none()
+            row = conn.execute(_by_key_query(key)).mappings().one_or_none()
         return None if row is None else _from_row(row)
 
     def list_run(
@@ -365,5 +503,55 @@ class SessionRepository:
             return [_from_row(row) for row in conn.execute(query).mappings().all()]
 
 
+def _by_key_query(key: SessionKey) -> sa.Select[Any]:
+    return sa.select(sessions).where(
+        *(col == part for col, part in zip(_KEY, key.parts(), strict=True))
+    )
+
+
+def _seconds(seconds: float) -> sa.ColumnElement[Any]:
+    return sa.cast(sa.literal(f"{seconds} seconds"), INTERVAL)
+
+
+def _run_end(conn: Connection, run: RunRef) -> RunEnd | None:
+    query = sa.select(runs.c.outcome, runs.c.ended_at, runs.c.settled_at).where(
+        runs.c.tenant_id == run.tenant_id, runs.c.workflow_run_id == run.workflow_run_id
+    )
+    row = conn.execute(query).one_or_none()
+    return None if row is None else RunEnd(row.outcome, row.ended_at, row.settled_at is not None)
+
+
 def _by_key(entry: tuple[SessionKey, int]) -> tuple[str, ...]:
     return entry[0].parts()
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusals:
+    """Sorts the rows the fence kept by why it kept them."""
+
+    refused: list[StoredSession]
+    stored: Mapping[SessionKey, RowMapping]
+    ended_runs: set[RunRef]
+
+    def result(self) -> UpsertResult:
+        result = UpsertResult()
+        for offered in self.refused:
+            self._sort(offered, result)
+        return result
+
+    def _sort(self, offered: StoredSession, result: UpsertResult) -> None:
+        """A row that vanished in between (nothing in this project deletes rows) is in no
+        list, so the caller leaves it dirty and the next flush inserts it."""
+        key, row = offered.key, self.stored.get(offered.key)
+        if offered.status is SessionStatus.ACTIVE and (
+            RunRef(key.tenant_id, key.workflow_run_id) in self.ended_runs
+            or (row is not None and row["closed_by"] == _WORKFLOW_END)
+        ):
+            result.run_ended.append(key)
+        elif row is None:
+            return
+        elif row["lineage"] and offered.lineage and row["lineage"] != offered.lineage:
+            lineages = (row["lineage"], offered.version, offered.lineage)
+            result.diverged.append((key, row["version"], *lineages))
+        else:
+            result.fenced.append((key, row["version"], offered.version))

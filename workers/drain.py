@@ -14,6 +14,7 @@ from workers.context import WorkerContext
 from workers.flush import flush_shard
 
 DRAIN_LOCK_WAIT_S = 5.0
+IDLE_PASS_PAUSE_S = 0.1
 
 
 @dataclass
@@ -51,8 +52,11 @@ def drain(
         if time.monotonic() > deadline:
             return report
         report.passes += 1
+        before = report.written
         for shard, _ in pending:
             _flush_all_now(ctx, shard, report)
+        if report.written == before:
+            time.sleep(IDLE_PASS_PAUSE_S)  # nothing landed: locked shards or deferred rows
 
 
 def _flush_all_now(ctx: WorkerContext, shard: int, report: DrainReport) -> None:

@@ -12,10 +12,14 @@ The steps, each safe to repeat (DESIGN §5):
 4. acknowledge what Postgres now holds. A session saved again meanwhile stays dirty.
 
 A statement Postgres refuses is split in halves until the refused rows stand alone: a row
-refused for its data (or where Postgres is *ahead* of Redis) goes to the shard's poison
-hash with the reason; a row whose transaction keeps losing a race (SQLSTATE class 40/55)
-stays dirty for the next flush. Neither holds back the rest. Any other failure acknowledges
-nothing: the entries stay dirty and the job is retried.
+refused for its data goes to the shard's poison hash with the reason; a row whose
+transaction keeps losing a race (SQLSTATE class 40/55) stays dirty for the next flush.
+Neither holds back the rest. Rows the fence keeps are sorted by why: already applied
+(acknowledged), Postgres *ahead* of Redis or holding *another lineage* of the session
+(poisoned with the reason, never acknowledged silently), or an ``active`` save into a run
+that ended (left dirty, and the run handed back to the reconciler, which stops the
+session). Any other failure acknowledges nothing: the entries stay dirty and the job is
+retried.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Self
 
 from cache.errors import CorruptValue
 from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROWS, FLUSH_SECONDS
-from cache.records import SessionKey, StoredSession
+from cache.records import RunRef, SessionKey, StoredSession
 from cache.store import RedisSessionCache
 from persistence.errors import RowRejected, TransactionConflict
 from persistence.repository import SessionRepository, UpsertResult
@@ -58,6 +62,8 @@ class FlushReport:
     poisoned: list[str] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)
     """Rows whose statement kept losing a race: still dirty, tried again by the next flush."""
+    run_ended: list[str] = field(default_factory=list)
+    """Active saves into runs that ended: still dirty, their runs handed to the reconciler."""
     landed: int = 0
     """Rows Postgres now holds at the version read (written, or already there)."""
 
@@ -239,7 +245,27 @@ class _ShardFlush:
         for key, stored, offered in result.ahead:
             why = f"postgres is ahead of redis: stored version {stored} > flushed {offered}"
             self.poison(names[key], offered, why)
+        for key, stored, stored_lineage, offered, lineage in result.diverged:
+            why = (
+                f"diverged lineage: postgres holds lineage {stored_lineage} at version "
+                f"{stored}, redis holds lineage {lineage} at version {offered}"
+            )
+            self.poison(names[key], offered, why)
+        if result.run_ended:
+            self.stop_ended(result.run_ended, names)
         return acks
+
+    def stop_ended(self, keys: list[SessionKey], names: dict[SessionKey, str]) -> None:
+        """Active saves into runs that ended (Redis had lost the end): move them to
+        ``cleaning`` here, so the next flush writes that, and have the reconciler visit
+        their runs now to restore the end marker and clean them up."""
+        self.report.run_ended += [names[key] for key in keys]
+        by_run: dict[RunRef, list[SessionKey]] = {}
+        for key in keys:
+            by_run.setdefault(RunRef(key.tenant_id, key.workflow_run_id), []).append(key)
+        for run, stopped in by_run.items():
+            self.cache.begin_cleanup(run, stopped)
+        self.repo.recheck_runs(by_run)
 
     def poison(self, name: str, version: int, why: str, *, force: bool = False) -> None:
         if self.cache.quarantine(self.report.shard, name, version, why, force=force):

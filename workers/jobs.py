@@ -18,7 +18,7 @@ from cache.errors import StoreUnavailable
 from cache.metrics import CLEANUPS
 from cache.records import SessionKey
 from persistence.errors import PersistenceUnavailable
-from workers.cleanup import Cleaner
+from workers.cleanup import CLEANUP_JOB, Cleaner, cleanup_pending
 from workers.context import WorkerContext, current
 from workers.flush import FlushReport, flush_shard
 from workers.queues import (
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CLEANUP_JOB: Final = "workers.jobs.cleanup_job"
 JOB_FUNCTIONS: Final = frozenset({FLUSH_JOB, CLEANUP_JOB})
 MAX_BATCHES_PER_JOB = 20
 URGENT_LOCK_WAIT_S = 5.0
@@ -136,6 +135,7 @@ def _add(totals: FlushReport, report: FlushReport) -> None:
     totals.still_dirty = report.still_dirty
     totals.poisoned += report.poisoned
     totals.deferred += report.deferred
+    totals.run_ended += report.run_ended
 
 
 def cleanup_job(
@@ -149,8 +149,11 @@ def cleanup_job(
     job = get_current_job()
     last_attempt = job is None or not job.retries_left
     key = SessionKey(tenant_id, workflow_run_id, node_id, binding_id, agent_id)
+    name, prefix = ctx.cache.keys.session(key), ctx.settings.key_prefix
+    cleanup_pending(ctx.queue_redis, prefix, name, done=False)
     cleaner = Cleaner(ctx.cache, ctx.repo, ctx.backend, ctx.settings.cleanup_wait_s)
     result = cleaner.clean(key, last_attempt=last_attempt)
+    cleanup_pending(ctx.queue_redis, prefix, name, done=True)
     log.info("cleanup %s: %s", key, result)
     ctx.cache.count(**{f"cleanups_{result.outcome}": 1})
     CLEANUPS.labels(result.outcome).inc()

@@ -19,9 +19,11 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from typing import cast
 
 import redis
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from cache.errors import QueueError
@@ -108,7 +110,7 @@ def request_flush(
     job_id = f"{prefix}-flush-s{shard:03d}-{kind}-{secrets.token_hex(6)}"
     marker = pending_key(prefix, shard, urgent=urgent)
     with translate_queue_errors(f"requesting a flush of shard {shard}"):
-        if not queue.connection.set(marker, job_id, nx=True, px=pending_ms):
+        if not claim_marker(queue.connection, marker, job_id, pending_ms):
             return FlushRequest.PENDING
         try:
             queue.enqueue(
@@ -126,6 +128,25 @@ def request_flush(
             clear_pending(queue.connection, marker, job_id)
             raise
     return FlushRequest.ENQUEUED
+
+
+def claim_marker(connection: redis.Redis, marker: str, job_id: str, ttl_ms: int) -> bool:
+    """Set ``marker`` to ``job_id`` unless it names another job that RQ still has.
+
+    A marker whose job hash is gone (the queue's Redis lost its jobs, or a crash came
+    between marker and enqueue) is stale and taken over at once instead of at its TTL. At
+    worst two requests both take it and two jobs run: harmless.
+    """
+    if connection.set(marker, job_id, nx=True, px=ttl_ms):
+        return True
+    held = cast(bytes | None, connection.get(marker))
+    if held is None:
+        return bool(connection.set(marker, job_id, nx=True, px=ttl_ms))
+    holder = held.decode(errors="replace")
+    if connection.exists(Job.key_for(holder)):
+        return False
+    clear_pending(connection, marker, holder)
+    return bool(connection.set(marker, job_id, nx=True, px=ttl_ms))
 
 
 def clear_pending(connection: redis.Redis, marker: str, job_id: str) -> None:

@@ -1,26 +1,84 @@
-"""Read-through: a Redis miss loads the row from Postgres and fills Redis with it.
+"""Read-through: what Redis lost, Postgres brings back (a session, a run's end, or both).
 
-It sits above the cache so the layering holds (cache never imports persistence). The fill
-carries the row's version, so a session's version never restarts after Redis lost a key.
+It sits above the cache so the layering holds (cache never imports persistence). A fill
+carries the row's version and lineage, so a session's version never restarts and its history
+stays recognisable. A run marker Redis lost is restored from ``workflow_agent_runs``: ended if
+Postgres recorded the end, open otherwise, so nothing of an ended run becomes resumable or
+saveable again because Redis forgot it.
 """
 
 from __future__ import annotations
 
+from cache.errors import RunUnknown, VersionConflict
 from cache.metrics import LOADS
-from cache.records import SessionKey
+from cache.records import RunRef, SessionKey, SessionWrite
 from cache.store import Loaded, RedisSessionCache
-from persistence.repository import SessionRepository
+from persistence.repository import RunEnd, SessionRepository
+
+_LOADED_FROM_POSTGRES = LOADS.labels("postgres")
+
+
+def run_of(key: SessionKey) -> RunRef:
+    return RunRef(key.tenant_id, key.workflow_run_id)
+
+
+def restore_run(cache: RedisSessionCache, run: RunRef, end: RunEnd | None) -> bool:
+    """Put the run's marker back as Postgres knows it; whether the run has ended."""
+    if end is None:
+        cache.open_run(run)
+        return False
+    cache.end_run(run, end.outcome)
+    if end.settled:
+        cache.settle_run(run)
+    return True
 
 
 def load_through(cache: RedisSessionCache, repo: SessionRepository, key: SessionKey) -> Loaded:
-    """The session of ``key`` from Redis, or from Postgres (then cached) on a miss."""
+    """The session of ``key`` and whether its run ended; Postgres answers what Redis lost.
+
+    One Redis round trip when Redis has the session and its run's marker; otherwise one
+    Postgres read (the row and the run's end record), then the fills.
+    """
     loaded = cache.load(key)
-    if loaded.record is not None:
+    if loaded.record is not None and loaded.run_known:
         return loaded
-    row = repo.get(key)
-    if row is None:
-        return loaded
-    LOADS.labels("postgres").inc()
+    row, end = repo.get_with_run(key)
+    ended = loaded.run_ended or restore_run(cache, run_of(key), end)
+    if loaded.record is not None or row is None:
+        return Loaded(loaded.record, ended)
+    _LOADED_FROM_POSTGRES.inc()
     if cache.fill(row):
-        return Loaded(row)
+        return Loaded(row, ended)
     return cache.load(key)
+
+
+def save_through(
+    cache: RedisSessionCache,
+    repo: SessionRepository,
+    key: SessionKey,
+    write: SessionWrite,
+    *,
+    expected_version: int | None,
+) -> int:
+    """``cache.save`` that asks Postgres what Redis lost, then saves once more.
+
+    * Redis has no marker of the run: Postgres says whether it ended (then :class:`RunEnded`
+      is raised with nothing written) and the marker is restored.
+    * The session expected at ``expected_version`` vanished from Redis (an expired or
+      evicted clean hash): it is read back from Postgres; if Postgres holds exactly that
+      version the save goes ahead, else the :class:`VersionConflict` stands.
+    """
+    for attempt in range(3):
+        try:
+            return cache.save(key, write, expected_version=expected_version, verify_run=True)
+        except RunUnknown:
+            if attempt == 2:
+                raise
+            restore_run(cache, run_of(key), repo.run_end(run_of(key)))
+        except VersionConflict as conflict:
+            if attempt == 2 or conflict.actual != 0 or not expected_version:
+                raise
+            found = load_through(cache, repo, key).version
+            if found != expected_version:
+                raise VersionConflict(conflict.key, expected_version, found) from conflict
+    raise AssertionError("unreachable: the last attempt returns or raises")

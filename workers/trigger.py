@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from cache.settings import Settings
 from workers.context import WorkerContext
 from workers.queues import FlushRequest, backing_off, pending_ttl_ms, request_flush
+from workers.reconcile import reconcile_once
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +69,29 @@ def trigger_once(ctx: WorkerContext) -> TriggerPass:
     return TriggerPass(dirty, due, enqueued)
 
 
+def reconcile_period_s(settings: Settings) -> float:
+    """How often the trigger process runs a reconciliation pass of ended runs."""
+    return min(max(settings.reconcile_interval_s / 2, 0.5), 10.0)
+
+
 def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:
-    """Run passes until ``stop`` is set; an outage is logged and the loop goes on."""
+    """Run passes until ``stop`` is set; an outage is logged and the loop goes on.
+
+    Flush passes every ``flush_delay_ms / 2``; reconciliation passes of ended runs
+    (:mod:`workers.reconcile`) every :func:`reconcile_period_s`.
+    """
     interval = max(ctx.settings.flush_delay_ms / 2000, 0.05)
+    next_reconcile = time.monotonic()
     while not stop.is_set():
-        try:
-            trigger_once(ctx)
-        except Exception:  # the loop must outlive outages; the next pass retries
-            log.exception("flush trigger pass failed")
+        _logged(trigger_once, ctx, "flush trigger pass")
+        if time.monotonic() >= next_reconcile:
+            _logged(reconcile_once, ctx, "reconciliation pass")
+            next_reconcile = time.monotonic() + reconcile_period_s(ctx.settings)
         stop.wait(interval)
+
+
+def _logged(step: Callable[[WorkerContext], object], ctx: WorkerContext, what: str) -> None:
+    try:
+        step(ctx)
+    except Exception:  # the loop must outlive outages; the next pass retries
+        log.exception("%s failed", what)

@@ -6,6 +6,7 @@ pointing at the loopback fake) and, where timing must be controlled, ``Cleaner``
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 
@@ -55,7 +56,6 @@ from workers.cleanup import (
     Cleaner,
     CleanupFailed,
     cleanup_idempotency_key,
-    cleanup_job_id,
     cleanup_request,
 )
 from workers.context import WorkerContext
@@ -108,10 +108,18 @@ def seed(
 
 
 def cleanup_runs(fake: FakeAgentBackend, key: SessionKey | None = None) -> list[FakeRun]:
+    """Cleanup runs (of ``key``: its base idempotency key or a ``:retry-n`` form of it)."""
     runs = [run for run in fake.runs() if run.is_cleanup]
     if key is None:
         return runs
-    return [run for run in runs if run.request.idempotency_key == cleanup_idempotency_key(key)]
+    base = cleanup_idempotency_key(key)
+    return [run for run in runs if (run.request.idempotency_key or "").startswith(base)]
+
+
+def cleanup_queued(ctx: WorkerContext, key: SessionKey) -> bool:
+    """A cleanup job of ``key`` waits in the cleanup queue (its id names the session)."""
+    digest = hashlib.sha1(ctx.cache.keys.session(key).encode()).hexdigest()[:16]
+    return any(job_id.startswith(f"asc-cleanup-{digest}-") for job_id in ctx.cleanup_queue.job_ids)
 
 
 def cleaner(ctx: WorkerContext, backend: AgentBackendClient | None, wait_s: float = 10) -> Cleaner:
@@ -171,8 +179,7 @@ def test_every_terminal_workflow_outcome_moves_every_active_session_to_cleaning(
         assert record.status is SessionStatus.CLEANING
         assert record.closed_by is ClosedBy.WORKFLOW_END
         assert record.version == 3
-        job_id = cleanup_job_id("asc", ctx.cache.keys.session(key))
-        assert job_id in ctx.cleanup_queue.job_ids
+        assert cleanup_queued(ctx, key)
         assert not lc.enter(scope_of(key.node_id, key.binding_id, key.agent_id, 3)).resumable
     assert stored(ctx, key_of(retired_scope)) == retired  # a retired session is left alone
     assert retired.data.backend_run_id == failed.status.run_id

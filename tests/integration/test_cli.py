@@ -280,22 +280,23 @@ def test_an_idle_worker_pool_stops_promptly_on_sigterm(ctx: WorkerContext) -> No
 
 
 def test_cleanup_retry_requeues_a_session_whose_cleanup_job_failed(ctx: WorkerContext) -> None:
-    """A failed cleanup job (kept for inspection) does not block `cleanup retry`."""
+    """A cleanup job that failed for good (its marker still fresh) is re-queued by
+    `cleanup retry --force`; without --force the session counts as being cleaned."""
     from rq.job import JobStatus
     from rq.registry import FailedJobRegistry
-
-    from workers.cleanup import cleanup_job_id
 
     migrate(ctx)
     (key,) = saved(ctx, 1)
     SessionLifecycle(ctx).workflow_ended(f.TENANT, "run-1", "aborted")
     cli(ctx, "flush", "--wait")
-    job = ctx.cleanup_queue.fetch_job(cleanup_job_id("asc", ctx.cache.keys.session(key)))
+    (job_id,) = ctx.cleanup_queue.job_ids
+    job = ctx.cleanup_queue.fetch_job(job_id)
     assert job is not None
     ctx.cleanup_queue.remove(job)  # it failed for good instead of running
     job.set_status(JobStatus.FAILED)
     FailedJobRegistry(queue=ctx.cleanup_queue).add(job, ttl=3600)
-    assert "cleanup jobs queued: 1" in cli(ctx, "cleanup", "retry").stdout
+    assert "cleanup jobs queued: 0" in cli(ctx, "cleanup", "retry").stdout
+    assert "cleanup jobs queued: 1" in cli(ctx, "cleanup", "retry", "--force").stdout
     cli(ctx, "worker", "-n", "1", "--burst")
     cli(ctx, "flush", "--wait")
     row = ctx.repo.get(key)

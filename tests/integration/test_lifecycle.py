@@ -247,7 +247,9 @@ def test_nothing_to_store_writes_nothing(
     result = lc.finish(scope, entry, failed)
     assert result.status == "failed" and result.error == "boom" and result.version is None
     assert result.metadata == {"session_snapshot_cleaned_on_failure": True}
-    assert set(redis_client.keys("*")) == {b"asc:meta"}
+    run = ctx.cache.keys.run(f.run_ref()).encode()  # enter's read-through: "open", per Postgres
+    assert set(redis_client.keys("*")) == {b"asc:meta", run}
+    assert redis_client.hget(run, "state") == b"open" and int(redis_client.pttl(run)) > 0
     assert ctx.repo.count_rows() == 0
 
 

@@ -20,9 +20,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, Engine
 
 from persistence import migrate
-from persistence.models import TABLE_NAME, metadata, sessions
+from persistence.models import TABLE_NAME, metadata, runs, sessions
 from persistence.repository import create_engine
 from tests.servers import Database
+
+HEAD = "0002"
 
 
 @pytest.fixture
@@ -128,6 +130,7 @@ def test_schema_comparison_sees_a_model_that_drifted(
     """Guards the equality test above against comparing nothing."""
     migrate.upgrade(database_url.url)
     drifted = sa.MetaData()
+    runs.to_metadata(drifted)
     table = sessions.to_metadata(drifted)
     table.append_column(sa.Column("extra", sa.Integer, nullable=True))
     table.c.status.type = sa.String(32)
@@ -143,13 +146,13 @@ def test_schema_comparison_sees_a_model_that_drifted(
 def test_current_is_none_before_and_head_after_upgrade(database_url: Database) -> None:
     assert migrate.current(database_url.url) is None
     migrate.upgrade(database_url.url)
-    assert migrate.current(database_url.url) == migrate.head() == "0001"
+    assert migrate.current(database_url.url) == migrate.head() == HEAD
 
 
 def test_upgrade_twice_is_a_no_op(database_url: Database, engine: Engine) -> None:
     migrate.upgrade(database_url.sqlalchemy_url)
     migrate.upgrade(database_url.url)
-    assert migrate.current(database_url.sqlalchemy_url) == "0001"
+    assert migrate.current(database_url.sqlalchemy_url) == HEAD
     with engine.connect() as conn:
         assert schema_diff(conn) == []
 
@@ -184,7 +187,7 @@ def test_concurrent_upgrades_of_a_fresh_database_all_succeed(
     go.touch()
     errors = [proc.communicate(timeout=60)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 4, errors
-    assert migrate.current(database_url.url) == "0001"
+    assert migrate.current(database_url.url) == HEAD
     with engine.connect() as conn:
         assert schema_diff(conn) == []
 
@@ -198,7 +201,31 @@ def test_downgrade_to_base_then_upgrade_again_restores_the_schema(
     with engine.connect() as conn:
         assert not table_exists(conn)
     migrate.upgrade(database_url.url)
-    assert migrate.current(database_url.url) == "0001"
+    assert migrate.current(database_url.url) == HEAD
     with engine.connect() as conn:
         assert schema_diff(conn) == []
         assert column_compression(conn)["snapshot"] == "l"
+
+
+def test_upgrading_0001_to_head_keeps_every_session_row(
+    database_url: Database, engine: Engine
+) -> None:
+    """0002 adds ``lineage`` (NULL for old rows: the fence then matches any lineage) and the
+    runs table; rows written under 0001 survive unchanged."""
+    migrate.upgrade(database_url.url, "0001")
+    columns = ", ".join(
+        c.name for c in sessions.columns if c.name not in ("id", "flushed_at", "lineage")
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {TABLE_NAME} ({columns}) VALUES ("
+                "'t', 'a', 'w', 'r', 'n', 'e', 'b', 'g', 'c', 'active', 7, '\\x80', '[]', "
+                "NULL, NULL, NULL, NULL, NULL, NULL, now(), now())"
+            )
+        )
+    migrate.upgrade(database_url.url)
+    with engine.connect() as conn:
+        row = conn.execute(sa.text(f"SELECT version, lineage FROM {TABLE_NAME}")).one()
+        assert tuple(row) == (7, None)
+        assert schema_diff(conn) == []

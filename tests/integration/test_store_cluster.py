@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis.cluster import ClusterNode
 
-from cache.errors import CorruptValue, RunEnded
+from cache.errors import CorruptValue, RunEnded, RunUnknown
 from cache.records import SessionKey, SessionStatus, StoredSession
 from cache.scripts import SCRIPT_NAMES
 from cache.settings import Settings
@@ -96,11 +96,28 @@ def _exercise_end_run_and_cleanup(cache: RedisSessionCache, key: SessionKey) -> 
     with pytest.raises(RunEnded):
         cache.save(key, f.session_write())
     assert cache.begin_cleanup(f.run_of(key), ended.keys) == 1
+    assert cache.note_cleanup(key, "cleanup-0", 0)
+    assert cache.cleanup_state(key) == ("cleanup-0", 0)
     assert cache.mark_cleaned(key, cleanup_run_id="cleanup-1") == 3
+    assert not cache.note_cleanup(key, "cleanup-2", 1)  # only while cleaning
     assert cache.mark_cleaned(key) is None
     shard = cache.keys.shard_of_key(key)
     assert cache.ack_flush(shard, [(cache.keys.session(key), 3)]) == (1, 0)
     assert 0 < int(cache.client.pttl(cache.keys.session(key))) <= 50_000  # type: ignore[arg-type]
+    run = cache.keys.run(f.run_of(key))
+    assert int(cache.client.pttl(run)) == -1  # type: ignore[arg-type]  # ended: not evictable
+    assert cache.settle_run(f.run_of(key))
+    assert int(cache.client.pttl(run)) > 0  # type: ignore[arg-type]
+
+
+def _exercise_open_run(cache: RedisSessionCache, key: SessionKey) -> None:
+    run = f.run_of(key)
+    with pytest.raises(RunUnknown):
+        cache.save(key, f.session_write(), verify_run=True)
+    assert cache.open_run(run)
+    assert not cache.open_run(run)
+    assert not cache.settle_run(run)  # not ended
+    assert cache.save(key, f.session_write(), verify_run=True) == 1
 
 
 def _exercise_ack_flush(cache: RedisSessionCache, key: SessionKey) -> None:
@@ -149,6 +166,9 @@ EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "ack_flush": _exercise_ack_flush,
     "fill": _exercise_fill,
     "quarantine": _exercise_quarantine,
+    "open_run": _exercise_open_run,
+    "settle_run": _exercise_end_run_and_cleanup,
+    "note_cleanup": _exercise_end_run_and_cleanup,
     "take_lock": _exercise_locks,
     "release_lock": _exercise_locks,
 }

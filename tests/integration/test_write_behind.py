@@ -241,7 +241,8 @@ def test_read_through_after_the_redis_key_is_gone_returns_what_postgres_holds(
 
 
 def test_recreating_a_key_without_fill_is_reported_not_acknowledged(ctx: WorkerContext) -> None:
-    """Invariant: if Postgres is ahead of Redis, the flush parks the session in poison."""
+    """Invariant: a key re-created without a fill (a new lineage, behind Postgres) is parked in
+    poison, never acknowledged."""
     key = f.session_key()
     for _ in range(3):
         ctx.cache.save(key, f.session_write())
@@ -250,7 +251,7 @@ def test_recreating_a_key_without_fill_is_reported_not_acknowledged(ctx: WorkerC
     ctx.cache.save(key, f.session_write())  # version 1 again, behind Postgres's 3
     drain(ctx, timeout_s=30)
     reason = ctx.cache.poison(ctx.cache.keys.shard_of_key(key))[ctx.cache.keys.session(key)]
-    assert "postgres is ahead" in reason
+    assert "diverged lineage" in reason and "at version 3" in reason
     row = ctx.repo.get(key)
     assert row is not None and row.version == 3
 
@@ -283,3 +284,21 @@ def test_an_undecodable_session_is_parked_once_and_never_loops(ctx: WorkerContex
     shard = ctx.cache.keys.shard_of_key(key)
     assert "cannot decode" in ctx.cache.poison(shard)[name]
     assert ctx.cache.client.pttl(name) == -1  # kept, without TTL, for the operator
+
+
+def test_a_lagging_copy_of_the_same_lineage_is_reported_postgres_ahead(ctx: WorkerContext) -> None:
+    """Invariant: Redis holding an older version of the same history (a failover to a replica
+    that lagged) is parked in poison as "postgres is ahead", never acknowledged."""
+    key = f.session_key()
+    for _ in range(5):
+        ctx.cache.save(key, f.session_write())
+    drain(ctx, timeout_s=30)
+    name, shard = ctx.cache.keys.session(key), ctx.cache.keys.shard_of_key(key)
+    ctx.cache.client.hset(name, mapping={"version": 3, "flushed_version": 2})  # the replica's
+    ctx.cache.client.zadd(ctx.cache.keys.dirty(shard), {name: 0})
+    drain(ctx, timeout_s=30)
+    assert (
+        "postgres is ahead of redis: stored version 5 > flushed 3" in ctx.cache.poison(shard)[name]
+    )
+    row = ctx.repo.get(key)
+    assert row is not None and row.version == 5

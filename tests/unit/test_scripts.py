@@ -33,6 +33,9 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "quarantine": store._OK_OR_NOOP,
     "take_lock": store._OK_OR_NOOP,
     "release_lock": store._OK_OR_NOOP,
+    "open_run": store._OPEN,
+    "settle_run": store._OK_OR_NOOP,
+    "note_cleanup": store._OK_OR_NOOP,
 }
 # Scripts Redis may run over maxmemory: they shrink the backlog (or, load, only renew a TTL).
 ALLOW_OOM = {"ack_flush", "quarantine", "take_lock", "release_lock", "load"}

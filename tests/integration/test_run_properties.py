@@ -1,0 +1,191 @@
+"""Property: whatever Redis loses and whenever, the run's end and every save's history hold.
+
+Hypothesis drives random interleavings of node entries and exits (succeeded, paused, failed,
+with entries held open across other steps), workflow ends, evictions of keys that have a TTL
+(what ``volatile-*`` may evict), Redis losing everything (a restart without persistence),
+flushes, reconciliation passes and cleanup jobs, over four sessions in two runs, against a
+private redis-server and Postgres. After every step, and after a final drain, reconcile and
+clean-up:
+
+* no session of an ended run is resumable, and no save into it is ever acknowledged;
+* every session of an ended run is ``cleaned`` in Redis and Postgres, and the run is settled;
+* Postgres never holds a snapshot that no acknowledged save produced.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import psycopg
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
+from cache.records import RunRef, Scope, SessionKey, SessionStatus, StoredSession
+from tests import factories as f
+from tests.integration.support import make_ctx, node_composition
+from tests.servers import Database
+from workers.backend_models import CreateRunRequest
+from workers.cleanup import Cleaner
+from workers.context import WorkerContext
+from workers.drain import drain
+from workers.reconcile import reconcile_once
+
+RUNS = ("run-a", "run-b")
+SCOPES = [f.scope(run=run, node=node) for run in RUNS for node in ("node-1", "node-2")]
+REQUEST = CreateRunRequest(composition=node_composition())
+scope_index = st.integers(min_value=0, max_value=len(SCOPES) - 1)
+
+
+def key_of(scope: Scope) -> SessionKey:
+    assert scope.key is not None
+    return scope.key
+
+
+class LosingRedis(RuleBasedStateMachine):
+    """The model: which runs ended, which snapshots were acknowledged, which entries are open."""
+
+    def __init__(self, ctx: WorkerContext, db_url: str) -> None:
+        super().__init__()
+        self.ctx, self.db_url = ctx, db_url
+        self.lc = SessionLifecycle(ctx)
+        self.ended: set[str] = set()
+        self.acked: dict[SessionKey, set[str]] = defaultdict(set)
+        self.open_entries: dict[int, Entry] = {}
+        self.marks = itertools.count()
+        self.violations: list[str] = []
+
+    # --- the node ----------------------------------------------------------------------
+
+    @rule(i=scope_index)
+    def enter(self, i: int) -> None:
+        self.open_entries[i] = self.lc.enter(SCOPES[i])
+
+    @rule(i=scope_index, status=st.sampled_from(["succeeded", "paused", "failed"]))
+    def finish(self, i: int, status: str) -> None:
+        scope = SCOPES[i]
+        entry = self.open_entries.pop(i, None) or self.lc.enter(scope)
+        mark = f"{scope.node_id}@{scope.workflow_run_id}#{next(self.marks)}"
+        snapshot = f.snapshot(state={"mark": mark})
+        outcome = RunOutcome(status, f"backend-{mark}", REQUEST, snapshot)  # type: ignore[arg-type]
+        result = self.lc.finish(scope, entry, outcome)
+        persisted = result.metadata.get("session_snapshot_persisted") is True
+        if persisted and status != "failed":
+            self.acked[key_of(scope)].add(mark)
+            if scope.workflow_run_id in self.ended:
+                self.violations.append(f"a save into ended {scope.workflow_run_id} was acked")
+
+    @rule(run=st.sampled_from(RUNS))
+    def end(self, run: str) -> None:
+        self.lc.workflow_ended(f.TENANT, run, "succeeded")
+        self.ended.add(run)
+
+    # --- Redis losing things -------------------------------------------------------------
+
+    @rule(pick=st.integers(min_value=0, max_value=1000))
+    def evict_a_key_with_a_ttl(self, pick: int) -> None:
+        client = self.ctx.cache.client
+        volatile = sorted(k for k in client.scan_iter("asc:*") if int(client.pttl(k)) > 0)  # type: ignore[arg-type]
+        if volatile:
+            client.delete(volatile[pick % len(volatile)])
+
+    @rule()
+    def redis_loses_everything(self) -> None:
+        client = self.ctx.cache.client
+        client.flushall()
+        client.script_flush()
+
+    # --- the workers -------------------------------------------------------------------
+
+    @rule()
+    def flush(self) -> None:
+        assert drain(self.ctx, timeout_s=10).drained
+
+    @rule()
+    def reconcile(self) -> None:
+        reconcile_once(self.ctx)
+
+    @rule()
+    def cleanup_jobs(self) -> None:
+        cleaner = Cleaner(self.ctx.cache, self.ctx.repo, None, 1)
+        for scope in SCOPES:
+            cleaner.clean(key_of(scope), last_attempt=True)
+
+    # --- what must always hold -----------------------------------------------------------
+
+    @rule(i=scope_index)
+    def an_ended_run_is_not_resumable(self, i: int) -> None:
+        scope = SCOPES[i]
+        if scope.workflow_run_id in self.ended:
+            assert not self.lc.enter(scope).resumable, f"{scope} resumable after its run ended"
+
+    @invariant()
+    def no_save_into_an_ended_run_was_acknowledged(self) -> None:
+        assert not self.violations, self.violations
+
+    def settle(self) -> None:
+        """What the workers do eventually: flush, reconcile, clean up, until it holds still."""
+        for _ in range(3):
+            assert drain(self.ctx, timeout_s=10).drained
+            with psycopg.connect(self.db_url, autocommit=True) as conn:
+                conn.execute("UPDATE workflow_agent_runs SET next_check_at = now()")
+            reconcile_once(self.ctx)
+            self.cleanup_jobs()
+        assert drain(self.ctx, timeout_s=10).drained
+        reconcile_once(self.ctx)
+
+    def check_final(self) -> None:
+        self.settle()
+        for scope in SCOPES:
+            key = key_of(scope)
+            cached, row = self.ctx.cache.load(key).record, self.ctx.repo.get(key)
+            if scope.workflow_run_id in self.ended:
+                for record in (cached, row):
+                    assert record is None or record.status is SessionStatus.CLEANED, record
+            if row is not None:
+                assert self._mark(row) in self.acked[key], f"{key}: unacknowledged snapshot"
+        for run in self.ended:
+            end = self.ctx.repo.run_end(RunRef(f.TENANT, run))
+            assert end is not None and end.settled, f"{run} not settled"
+
+    @staticmethod
+    def _mark(session: StoredSession) -> object:
+        return session.snapshot.layers[0].runtime_state.get("mark")
+
+    def teardown(self) -> None:
+        self.check_final()
+
+
+@pytest.fixture
+def fresh(redis_client: redis.Redis, redis_url: str, migrated: Database) -> WorkerContext:
+    return make_ctx(redis_url, migrated.url, reconcile_grace_s=0, shards=2)
+
+
+def test_runs_and_lineage_hold_whatever_redis_loses(
+    fresh: WorkerContext, redis_client: redis.Redis, migrated: Database
+) -> None:
+    def machine() -> LosingRedis:
+        redis_client.flushall()
+        with psycopg.connect(migrated.url, autocommit=True) as conn:
+            conn.execute("TRUNCATE workflow_agent_runtime_sessions, workflow_agent_runs")
+        return LosingRedis(fresh, migrated.url)
+
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=100,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+            database=None,
+        ),
+    )

@@ -16,26 +16,44 @@ import click
 from pydantic import ValidationError
 
 from agent_sessions.cli_ops import cleanup, inspect, services, stats
-from cache.errors import AgentSessionsError
+from agent_sessions.cli_poison import poison
+from cache.errors import AgentSessionsError, ConfigurationError, InvalidInput
 from cache.settings import Settings
 
 
+class ConfigurationProblem(click.ClickException):
+    """Bad configuration or bad input: one line on stderr, exit status 2 (a usage error)."""
+
+    exit_code = 2
+
+
 class _Group(click.Group):
-    """Our own errors (and bad configuration) become one line on stderr and exit 1."""
+    """Our own errors become one line on stderr: exit 2 for configuration and invalid input,
+    1 for everything else (the store failed)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (ConfigurationError, InvalidInput) as exc:
+            raise ConfigurationProblem(f"{type(exc).__name__}: {exc}") from exc
         except AgentSessionsError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
         except ValidationError as exc:
-            raise click.ClickException(f"invalid configuration: {_first_error(exc)}") from exc
+            raise ConfigurationProblem(f"invalid configuration: {_first_error(exc)}") from exc
+
+
+_SERVICE_URLS = {"REDIS_URL", "RQ_REDIS_URL", "DATABASE_URL", "AGENT_BACKEND_URL"}
 
 
 def _first_error(exc: ValidationError) -> str:
+    """``VARIABLE: problem`` of the first invalid setting, named as the user sets it."""
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"]) or "settings"
-    return f"{where}: {error['msg']}"
+    if where.startswith("ASC_") and where[4:] in _SERVICE_URLS:
+        where = where[4:]
+    elif where in Settings.model_fields:
+        where = f"ASC_{where.upper()}"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,6 +62,9 @@ def main() -> None:
 
     Configuration comes from the environment: REDIS_URL, RQ_REDIS_URL, DATABASE_URL,
     AGENT_BACKEND_URL and ASC_* (see the README's configuration table).
+
+    Exit status: 0 success, 1 an error of the store (one line on stderr), 2 a usage,
+    input or configuration error (one line on stderr).
     """
 
 
@@ -158,6 +179,7 @@ main.add_command(inspect)
 main.add_command(stats)
 main.add_command(cleanup)
 main.add_command(services)
+main.add_command(poison)
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -5,60 +5,15 @@ Each prints a readable outline, or one JSON object with ``--json``.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import click
 
+from agent_sessions.cli_common import context, emit, json_option
 from cache.records import RunRef, SessionKey, SessionStatus
-from cache.settings import Settings
-from workers.context import WorkerContext
 
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
-
-
-def _context() -> WorkerContext:
-    return WorkerContext.from_settings(Settings())
-
-
-def _emit(data: Any, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=None, sort_keys=True, default=str))
-    else:
-        for line in _outline(data, 0):
-            click.echo(line)
-
-
-def _outline(data: Any, depth: int) -> list[str]:
-    pad = "  " * depth
-    if isinstance(data, dict):
-        lines = []
-        for key, value in data.items():
-            if isinstance(value, dict | list) and value:
-                lines += [f"{pad}{key}:", *_outline(value, depth + 1)]
-            else:
-                lines.append(f"{pad}{key}: {_scalar(value)}")
-        return lines
-    if isinstance(data, list):
-        lines = []
-        for item in data:
-            inner = _outline(item, depth + 1)
-            lines += [f"{pad}- {inner[0].lstrip()}", *inner[1:]] if inner else [f"{pad}-"]
-        return lines
-    return [f"{pad}{_scalar(data)}"]
-
-
-def _scalar(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dict | list):
-        return json.dumps(value)
-    return str(value)
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
 @click.group()
@@ -88,14 +43,14 @@ def inspect_session(
     from agent_sessions.inspection import inspect_session as gather
 
     key = SessionKey(tenant_id, workflow_run_id, node_id, binding_id, agent_id)
-    ctx = _context()
+    ctx = context()
     try:
         result = gather(ctx, key, full=full)
     finally:
         ctx.close()
     if result["redis"] is None and result["postgres"] is None:
         raise click.ClickException(f"no session {result['key']} in Redis or Postgres")
-    _emit(result, as_json)
+    emit(result, as_json)
 
 
 @inspect.command("run")
@@ -106,14 +61,14 @@ def inspect_run(tenant_id: str, workflow_run_id: str, as_json: bool) -> None:
     """A workflow run: its state, and each session's status and version in Redis and Postgres."""
     from agent_sessions.inspection import inspect_run as gather
 
-    ctx = _context()
+    ctx = context()
     try:
         result = gather(ctx, RunRef(tenant_id, workflow_run_id))
     finally:
         ctx.close()
     if not result["run"] and not result["sessions"] and not result["ended_in_postgres"]:
         raise click.ClickException(f"no run {tenant_id}/{workflow_run_id} in Redis or Postgres")
-    _emit(result, as_json)
+    emit(result, as_json)
 
 
 @click.command()
@@ -123,9 +78,9 @@ def stats(as_json: bool) -> None:
     sessions waiting for cleanup or given up, queue depths and flush counters."""
     from agent_sessions.inspection import stats as gather
 
-    ctx = _context()
+    ctx = context()
     try:
-        _emit(gather(ctx), as_json)
+        emit(gather(ctx), as_json)
     finally:
         ctx.close()
 
@@ -140,13 +95,13 @@ def cleanup() -> None:
 @json_option
 def cleanup_list(limit: int, as_json: bool) -> None:
     """Sessions still `cleaning`, and sessions whose cleanup gave up (with the error)."""
-    ctx = _context()
+    ctx = context()
     try:
         waiting = ctx.repo.list_status(SessionStatus.CLEANING, limit=limit)
         failed = ctx.repo.cleanup_failures(limit=limit)
     finally:
         ctx.close()
-    _emit(
+    emit(
         {
             "waiting": [ctx.cache.keys.session(s.key) for s in waiting],
             "given_up": {ctx.cache.keys.session(s.key): s.cleanup_error for s in failed},
@@ -170,7 +125,7 @@ def cleanup_retry(limit: int, force: bool) -> None:
     every ended run, once a job's marker expires."""
     from workers.cleanup import cleanup_pending, request_cleanup
 
-    ctx = _context()
+    ctx = context()
     s = ctx.settings
     try:
         waiting = ctx.repo.list_status(SessionStatus.CLEANING, limit=limit)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
+
+from pydantic import ValidationError
 
 from cache.errors import AgentSessionsError, InvalidInput, VersionConflict
 from cache.records import (
@@ -31,6 +33,7 @@ from cache.records import (
     Snapshot,
 )
 from cache.settings import Settings
+from cache.validate import check_version
 from workers.backend_models import (
     CreateRunRequest,
     LayerExitSignals,
@@ -205,8 +208,10 @@ class SessionLifecycle:
 
         Fresh means: no ``workflow_run_id``, no session, or a ``cleaned``/``cleaning`` one.
         The entry still carries the stored version, so ``finish`` can save conditionally.
+        Raises :class:`InvalidInput` for a bad scope, and the store's errors (a node that
+        cannot read its state should fail rather than silently start over).
         """
-        key = scope.key
+        key = _check(scope, Scope, "scope").key
         if key is None:
             return Entry()
         loaded = load_through(self.ctx.cache, self.ctx.repo, key)
@@ -233,21 +238,29 @@ class SessionLifecycle:
         include_history: bool = True,
         metadata: dict[str, object] | None = None,
     ) -> CreateRunRequest:
-        """The ``POST /runs`` body for this entry: stored snapshot threaded in, suspend on exit."""
-        if attempt < 0:
-            raise InvalidInput("attempt must be >= 0")
+        """The ``POST /runs`` body for this entry: stored snapshot threaded in, suspend on exit.
+
+        Raises only :class:`InvalidInput` (nothing is written).
+        """
+        _check(scope, Scope, "scope")
+        _check(entry, Entry, "entry")
+        _check(composition, RunComposition, "composition")
+        check_version("attempt", attempt)
         sent = with_history(composition) if include_history else composition
         snapshot = None
         if entry.snapshot is not None:
             snapshot = snapshot_to_protocol(entry.snapshot.aligned_to(sent.layer_names()))
-        return CreateRunRequest(
-            composition=sent,
-            purpose="workflow_node",
-            idempotency_key=idempotency_key(scope, attempt),
-            metadata={**(metadata or {}), **scope_metadata(scope)},
-            session_snapshot=snapshot,
-            on_exit=LayerExitSignals(default="suspend"),
-        )
+        try:
+            return CreateRunRequest(
+                composition=sent,
+                purpose="workflow_node",
+                idempotency_key=idempotency_key(scope, attempt),
+                metadata={**(metadata or {}), **scope_metadata(scope)},
+                session_snapshot=snapshot,
+                on_exit=LayerExitSignals(default="suspend"),
+            )
+        except ValidationError as exc:
+            raise InvalidInput(f"the run request is not valid protocol JSON: {exc}") from None
 
     # --- exit ----------------------------------------------------------------------------
 
@@ -259,7 +272,13 @@ class SessionLifecycle:
         A pause is flushed to Postgres urgently; with ``durable`` (default: the setting
         ``durable_pauses``) it is written to Postgres before this returns, so that a Redis
         crash right after cannot lose it. ``metadata["session_flush"]`` says which happened.
+
+        Raises only :class:`InvalidInput`, for arguments that are not a scope, an entry and an
+        outcome of a known status (nothing is written). Everything else (a store error, a
+        snapshot or ID the store refuses) never breaks the node: it is reported in
+        ``metadata`` (``session_snapshot_persisted: False`` and the error).
         """
+        _check_finish(scope, entry, outcome)
         if outcome.status in ("failed", "cancelled"):
             return self._retire(scope, outcome)
         durable = self.ctx.settings.durable_pauses if durable is None else durable
@@ -286,15 +305,15 @@ class SessionLifecycle:
         key = scope.key
         if key is None or outcome.snapshot is None:
             return NodeResult("completed")
-        write = SessionWrite.for_scope(
-            scope,
-            outcome.snapshot,
-            extract_layer_specs(outcome.request.composition),
-            backend_run_id=outcome.backend_run_id,
-            pending_form_id=outcome.pending_form_id,
-            pending_tool_call_id=outcome.pending_tool_call_id,
-        )
         try:
+            write = SessionWrite.for_scope(
+                scope,
+                outcome.snapshot,
+                extract_layer_specs(outcome.request.composition),
+                backend_run_id=outcome.backend_run_id,
+                pending_form_id=outcome.pending_form_id,
+                pending_tool_call_id=outcome.pending_tool_call_id,
+            )
             version = save_through(
                 self.ctx.cache, self.ctx.repo, key, write, expected_version=entry.version
             )
@@ -393,6 +412,29 @@ class SessionLifecycle:
             cleanups_enqueued=done.cleanups_requested,
             already_ended=done.already_ended or not recorded,
         )
+
+
+_T = TypeVar("_T")
+FINISH_STATUSES = frozenset({"succeeded", "paused", "failed", "cancelled"})
+
+
+def _check(value: object, kind: type[_T], name: str) -> _T:
+    if not isinstance(value, kind):
+        raise InvalidInput(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check_finish(scope: Scope, entry: Entry, outcome: RunOutcome) -> None:
+    _check(scope, Scope, "scope")
+    _check(entry, Entry, "entry")
+    _check(outcome, RunOutcome, "outcome")
+    if outcome.status not in FINISH_STATUSES:
+        raise InvalidInput(f"outcome.status must be one of {sorted(FINISH_STATUSES)}")
+    if entry.version is not None:
+        check_version("entry.version", entry.version)
+    if outcome.snapshot is not None:
+        _check(outcome.snapshot, Snapshot, "outcome.snapshot")
+    _check(outcome.request, CreateRunRequest, "outcome.request")
 
 
 def _persist_failed(exc: AgentSessionsError) -> dict[str, object]:

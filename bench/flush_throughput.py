@@ -79,11 +79,11 @@ _COLUMNS = tuple(c.name for c in sessions.columns if c.name not in {"id", "flush
 def _array_type(column: str) -> str:
     """The Postgres element type to cast a column's array parameter to."""
     import sqlalchemy as sa
-    from sqlalchemy.dialects.postgresql import JSONB
+    from sqlalchemy.dialects.postgresql import JSON
 
     kind = sessions.c[column].type
     for sa_type, name in (
-        (JSONB, "jsonb"),
+        (JSON, "json"),
         (sa.BigInteger, "bigint"),
         (sa.LargeBinary, "bytea"),
         (sa.DateTime, "timestamptz"),

@@ -135,26 +135,14 @@ def bulk_save(
 ) -> int:
     """Save ``keys[i]`` with ``writes[i % len(writes)]`` through the save script, pipelined.
 
-    The same ``lua/save.lua`` call as ``RedisSessionCache.save`` (its KEYS and ARGV as the
-    script header lists them), ``chunk`` calls per round trip: a fast fill for benchmarks
-    that need many live sessions. Returns how many saves the script accepted.
+    The same ``lua/save.lua`` call as ``RedisSessionCache.save`` (``save_call`` builds its
+    KEYS and ARGV), ``chunk`` calls per round trip: a fast fill for benchmarks that need many
+    live sessions. Returns how many saves the script accepted.
     """
-    from cache.clock import now_iso
-    from cache.records import RunRef
-
-    encoded = [cache.codec.write_fields(write) for write in writes]
-    ttl_ms = cache.settings.active_ttl_s * 1000
     accepted = 0
     pipe = cache.client.pipeline(transaction=False)
     for i, key in enumerate(keys):
-        run = RunRef(key.tenant_id, key.workflow_run_id)
-        names = [
-            cache.keys.session(key),
-            cache.keys.run(run),
-            cache.keys.run_sessions(run),
-            cache.keys.dirty(cache.keys.shard_of_key(key)),
-        ]
-        args = ["", 0, now_iso(), ttl_ms, *encoded[i % len(encoded)]]
+        names, args = cache.save_call(key, writes[i % len(writes)])
         cache.scripts.save(keys=names, args=args, client=pipe)
         if len(pipe) >= chunk or i == len(keys) - 1:
             accepted += sum(1 for reply in pipe.execute() if reply[0] == 0)

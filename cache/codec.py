@@ -22,12 +22,12 @@ from cache.records import (
     SessionWrite,
     Snapshot,
     StoredSession,
-    check_id,
     snapshot_from_stored,
     specs_from_stored,
     specs_to_list,
     unchecked,
 )
+from cache.validate import check_id
 
 SNAPSHOT = "snapshot"
 LAYER_SPECS = "layer_specs"

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeAlias, TypeVar
 
-from cache.errors import InvalidId, InvalidSnapshot
+from cache.errors import InvalidSnapshot
+from cache.validate import check_id, check_json, check_json_object, check_name, check_optional_id
 
 T = TypeVar("T")
 
 JsonValue: TypeAlias = Any
 """A JSON value (None, bool, int, float, str, list, dict with str keys)."""
 
-MAX_ID_LENGTH = 255
 WORKFLOW_OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
 """How a workflow run can end. A pause is not an end."""
 SNAPSHOT_SCHEMA_VERSION = 1
@@ -46,22 +46,6 @@ class ClosedBy(StrEnum):
 
     BACKEND_FAILURE = "backend_failure"
     WORKFLOW_END = "workflow_end"
-
-
-def check_id(name: str, value: object) -> str:
-    """Return ``value`` if it is a usable ID (a string of 1-255 characters)."""
-    if not isinstance(value, str):
-        raise InvalidId(f"{name} must be a string, got {type(value).__name__}")
-    if not value:
-        raise InvalidId(f"{name} must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidId(f"{name} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
-    return value
-
-
-def check_optional_id(name: str, value: object) -> str | None:
-    """Like :func:`check_id`, but ``None`` is allowed."""
-    return None if value is None else check_id(name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,39 +112,6 @@ class Scope:
         )
 
 
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-
-
-def check_json(where: str, value: object) -> None:
-    """Raise :class:`InvalidSnapshot` unless ``value`` is JSON all the way down.
-
-    Only what survives a msgpack round trip unchanged is accepted: no tuples, sets, bytes,
-    non-string keys or integers msgpack cannot hold.
-    """
-    if value is None or isinstance(value, str | bool | float):
-        return
-    if isinstance(value, int):
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise InvalidSnapshot(f"{where}: integer {value} does not fit in 64 bits")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise InvalidSnapshot(f"{where}: object keys must be strings, got {key!r}")
-            check_json(where, item)
-    elif isinstance(value, list):
-        for item in value:
-            check_json(where, item)
-    else:
-        raise InvalidSnapshot(f"{where}: {type(value).__name__} is not a JSON value")
-
-
-def _check_json_object(where: str, value: object) -> dict[str, JsonValue]:
-    if not isinstance(value, dict):
-        raise InvalidSnapshot(f"{where} must be an object with string keys")
-    check_json(where, value)
-    return value
-
-
 def _shallow_object(where: str, value: object) -> dict[str, JsonValue]:
     if not isinstance(value, dict):
         raise InvalidSnapshot(f"{where} must be an object")
@@ -184,8 +135,7 @@ class SnapshotLayer:
     runtime_state: dict[str, JsonValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise InvalidSnapshot("a snapshot layer needs a non-empty string name")
+        check_name("snapshot layer name", self.name)
         try:
             object.__setattr__(self, "lifecycle_state", LifecycleState(self.lifecycle_state))
         except ValueError:
@@ -193,7 +143,7 @@ class SnapshotLayer:
                 f"layer {self.name!r}: lifecycle_state must be one of "
                 f"{[s.value for s in LifecycleState]}, got {self.lifecycle_state!r}"
             ) from None
-        _check_json_object(f"layer {self.name!r} runtime_state", self.runtime_state)
+        check_json_object(f"layer {self.name!r} runtime_state", self.runtime_state)
 
     def to_dict(self) -> dict[str, JsonValue]:
         return {
@@ -213,7 +163,11 @@ class Snapshot:
     def __post_init__(self) -> None:
         if type(self.schema_version) is not int or self.schema_version < 1:
             raise InvalidSnapshot(f"schema_version must be a positive int: {self.schema_version!r}")
+        if not isinstance(self.layers, tuple | list):
+            raise InvalidSnapshot("snapshot layers must be a sequence of SnapshotLayer records")
         object.__setattr__(self, "layers", tuple(self.layers))
+        if not all(isinstance(layer, SnapshotLayer) for layer in self.layers):
+            raise InvalidSnapshot("snapshot layers must be SnapshotLayer records")
         names = self.layer_names()
         if len(set(names)) != len(names):
             raise InvalidSnapshot(f"snapshot layer names must be unique: {list(names)}")
@@ -243,7 +197,7 @@ class Snapshot:
 
     @classmethod
     def from_dict(cls, data: object) -> Snapshot:
-        raw = _check_json_object("snapshot", data)
+        raw = _shallow_object("snapshot", data)
         unknown = set(raw) - {"schema_version", "layers"}
         if unknown:
             raise InvalidSnapshot(f"unknown snapshot fields: {sorted(unknown)}")
@@ -305,7 +259,7 @@ def _stored_spec(data: object) -> LayerSpec:
 
 
 def _layer_from_dict(data: object) -> SnapshotLayer:
-    raw = _check_json_object("snapshot layer", data)
+    raw = _shallow_object("snapshot layer", data)
     unknown = set(raw) - {"name", "lifecycle_state", "runtime_state"}
     if unknown:
         raise InvalidSnapshot(f"unknown snapshot layer fields: {sorted(unknown)}")
@@ -327,15 +281,14 @@ class LayerSpec:
     config: JsonValue = None
 
     def __post_init__(self) -> None:
-        for attr in ("name", "type"):
-            value = getattr(self, attr)
-            if not isinstance(value, str) or not value:
-                raise InvalidSnapshot(f"a layer spec needs a non-empty string {attr}")
-        deps = _check_json_object(f"layer spec {self.name!r} deps", self.deps)
-        if not all(isinstance(v, str) for v in deps.values()):
-            raise InvalidSnapshot(f"layer spec {self.name!r} deps must map names to layer names")
-        _check_json_object(f"layer spec {self.name!r} metadata", self.metadata)
-        check_json(f"layer spec {self.name!r} config", self.config)
+        """Specs are stored as ``jsonb``: no NUL anywhere in them (Postgres refuses it)."""
+        check_name("layer spec name", self.name)
+        check_name(f"layer spec {self.name!r} type", self.type)
+        deps = check_json_object(f"layer spec {self.name!r} deps", self.deps, nul_ok=False)
+        for name, target in deps.items():
+            check_name(f"layer spec {self.name!r} deps[{name!r}]", target)
+        check_json_object(f"layer spec {self.name!r} metadata", self.metadata, nul_ok=False)
+        check_json(f"layer spec {self.name!r} config", self.config, nul_ok=False)
 
     def to_dict(self) -> dict[str, JsonValue]:
         return {
@@ -348,7 +301,7 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, data: object) -> LayerSpec:
-        raw = _check_json_object("layer spec", data)
+        raw = _shallow_object("layer spec", data)
         unknown = set(raw) - {"name", "type", "deps", "metadata", "config"}
         if unknown:
             raise InvalidSnapshot(f"unknown layer spec fields: {sorted(unknown)}")

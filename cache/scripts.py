@@ -31,6 +31,8 @@ SCRIPT_NAMES = (
     "open_run",
     "settle_run",
     "note_cleanup",
+    "retry_poisoned",
+    "drop_poisoned",
 )
 
 
@@ -69,6 +71,8 @@ class Scripts:
     open_run: Script
     settle_run: Script
     note_cleanup: Script
+    retry_poisoned: Script
+    drop_poisoned: Script
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

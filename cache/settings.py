@@ -7,12 +7,35 @@ the four service URLs use their conventional names, everything else is ``ASC_<FI
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 MAX_BATCH_BYTES = 1000 * MiB
 DAY_S = 86_400
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+HTTP_SCHEMES = ("http", "https")
+
+
+def _url(value: str, schemes: tuple[str, ...]) -> str:
+    """``value`` if it parses as a URL of one of ``schemes`` with a numeric port (if any)."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise ValueError(f"must be a {'/'.join(schemes)} URL, got scheme {parts.scheme!r}")
+    try:
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError as exc:
+        raise ValueError(f"has an invalid port: {exc}") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("names no host")
+    return value
 
 
 def _env(name: str) -> AliasChoices:
@@ -87,12 +110,20 @@ class Settings(BaseSettings):
         "Redis crash right after cannot lose the pause (costs one Postgres commit per pause).",
     )
 
-    @field_validator("redis_url", "database_url")
+    @field_validator("redis_url", "rq_redis_url")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
+    def _redis_url(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value, REDIS_SCHEMES)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return _url(value, POSTGRES_SCHEMES)
+
+    @field_validator("agent_backend_url")
+    @classmethod
+    def _backend_url(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value, HTTP_SCHEMES)
 
     @model_validator(mode="after")
     def _batch_fits_postgres(self) -> Settings:

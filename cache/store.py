@@ -36,10 +36,10 @@ from cache.records import (
     SessionStatus,
     SessionWrite,
     StoredSession,
-    check_optional_id,
 )
 from cache.scripts import Code, Scripts, check_code
 from cache.settings import Settings
+from cache.validate import check_optional_id, check_version, storable_text
 
 _OK = frozenset({Code.OK})
 _SAVE = frozenset(
@@ -128,13 +128,14 @@ class RedisSessionCache:
         Read first: a process that only drains must start even when Redis is over maxmemory.
         """
         with translate_errors("checking the key layout"):
-            stored = self.client.hget(self.keys.meta, "shards")
+            stored = cast(bytes | None, self.client.hget(self.keys.meta, "shards"))
             if stored is None:
                 self.client.hsetnx(self.keys.meta, "shards", self.settings.shards)
-                stored = self.client.hget(self.keys.meta, "shards")
-        if stored is None or int(stored) != self.settings.shards:
+                stored = cast(bytes | None, self.client.hget(self.keys.meta, "shards"))
+        found = stored.decode(errors="replace") if stored else None
+        if found != str(self.settings.shards):
             raise ConfigurationError(
-                f"{self.keys.meta} says shards={stored!r}, this process is configured with "
+                f"{self.keys.meta} says shards={found}, this process is configured with "
                 f"shards={self.settings.shards}; keys would land in the wrong shards"
             )
 
@@ -278,8 +279,31 @@ class RedisSessionCache:
         then it raises :class:`RunUnknown` (``workers.readthrough.save_through`` asks
         Postgres whether the run ended, which this layer cannot).
         """
-        if expected_version is not None and expected_version < 0:
-            raise InvalidInput("expected_version must be >= 0")
+        keys, args = self.save_call(
+            key, write, expected_version=expected_version, verify_run=verify_run
+        )
+        name = keys[0]
+        with translate_errors(f"saving {name}"):
+            reply = self.scripts.save(keys=keys, args=args)
+        try:
+            _, values = check_code("save", reply, _SAVE, key=name, expected=expected_version or 0)
+        except Refused as exc:
+            REFUSALS.labels(type(exc).__name__).inc()
+            raise
+        SAVES.inc()
+        return int(values[0])
+
+    def save_call(
+        self,
+        key: SessionKey,
+        write: SessionWrite,
+        *,
+        expected_version: int | None = None,
+        verify_run: bool = False,
+    ) -> tuple[list[str], list[Any]]:
+        """The validated ``KEYS`` and ``ARGV`` of a ``save`` (to pipeline many: bulk loads)."""
+        if expected_version is not None:
+            check_version("expected_version", expected_version)
         fields = self.codec.write_fields(write)
         run = RunRef(key.tenant_id, key.workflow_run_id)
         name = self.keys.session(key)
@@ -293,15 +317,7 @@ class RedisSessionCache:
             "" if verify_run else "open",
             *fields,
         ]
-        with translate_errors(f"saving {name}"):
-            reply = self.scripts.save(keys=keys, args=args)
-        try:
-            _, values = check_code("save", reply, _SAVE, key=name, expected=expected_version or 0)
-        except Refused as exc:
-            REFUSALS.labels(type(exc).__name__).inc()
-            raise
-        SAVES.inc()
-        return int(values[0])
+        return keys, args
 
     def retire(self, key: SessionKey, failed_backend_run_id: str | None = None) -> int | None:
         """``active`` → ``cleaned`` after a failed backend run; ``None`` if nothing changed."""
@@ -386,7 +402,7 @@ class RedisSessionCache:
         """``cleaning`` → ``cleaned``; ``None`` if the session was not cleaning."""
         check_optional_id("cleanup_run_id", cleanup_run_id)
         name = self.keys.session(key)
-        args: list[Any] = [cleanup_run_id or "", (error or "")[:2000], now_iso()]
+        args: list[Any] = [cleanup_run_id or "", storable_text(error or "", 2000), now_iso()]
         with translate_errors(f"marking {name} cleaned"):
             reply = self.scripts.mark_cleaned(keys=[name, self._dirty_of(key)], args=args)
         code, values = check_code("mark_cleaned", reply, _OK_OR_NOOP, key=name)
@@ -432,6 +448,26 @@ class RedisSessionCache:
             reply = self.scripts.quarantine(keys=keys, args=args)
         code, _ = check_code("quarantine", reply, _OK_OR_NOOP)
         return code is Code.OK
+
+    def retry_poisoned(self, name: str) -> bool:
+        """Send a parked session back to the flush; ``False`` if it was not parked."""
+        key = self.keys.parse_session(name)
+        shard = self.keys.shard_of_key(key)
+        keys = [self.keys.dirty(shard), self.keys.poison(shard), name]
+        with translate_errors("retrying a parked session"):
+            reply = self.scripts.retry_poisoned(keys=keys, args=[])
+        return check_code("retry_poisoned", reply, _OK_OR_NOOP)[0] is Code.OK
+
+    def drop_poisoned(self, name: str) -> bool:
+        """Delete a parked session's Redis copy (Postgres's copy, if any, is read back on the
+        next entry); ``False`` if it was not parked."""
+        key = self.keys.parse_session(name)
+        shard = self.keys.shard_of_key(key)
+        run_set = self.keys.run_sessions(RunRef(key.tenant_id, key.workflow_run_id))
+        keys = [self.keys.dirty(shard), self.keys.poison(shard), name, run_set]
+        with translate_errors("dropping a parked session"):
+            reply = self.scripts.drop_poisoned(keys=keys, args=[])
+        return check_code("drop_poisoned", reply, _OK_OR_NOOP)[0] is Code.OK
 
     def poison(self, shard: int) -> dict[str, str]:
         """The shard's poison hash: session key name → why Postgres refused it."""

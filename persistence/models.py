@@ -31,7 +31,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON
 
 from cache.records import WORKFLOW_OUTCOMES, SessionStatus
 
@@ -44,6 +44,9 @@ RUNS_TABLE_NAME: Final = "workflow_agent_runs"
 RUNS_DUE_INDEX: Final = "workflow_agent_runs_unsettled_due_idx"
 LINEAGE_LENGTH: Final = 32
 SNAPSHOT_COMPRESSION: Final = "lz4"
+# ``layer_specs`` is ``json``, not ``jsonb``: jsonb rewrites numbers (a config's ``1e+23``
+# comes back as the integer 100000000000000000000000) and reorders keys, and the specs must
+# reach the backend's cleanup run exactly as they were saved. Query it as ``layer_specs::jsonb``.
 """TOAST compression of ``snapshot``; lz4 is ~3x the batch throughput of pglz (docs)."""
 
 KEY_COLUMNS: Final = ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id")
@@ -91,7 +94,7 @@ sessions = Table(
     Column("status", String(16), nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("snapshot", LargeBinary, nullable=False, info={"compression": SNAPSHOT_COMPRESSION}),
-    Column("layer_specs", JSONB, nullable=False),
+    Column("layer_specs", JSON, nullable=False),
     _id_column("backend_run_id", nullable=True),
     _id_column("pending_form_id", nullable=True),
     _id_column("pending_tool_call_id", nullable=True),

@@ -22,6 +22,7 @@ from cache.records import (
     Snapshot,
     SnapshotLayer,
     StoredSession,
+    unchecked,
 )
 
 TENANT = "tenant-1"
@@ -136,6 +137,21 @@ def stored_session(
         flushed_version=version if flushed_version is None else flushed_version,
         created_at="2024-01-01T00:00:00.000+00:00",
         updated_at="2024-01-01T00:00:00.000+00:00",
+    )
+
+
+def bypassing_checks_key(**parts: str) -> SessionKey:
+    """A session key built without the input checks, as an older version or another writer
+    might have stored it: Postgres refusing it must still be handled, not crash a flush."""
+    defaults = session_key()
+    fields = {name: parts.get(name, getattr(defaults, name)) for name in SessionKey.__slots__}
+    return unchecked(SessionKey, **fields)
+
+
+def bypassing_checks_spec(config: object) -> LayerSpec:
+    """A layer spec built without the input checks (see :func:`bypassing_checks_key`)."""
+    return unchecked(
+        LayerSpec, name="history", type="pydantic_ai.history", deps={}, metadata={}, config=config
     )
 
 

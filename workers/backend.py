@@ -26,7 +26,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from cache.records import check_id
+from cache.validate import check_id
 from workers.backend_errors import (
     AgentBackendError,
     BackendHTTPError,

@@ -23,7 +23,17 @@ from tests.integration.support import (
 from tests.servers import Database, free_port
 from workers.context import WorkerContext
 
-COMMANDS = ["demo", "worker", "flush", "migrate", "inspect", "stats", "cleanup", "services"]
+COMMANDS = [
+    "demo",
+    "worker",
+    "flush",
+    "migrate",
+    "inspect",
+    "stats",
+    "cleanup",
+    "services",
+    "poison",
+]
 
 
 @pytest.fixture
@@ -67,22 +77,41 @@ def test_every_command_explains_itself_with_help(ctx: WorkerContext, command: st
     assert "Usage:" in result.stdout and len(result.stdout.splitlines()) > 4
 
 
-def test_bad_arguments_and_bad_configuration_give_one_line_errors(ctx: WorkerContext) -> None:
-    """Bad input is one line on stderr with a non-zero status, never a traceback."""
-    bad_flag = cli(ctx, "flush", "--nonsense", check=False)
-    assert bad_flag.returncode == 2 and "Traceback" not in bad_flag.stderr
-    env = {**settings_env(ctx), "ASC_SHARDS": "0"}
-    bad_env = subprocess.run(
+BAD_CONFIGURATION = [
+    ({"ASC_SHARDS": "0"}, "ASC_SHARDS:"),
+    ({"ASC_SHARDS": "abc"}, "ASC_SHARDS:"),
+    ({"DATABASE_URL": "postgresql://u@h:notaport/db"}, "DATABASE_URL: has an invalid port"),
+    ({"DATABASE_URL": "mysql://u@h/db"}, "DATABASE_URL: must be a postgresql"),
+    ({"REDIS_URL": "foo://h"}, "REDIS_URL: must be a redis/rediss/unix URL"),
+    ({"RQ_REDIS_URL": "redis://h:xx/0"}, "RQ_REDIS_URL: has an invalid port"),
+    ({"AGENT_BACKEND_URL": "localhost:8000"}, "AGENT_BACKEND_URL: must be a http/https URL"),
+    ({"ASC_FLUSH_BATCH": "10000"}, "lower ASC_FLUSH_BATCH"),
+    ({"ASC_SHARDS": "7"}, "ConfigurationError: asc:meta says shards=4"),
+]
+
+
+@pytest.mark.parametrize(("env", "says"), BAD_CONFIGURATION, ids=[s for _, s in BAD_CONFIGURATION])
+def test_every_configuration_error_is_one_line_and_exit_2(
+    ctx: WorkerContext, env: dict[str, str], says: str
+) -> None:
+    saved(ctx, 1)  # the key space exists, with its shard count
+    bad = subprocess.run(
         [sys.executable, "-m", "agent_sessions", "stats"],
-        env=env,
+        env={**settings_env(ctx), **env},
         capture_output=True,
         text=True,
         check=False,
     )
-    assert bad_env.returncode == 1
-    assert "invalid configuration: shards" in bad_env.stderr and "Traceback" not in bad_env.stderr
+    assert bad.returncode == 2, bad.stderr
+    assert says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_bad_arguments_give_one_line_errors(ctx: WorkerContext) -> None:
+    """Bad input is one line on stderr with exit status 2, never a traceback."""
+    bad_flag = cli(ctx, "flush", "--nonsense", check=False)
+    assert bad_flag.returncode == 2 and "Traceback" not in bad_flag.stderr
     bad_id = cli(ctx, "inspect", "session", "t", "r", "n", "b", "x" * 300, check=False)
-    assert bad_id.returncode == 1 and "InvalidId" in bad_id.stderr
+    assert bad_id.returncode == 2 and "InvalidId" in bad_id.stderr
     assert len(bad_id.stderr.strip().splitlines()) == 1
 
 
@@ -301,3 +330,38 @@ def test_cleanup_retry_requeues_a_session_whose_cleanup_job_failed(ctx: WorkerCo
     cli(ctx, "flush", "--wait")
     row = ctx.repo.get(key)
     assert row is not None and row.status is SessionStatus.CLEANED
+
+
+def test_poison_list_show_retry_and_drop(ctx: WorkerContext) -> None:
+    """A corrupt hash no longer bricks its node: the operator sees it, retries a fixed one
+    and drops a hopeless one, after which the next entry reads Postgres's copy back."""
+    migrate(ctx)
+    good, corrupt = saved(ctx, 2)
+    cli(ctx, "flush", "--wait")
+    ctx.cache.save(good, f.session_write())  # v2 in Redis, v1 in Postgres
+    ctx.cache.save(corrupt, f.session_write())
+    corrupt_name, good_name = ctx.cache.keys.session(corrupt), ctx.cache.keys.session(good)
+    ctx.cache.client.hset(corrupt_name, "snapshot", b"\xc1 not msgpack")
+    shard = ctx.cache.keys.shard_of_key(good)
+    assert ctx.cache.quarantine(shard, good_name, 2, "postgres refused: a fixed constraint")
+    cli(ctx, "flush", "--wait")  # parks the corrupt one
+    listed = json_out(ctx, "poison", "list")
+    assert set(listed) == {good_name, corrupt_name}
+    assert "cannot decode" in listed[corrupt_name]["reason"]  # type: ignore[index]
+    shown = json_out(ctx, "poison", "show", corrupt_name)
+    assert "corrupt" in shown["redis"] and shown["postgres"]["version"] == 1  # type: ignore[index]
+    assert json_out(ctx, "poison", "retry", good_name)["sessions"] == {good_name: True}
+    cli(ctx, "flush", "--wait")
+    row = ctx.repo.get(good)
+    assert row is not None and row.version == 2
+    refused = cli(ctx, "poison", "drop", corrupt_name, check=False)  # no --yes, no terminal
+    assert refused.returncode != 0 and ctx.cache.client.exists(corrupt_name)
+    cli(ctx, "poison", "drop", corrupt_name, "--yes")
+    assert not ctx.cache.client.exists(corrupt_name)
+    assert "no parked sessions" in cli(ctx, "poison", "list").stdout
+    entry = SessionLifecycle(ctx).enter(f.scope(node=corrupt.node_id))
+    assert entry.resumable and entry.version == 1  # Postgres's copy, read back
+    nope = cli(ctx, "poison", "retry", good_name, check=False)
+    assert nope.returncode == 1 and "not parked" in nope.stderr
+    garbage = cli(ctx, "poison", "show", "not-a-key", check=False)
+    assert garbage.returncode == 2 and len(garbage.stderr.strip().splitlines()) == 1

@@ -24,7 +24,7 @@ from persistence.models import TABLE_NAME, metadata, runs, sessions
 from persistence.repository import create_engine
 from tests.servers import Database
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture

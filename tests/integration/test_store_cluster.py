@@ -156,6 +156,21 @@ def _exercise_locks(cache: RedisSessionCache, key: SessionKey) -> None:
     assert cache.release_lock(shard, "holder-b")
 
 
+def _exercise_poison_remedies(cache: RedisSessionCache, key: SessionKey) -> None:
+    shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
+    cache.save(key, f.session_write())
+    assert not cache.retry_poisoned(name) and not cache.drop_poisoned(name)  # not parked
+    assert cache.quarantine(shard, name, 1, "postgres refused it")
+    assert cache.retry_poisoned(name)
+    assert name not in cache.poison(shard)
+    assert [
+        e.name for e in cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=9)
+    ] == [name]
+    assert cache.quarantine(shard, name, 1, "postgres refused it again")
+    assert cache.drop_poisoned(name)
+    assert cache.load(key).record is None and cache.run_sessions(f.run_of(key)) == []
+
+
 EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "load": _exercise_load,
     "save": _exercise_save,
@@ -169,6 +184,8 @@ EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "open_run": _exercise_open_run,
     "settle_run": _exercise_end_run_and_cleanup,
     "note_cleanup": _exercise_end_run_and_cleanup,
+    "retry_poisoned": _exercise_poison_remedies,
+    "drop_poisoned": _exercise_poison_remedies,
     "take_lock": _exercise_locks,
     "release_lock": _exercise_locks,
 }

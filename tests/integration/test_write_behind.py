@@ -9,7 +9,7 @@ import pytest
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
 from cache.errors import BacklogFull
-from cache.records import LayerSpec, SessionKey
+from cache.records import SessionKey
 from persistence.migrate import upgrade
 from tests import factories as f
 from tests.integration.support import (
@@ -186,11 +186,12 @@ def test_a_row_postgres_refuses_is_parked_in_poison_and_the_rest_land(
     """Invariant: a poison row never blocks its batch; it is reported with the reason."""
     ctx = make_ctx(redis_url, migrated.url, shards=1)
     good = [f.session_key(run=f"run-{i}") for i in range(10)]
-    bad = f.session_key(run="run-poison")
+    bad = f.session_key(run="run-poison", node="node-refused")
+    with psycopg.connect(migrated.url, autocommit=True) as conn:  # a constraint added later
+        conn.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT refuse CHECK (node_id <> 'node-refused')")
     for key in good:
         ctx.cache.save(key, f.session_write())
-    refused = (LayerSpec("history", "pydantic_ai.history", config={"text": "nul\u0000byte"}),)
-    ctx.cache.save(bad, f.session_write(layer_specs=refused))
+    ctx.cache.save(bad, f.session_write())
     report = flush_shard(ctx.cache, ctx.repo, 0, cutoff_ms=ctx.cache.server_time_ms(), limit=100)
     assert report.written == len(good)
     assert report.poisoned == [ctx.cache.keys.session(bad)]
@@ -199,6 +200,8 @@ def test_a_row_postgres_refuses_is_parked_in_poison_and_the_rest_land(
     poison = ctx.cache.poison(0)
     assert "postgres refused" in poison[ctx.cache.keys.session(bad)]
     assert nothing_dirty(ctx)
+    with psycopg.connect(migrated.url, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {TABLE} DROP CONSTRAINT refuse")
     ctx.cache.save(bad, f.session_write())  # fixed by the next save: flushed, poison cleared
     drain(ctx, timeout_s=30)
     assert ctx.repo.get(bad) is not None and ctx.cache.poison(0) == {}

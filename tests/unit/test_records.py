@@ -8,7 +8,6 @@ import pytest
 
 from cache.errors import InvalidId, InvalidSnapshot
 from cache.records import (
-    MAX_ID_LENGTH,
     LayerSpec,
     LifecycleState,
     RunRef,
@@ -18,9 +17,9 @@ from cache.records import (
     SessionWrite,
     Snapshot,
     SnapshotLayer,
-    check_id,
     specs_from_list,
 )
+from cache.validate import MAX_ID_LENGTH, check_id
 from tests import factories as f
 
 BAD_IDS: list[Any] = ["", "x" * (MAX_ID_LENGTH + 1), None, 7, b"bytes", ["a"]]

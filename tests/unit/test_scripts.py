@@ -36,13 +36,24 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "open_run": store._OPEN,
     "settle_run": store._OK_OR_NOOP,
     "note_cleanup": store._OK_OR_NOOP,
+    "retry_poisoned": store._OK_OR_NOOP,
+    "drop_poisoned": store._OK_OR_NOOP,
 }
 # Scripts Redis may run over maxmemory: they shrink the backlog (or, load, only renew a TTL).
-ALLOW_OOM = {"ack_flush", "quarantine", "take_lock", "release_lock", "load"}
+ALLOW_OOM = {
+    "ack_flush",
+    "quarantine",
+    "take_lock",
+    "release_lock",
+    "load",
+    "retry_poisoned",
+    "drop_poisoned",
+}
 # Commands a script may call; each takes exactly one key, as its first argument (TIME: none).
 SINGLE_KEY_COMMANDS = {
-    "DEL", "EXISTS", "GET", "HDEL", "HGET", "HGETALL", "HINCRBY", "HMGET", "HSET", "HSETNX",
-    "PERSIST", "PEXPIRE", "PTTL", "SADD", "SET", "SMEMBERS", "ZADD", "ZCARD", "ZREM", "ZSCORE",
+    "DEL", "EXISTS", "GET", "HDEL", "HEXISTS", "HGET", "HGETALL", "HINCRBY", "HMGET", "HSET",
+    "HSETNX", "PERSIST", "PEXPIRE", "PTTL", "SADD", "SET", "SMEMBERS", "SREM", "ZADD", "ZCARD",
+    "ZREM", "ZSCORE",
 }  # fmt: skip
 KEYLESS_COMMANDS = {"TIME"}
 

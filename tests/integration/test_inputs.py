@@ -1,0 +1,247 @@
+"""Every input has a contract: a typed error at the door with nothing written, or an exact
+round trip Redis -> Postgres -> backend request (issue #8 of the design notes).
+
+The table covers every input the landed code accepted and could never land (or escaped as an
+untyped error); the hypothesis fuzz throws ids and JSON-like states at the public API,
+surrogates, NUL, deep nesting, huge integers and non-finite floats included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
+from cache.errors import AgentSessionsError, InvalidId, InvalidInput, InvalidSnapshot
+from cache.records import LayerSpec, LifecycleState, Scope, Snapshot, SnapshotLayer
+from cache.validate import MAX_JSON_DEPTH
+from tests import factories as f
+from tests.integration.support import make_ctx, node_composition
+from tests.servers import Database
+from workers.backend_models import CreateRunRequest, RunLayerSpec, RunStatusResponse
+from workers.context import WorkerContext
+from workers.flush import flush_session
+
+REQUEST = CreateRunRequest(composition=node_composition())
+SUSPENDED = LifecycleState.SUSPENDED
+
+
+def nested(depth: int) -> object:
+    """A list nested ``depth`` deep, built without recursion."""
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def state_snapshot(state: object) -> Snapshot:
+    return Snapshot((SnapshotLayer("history", SUSPENDED, {"v": state}),))
+
+
+def spec_with(config: object = None, metadata: dict[str, Any] | None = None) -> LayerSpec:
+    return LayerSpec("history", "pydantic_ai.history", {}, metadata or {}, config)
+
+
+@pytest.fixture
+def ctx(redis_client: redis.Redis, redis_url: str, migrated: Database) -> WorkerContext:
+    return make_ctx(redis_url, migrated.url)
+
+
+@pytest.fixture
+def lc(ctx: WorkerContext) -> SessionLifecycle:
+    return SessionLifecycle(ctx)
+
+
+def written(ctx: WorkerContext) -> tuple[set[bytes], int]:
+    """Every Redis key but the layout marker, and the number of Postgres rows."""
+    keys = {k for k in ctx.cache.client.keys("*") if k != b"asc:meta"}  # type: ignore[union-attr]
+    return keys, ctx.repo.count_rows()
+
+
+def save_state(lc: SessionLifecycle, state: object) -> None:
+    outcome = RunOutcome("succeeded", "run-x", REQUEST, state_snapshot(state))
+    lc.finish(f.scope(), Entry(version=0), outcome)
+
+
+def backend_status(state_json: str) -> RunStatusResponse:
+    """A terminal status as the client decodes it from the backend's JSON answer."""
+    body = (
+        '{"run_id": "r1", "status": "succeeded", "created_at": "2026-01-01T00:00:00Z", '
+        '"updated_at": "2026-01-01T00:00:00Z", "session_snapshot": {"layers": [{"name": '
+        f'"history", "lifecycle_state": "suspended", "runtime_state": {{"v": {state_json}}}}}]}}}}'
+    )
+    return RunStatusResponse.model_validate_json(body)
+
+
+ROWS: list[tuple[str, type[AgentSessionsError], Callable[[SessionLifecycle], object]]] = [
+    ("NUL in an id", InvalidId, lambda lc: lc.enter(f.scope(node="node\x00x"))),
+    ("NUL in a run id", InvalidId, lambda lc: lc.workflow_ended("t", "run\x00", "succeeded")),
+    ("lone surrogate in an id", InvalidId, lambda lc: lc.enter(f.scope(agent="a\ud800"))),
+    ("NaN in a spec config", InvalidSnapshot, lambda lc: spec_with(config=math.nan)),
+    ("inf in spec metadata", InvalidSnapshot, lambda lc: spec_with(metadata={"x": math.inf})),
+    ("-inf in spec config", InvalidSnapshot, lambda lc: spec_with(config=[-math.inf])),
+    ("NUL in a spec string", InvalidSnapshot, lambda lc: spec_with(config={"t": "a\x00b"})),
+    ("NUL in a spec key", InvalidSnapshot, lambda lc: spec_with(config={"a\x00": 1})),
+    ("NaN in snapshot state", InvalidSnapshot, lambda lc: save_state(lc, math.nan)),
+    ("inf in snapshot state", InvalidSnapshot, lambda lc: save_state(lc, {"x": math.inf})),
+    ("surrogate in state", InvalidSnapshot, lambda lc: save_state(lc, "x\udfff")),
+    ("surrogate in a state key", InvalidSnapshot, lambda lc: save_state(lc, {"\ud800": 1})),
+    ("nesting 256", InvalidSnapshot, lambda lc: save_state(lc, nested(256))),
+    ("nesting 999", InvalidSnapshot, lambda lc: save_state(lc, nested(999))),
+    ("nesting 100,000", InvalidSnapshot, lambda lc: save_state(lc, nested(100_000))),
+    ("an integer over 64 bits", InvalidSnapshot, lambda lc: save_state(lc, 2**64)),
+    ("a tuple in state", InvalidSnapshot, lambda lc: save_state(lc, (1, 2))),
+    ("a non-string key", InvalidSnapshot, lambda lc: save_state(lc, {1: "a"})),
+    (
+        'expected_version="1"',
+        InvalidInput,
+        lambda lc: lc.ctx.cache.save(f.session_key(), f.session_write(), expected_version="1"),  # type: ignore[arg-type]
+    ),
+    (
+        "expected_version=True",
+        InvalidInput,
+        lambda lc: lc.ctx.cache.save(f.session_key(), f.session_write(), expected_version=True),
+    ),
+    (
+        'entry.version="1"',
+        InvalidInput,
+        lambda lc: lc.finish(
+            f.scope(),
+            Entry(version="1"),  # type: ignore[arg-type]
+            RunOutcome("succeeded", "r", REQUEST, f.snapshot()),
+        ),
+    ),
+    (
+        "an unknown outcome status",
+        InvalidInput,
+        lambda lc: lc.finish(f.scope(), Entry(), RunOutcome("weird", "r", REQUEST, f.snapshot())),  # type: ignore[arg-type]
+    ),
+    ("a dict as the scope", InvalidInput, lambda lc: lc.enter({"tenant_id": "t"})),  # type: ignore[arg-type]
+    (
+        "attempt=-1",
+        InvalidInput,
+        lambda lc: lc.build_request(f.scope(), Entry(), node_composition(), -1),
+    ),
+    (
+        "NaN in request metadata",
+        InvalidInput,
+        lambda lc: lc.build_request(
+            f.scope(), Entry(), node_composition(), metadata={"x": object()}
+        ),
+    ),
+    (
+        "NaN in a backend answer",
+        InvalidSnapshot,
+        lambda lc: RunOutcome.from_status(REQUEST, backend_status("NaN")),
+    ),
+    (
+        "nesting 150 in a backend answer",
+        InvalidSnapshot,
+        lambda lc: RunOutcome.from_status(REQUEST, backend_status(json.dumps(nested(150)))),
+    ),
+]
+
+
+@pytest.mark.parametrize(("row", "error", "call"), ROWS, ids=[row for row, _, _ in ROWS])
+def test_bad_input_is_refused_typed_at_the_door_with_nothing_written(
+    ctx: WorkerContext,
+    lc: SessionLifecycle,
+    row: str,
+    error: type[AgentSessionsError],
+    call: Callable[[SessionLifecycle], object],
+) -> None:
+    before = written(ctx)
+    with pytest.raises(error) as refused:
+        call(lc)
+    assert isinstance(refused.value, AgentSessionsError)
+    assert written(ctx) == before
+
+
+def test_a_backend_run_id_the_store_refuses_is_reported_and_never_breaks_the_node(
+    ctx: WorkerContext, lc: SessionLifecycle
+) -> None:
+    """Data from the backend that cannot be stored is a metadata report, not an exception."""
+    outcome = RunOutcome("succeeded", "run\x00id", REQUEST, f.snapshot())
+    result = lc.finish(f.scope(), Entry(version=0), outcome)
+    assert result.status == "completed"
+    assert result.metadata["session_snapshot_persisted"] is False
+    assert "backend_run_id" in str(result.metadata["session_store_error_detail"])
+    assert written(ctx)[1] == 0
+
+
+# --------------------------------------------------------------------------- the fuzz
+
+SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+ANY_CHAR = st.one_of(st.characters(), SURROGATES, st.just("\x00"))
+TEXT = st.text(ANY_CHAR, max_size=12)
+IDS = st.text(ANY_CHAR, min_size=0, max_size=300)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    TEXT,
+)
+JSONISH = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(TEXT, inner, max_size=4)),
+    max_leaves=20,
+)
+DEEP = st.integers(min_value=MAX_JSON_DEPTH - 3, max_value=MAX_JSON_DEPTH + 3).map(nested)
+
+
+def round_trip(
+    ctx: WorkerContext, lc: SessionLifecycle, scope: Scope, state: object, config: object
+) -> None:
+    """Save, flush, read back from Redis and Postgres, build the next backend request."""
+    snapshot = state_snapshot(state)
+    spec = RunLayerSpec(name="history", type="pydantic_ai.history", config=config)
+    request = CreateRunRequest(composition=node_composition().model_copy(update={"layers": [spec]}))
+    result = lc.finish(scope, Entry(version=0), RunOutcome("succeeded", "r", request, snapshot))
+    assert result.metadata["session_snapshot_persisted"] is True, result.metadata
+    assert scope.key is not None
+    assert flush_session(ctx.cache, ctx.repo, scope.key)
+    row, cached = ctx.repo.get(scope.key), ctx.cache.load(scope.key).record
+    assert row is not None and cached is not None
+    assert row.snapshot == cached.snapshot == snapshot
+    assert row.layer_specs[0].config == config == cached.layer_specs[0].config
+    entry = lc.enter(scope)
+    sent = lc.build_request(scope, entry, node_composition())
+    wire = json.loads(sent.model_dump_json())["session_snapshot"]["layers"]
+    assert [layer["runtime_state"] for layer in wire if layer["name"] == "history"] == [
+        {"v": state}
+    ]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
+@given(node=IDS, state=st.one_of(JSONISH, DEEP))
+def test_fuzzed_ids_and_states_round_trip_exactly_or_are_refused_with_nothing_written(
+    ctx: WorkerContext, lc: SessionLifecycle, migrated: Database, node: str, state: object
+) -> None:
+    ctx.cache.client.flushall()
+    with psycopg.connect(migrated.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE workflow_agent_runtime_sessions, workflow_agent_runs")
+    try:
+        scope = f.scope(node=node)
+        state_snapshot(state)
+    except InvalidInput:
+        assert written(ctx) == (set(), 0)
+        return
+    try:  # specs are stricter than states: Postgres stores them as text (no NUL)
+        config: object = spec_with(config={"v": state}).config
+    except InvalidSnapshot:
+        config = None
+    round_trip(ctx, lc, scope, state, config)

@@ -87,7 +87,9 @@ class Settings(BaseSettings):
     ended_run_ttl_s: int = Field(7 * DAY_S, ge=1, description="How long an ended-run marker lives.")
     max_snapshot_bytes: int = Field(4 * MiB, ge=1024, description="Largest encoded snapshot.")
     max_specs_bytes: int = Field(1 * MiB, ge=1024, description="Largest encoded layer-spec list.")
-    backend_timeout_s: float = Field(10.0, gt=0, description="Timeout of one backend HTTP call.")
+    backend_timeout_s: float = Field(
+        10.0, gt=0, description="Total deadline of one backend call, retries included."
+    )
     cleanup_wait_s: float = Field(
         30.0, gt=0, description="How long a cleanup waits for its backend run to end."
     )

@@ -1,17 +1,30 @@
 """Synchronous httpx client of the agent backend (DESIGN §7).
 
+Deadlines: every call has one total deadline, ``timeout_s`` from its start, that bounds all of
+it: connecting, sending, waiting for the status line, reading the body, every retry and every
+backoff sleep. A server that never answers, stalls after its headers, trickles bytes or
+resets the connection cannot hold a call past it; on expiry the call raises
+:class:`BackendTimeout`. (httpx's own timeouts bound one socket operation each, so a trickle
+never trips them; :mod:`workers.backend_http` explains how the deadline reaches every socket
+operation.) ``wait_run``'s ``timeout_s`` is likewise one deadline over all its polls, retries
+and sleeps: each poll gets the sooner of its own ``timeout_s`` and the wait's deadline.
+
+Size: every answer is read streamed and refused past ``max_response_bytes``
+(:class:`BackendResponseTooLarge`, the connection dropped); see :func:`response_cap` for the
+size a deployment should allow and :mod:`workers.backend_answer` for how it is enforced.
+
 Retry policy:
 
 * ``create_run`` (``POST /runs``) is never retried: the backend does not promise to dedupe, so
   a blind retry could start a second run. On a transport error or timeout the caller does not
   know whether the run exists; it may re-send with the same idempotency key.
-* ``get_run`` is retried ``get_retries`` times on transport errors and HTTP timeouts, with a
-  doubling backoff starting at ``retry_backoff_s``. ``cancel_run`` is retried the same way: the
-  contract makes cancellation idempotent.
-* HTTP errors (4xx/5xx) and invalid answers are never retried.
+* ``get_run`` is retried up to ``get_retries`` times on transport errors and timeouts, with a
+  doubling backoff starting at ``retry_backoff_s``, as long as the backoff still leaves time
+  before the call's deadline (a timed-out attempt has used it up, so it is not retried).
+  ``cancel_run`` is retried the same way: the contract makes cancellation idempotent.
+* HTTP errors (4xx/5xx) and invalid or oversized answers are never retried.
 
-Every call has a timeout (``timeout_s``, per HTTP request). ``wait_run`` polls ``get_run``
-until a terminal status and raises :class:`BackendTimeout` once its own deadline passes.
+Every failure is one of the typed errors of :mod:`workers.backend_errors`.
 """
 
 from __future__ import annotations
@@ -24,17 +37,21 @@ from typing import Self, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from cache.settings import MiB
 from cache.validate import check_id
+from workers.backend_answer import Answer, decode, raise_for_status, read_answer
 from workers.backend_errors import (
     AgentBackendError,
     BackendHTTPError,
     BackendNotFound,
+    BackendResponseTooLarge,
     BackendTimeout,
     BackendTransportError,
     BackendValidationError,
 )
+from workers.backend_http import BoundedTransport, Deadline, bounded_by
 from workers.backend_models import (
     CancelRunRequest,
     CancelRunResponse,
@@ -44,29 +61,57 @@ from workers.backend_models import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "AgentBackendClient",
     "AgentBackendError",
     "BackendHTTPError",
     "BackendNotFound",
+    "BackendResponseTooLarge",
     "BackendTimeout",
     "BackendTransportError",
     "BackendValidationError",
+    "response_cap",
 ]
 
 logger = logging.getLogger(__name__)
 
-_M = TypeVar("_M", bound=BaseModel)
 _T = TypeVar("_T")
 
 _RETRYABLE = (BackendTransportError, BackendTimeout)
-_MIN_POLL_TIMEOUT_S = 0.05
-"""Lower bound of one poll's HTTP timeout when ``wait_run``'s deadline is nearly spent."""
 _FIRST_POLL_S = 0.01
 """First pause between polls; it doubles up to ``poll_interval_s``."""
+_MIN_ATTEMPT_S = 0.01
+"""A retry is not worth starting with less time than this left before the deadline."""
+
+
+def response_cap(max_snapshot_bytes: int) -> int:
+    """The largest answer worth reading when snapshots are limited to ``max_snapshot_bytes``.
+
+    ``4 * max_snapshot_bytes + 1 MiB``. The limit applies to a snapshot's msgpack encoding;
+    the backend sends it as JSON, which is larger: about 1x for ASCII text (chat history),
+    2-3x for non-ASCII text escaped as ``\\uXXXX`` (Python's ``json`` default), 2-4x for
+    arrays of numbers. 4x covers all of those; only degenerate content (runs of ``null`` or
+    control characters, 6x) could exceed it, and such a snapshot is refused either way. The
+    extra MiB is the rest of the answer (output, error, tool call) and keeps small snapshot
+    limits practical.
+    """
+    if max_snapshot_bytes < 0:
+        raise ValueError(f"max_snapshot_bytes must not be negative, got {max_snapshot_bytes}")
+    return 4 * max_snapshot_bytes + MiB
+
+
+DEFAULT_MAX_RESPONSE_BYTES = response_cap(4 * MiB)
+"""The cap for ``Settings``' default ``max_snapshot_bytes`` (4 MiB): 17 MiB."""
 
 
 class AgentBackendClient:
-    """One ``httpx.Client`` talking to one agent backend; use it as a context manager."""
+    """One ``httpx.Client`` talking to one agent backend; use it as a context manager.
+
+    ``timeout_s`` is each call's total deadline; ``max_response_bytes`` the largest answer
+    read (pass :func:`response_cap` of the deployment's snapshot limit). ``transport``
+    replaces :class:`~workers.backend_http.BoundedTransport` (tests); the deadline is then
+    enforced through httpx's timeouts and between body chunks only.
+    """
 
     def __init__(
         self,
@@ -76,24 +121,32 @@ class AgentBackendClient:
         transport: httpx.BaseTransport | None = None,
         get_retries: int = 3,
         retry_backoff_s: float = 0.05,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if get_retries < 0:
             raise ValueError(f"get_retries must not be negative, got {get_retries}")
+        if max_response_bytes <= 0:
+            raise ValueError(f"max_response_bytes must be positive, got {max_response_bytes}")
         self._timeout_s = timeout_s
         self._get_retries = get_retries
         self._backoff_s = retry_backoff_s
+        self._max_response_bytes = max_response_bytes
         self._http = httpx.Client(
             base_url=base_url,
             timeout=timeout_s,
-            transport=transport,
-            headers={"accept": "application/json"},
+            transport=transport if transport is not None else BoundedTransport(),
+            headers={"accept": "application/json", "accept-encoding": "identity"},
         )
 
     @property
     def base_url(self) -> str:
         return str(self._http.base_url)
+
+    @property
+    def max_response_bytes(self) -> int:
+        return self._max_response_bytes
 
     def close(self) -> None:
         self._http.close()
@@ -113,12 +166,12 @@ class AgentBackendClient:
 
     def create_run(self, request: CreateRunRequest) -> CreateRunResponse:
         """``POST /runs``; never retried. Validation of the run itself happens later."""
-        response = self._send("POST", "/runs", body=request)
-        return _decode(CreateRunResponse, response)
+        answer = self._send("POST", "/runs", Deadline.after(self._timeout_s), body=request)
+        return decode(CreateRunResponse, answer)
 
     def get_run(self, run_id: str) -> RunStatusResponse:
         """``GET /runs/{id}``, retried on transport errors; :class:`BackendNotFound` on 404."""
-        return self._get_run(run_id, self._timeout_s)
+        return self._get_run(run_id, Deadline.after(self._timeout_s))
 
     def wait_run(
         self, run_id: str, *, timeout_s: float, poll_interval_s: float = 0.2
@@ -126,107 +179,96 @@ class AgentBackendClient:
         """Poll until the run is terminal; :class:`BackendTimeout` once ``timeout_s`` passed.
 
         Polls start at ``_FIRST_POLL_S`` and double up to ``poll_interval_s``: short runs (a
-        cleanup) answer within milliseconds, long ones are not polled needlessly often.
+        cleanup) answer within milliseconds, long ones are not polled needlessly often. No
+        poll, retry or sleep runs past the deadline.
         """
         if timeout_s < 0 or poll_interval_s <= 0:
             raise ValueError("timeout_s must be >= 0 and poll_interval_s > 0")
-        deadline = time.monotonic() + timeout_s
+        wait = Deadline.after(timeout_s)
         interval = min(_FIRST_POLL_S, poll_interval_s)
+        last: RunStatusResponse | None = None
         while True:
-            remaining = deadline - time.monotonic()
-            status = self._get_run(run_id, _poll_timeout(self._timeout_s, remaining))
-            if status.terminal:
-                return status
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BackendTimeout(f"run {run_id} still {status.status} after {timeout_s:.3f}s")
-            time.sleep(min(interval, remaining))
+            last = self._poll(run_id, wait, last)
+            if last.terminal:
+                return last
+            if wait.expired():
+                raise BackendTimeout(f"run {run_id} still {last.status} after {timeout_s:.3f}s")
+            wait.sleep(interval)
             interval = min(interval * 2, poll_interval_s)
 
     def cancel_run(self, run_id: str, request: CancelRunRequest | None = None) -> CancelRunResponse:
         """``POST /runs/{id}/cancel`` (idempotent, so retried); 409 if the run already ended."""
         body = request if request is not None else CancelRunRequest()
         path = f"{_run_path(run_id)}/cancel"
-        response = self._with_retries(lambda: self._send("POST", path, body=body))
-        return _decode(CancelRunResponse, response)
+        deadline = Deadline.after(self._timeout_s)
+        answer = self._with_retries(lambda: self._send("POST", path, deadline, body=body), deadline)
+        return decode(CancelRunResponse, answer)
 
     # ---------------------------------------------------------------------------- plumbing
 
-    def _get_run(self, run_id: str, timeout_s: float) -> RunStatusResponse:
-        path = _run_path(run_id)
-        response = self._with_retries(lambda: self._send("GET", path, timeout_s=timeout_s))
-        return _decode(RunStatusResponse, response)
+    def _poll(
+        self, run_id: str, wait: Deadline, last: RunStatusResponse | None
+    ) -> RunStatusResponse:
+        """One poll of ``wait_run``, ending by the wait's deadline; a poll cut short by that
+        deadline reports the run's last known status."""
+        try:
+            return self._get_run(run_id, wait.sooner(self._timeout_s))
+        except BackendTimeout as exc:
+            if last is None or not wait.expired():
+                raise
+            raise BackendTimeout(
+                f"run {run_id} still {last.status} after {wait.budget_s:.3f}s"
+            ) from exc
 
-    def _with_retries(self, call: Callable[[], _T]) -> _T:
+    def _get_run(self, run_id: str, deadline: Deadline) -> RunStatusResponse:
+        path = _run_path(run_id)
+        answer = self._with_retries(lambda: self._send("GET", path, deadline), deadline)
+        return decode(RunStatusResponse, answer)
+
+    def _with_retries(self, call: Callable[[], _T], deadline: Deadline) -> _T:
+        """``call``, retried on transport errors and timeouts while the backoff fits in the
+        time left before ``deadline``."""
         for attempt in range(self._get_retries):
             try:
                 return call()
             except _RETRYABLE as exc:
                 delay = self._backoff_s * 2**attempt
+                if deadline.remaining() - delay < _MIN_ATTEMPT_S:
+                    raise
                 logger.info("agent backend call failed (%s); retry in %.3fs", exc, delay)
                 time.sleep(delay)
         return call()
 
     def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: BaseModel | None = None,
-        timeout_s: float | None = None,
-    ) -> httpx.Response:
-        content = None if body is None else body.model_dump_json().encode()
-        headers = {} if body is None else {"content-type": "application/json"}
-        timeout = self._timeout_s if timeout_s is None else timeout_s
+        self, method: str, path: str, deadline: Deadline, *, body: BaseModel | None = None
+    ) -> Answer:
+        """One HTTP exchange, over by ``deadline``: the checked answer, or a typed error."""
+        remaining = deadline.remaining()
+        if remaining <= 0:
+            raise BackendTimeout(f"{method} {path}: the {deadline.budget_s:.3f}s deadline passed")
+        request = self._http.build_request(
+            method,
+            path,
+            content=None if body is None else body.model_dump_json().encode(),
+            headers={} if body is None else {"content-type": "application/json"},
+            timeout=remaining,
+        )
         try:
-            response = self._http.request(
-                method, path, content=content, headers=headers, timeout=timeout
-            )
+            with bounded_by(deadline):
+                response = self._http.send(request, stream=True)
+                try:
+                    answer = read_answer(response, deadline, self._max_response_bytes)
+                finally:
+                    response.close()
         except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"{method} {path} timed out after {timeout:.3f}s") from exc
+            raise BackendTimeout(
+                f"{method} {path}: no complete answer within {deadline.budget_s:.3f}s"
+            ) from exc
         except httpx.HTTPError as exc:
             raise BackendTransportError(f"{method} {path} failed: {exc!r}") from exc
-        _raise_for_status(response)
-        return response
+        raise_for_status(answer)
+        return answer
 
 
 def _run_path(run_id: str) -> str:
     return f"/runs/{quote(check_id('run_id', run_id), safe='')}"
-
-
-def _poll_timeout(client_timeout_s: float, remaining_s: float) -> float:
-    return min(client_timeout_s, max(remaining_s, _MIN_POLL_TIMEOUT_S))
-
-
-def _raise_for_status(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    detail = _detail(response)
-    status = response.status_code
-    if status == httpx.codes.NOT_FOUND:
-        raise BackendNotFound(status, detail)
-    if status == httpx.codes.UNPROCESSABLE_ENTITY:
-        raise BackendValidationError(
-            f"agent backend refused the request (422): {detail}", status_code=status, detail=detail
-        )
-    raise BackendHTTPError(status, detail)
-
-
-def _detail(response: httpx.Response) -> object:
-    """The ``detail`` of a JSON error body, else the body text."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text
-    return body.get("detail", body) if isinstance(body, dict) else body
-
-
-def _decode(model: type[_M], response: httpx.Response) -> _M:
-    try:
-        return model.model_validate_json(response.content)
-    except ValidationError as exc:
-        raise BackendValidationError(
-            f"agent backend answer is not a valid {model.__name__}: {exc}",
-            status_code=response.status_code,
-            detail=response.text,
-        ) from exc

@@ -1,11 +1,18 @@
 """Errors of the agent-backend client, under :class:`cache.errors.AgentBackendError`::
 
     AgentBackendError
-    ├── BackendTransportError   connect / read / protocol failure: no usable answer
-    ├── BackendTimeout          an HTTP timeout, or ``wait_run``'s deadline passed
-    ├── BackendValidationError  422 from the backend, or an answer that fails the models
-    └── BackendHTTPError        any other non-2xx answer (``status_code``, ``detail``)
-        └── BackendNotFound     404: no such run
+    ├── BackendTransportError        refused, reset, or broken HTTP: no usable answer
+    ├── BackendTimeout               the call's total deadline passed (``timeout_s``, retries
+    │                                included), or ``wait_run``'s did
+    ├── BackendValidationError       422 from the backend, or a 2xx answer that is not JSON
+    │   │                            (content type, encoding, syntax) or fails the models
+    │   └── BackendResponseTooLarge  an answer over the client's byte cap (nothing past the
+    │                                cap was read; the connection was dropped)
+    └── BackendHTTPError             any other non-2xx answer (``status_code``, ``detail``)
+        └── BackendNotFound          404: no such run
+
+Nothing else leaves the client: httpx, httpcore, h11, JSON and pydantic errors are all
+translated (the original stays as ``__cause__``).
 
 A :class:`BackendTimeout` or :class:`BackendTransportError` from ``create_run`` leaves it
 unknown whether the run was created: send the same idempotency key again rather than a new one.
@@ -19,6 +26,7 @@ __all__ = [
     "AgentBackendError",
     "BackendHTTPError",
     "BackendNotFound",
+    "BackendResponseTooLarge",
     "BackendTimeout",
     "BackendTransportError",
     "BackendValidationError",
@@ -26,11 +34,12 @@ __all__ = [
 
 
 class BackendTransportError(AgentBackendError):
-    """The backend could not be reached, or the connection failed mid-call."""
+    """The backend could not be reached, or the connection failed or broke HTTP mid-call."""
 
 
 class BackendTimeout(AgentBackendError):
-    """An HTTP call timed out, or a run was not terminal by ``wait_run``'s deadline."""
+    """A call did not get a complete answer within its deadline, or a run was not terminal
+    by ``wait_run``'s deadline."""
 
 
 class BackendValidationError(AgentBackendError):
@@ -42,6 +51,18 @@ class BackendValidationError(AgentBackendError):
         super().__init__(message)
         self.status_code = status_code
         self.detail = detail
+
+
+class BackendResponseTooLarge(BackendValidationError):
+    """The answer is larger than the client accepts (``limit`` bytes).
+
+    A validation error because no valid answer can be that large: the cap is derived from
+    the largest snapshot this deployment stores (see ``workers.backend.response_cap``).
+    """
+
+    def __init__(self, message: str, *, limit: int, status_code: int | None = None) -> None:
+        super().__init__(message, status_code=status_code)
+        self.limit = limit
 
 
 class BackendHTTPError(AgentBackendError):

@@ -17,7 +17,7 @@ from cache.client import connect
 from cache.settings import Settings
 from cache.store import RedisSessionCache
 from persistence.repository import SessionRepository, create_engine
-from workers.backend import AgentBackendClient
+from workers.backend import AgentBackendClient, response_cap
 from workers.queues import cleanup_queue, flush_queue, queue_connection
 
 
@@ -56,9 +56,14 @@ class WorkerContext:
 
 
 def _backend(settings: Settings) -> AgentBackendClient | None:
+    """The backend client, its answers capped by what a stored snapshot may weigh."""
     if not settings.agent_backend_url:
         return None
-    return AgentBackendClient(settings.agent_backend_url, timeout_s=settings.backend_timeout_s)
+    return AgentBackendClient(
+        settings.agent_backend_url,
+        timeout_s=settings.backend_timeout_s,
+        max_response_bytes=response_cap(settings.max_snapshot_bytes),
+    )
 
 
 @functools.cache

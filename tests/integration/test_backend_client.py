@@ -1,28 +1,37 @@
-"""AgentBackendClient against real HTTP servers on loopback (the fake agent backend, plus a
-tiny misbehaving server). Only ``test_retry_policy_with_mock_transport`` uses a mock transport.
+"""AgentBackendClient against real HTTP servers on loopback: the fake agent backend, and a
+hostile server (``hostile_http``) that trickles, stalls, floods, resets and lies. Every hostile
+mode must end in a typed error within the call's deadline. Only
+``test_retry_policy_with_mock_transport`` uses a mock transport.
 """
 
 from __future__ import annotations
 
-import threading
+import resource
+import time
+import tracemalloc
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import cast
 
 import httpx
 import pytest
-from pydantic import JsonValue
+from pydantic import JsonValue, ValidationError
 
 from agent_sessions.fake_backend import FakeAgentBackend
 from cache.errors import AgentBackendError
 from cache.records import LayerSpec
+from cache.settings import MiB, Settings
+from tests.integration import hostile_http as hostile
+from tests.integration.hostile_http import Behaviour, HostileServer
 from workers.backend import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     AgentBackendClient,
     BackendHTTPError,
     BackendNotFound,
+    BackendResponseTooLarge,
     BackendTimeout,
     BackendTransportError,
     BackendValidationError,
+    response_cap,
 )
 from workers.backend_models import (
     CancelRunRequest,
@@ -37,6 +46,7 @@ from workers.backend_models import (
     snapshot_to_protocol,
     spec_from_protocol,
 )
+from workers.context import _backend as worker_backend
 
 WAIT_S = 5.0
 PLUGIN_TYPES = {"dify.plugin.llm", "dify.plugin.tools"}
@@ -270,48 +280,186 @@ def test_stopped_server_is_transport_error(fake: FakeAgentBackend) -> None:
             stopped.create_run(node_request())
 
 
-class _Misbehaving(BaseHTTPRequestHandler):
-    """Answers every request with a body that is not a run status, or hangs until released."""
+# ------------------------------------------------------------- hostile HTTP servers
 
-    def do_GET(self) -> None:
-        if self.path.endswith("/hang"):
-            assert isinstance(self.server, _MisbehavingServer)
-            self.server.release.wait(timeout=WAIT_S)
-        body = b'{"run_id": 7, "status": "sideways"}'
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _MisbehavingServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Misbehaving)
-        self.release = threading.Event()
+TIMEOUT_S = 1.0
+"""The client's per-call deadline in the hostile tests."""
+SLACK_S = 1.0
+"""Allowed overrun of a deadline: generous for a loaded 2-core machine (measured: <20 ms)."""
+CALLS: dict[str, Callable[[AgentBackendClient], object]] = {
+    "get_run": lambda c: c.get_run("r1"),
+    "create_run": lambda c: c.create_run(node_request()),
+    "cancel_run": lambda c: c.cancel_run("r1"),
+}
+HOSTILE: dict[str, tuple[Behaviour, type[AgentBackendError]]] = {
+    "trickle_body": (hostile.trickle_body, BackendTimeout),
+    "trickle_head": (hostile.trickle_head, BackendTimeout),
+    "stall_after_head": (hostile.stall_after_head, BackendTimeout),
+    "never_answer": (hostile.never_answer, BackendTimeout),
+    "huge_chunked": (hostile.huge_chunked, BackendResponseTooLarge),
+    "huge_declared": (hostile.huge_declared, BackendResponseTooLarge),
+    "gzip_bomb": (hostile.gzip_bomb, BackendValidationError),
+    "malformed_json": (
+        hostile.respond(200, b'{"run_id": "r1", "status": '),
+        BackendValidationError,
+    ),
+    "not_utf8": (hostile.respond(200, b'{"run_id": "\xff\xfe"}'), BackendValidationError),
+    "too_deep": (hostile.respond(200, b"[" * 100_000), BackendValidationError),
+    "wrong_type": (hostile.respond(200, b"{}", "text/html"), BackendValidationError),
+    "no_type": (hostile.respond(200, b"{}", None), BackendValidationError),
+    "reset_mid_body": (hostile.reset_mid_body, BackendTransportError),
+    "reset_at_once": (hostile.reset_before_answer, BackendTransportError),
+    "close_mid_body": (hostile.close_mid_body, BackendTransportError),
+    "not_http": (hostile.garbage, BackendTransportError),
+    "503": (hostile.respond(503, b'{"detail": "busy"}'), BackendHTTPError),
+    "500_huge": (hostile.huge_error, BackendHTTPError),
+    "500_not_json": (hostile.respond(500, b"\xff" * 10, "text/html"), BackendHTTPError),
+    "404": (hostile.respond(404, b'{"detail": "no such run"}'), BackendNotFound),
+    "422": (hostile.respond(422, b'{"detail": [1, 2]}'), BackendValidationError),
+}
 
 
 @pytest.fixture
-def misbehaving_url() -> Iterator[str]:
-    server = _MisbehavingServer()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+def hostile_server() -> Iterator[HostileServer]:
+    with HostileServer(hostile.never_answer) as server:
+        yield server
+
+
+def timed(call: Callable[[], object]) -> tuple[BaseException | None, float]:
+    """What ``call`` raised (None if nothing) and how long it took."""
+    started = time.monotonic()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        call()
+    except Exception as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("mode", HOSTILE)
+def test_hostile_server_gives_a_typed_error_within_the_deadline(
+    hostile_server: HostileServer, mode: str, call: str
+) -> None:
+    behaviour, expected = HOSTILE[mode]
+    hostile_server.behaviour = behaviour
+    with AgentBackendClient(hostile_server.url, timeout_s=TIMEOUT_S) as client:
+        error, elapsed = timed(lambda: CALLS[call](client))
+    assert type(error) is expected, repr(error)
+    assert elapsed < TIMEOUT_S + SLACK_S
+    assert isinstance(error.__cause__, (httpx.HTTPError, ValidationError, type(None)))
+    if call == "create_run":
+        assert len(hostile_server.requests) == 1  # never retried
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        hostile.trickle_body,
+        hostile.trickle_head,
+        hostile.stall_after_head,
+        hostile.never_answer,
+        hostile.running_then(hostile.trickle_body),
+        hostile.running_then(hostile.never_answer),
+        hostile.respond(200, hostile.status_body(status="running")),
+    ],
+    ids=[
+        "trickle_body",
+        "trickle_head",
+        "stall",
+        "silent",
+        "ok_then_trickle",
+        "ok_then_silent",
+        "running",
+    ],
+)
+def test_wait_run_deadline_bounds_every_poll(
+    hostile_server: HostileServer, behaviour: Behaviour
+) -> None:
+    hostile_server.behaviour = behaviour
+    with AgentBackendClient(hostile_server.url, timeout_s=10.0) as client:
+        error, elapsed = timed(lambda: client.wait_run("r1", timeout_s=2.0, poll_interval_s=0.1))
+    assert isinstance(error, BackendTimeout), repr(error)
+    assert elapsed < 2.0 + SLACK_S
+    if len(hostile_server.requests) > 1:
+        assert "still running" in str(error)
+
+
+def test_get_retries_fit_inside_the_deadline(hostile_server: HostileServer) -> None:
+    # Resets fail fast: retried with a doubling backoff only while the backoff leaves time.
+    hostile_server.behaviour = hostile.reset_before_answer
+    with AgentBackendClient(
+        hostile_server.url, timeout_s=TIMEOUT_S, get_retries=10, retry_backoff_s=0.2
+    ) as client:
+        error, elapsed = timed(lambda: client.get_run("r1"))
+    assert isinstance(error, BackendTransportError)
+    assert elapsed < TIMEOUT_S + SLACK_S
+    assert 2 <= len(hostile_server.requests) <= 4  # 0, 0.2, 0.6 s; 0.6 + 0.8 s is too late
+
+
+def test_a_timed_out_get_is_not_retried_past_its_deadline(hostile_server: HostileServer) -> None:
+    hostile_server.behaviour = hostile.never_answer
+    with AgentBackendClient(hostile_server.url, timeout_s=TIMEOUT_S, get_retries=3) as client:
+        error, elapsed = timed(lambda: client.get_run("r1"))
+    assert isinstance(error, BackendTimeout)
+    assert isinstance(error.__cause__, httpx.TimeoutException)
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + SLACK_S
+    assert len(hostile_server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "behaviour", [hostile.huge_chunked, hostile.huge_declared, hostile.huge_error]
+)
+def test_oversized_answers_keep_memory_bounded_and_drop_the_connection(
+    hostile_server: HostileServer, behaviour: Behaviour
+) -> None:
+    hostile_server.behaviour = behaviour
+    cap = DEFAULT_MAX_RESPONSE_BYTES
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tracemalloc.start()
+    try:
+        with AgentBackendClient(hostile_server.url, timeout_s=5.0) as client:
+            error, elapsed = timed(lambda: client.get_run("r1"))
+        _, peak = tracemalloc.get_traced_memory()
     finally:
-        server.release.set()
-        server.shutdown()
-        thread.join()
-        server.server_close()
+        tracemalloc.stop()
+    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    assert isinstance(error, (BackendResponseTooLarge, BackendHTTPError)), repr(error)
+    assert elapsed < 5.0
+    assert peak < cap + 4 * MiB  # at most the cap, one read and bookkeeping
+    assert rss_growth < 100 * MiB  # the body is 300 MB
+    assert hostile_server.client_gone.wait(timeout=10)  # dropped, not drained
 
 
-def test_invalid_answer_is_validation_error(misbehaving_url: str) -> None:
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_the_cap_is_exact(hostile_server: HostileServer, framing: str) -> None:
+    body = hostile.status_body() + b" " * 1000  # trailing whitespace is valid JSON
+    respond = hostile.respond if framing == "content-length" else hostile.respond_chunked
+    hostile_server.behaviour = respond(200, body)
+    with AgentBackendClient(hostile_server.url, max_response_bytes=len(body)) as client:
+        assert client.get_run("r1").status == "running"
     with (
-        AgentBackendClient(misbehaving_url) as bad,
+        AgentBackendClient(hostile_server.url, max_response_bytes=len(body) - 1) as client,
+        pytest.raises(BackendResponseTooLarge) as caught,
+    ):
+        client.get_run("r1")
+    assert caught.value.limit == len(body) - 1
+    assert caught.value.status_code == 200
+
+
+def test_client_still_works_after_a_refused_answer(hostile_server: HostileServer) -> None:
+    with AgentBackendClient(hostile_server.url, timeout_s=TIMEOUT_S) as client:
+        for behaviour, expected in [HOSTILE["huge_chunked"], HOSTILE["trickle_body"]]:
+            hostile_server.behaviour = behaviour
+            with pytest.raises(expected):
+                client.get_run("r1")
+            hostile_server.behaviour = hostile.respond(200, hostile.status_body())
+            assert client.get_run("r1").run_id == "r1"
+
+
+def test_invalid_answer_is_validation_error(hostile_server: HostileServer) -> None:
+    hostile_server.behaviour = hostile.respond(200, b'{"run_id": 7, "status": "sideways"}')
+    with (
+        AgentBackendClient(hostile_server.url) as bad,
         pytest.raises(BackendValidationError) as caught,
     ):
         bad.get_run("r1")
@@ -319,11 +467,44 @@ def test_invalid_answer_is_validation_error(misbehaving_url: str) -> None:
     assert caught.value.__cause__ is not None
 
 
-def test_http_timeout_is_backend_timeout(misbehaving_url: str) -> None:
-    slow = AgentBackendClient(misbehaving_url, timeout_s=0.1, get_retries=0)
+@pytest.mark.parametrize(
+    ("content_type", "accepted"),
+    [
+        ("application/json", True),
+        ("Application/JSON; charset=utf-8", True),
+        ("application/problem+json", True),
+        ("text/html", False),
+        ("text/plain; charset=utf-8", False),
+        (None, False),
+    ],
+)
+def test_only_json_content_types_are_accepted(
+    hostile_server: HostileServer, content_type: str | None, accepted: bool
+) -> None:
+    hostile_server.behaviour = hostile.respond(200, hostile.status_body(), content_type)
+    with AgentBackendClient(hostile_server.url) as client:
+        if accepted:
+            assert client.get_run("r1").status == "running"
+        else:
+            with pytest.raises(BackendValidationError, match="not JSON"):
+                client.get_run("r1")
+
+
+def test_http_timeout_is_backend_timeout(hostile_server: HostileServer) -> None:
+    slow = AgentBackendClient(hostile_server.url, timeout_s=0.1, get_retries=0)
     with slow, pytest.raises(BackendTimeout) as caught:
         slow.get_run("hang")
     assert isinstance(caught.value.__cause__, httpx.TimeoutException)
+
+
+def test_response_cap_follows_the_snapshot_limit() -> None:
+    assert response_cap(4 * MiB) == DEFAULT_MAX_RESPONSE_BYTES == 17 * MiB
+    assert response_cap(1024) == 4096 + MiB
+    settings = Settings(agent_backend_url="http://127.0.0.1:1", max_snapshot_bytes=2 * MiB)
+    client = worker_backend(settings)
+    assert client is not None
+    with client:
+        assert client.max_response_bytes == response_cap(2 * MiB)
 
 
 def test_errors_share_the_project_root() -> None:

@@ -99,9 +99,9 @@ class Measured:
 
 @contextmanager
 def fake_backend() -> Iterator[str]:
-    """``python -m agent_sessions.fake_backend`` as its own process; yields its URL."""
+    """``python -m agent_sessions.testing.fake_backend`` as its own process; yields its URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent_sessions.fake_backend", "--port", "0"],
+        [sys.executable, "-m", "agent_sessions.testing.fake_backend", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from agent_sessions.worker_process import WorkerProcess
+from agent_sessions.testing.worker_process import WorkerProcess
 from bench.harness import HarnessError, fresh_database
 
 if TYPE_CHECKING:

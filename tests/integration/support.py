@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_sessions.fake_backend import FakeAgentBackend
 from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
-from agent_sessions.worker_process import WorkerProcess
-from agent_sessions.worker_process import settings_env as product_settings_env
+from agent_sessions.testing.fake_backend import FakeAgentBackend
+from agent_sessions.testing.worker_process import WorkerProcess
+from agent_sessions.testing.worker_process import settings_env as product_settings_env
 from cache.records import Scope, SessionKey, SessionStatus, Snapshot, StoredSession
 from cache.settings import Settings
 from persistence.migrate import upgrade

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydantic import JsonValue, ValidationError
 
-from agent_sessions.fake_backend import FakeAgentBackend
+from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.errors import AgentBackendError
 from cache.records import LayerSpec
 from cache.settings import MiB, Settings

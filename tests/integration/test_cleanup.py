@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from agent_sessions.fake_backend import FakeAgentBackend, FakeRun
 from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
+from agent_sessions.testing.fake_backend import FakeAgentBackend, FakeRun
 from cache.errors import InvalidInput, RunEnded
 from cache.records import (
     ClosedBy,

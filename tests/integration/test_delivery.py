@@ -23,7 +23,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
-from agent_sessions.worker_process import WorkerProcess
+from agent_sessions.testing.worker_process import WorkerProcess
 from cache.errors import ConfigurationError, StoreOutOfMemory
 from cache.records import SessionKey
 from cache.settings import Settings

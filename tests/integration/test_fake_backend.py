@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from agent_sessions.fake_backend import Behaviour, FakeAgentBackend, RunListResponse
+from agent_sessions.testing.fake_backend import Behaviour, FakeAgentBackend, RunListResponse
 from workers.backend import AgentBackendClient
 from workers.backend_models import (
     CompositorSessionSnapshot,
@@ -290,7 +290,7 @@ def test_start_stop_and_url() -> None:
 
 def test_standalone_entry_point_serves_until_interrupted() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent_sessions.fake_backend", "--port", "0"],
+        [sys.executable, "-m", "agent_sessions.testing.fake_backend", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

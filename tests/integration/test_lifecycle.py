@@ -15,7 +15,6 @@ import psycopg
 import pytest
 import redis
 
-from agent_sessions.fake_agent import HUMAN_INPUT_PAUSE, SCRIPTED_PAUSE
 from agent_sessions.lifecycle import (
     STORE_ERROR,
     Entry,
@@ -23,6 +22,7 @@ from agent_sessions.lifecycle import (
     RunOutcome,
     SessionLifecycle,
 )
+from agent_sessions.testing.fake_agent import HUMAN_INPUT_PAUSE, SCRIPTED_PAUSE
 from cache.errors import InvalidInput
 from cache.records import ClosedBy, Scope, SessionKey, SessionStatus
 from tests import factories as f

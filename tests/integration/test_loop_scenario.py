@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import redis
 
-from agent_sessions.fake_backend import FakeAgentBackend
 from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.records import SessionStatus
 from tests import factories as f
 from tests.integration.support import (

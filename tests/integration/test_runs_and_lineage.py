@@ -15,8 +15,8 @@ import psycopg
 import pytest
 import redis
 
-from agent_sessions.fake_backend import FakeAgentBackend
 from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
+from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.records import RunRef, Scope, SessionKey, SessionStatus, Snapshot
 from tests import factories as f
 from tests.integration.support import (

@@ -1,6 +1,6 @@
 """The simulated agent of the fake backend: behaviours, entry checks, what a run does.
 
-Pure logic, no HTTP: :mod:`agent_sessions.fake_backend` serves it. See that module's
+Pure logic, no HTTP: :mod:`agent_sessions.testing.fake_backend` serves it. See that module's
 docstring for the behaviour each request can choose.
 """
 

@@ -7,7 +7,7 @@
    cancelled or pause (the next entry of the node is the resume). Every run then ends.
 3. Wait for the write-behind to drain and every cleanup to finish, verify Postgres against
    what the demo last wrote and against Redis, and print the report
-   (:mod:`agent_sessions.demo_report`).
+   (:mod:`agent_sessions.demo.report`).
 
 Isolation: its own key prefix (``asc-demo``) and a tenant id unique to this demo run; it reads
 back only that tenant's rows.
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import click
 
-from agent_sessions.demo_report import (
+from agent_sessions.demo.report import (
     Report,
     Tracked,
     WorkflowResult,
@@ -39,7 +39,6 @@ from agent_sessions.demo_report import (
     tenant_rows,
     verify,
 )
-from agent_sessions.fake_backend import BEHAVIOUR_METADATA_KEY, FakeAgentBackend
 from agent_sessions.lifecycle import (
     Entry,
     NodeResult,
@@ -47,7 +46,8 @@ from agent_sessions.lifecycle import (
     SessionLifecycle,
     extract_layer_specs,
 )
-from agent_sessions.worker_process import WorkerProcess
+from agent_sessions.testing.fake_backend import BEHAVIOUR_METADATA_KEY, FakeAgentBackend
+from agent_sessions.testing.worker_process import WorkerProcess
 from cache.records import Scope, SessionKey, SessionStatus, StoredSession
 from cache.settings import Settings
 from persistence.migrate import upgrade

@@ -29,7 +29,7 @@ Behaviours: ``succeed`` (default), ``fail`` or ``fail:<error>``, ``pause``, ``ca
 the first matching programmatic rule (:meth:`FakeAgentBackend.set_behaviour`, :meth:`script`,
 :meth:`fail_next_cleanups`) applies, else the default. Entry-check failures beat any behaviour.
 
-Standalone: ``python -m agent_sessions.fake_backend --port 8900`` prints its URL and serves
+Standalone: ``python -m agent_sessions.testing.fake_backend --port 8900`` prints its URL and serves
 until interrupted.
 """
 
@@ -53,7 +53,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
-from agent_sessions.fake_agent import (
+from agent_sessions.testing.fake_agent import (
     BEHAVIOUR_METADATA_KEY,
     DEFAULT_FINISH_DELAY_S,
     Behaviour,
@@ -510,7 +510,8 @@ class FakeAgentBackend:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m agent_sessions.fake_backend [--host H] [--port N] [--finish-delay-ms MS]``."""
+    """``python -m agent_sessions.testing.fake_backend [--host H] [--port N]
+    [--finish-delay-ms MS]``."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fake = FakeAgentBackend(args.host, args.port, finish_delay_s=args.finish_delay_ms / 1000)
@@ -523,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m agent_sessions.fake_backend",
+        prog="python -m agent_sessions.testing.fake_backend",
         description="Serve the loopback fake agent backend until interrupted.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from agent_sessions.fake_backend import FakeAgentBackend
+from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.errors import CorruptValue
 from cache.records import ClosedBy, LayerSpec, SessionKey, SessionStatus, Snapshot, StoredSession
 from cache.store import RedisSessionCache, SessionRead

@@ -20,8 +20,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from pydantic import ValidationError
+import msgspec
 
+from cache.codec import check_specs_once
 from cache.errors import AgentSessionsError, InvalidInput, VersionConflict
 from cache.records import (
     WORKFLOW_OUTCOMES,
@@ -33,16 +34,14 @@ from cache.records import (
     Snapshot,
 )
 from cache.settings import Settings
-from cache.validate import check_version
+from cache.validate import check_json, check_version
 from workers.backend_models import (
     CreateRunRequest,
     LayerExitSignals,
     RunComposition,
     RunLayerSpec,
     RunStatusResponse,
-    snapshot_from_protocol,
-    snapshot_to_protocol,
-    spec_from_protocol,
+    WireRunStatus,
 )
 from workers.context import WorkerContext
 from workers.flush import flush_session
@@ -89,6 +88,9 @@ class RunOutcome:
     pause_reason: str | None = None
     pending_form_id: str | None = None
     pending_tool_call_id: str | None = None
+    snapshot_from_wire: bool = field(default=False, compare=False)
+    """The snapshot was decoded from the backend's JSON (``from_status`` of a status the
+    client decoded): saving it checks its nesting only, not every value."""
 
     @classmethod
     def from_status(
@@ -98,7 +100,12 @@ class RunOutcome:
         *,
         pending_form_id: str | None = None,
     ) -> RunOutcome:
-        """From a terminal ``GET /runs/{id}``; ``pending_form_id`` names the engine's form."""
+        """From a terminal ``GET /runs/{id}``; ``pending_form_id`` names the engine's form.
+
+        The status's snapshot is taken as it is (one type end to end). Raises only
+        :class:`InvalidInput` (not a terminal status).
+        """
+        _check(status, RunStatusResponse, "status")
         if status.status == "running":
             raise InvalidInput(f"run {status.run_id} has not ended")
         call = status.deferred_tool_call or {}
@@ -107,13 +114,12 @@ class RunOutcome:
             status=status.status,
             backend_run_id=status.run_id,
             request=request,
-            snapshot=snapshot_from_protocol(status.session_snapshot)
-            if status.session_snapshot
-            else None,
+            snapshot=status.session_snapshot,
             error=status.error,
             pause_reason=status.pause_reason,
             pending_form_id=pending_form_id if call else None,
             pending_tool_call_id=str(tool_call_id) if tool_call_id else None,
+            snapshot_from_wire=type(status) is WireRunStatus,
         )
 
 
@@ -151,11 +157,7 @@ class EndReport:
 
 def extract_layer_specs(composition: RunComposition) -> tuple[LayerSpec, ...]:
     """The replayable layers of a composition: everything but credential-bearing plugins."""
-    return tuple(
-        spec_from_protocol(layer)
-        for layer in composition.layers
-        if layer.type not in CREDENTIAL_LAYER_TYPES
-    )
+    return tuple(layer for layer in composition.layers if layer.type not in CREDENTIAL_LAYER_TYPES)
 
 
 def with_history(composition: RunComposition) -> RunComposition:
@@ -164,7 +166,7 @@ def with_history(composition: RunComposition) -> RunComposition:
     if any(x.name == HISTORY_LAYER.name or x.type == HISTORY_LAYER.type for x in layers):
         return composition
     at = next((i for i, x in enumerate(layers) if x.type in CREDENTIAL_LAYER_TYPES), len(layers))
-    return composition.model_copy(update={"layers": [*layers[:at], HISTORY_LAYER, *layers[at:]]})
+    return msgspec.structs.replace(composition, layers=[*layers[:at], HISTORY_LAYER, *layers[at:]])
 
 
 def idempotency_key(scope: Scope, attempt: int) -> str:
@@ -246,21 +248,21 @@ class SessionLifecycle:
         _check(entry, Entry, "entry")
         _check(composition, RunComposition, "composition")
         check_version("attempt", attempt)
+        check_specs_once(composition.layers)
+        extra = {**(metadata or {}), **scope_metadata(scope)}
+        check_json("request metadata", extra)
         sent = with_history(composition) if include_history else composition
         snapshot = None
         if entry.snapshot is not None:
-            snapshot = snapshot_to_protocol(entry.snapshot.aligned_to(sent.layer_names()))
-        try:
-            return CreateRunRequest(
-                composition=sent,
-                purpose="workflow_node",
-                idempotency_key=idempotency_key(scope, attempt),
-                metadata={**(metadata or {}), **scope_metadata(scope)},
-                session_snapshot=snapshot,
-                on_exit=LayerExitSignals(default="suspend"),
-            )
-        except ValidationError as exc:
-            raise InvalidInput(f"the run request is not valid protocol JSON: {exc}") from None
+            snapshot = entry.snapshot.aligned_to(sent.layer_names())
+        return CreateRunRequest(
+            composition=sent,
+            purpose="workflow_node",
+            idempotency_key=idempotency_key(scope, attempt),
+            metadata=extra,
+            session_snapshot=snapshot,
+            on_exit=LayerExitSignals(default="suspend"),
+        )
 
     # --- exit ----------------------------------------------------------------------------
 
@@ -313,6 +315,7 @@ class SessionLifecycle:
                 backend_run_id=outcome.backend_run_id,
                 pending_form_id=outcome.pending_form_id,
                 pending_tool_call_id=outcome.pending_tool_call_id,
+                snapshot_from_wire=outcome.snapshot_from_wire,
             )
             version = save_through(
                 self.ctx.cache, self.ctx.repo, key, write, expected_version=entry.version
@@ -442,5 +445,6 @@ def _persist_failed(exc: AgentSessionsError) -> dict[str, object]:
     return {
         "session_snapshot_persisted": False,
         "session_snapshot_persist_error": code,
+        "session_store_error_type": type(exc).__name__,
         "session_store_error_detail": str(exc),
     }

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, cast
 
+import msgspec
 import redis
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -140,9 +141,14 @@ def build_keys(count: int, seed: int = 11) -> list[SessionKey]:
 
 
 def build_write(seed: int = 13) -> SessionWrite:
+    """What a node's exit saves. On the real path the snapshot arrives as the backend's JSON
+    answer (``decode_status``), so it is decoded from JSON here too and marked as such: the
+    store then checks only its nesting, which JSON decoding cannot bound."""
     rng = random.Random(seed)
+    snapshot = msgspec.json.decode(msgspec.json.encode(build_snapshot()), type=Snapshot)
     return SessionWrite(
-        snapshot=build_snapshot(),
+        snapshot=snapshot,
+        snapshot_from_wire=True,
         layer_specs=build_specs(),
         app_id=_uuid(rng),
         workflow_id=_uuid(rng),

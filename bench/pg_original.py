@@ -30,26 +30,59 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import msgspec
 import sqlalchemy as sa
-from pydantic import TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from cache.records import Scope
+from cache.records import LayerSpec, Scope, Snapshot
 from workers.backend import AgentBackendClient
-from workers.backend_models import (
-    CompositorSessionSnapshot,
-    CreateRunRequest,
-    LayerExitSignals,
-    RunComposition,
-    RunLayerSpec,
-)
+from workers.backend_models import CreateRunRequest, LayerExitSignals, RunComposition
 
 TABLE: Final = "original_agent_runtime_sessions"
 ACTIVE: Final = "active"
 CLEANED: Final = "cleaned"
 KEY_COLUMNS: Final = ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id")
+
+
+class _Original(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunLayerSpec(_Original):
+    """The original's layer spec (dify-agent's pydantic DTO)."""
+
+    name: str
+    type: str
+    deps: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    config: JsonValue = None
+
+
+class LayerSessionSnapshot(_Original):
+    name: str
+    lifecycle_state: str
+    runtime_state: dict[str, JsonValue]
+
+
+class CompositorSessionSnapshot(_Original):
+    """The original's snapshot (dify-agent's pydantic DTO): what its node loads and saves."""
+
+    schema_version: int = 1
+    layers: list[LayerSessionSnapshot]
+
+
 _SPECS: Final = TypeAdapter(list[RunLayerSpec])
+
+
+def original_snapshot(snapshot: Snapshot) -> CompositorSessionSnapshot:
+    """Our snapshot as the original's pydantic object (set-up, not timed)."""
+    return CompositorSessionSnapshot.model_validate(msgspec.to_builtins(snapshot))
+
+
+def original_specs(specs: Sequence[LayerSpec]) -> list[RunLayerSpec]:
+    return _SPECS.validate_python(msgspec.to_builtins(list(specs)))
 
 
 def naive_utc_now() -> datetime:
@@ -271,9 +304,11 @@ def cleanup_request(stored: StoredOriginal) -> CreateRunRequest:
     scope = stored.scope
     names = [spec.name for spec in stored.layer_specs]
     by_name = {layer.name: layer for layer in stored.session_snapshot.layers}
-    snapshot = CompositorSessionSnapshot(layers=[by_name[n] for n in names if n in by_name])
+    kept = CompositorSessionSnapshot(layers=[by_name[n] for n in names if n in by_name])
+    snapshot = msgspec.convert(kept.model_dump(mode="json"), Snapshot)
+    specs = msgspec.convert(_SPECS.dump_python(stored.layer_specs, mode="json"), list[LayerSpec])
     return CreateRunRequest(
-        composition=RunComposition(layers=list(stored.layer_specs)),
+        composition=RunComposition(layers=specs),
         purpose="workflow_node",
         idempotency_key=(
             f"{scope.workflow_run_id}:{scope.node_id}:{scope.binding_id}:agent-session-cleanup"

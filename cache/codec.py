@@ -1,33 +1,43 @@
-"""The one place that turns records into Redis hash fields and back (DESIGN §3).
+"""The one place that turns records into Redis hash fields and back (DESIGN §3), and the door
+where a snapshot or a spec list is checked before it is stored.
 
-Every field is plain text except ``snapshot`` and ``layer_specs``, which are msgpack bytes.
-Encoding enforces the size limits, so an oversized snapshot is refused before any I/O;
-decoding raises :class:`CorruptValue` naming the key and field of anything foreign.
+Every field is plain text except ``snapshot`` and ``layer_specs``, which are msgpack bytes
+(msgspec, encoded and decoded in C against the record types). Encoding enforces the input
+contract (:mod:`cache.validate`) and the size limits, so a bad or oversized snapshot is refused
+before any I/O; decoding trusts what this library wrote, checks the shape in C, and raises
+:class:`CorruptValue` naming the key and field of anything foreign.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
-import msgpack
+import msgspec
 
-from cache.errors import CorruptValue, InvalidId, InvalidSnapshot, PayloadTooLarge
+from cache.errors import CorruptValue, InvalidSnapshot, PayloadTooLarge
 from cache.records import (
     ClosedBy,
     LayerSpec,
+    LifecycleState,
     SessionKey,
     SessionStatus,
     SessionWrite,
     Snapshot,
+    SnapshotLayer,
     StoredSession,
-    snapshot_from_stored,
-    specs_from_stored,
-    specs_to_list,
     unchecked,
 )
-from cache.validate import check_id
+from cache.validate import (
+    MAX_JSON_DEPTH,
+    check_json,
+    check_json_object,
+    check_name,
+    container_markers,
+    nesting_at_most,
+)
 
 SNAPSHOT = "snapshot"
 LAYER_SPECS = "layer_specs"
@@ -40,82 +50,133 @@ WRITE_TEXT_FIELDS = (
     "pending_form_id",
     "pending_tool_call_id",
 )
+WRITE_FIELDS = (SNAPSHOT, LAYER_SPECS, *WRITE_TEXT_FIELDS)
+"""What a save writes, in ``lua/save.lua``'s ``FIELDS`` order."""
 REQUIRED_ID_FIELDS = WRITE_TEXT_FIELDS[:4]
 OPTIONAL_ID_FIELDS = WRITE_TEXT_FIELDS[4:]
 STATE_TEXT_FIELDS = ("created_at", "updated_at", "cleaned_at", "cleanup_error", "lineage")
+_SNAPSHOT_WRAPPERS: Final = 3
+"""Containers around a layer's runtime state in a snapshot: the snapshot, its layer list,
+the layer."""
+_CHECKED_SPECS_KEPT: Final = 256
 
-T = TypeVar("T")
 E = TypeVar("E", SessionStatus, ClosedBy)
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_SNAPSHOT_DECODER: Final = msgspec.msgpack.Decoder(Snapshot)
+_SPECS_DECODER: Final = msgspec.msgpack.Decoder(tuple[LayerSpec, ...])
+_STATES: Final = frozenset(LifecycleState)
 
 
 def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    """msgpack of any JSON-like value (what the stored fields are made of)."""
+    return _ENCODER.encode(value)
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False)
+    return msgspec.msgpack.decode(data)
 
 
-def _decode_snapshot_bytes(data: bytes) -> Snapshot:
-    return snapshot_from_stored(unpack(data))
-
-
-class EncodedSnapshot(Snapshot):
-    """A stored snapshot kept as its msgpack bytes and decoded only if something reads it.
-
-    The flush path reads these and hands ``encoded`` to Postgres unchanged: the bytea column
-    holds the same msgpack encoding, so decoding and re-packing an 8 KB snapshot per row
-    was pure waste. Equal to a plain :class:`Snapshot` with the same content.
-    """
-
-    __slots__ = ("encoded",)
-    encoded: bytes
-
-    def __init__(self, encoded: bytes) -> None:
-        object.__setattr__(self, "encoded", encoded)
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in ("layers", "schema_version"):
-            raise AttributeError(name)
-        decoded = _decode_snapshot_bytes(self.encoded)
-        object.__setattr__(self, "layers", decoded.layers)
-        object.__setattr__(self, "schema_version", decoded.schema_version)
-        return getattr(self, name)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Snapshot):
-            return NotImplemented
-        return (self.schema_version, self.layers) == (other.schema_version, other.layers)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _encoded_snapshot(data: bytes) -> EncodedSnapshot:
-    """Keep the bytes, but only if they are one well-formed msgpack map (checked in C,
-    without building it), so a corrupt value is parked instead of reaching Postgres."""
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(data)
+def encode(what: str, value: object) -> bytes:
+    """msgpack of ``value``; :class:`InvalidSnapshot` for what msgpack cannot hold (an integer
+    beyond 64 bits, a lone surrogate, nesting past the interpreter's recursion limit)."""
     try:
-        unpacker.skip()
-    except Exception as exc:  # msgpack's errors do not share one base class
-        raise ValueError(f"malformed msgpack: {type(exc).__name__}") from exc
-    if not data or data[0] not in _MAP_MARKERS or unpacker.tell() != len(data):
-        raise ValueError("not exactly one msgpack map")
-    return EncodedSnapshot(data)
+        return _ENCODER.encode(value)
+    except (OverflowError, UnicodeEncodeError, RecursionError, TypeError) as exc:
+        raise InvalidSnapshot(f"{what} cannot be stored: {exc}") from None
 
 
-_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+def decode_snapshot(data: bytes) -> Snapshot:
+    """A snapshot this library stored (shape checked in C; values trusted)."""
+    return _SNAPSHOT_DECODER.decode(data)
 
 
-def snapshot_bytes(snapshot: Snapshot) -> bytes:
-    """The msgpack encoding of ``snapshot``: the stored bytes when it still has them."""
-    if isinstance(snapshot, EncodedSnapshot):
-        return snapshot.encoded
-    return pack(snapshot.to_dict())
+def decode_specs(data: bytes) -> tuple[LayerSpec, ...]:
+    return _SPECS_DECODER.decode(data)
 
 
-def _decode_specs_bytes(data: bytes) -> tuple[LayerSpec, ...]:
-    return specs_from_stored(unpack(data))
+# --- the door ---------------------------------------------------------------------------
+
+
+def check_snapshot(snapshot: object, encoded: bytes, *, from_wire: bool = False) -> None:
+    """Refuse a snapshot that could not reach Postgres and the backend unchanged.
+
+    ``from_wire``: msgspec decoded it from the backend's JSON, which already guarantees JSON
+    types, string keys, finite numbers and valid text; only the nesting is left, and
+    ``encoded``'s container markers bound it in one C pass (the exact walk runs only when
+    there are more markers than the limit). Otherwise every value is walked.
+    """
+    if type(snapshot) is not Snapshot:
+        raise InvalidSnapshot(f"snapshot must be a Snapshot, got {type(snapshot).__name__}")
+    if type(snapshot.schema_version) is not int or snapshot.schema_version < 1:
+        raise InvalidSnapshot(f"schema_version must be a positive int: {snapshot.schema_version!r}")
+    if type(snapshot.layers) is not tuple:
+        raise InvalidSnapshot("snapshot layers must be a tuple of SnapshotLayer records")
+    for layer in snapshot.layers:
+        _check_layer_shape(layer)
+    names = snapshot.layer_names()
+    if len(set(names)) != len(names):
+        raise InvalidSnapshot(f"snapshot layer names must be unique: {list(names)}")
+    if from_wire and container_markers(encoded) <= MAX_JSON_DEPTH + _SNAPSHOT_WRAPPERS:
+        return
+    for layer in snapshot.layers:
+        where = f"layer {layer.name!r} runtime_state"
+        if not from_wire:
+            check_json_object(where, layer.runtime_state)
+        elif not nesting_at_most(layer.runtime_state, MAX_JSON_DEPTH):
+            raise InvalidSnapshot(f"{where}: nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _check_layer_shape(layer: object) -> None:
+    if type(layer) is not SnapshotLayer:
+        raise InvalidSnapshot(f"snapshot layers must be SnapshotLayer records, got {layer!r}")
+    check_name("snapshot layer name", layer.name)
+    if not isinstance(layer.lifecycle_state, str) or layer.lifecycle_state not in _STATES:
+        raise InvalidSnapshot(
+            f"layer {layer.name!r}: lifecycle_state must be one of "
+            f"{[s.value for s in LifecycleState]}, got {layer.lifecycle_state!r}"
+        )
+
+
+def check_specs(specs: Sequence[object]) -> None:
+    """Refuse layer specs that could not reach Postgres (JSON text, no NUL) and the backend."""
+    for spec in specs:
+        if type(spec) is not LayerSpec:
+            raise InvalidSnapshot(f"layer specs must be LayerSpec records, got {spec!r}")
+        check_name("layer spec name", spec.name)
+        check_name(f"layer spec {spec.name!r} type", spec.type)
+        deps = check_json_object(f"layer spec {spec.name!r} deps", spec.deps, nul_ok=False)
+        for name, target in deps.items():
+            check_name(f"layer spec {spec.name!r} deps[{name!r}]", target)
+        check_json_object(f"layer spec {spec.name!r} metadata", spec.metadata, nul_ok=False)
+        check_json(f"layer spec {spec.name!r} config", spec.config, nul_ok=False)
+
+
+class _CheckedSpecs:
+    """The encodings of spec lists already checked: a loop saves the same specs every time."""
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def check(self, specs: Sequence[LayerSpec], encoded: bytes) -> None:
+        if encoded in self._seen:
+            self._seen.move_to_end(encoded)
+            return
+        check_specs(specs)
+        self._seen[encoded] = None
+        if len(self._seen) > _CHECKED_SPECS_KEPT:
+            self._seen.popitem(last=False)
+
+
+_CHECKED_SPECS: Final = _CheckedSpecs()
+
+
+def check_specs_once(specs: Sequence[LayerSpec]) -> bytes:
+    """:func:`check_specs`, skipped for a spec list checked before (a loop sends the same
+    composition every time); the list's msgpack encoding."""
+    data = encode("layer_specs", tuple(specs))
+    _CHECKED_SPECS.check(specs, data)
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +186,14 @@ class Codec:
     max_snapshot_bytes: int = 4 * 1024 * 1024
     max_specs_bytes: int = 1024 * 1024
 
-    def encode_snapshot(self, snapshot: Snapshot) -> bytes:
-        return self._bounded("snapshot", pack(snapshot.to_dict()), self.max_snapshot_bytes)
+    def encode_snapshot(self, snapshot: Snapshot, *, from_wire: bool = False) -> bytes:
+        """The checked, bounded msgpack of ``snapshot`` (see :func:`check_snapshot`)."""
+        data = encode("snapshot", snapshot)
+        check_snapshot(snapshot, data, from_wire=from_wire)
+        return self._bounded("snapshot", data, self.max_snapshot_bytes)
 
-    def encode_specs(self, specs: tuple[LayerSpec, ...]) -> bytes:
-        return self._bounded("layer_specs", pack(specs_to_list(specs)), self.max_specs_bytes)
+    def encode_specs(self, specs: Sequence[LayerSpec]) -> bytes:
+        return self._bounded("layer_specs", check_specs_once(specs), self.max_specs_bytes)
 
     @staticmethod
     def _bounded(what: str, data: bytes, limit: int) -> bytes:
@@ -137,17 +201,19 @@ class Codec:
             raise PayloadTooLarge(f"encoded {what} is {len(data)} bytes; the limit is {limit}")
         return data
 
-    def write_fields(self, write: SessionWrite) -> list[bytes | str]:
-        """Flat ``field, value, ...`` pairs for a script; an empty value deletes the field."""
-        pairs: list[bytes | str] = [
-            SNAPSHOT,
-            self.encode_snapshot(write.snapshot),
-            LAYER_SPECS,
+    def write_values(self, write: SessionWrite) -> list[bytes | str]:
+        """The values of :data:`WRITE_FIELDS`, in that order (``save``'s ``ARGV``; the script
+        knows the names); an empty value deletes the field."""
+        return [
+            self.encode_snapshot(write.snapshot, from_wire=write.snapshot_from_wire),
             self.encode_specs(write.layer_specs),
+            *(getattr(write, name) or "" for name in WRITE_TEXT_FIELDS),
         ]
-        for name in WRITE_TEXT_FIELDS:
-            pairs += [name, getattr(write, name) or ""]
-        return pairs
+
+    def write_fields(self, write: SessionWrite) -> list[bytes | str]:
+        """Flat ``field, value, ...`` pairs of a write; an empty value deletes the field."""
+        values = self.write_values(write)
+        return [item for pair in zip(WRITE_FIELDS, values, strict=True) for item in pair]
 
     def stored_fields(self, session: StoredSession) -> list[bytes | str]:
         """All fields of a stored session (for ``fill``), as flat pairs."""
@@ -160,19 +226,22 @@ class Codec:
         return pairs
 
     def decode_session(
-        self, name: str, key: SessionKey, raw: Mapping[bytes, bytes], *, lazy: bool = False
+        self, name: str, key: SessionKey, raw: Mapping[bytes, bytes]
     ) -> StoredSession:
         """Build a :class:`StoredSession` from an ``HGETALL`` reply of key ``name``.
 
-        With ``lazy`` the snapshot stays encoded (:class:`EncodedSnapshot`) until read.
+        What this library wrote is trusted: the shape is checked (in C for the snapshot and
+        specs), IDs are not validated again. Anything foreign is a :class:`CorruptValue`.
         """
         fields = _Fields(name, raw)
+        snapshot_raw = fields.binary(SNAPSHOT)
         write = unchecked(
             SessionWrite,
-            snapshot=fields.binary(SNAPSHOT, _encoded_snapshot if lazy else _decode_snapshot_bytes),
-            layer_specs=fields.binary(LAYER_SPECS, _decode_specs_bytes),
-            **{f: fields.identifier(f) for f in REQUIRED_ID_FIELDS},
-            **{f: fields.identifier(f, required=False) for f in OPTIONAL_ID_FIELDS},
+            snapshot=fields.decoded(SNAPSHOT, snapshot_raw, _SNAPSHOT_DECODER),
+            layer_specs=fields.decoded(LAYER_SPECS, fields.binary(LAYER_SPECS), _SPECS_DECODER),
+            snapshot_from_wire=True,
+            **{f: fields.required(f) for f in REQUIRED_ID_FIELDS},
+            **{f: fields.text(f) for f in OPTIONAL_ID_FIELDS},
         )
         closed_by = fields.text("closed_by")
         return StoredSession(
@@ -187,6 +256,7 @@ class Codec:
             closed_by=fields.enum("closed_by", ClosedBy) if closed_by else None,
             cleanup_error=fields.text("cleanup_error"),
             lineage=fields.text("lineage"),
+            snapshot_raw=snapshot_raw,
         )
 
 
@@ -215,15 +285,6 @@ class _Fields:
             raise self._fail(field, "missing")
         return value
 
-    def identifier(self, field: str, *, required: bool = True) -> str | None:
-        value = self.text(field)
-        if value is None and not required:
-            return None
-        try:
-            return check_id(field, value)
-        except InvalidId as exc:
-            raise self._fail(field, str(exc)) from exc
-
     def integer(self, field: str, default: int | None = None) -> int:
         value = self.text(field)
         if value is None and default is not None:
@@ -240,11 +301,14 @@ class _Fields:
         except ValueError as exc:
             raise self._fail(field, f"unknown {kind.__name__}: {value!r}") from exc
 
-    def binary(self, field: str, decode: Callable[[bytes], T]) -> T:
+    def binary(self, field: str) -> bytes:
         value = self.raw.get(field)
         if value is None:
             raise self._fail(field, "missing")
+        return value
+
+    def decoded(self, field: str, value: bytes, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
         try:
-            return decode(value)
-        except (InvalidSnapshot, ValueError, TypeError) as exc:
+            return decoder.decode(value)
+        except (msgspec.DecodeError, ValueError) as exc:
             raise self._fail(field, f"not a msgpack {field}: {exc}") from exc

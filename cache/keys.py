@@ -11,6 +11,7 @@ import functools
 import re
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 from cache.errors import InvalidId
@@ -34,12 +35,32 @@ def decode_id(value: str) -> str:
         raise InvalidId(f"not an encoded ID: {value!r}") from exc
 
 
+class SessionNames(NamedTuple):
+    """Every key name a save of one session touches."""
+
+    session: str
+    run: str
+    run_sessions: str
+    dirty: str
+
+
+@functools.lru_cache(maxsize=65_536)
+def _names(space: KeySpace, key: SessionKey) -> SessionNames:
+    run = space.run(RunRef(key.tenant_id, key.workflow_run_id))
+    dirty = space.dirty(space.shard_of_key(key))
+    return SessionNames(space.session(key), run, f"{run}:sessions", dirty)
+
+
 @dataclass(frozen=True, slots=True)
 class KeySpace:
     """Key names for one prefix and shard count."""
 
     prefix: str = "asc"
     shards: int = 256
+
+    def names(self, key: SessionKey) -> SessionNames:
+        """The session's key names, built once per session (a loop asks every iteration)."""
+        return _names(self, key)
 
     @property
     def meta(self) -> str:

@@ -1,8 +1,9 @@
 """Domain records: scope, session key, snapshot, layer specs and stored sessions.
 
-Plain frozen dataclasses rather than pydantic models: they sit on the hot path (every loop
-iteration decodes one snapshot), and their validation is small enough to write once here.
-Every constructor validates, so a record that exists is a record that may be written.
+The snapshot and layer specs are msgspec Structs: one compiled schema from the backend's
+wire (JSON) to Redis (msgpack) to Postgres, decoded and encoded in C, with no second model
+and no converters (README, Design notes). Keys, scopes and writes are frozen dataclasses
+whose constructors validate, so a key or write that exists may be written.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeAlias, TypeVar
 
+import msgspec
+
 from cache.errors import InvalidSnapshot
-from cache.validate import check_id, check_json, check_json_object, check_name, check_optional_id
+from cache.validate import check_id, check_optional_id
 
 T = TypeVar("T")
 
@@ -112,12 +115,6 @@ class Scope:
         )
 
 
-def _shallow_object(where: str, value: object) -> dict[str, JsonValue]:
-    if not isinstance(value, dict):
-        raise InvalidSnapshot(f"{where} must be an object")
-    return value
-
-
 def unchecked(cls: type[T], **fields: object) -> T:
     """An instance without ``__post_init__``: for data this library validated when writing."""
     obj = object.__new__(cls)
@@ -126,51 +123,24 @@ def unchecked(cls: type[T], **fields: object) -> T:
     return obj
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotLayer:
-    """The state of one compositor layer between backend runs."""
+class SnapshotLayer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The state of one compositor layer between backend runs (wire, Redis and Postgres)."""
 
     name: str
     lifecycle_state: LifecycleState
-    runtime_state: dict[str, JsonValue] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_name("snapshot layer name", self.name)
-        try:
-            object.__setattr__(self, "lifecycle_state", LifecycleState(self.lifecycle_state))
-        except ValueError:
-            raise InvalidSnapshot(
-                f"layer {self.name!r}: lifecycle_state must be one of "
-                f"{[s.value for s in LifecycleState]}, got {self.lifecycle_state!r}"
-            ) from None
-        check_json_object(f"layer {self.name!r} runtime_state", self.runtime_state)
-
-    def to_dict(self) -> dict[str, JsonValue]:
-        return {
-            "name": self.name,
-            "lifecycle_state": self.lifecycle_state.value,
-            "runtime_state": self.runtime_state,
-        }
+    runtime_state: dict[str, JsonValue] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The agent's layer states between backend runs, in compositor order."""
+class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The agent's layer states between backend runs, in compositor order.
+
+    One type from the backend's JSON to Redis (msgpack) to Postgres (``bytea``): decoding
+    checks the shape in C; :func:`cache.validate.check_snapshot` checks the values once, when
+    a snapshot is saved. Constructing one does not validate it.
+    """
 
     layers: tuple[SnapshotLayer, ...]
     schema_version: int = SNAPSHOT_SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        if type(self.schema_version) is not int or self.schema_version < 1:
-            raise InvalidSnapshot(f"schema_version must be a positive int: {self.schema_version!r}")
-        if not isinstance(self.layers, tuple | list):
-            raise InvalidSnapshot("snapshot layers must be a sequence of SnapshotLayer records")
-        object.__setattr__(self, "layers", tuple(self.layers))
-        if not all(isinstance(layer, SnapshotLayer) for layer in self.layers):
-            raise InvalidSnapshot("snapshot layers must be SnapshotLayer records")
-        names = self.layer_names()
-        if len(set(names)) != len(names):
-            raise InvalidSnapshot(f"snapshot layer names must be unique: {list(names)}")
 
     def layer_names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
@@ -190,138 +160,51 @@ class Snapshot:
         )
 
     def to_dict(self) -> dict[str, JsonValue]:
-        return {
-            "schema_version": self.schema_version,
-            "layers": [layer.to_dict() for layer in self.layers],
-        }
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: object) -> Snapshot:
-        raw = _shallow_object("snapshot", data)
-        unknown = set(raw) - {"schema_version", "layers"}
-        if unknown:
-            raise InvalidSnapshot(f"unknown snapshot fields: {sorted(unknown)}")
-        layers = raw.get("layers", [])
-        if not isinstance(layers, list):
-            raise InvalidSnapshot("snapshot layers must be a list")
-        return cls(
-            layers=tuple(_layer_from_dict(item) for item in layers),
-            schema_version=raw.get("schema_version", SNAPSHOT_SCHEMA_VERSION),
-        )
+        """A snapshot from JSON-like builtins; :class:`InvalidSnapshot` if the shape is wrong
+        (its values are checked when it is saved)."""
+        return _convert(data, cls, "snapshot")
 
 
-def snapshot_from_stored(data: object) -> Snapshot:
-    """A snapshot this library stored: its structure is checked, its JSON values are not.
+class LayerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One replayable, credential-free layer of the composition that produced a snapshot.
 
-    Every value was checked deeply before it was written (and msgpack's strict map keys
-    refuse non-string keys), so the hot path need not walk the whole tree again.
+    The same type is a layer of the composition sent to the backend (``RunLayerSpec``).
     """
-    raw = _shallow_object("snapshot", data)
-    layers = raw.get("layers")
-    version = raw.get("schema_version")
-    if not isinstance(layers, list) or type(version) is not int:
-        raise InvalidSnapshot("snapshot needs an int schema_version and a list of layers")
-    return unchecked(
-        Snapshot, layers=tuple(_stored_layer(x) for x in layers), schema_version=version
-    )
-
-
-def _stored_layer(data: object) -> SnapshotLayer:
-    raw = _shallow_object("snapshot layer", data)
-    name, state = raw.get("name"), raw.get("runtime_state")
-    if not isinstance(name, str) or not name or not isinstance(state, dict):
-        raise InvalidSnapshot("snapshot layer needs a name and an object runtime_state")
-    try:
-        lifecycle = LifecycleState(str(raw.get("lifecycle_state")))
-    except ValueError:
-        raise InvalidSnapshot(f"layer {name!r}: unknown lifecycle_state") from None
-    return unchecked(SnapshotLayer, name=name, lifecycle_state=lifecycle, runtime_state=state)
-
-
-def specs_from_stored(data: object) -> tuple[LayerSpec, ...]:
-    """Layer specs this library stored (structure checked, JSON values trusted)."""
-    if not isinstance(data, list):
-        raise InvalidSnapshot("layer specs must be a list")
-    return tuple(_stored_spec(item) for item in data)
-
-
-def _stored_spec(data: object) -> LayerSpec:
-    raw = _shallow_object("layer spec", data)
-    name, kind = raw.get("name"), raw.get("type")
-    deps, metadata = raw.get("deps"), raw.get("metadata")
-    if not isinstance(name, str) or not isinstance(kind, str) or not name or not kind:
-        raise InvalidSnapshot("layer spec needs a name and a type")
-    if not isinstance(deps, dict) or not isinstance(metadata, dict):
-        raise InvalidSnapshot(f"layer spec {name!r} needs object deps and metadata")
-    return unchecked(
-        LayerSpec, name=name, type=kind, deps=deps, metadata=metadata, config=raw.get("config")
-    )
-
-
-def _layer_from_dict(data: object) -> SnapshotLayer:
-    raw = _shallow_object("snapshot layer", data)
-    unknown = set(raw) - {"name", "lifecycle_state", "runtime_state"}
-    if unknown:
-        raise InvalidSnapshot(f"unknown snapshot layer fields: {sorted(unknown)}")
-    return SnapshotLayer(
-        name=raw.get("name", ""),
-        lifecycle_state=raw.get("lifecycle_state", ""),
-        runtime_state=raw.get("runtime_state", {}),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class LayerSpec:
-    """One replayable, credential-free layer of the composition that produced a snapshot."""
 
     name: str
     type: str
-    deps: dict[str, str] = field(default_factory=dict)
-    metadata: dict[str, JsonValue] = field(default_factory=dict)
+    deps: dict[str, str] = msgspec.field(default_factory=dict)
+    metadata: dict[str, JsonValue] = msgspec.field(default_factory=dict)
     config: JsonValue = None
 
-    def __post_init__(self) -> None:
-        """Specs are stored as ``jsonb``: no NUL anywhere in them (Postgres refuses it)."""
-        check_name("layer spec name", self.name)
-        check_name(f"layer spec {self.name!r} type", self.type)
-        deps = check_json_object(f"layer spec {self.name!r} deps", self.deps, nul_ok=False)
-        for name, target in deps.items():
-            check_name(f"layer spec {self.name!r} deps[{name!r}]", target)
-        check_json_object(f"layer spec {self.name!r} metadata", self.metadata, nul_ok=False)
-        check_json(f"layer spec {self.name!r} config", self.config, nul_ok=False)
-
     def to_dict(self) -> dict[str, JsonValue]:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "deps": self.deps,
-            "metadata": self.metadata,
-            "config": self.config,
-        }
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: object) -> LayerSpec:
-        raw = _shallow_object("layer spec", data)
-        unknown = set(raw) - {"name", "type", "deps", "metadata", "config"}
-        if unknown:
-            raise InvalidSnapshot(f"unknown layer spec fields: {sorted(unknown)}")
-        return cls(
-            name=raw.get("name", ""),
-            type=raw.get("type", ""),
-            deps=raw.get("deps", {}),
-            metadata=raw.get("metadata", {}),
-            config=raw.get("config"),
-        )
+        return _convert(data, cls, "layer spec")
+
+
+_Converted = TypeVar("_Converted")
+
+
+def _convert(data: object, kind: type[_Converted], what: str) -> _Converted:
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidSnapshot(f"{what}: {exc}") from None
 
 
 def specs_from_list(data: object) -> tuple[LayerSpec, ...]:
-    if not isinstance(data, list):
-        raise InvalidSnapshot("layer specs must be a list")
-    return tuple(LayerSpec.from_dict(item) for item in data)
+    return _convert(data, tuple[LayerSpec, ...], "layer specs")
 
 
 def specs_to_list(specs: Sequence[LayerSpec]) -> list[dict[str, JsonValue]]:
-    return [spec.to_dict() for spec in specs]
+    return msgspec.to_builtins(list(specs))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +220,9 @@ class SessionWrite:
     backend_run_id: str | None = None
     pending_form_id: str | None = None
     pending_tool_call_id: str | None = None
+    snapshot_from_wire: bool = field(default=False, compare=False)
+    """The snapshot was decoded from JSON by msgspec (the backend's answer): only its nesting
+    is left to check when it is saved (``cache.codec.check_snapshot``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.snapshot, Snapshot):
@@ -359,6 +245,7 @@ class SessionWrite:
         backend_run_id: str | None = None,
         pending_form_id: str | None = None,
         pending_tool_call_id: str | None = None,
+        snapshot_from_wire: bool = False,
     ) -> SessionWrite:
         return cls(
             snapshot=snapshot,
@@ -370,6 +257,7 @@ class SessionWrite:
             backend_run_id=backend_run_id,
             pending_form_id=pending_form_id,
             pending_tool_call_id=pending_tool_call_id,
+            snapshot_from_wire=snapshot_from_wire,
         )
 
 
@@ -391,6 +279,9 @@ class StoredSession:
     """Which history this session's versions belong to: set when the session is created
     (or filled from Postgres) and kept by every later save. Equal versions of two lineages
     are two different sessions; the flush fence never takes one for the other."""
+    snapshot_raw: bytes | None = field(default=None, compare=False, repr=False)
+    """The snapshot's stored msgpack bytes, when it was read from Redis: written to Postgres
+    as they are, never encoded again."""
 
     @property
     def snapshot(self) -> Snapshot:

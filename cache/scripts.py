@@ -17,7 +17,6 @@ from redis.commands.core import Script
 from cache.errors import BacklogFull, RunEnded, RunUnknown, ScriptContractError, VersionConflict
 
 SCRIPT_NAMES = (
-    "load",
     "save",
     "retire",
     "end_run",
@@ -57,7 +56,6 @@ def source(name: str) -> str:
 class Scripts:
     """The registered scripts of one store instance."""
 
-    load: Script
     save: Script
     retire: Script
     end_run: Script

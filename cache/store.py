@@ -40,6 +40,7 @@ from cache.records import (
 from cache.scripts import Code, Scripts, check_code
 from cache.settings import Settings
 from cache.validate import check_optional_id, check_version, storable_text
+from cache.wire import Wire
 
 _OK = frozenset({Code.OK})
 _SAVE = frozenset(
@@ -119,8 +120,15 @@ class RedisSessionCache:
         self.keys = KeySpace(self.settings.key_prefix, self.settings.shards)
         self.codec = Codec(self.settings.max_snapshot_bytes, self.settings.max_specs_bytes)
         self.scripts = Scripts.register(client)
+        self.wire = Wire(client) if isinstance(client, redis.Redis) else None
         self._check_layout()
         self._check_eviction_policy()
+
+    def close(self) -> None:
+        """Close the client and the wire's pinned connections."""
+        if self.wire is not None:
+            self.wire.close()
+        self.client.close()
 
     def _check_layout(self) -> None:
         """Record the shard count on first use; refuse to run against a different one.
@@ -185,42 +193,53 @@ class RedisSessionCache:
     # --- reads -------------------------------------------------------------------------
 
     def load(self, key: SessionKey) -> Loaded:
-        """The stored session of ``key`` and its run's state: one script call.
+        """The stored session of ``key`` and its run's state: one round trip, two native
+        commands (``HGETALL`` of the session, ``HGET`` of the run's state), no script.
 
-        The script also renews the TTL of a clean active session, so a session cannot
-        expire between a node's entry and its exit.
+        A load renews no TTL: a clean session that expires between a node's entry and its
+        exit is read back from Postgres by the save (``workers.readthrough.save_through``).
         """
-        name = self.keys.session(key)
-        run = self.keys.run(RunRef(key.tenant_id, key.workflow_run_id))
-        with translate_errors(f"loading {name}"):
-            reply = self.scripts.load(keys=[name, run], args=[self._ms(self.settings.active_ttl_s)])
-        _, values = check_code("load", reply, _OK)
-        state = values[0].decode() if isinstance(values[0], bytes) else ""
-        if len(values) == 1:
+        names = self.keys.names(key)
+        commands = [("HGETALL", names.session), ("HGET", names.run, "state")]
+        with translate_errors(f"loading {names.session}"):
+            if self.wire is not None:
+                fields, state = self.wire.run(commands, retry=True)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.execute_command(*commands[0])
+                pipe.execute_command(*commands[1])
+                fields, state = pipe.execute(raise_on_error=False)
+        for reply in (fields, state):
+            if isinstance(reply, Exception):
+                raise StoreUnavailable(f"loading {names.session}: {reply}") from reply
+        run_state = state.decode() if state else ""
+        if not fields:
             _LOAD_MISSED.inc()
-            return Loaded(None, state == "ended", state)
+            return Loaded(None, run_state == "ended", run_state)
         _LOADED_FROM_REDIS.inc()
-        raw = dict(zip(values[1::2], values[2::2], strict=True))
-        return Loaded(self.codec.decode_session(name, key, raw), state == "ended", state)
+        raw = (
+            fields
+            if isinstance(fields, dict)
+            else dict(zip(fields[::2], fields[1::2], strict=True))
+        )
+        record = self.codec.decode_session(names.session, key, raw)
+        return Loaded(record, run_state == "ended", run_state)
 
-    def read_many(self, names: Sequence[str], *, lazy: bool = False) -> list[SessionRead]:
-        """Sessions by key name in one pipeline; a corrupt one is returned, not raised.
-
-        With ``lazy`` snapshots stay msgpack bytes until read (the flush never reads them).
-        """
+    def read_many(self, names: Sequence[str]) -> list[SessionRead]:
+        """Sessions by key name in one pipeline; a corrupt one is returned, not raised."""
         with translate_errors("reading sessions"):
             pipe = self.client.pipeline(transaction=False)
             for name in names:
                 pipe.hgetall(name)
             replies: list[Any] = pipe.execute()
-        return [self._decode(name, raw, lazy) for name, raw in zip(names, replies, strict=True)]
+        return [self._decode(name, raw) for name, raw in zip(names, replies, strict=True)]
 
-    def _decode(self, name: str, raw: dict[bytes, bytes], lazy: bool = False) -> SessionRead:
+    def _decode(self, name: str, raw: dict[bytes, bytes]) -> SessionRead:
         if not raw:
             return None
         try:
             key = self.keys.parse_session(name)
-            return self.codec.decode_session(name, key, raw, lazy=lazy)
+            return self.codec.decode_session(name, key, raw)
         except CorruptValue as exc:
             return exc
         except InvalidInput as exc:
@@ -284,7 +303,10 @@ class RedisSessionCache:
         )
         name = keys[0]
         with translate_errors(f"saving {name}"):
-            reply = self.scripts.save(keys=keys, args=args)
+            if self.wire is not None:
+                reply = self.wire.evalsha(self.scripts.save, keys, args)
+            else:
+                reply = self.scripts.save(keys=keys, args=args)
         try:
             _, values = check_code("save", reply, _SAVE, key=name, expected=expected_version or 0)
         except Refused as exc:
@@ -304,10 +326,9 @@ class RedisSessionCache:
         """The validated ``KEYS`` and ``ARGV`` of a ``save`` (to pipeline many: bulk loads)."""
         if expected_version is not None:
             check_version("expected_version", expected_version)
-        fields = self.codec.write_fields(write)
-        run = RunRef(key.tenant_id, key.workflow_run_id)
-        name = self.keys.session(key)
-        keys = [name, self.keys.run(run), self.keys.run_sessions(run), self._dirty_of(key)]
+        fields = self.codec.write_values(write)
+        names = self.keys.names(key)
+        keys = [names.session, names.run, names.run_sessions, names.dirty]
         args: list[Any] = [
             "" if expected_version is None else expected_version,
             self.settings.max_dirty_per_shard,

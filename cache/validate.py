@@ -22,6 +22,7 @@ The walk is iterative, so no input can exhaust the interpreter's stack. Every re
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Any, Final
 
 from cache.errors import InvalidId, InvalidInput, InvalidSnapshot
@@ -33,6 +34,11 @@ INT_MIN: Final = -(2**63)
 INT_MAX: Final = 2**64 - 1
 """msgpack's integer range (signed 64 bits for negatives, unsigned 64 bits for positives)."""
 VERSION_MAX: Final = 2**63 - 1
+_JSON_TYPES: Final = frozenset({dict, list, str, int, float, bool, type(None)})
+_NOT_CONTAINER_MARKERS: Final = bytes(
+    b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF)
+)
+"""Every byte but msgpack's map and array markers (fixmap, fixarray, array16/32, map16/32)."""
 
 
 def text_problem(value: str, *, nul_ok: bool) -> str | None:
@@ -91,8 +97,58 @@ def check_version(name: str, value: object) -> int:
 
 
 def check_json(where: str, value: object, *, nul_ok: bool = True) -> None:
-    """Raise :class:`InvalidSnapshot` (naming ``where``) unless ``value`` is storable JSON."""
-    _JsonWalk(where, nul_ok).run(value)
+    """Raise :class:`InvalidSnapshot` (naming ``where``) unless ``value`` is storable JSON.
+
+    Level by level rather than value by value: each level's types, floats, keys and
+    containers are checked with one C-level pass each, so the cost is per level and per
+    container, not a Python step per scalar. Integers beyond 64 bits and lone surrogates are
+    refused when the value is encoded (msgpack cannot hold them); NUL is checked here where
+    Postgres stores the text (``nul_ok=False``).
+    """
+    level: list[Any] = [value]
+    depth = 0
+    while level:
+        _check_scalars(where, level, nul_ok)
+        containers = [v for v in level if type(v) is dict or type(v) is list]
+        if not containers:
+            return
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidSnapshot(f"{where}: nests deeper than {MAX_JSON_DEPTH} levels")
+        dicts = [c for c in containers if type(c) is dict]
+        if dicts:
+            keys = list(chain.from_iterable(dicts))
+            if any(type(k) is not str for k in keys):
+                bad = next(k for k in keys if type(k) is not str)
+                raise InvalidSnapshot(f"{where}: object keys must be strings, got {bad!r}")
+            if not nul_ok:
+                _check_texts(where, keys)
+        level = list(
+            chain.from_iterable([c.values() if type(c) is dict else c for c in containers])
+        )
+
+
+def _check_scalars(where: str, level: list[Any], nul_ok: bool) -> None:
+    kinds = set(map(type, level))
+    if not kinds <= _JSON_TYPES:
+        bad = next(k for k in kinds if k not in _JSON_TYPES)
+        raise InvalidSnapshot(f"{where}: {bad.__name__} is not a JSON value")
+    if float in kinds:
+        floats = [v for v in level if type(v) is float]
+        if not all(map(math.isfinite, floats)):
+            raise InvalidSnapshot(
+                f"{where}: {next(f for f in floats if not math.isfinite(f))!r} "
+                "is not a finite number"
+            )
+    if not nul_ok and str in kinds:
+        _check_texts(where, [v for v in level if type(v) is str])
+
+
+def _check_texts(where: str, texts: list[str]) -> None:
+    for text in texts:
+        problem = text_problem(text, nul_ok=False)
+        if problem:
+            raise InvalidSnapshot(f"{where}: text {text[:20]!r} {problem}")
 
 
 def check_json_object(where: str, value: object, *, nul_ok: bool = True) -> dict[str, Any]:
@@ -103,64 +159,18 @@ def check_json_object(where: str, value: object, *, nul_ok: bool = True) -> dict
     return value
 
 
-class _JsonWalk:
-    """One iterative walk over a JSON value: containers go on a stack, scalars are checked
-    in place (no recursion, no per-scalar stack entries)."""
+def container_markers(encoded: bytes) -> int:
+    """How many bytes of a msgpack encoding could open a map or an array: at least the number
+    of containers (string contents may add false ones), so also a bound on their nesting."""
+    return len(encoded.translate(None, _NOT_CONTAINER_MARKERS))
 
-    __slots__ = ("nul_ok", "where")
 
-    def __init__(self, where: str, nul_ok: bool) -> None:
-        self.where = where
-        self.nul_ok = nul_ok
-
-    def run(self, value: object) -> None:
-        stack: list[tuple[object, int]] = [(value, 0)]
-        while stack:
-            item, depth = stack.pop()
-            kind = type(item)
-            if kind is dict or kind is list:
-                if depth >= MAX_JSON_DEPTH:
-                    raise self.fail(f"nests deeper than {MAX_JSON_DEPTH} levels")
-                children = self.children(item)  # type: ignore[arg-type]
-                stack += [(child, depth + 1) for child in children]
-            else:
-                self.scalar(item)
-
-    def children(self, item: dict[object, object] | list[object]) -> list[object]:
-        """The container's values that are containers themselves; scalars checked here."""
-        if type(item) is list:
-            values: list[object] = item
-        else:
-            for key in item:
-                if type(key) is not str:
-                    raise self.fail(f"object keys must be strings, got {key!r}")
-                self.text(key)
-            values = list(item.values())  # type: ignore[union-attr]
-        nested: list[object] = []
-        for child in values:
-            if type(child) is dict or type(child) is list:
-                nested.append(child)
-            else:
-                self.scalar(child)
-        return nested
-
-    def scalar(self, item: object) -> None:
-        kind = type(item)
-        if kind is str:
-            self.text(item)  # type: ignore[arg-type]
-        elif kind is int:
-            if not INT_MIN <= item <= INT_MAX:  # type: ignore[operator]
-                raise self.fail(f"integer {item} does not fit in 64 bits")
-        elif kind is float:
-            if not math.isfinite(item):  # type: ignore[arg-type]
-                raise self.fail(f"{item!r} is not a finite number")
-        elif item is not None and kind is not bool:
-            raise self.fail(f"{kind.__name__} is not a JSON value")
-
-    def text(self, value: str) -> None:
-        problem = text_problem(value, nul_ok=self.nul_ok)
-        if problem:
-            raise self.fail(f"text {value[:20]!r} {problem}")
-
-    def fail(self, why: str) -> InvalidSnapshot:
-        return InvalidSnapshot(f"{self.where}: {why}")
+def nesting_at_most(value: object, limit: int) -> bool:
+    """Whether ``value`` nests at most ``limit`` containers deep (containers only)."""
+    level = [value] if type(value) is dict or type(value) is list else []
+    for _ in range(limit):
+        children = chain.from_iterable([c.values() if type(c) is dict else c for c in level])
+        level = [v for v in children if type(v) is dict or type(v) is list]
+        if not level:
+            return True
+    return not level

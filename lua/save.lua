@@ -1,5 +1,7 @@
 #!lua
 -- save: write a session, mark it active and dirty, bump its version by one.
+-- A session already dirty is already persistent, in the run's set and in the dirty zset, and
+-- its run's TTL was renewed when it became dirty: those writes are skipped (a loop's case).
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
 -- KEYS[3] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions
@@ -10,12 +12,15 @@
 -- ARGV[4] TTL of an open run's hash and session set: integer milliseconds (sliding)
 -- ARGV[5] lineage of the session if it has none yet: text
 -- ARGV[6] when the run hash is missing: "open" opens the run, "" refuses (RUN_UNKNOWN)
--- ARGV[7..] field, value pairs to write; an empty value deletes the field
+-- ARGV[7..] the values of the fields FIELDS names, in that order; "" deletes the field
 -- returns {0, version}  OK: saved; version is the new version
 --         {1}           RUN_ENDED: the run has ended; nothing written
 --         {2, version}  VERSION_CONFLICT: the stored version is not ARGV[1]; nothing written
 --         {3, backlog}  BACKLOG_FULL: the shard holds ARGV[2] dirty sessions; nothing written
 --         {6}           RUN_UNKNOWN: no run hash (lost or evicted); ask Postgres; nothing written
+local FIELDS = {'snapshot', 'layer_specs', 'app_id', 'workflow_id', 'node_execution_id',
+                'agent_config_snapshot_id', 'backend_run_id', 'pending_form_id',
+                'pending_tool_call_id'}
 local session, run, run_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected, bound, now, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local lineage, unknown_run = ARGV[5], ARGV[6]
@@ -32,7 +37,8 @@ local version = tonumber(stored[1] or '0')
 if expected ~= '' and tonumber(expected) ~= version then
   return {2, version}
 end
-if bound > 0 and not redis.call('ZSCORE', dirty, session) then
+local was_dirty = redis.call('ZSCORE', dirty, session)
+if bound > 0 and not was_dirty then
   local backlog = redis.call('ZCARD', dirty)
   if backlog >= bound then
     return {3, backlog}
@@ -40,10 +46,14 @@ if bound > 0 and not redis.call('ZSCORE', dirty, session) then
 end
 
 version = version + 1
-local sets = {'status', 'active', 'updated_at', now, 'version', version}
+local sets = {'updated_at', now, 'version', version}
 local dels = {}
-if stored[2] and stored[2] ~= 'active' then
-  dels = {'cleaned_at', 'closed_by', 'cleanup_error'}
+if stored[2] ~= 'active' then
+  sets[#sets + 1] = 'status'
+  sets[#sets + 1] = 'active'
+  if stored[2] then
+    dels = {'cleaned_at', 'closed_by', 'cleanup_error'}
+  end
 end
 if version == 1 then
   sets[#sets + 1] = 'created_at'
@@ -53,26 +63,31 @@ if not stored[3] then
   sets[#sets + 1] = 'lineage'
   sets[#sets + 1] = lineage
 end
-for i = 7, #ARGV, 2 do
-  if ARGV[i + 1] == '' then
-    dels[#dels + 1] = ARGV[i]
+for i, field in ipairs(FIELDS) do
+  local value = ARGV[6 + i]
+  if value == '' then
+    dels[#dels + 1] = field
   else
-    sets[#sets + 1] = ARGV[i]
-    sets[#sets + 1] = ARGV[i + 1]
+    sets[#sets + 1] = field
+    sets[#sets + 1] = value
   end
 end
 if #dels > 0 then
   redis.call('HDEL', session, unpack(dels))
 end
 redis.call('HSET', session, unpack(sets))
-redis.call('PERSIST', session)
 
-local t = redis.call('TIME')
-redis.call('ZADD', dirty, 'NX', t[1] * 1000 + math.floor(t[2] / 1000), session)
-redis.call('SADD', run_sessions, session)
+if not was_dirty then
+  redis.call('PERSIST', session)
+  local t = redis.call('TIME')
+  redis.call('ZADD', dirty, t[1] * 1000 + math.floor(t[2] / 1000), session)
+  redis.call('SADD', run_sessions, session)
+  redis.call('PEXPIRE', run_sessions, run_ttl)
+end
 if not run_state then
   redis.call('HSET', run, 'state', 'open', 'opened_at', now)
 end
-redis.call('PEXPIRE', run, run_ttl)
-redis.call('PEXPIRE', run_sessions, run_ttl)
+if not was_dirty or not run_state then
+  redis.call('PEXPIRE', run, run_ttl)
+end
 return {0, version}

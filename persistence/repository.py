@@ -23,12 +23,12 @@ Rows become ``StoredSession`` records at one boundary (``_from_row``) and back a
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import msgspec
 import psycopg
 import sqlalchemy as sa
 from psycopg.types.array import ListBinaryDumper
@@ -38,17 +38,16 @@ from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 from sqlalchemy.types import UserDefinedType
 
 from cache.clock import parse_iso
-from cache.codec import snapshot_bytes, unpack
+from cache.codec import decode_snapshot, encode
 from cache.records import (
     ClosedBy,
     RunRef,
     SessionKey,
     SessionStatus,
     SessionWrite,
-    Snapshot,
     StoredSession,
     specs_from_list,
-    specs_to_list,
+    unchecked,
 )
 from persistence.errors import translate_errors
 from persistence.models import KEY_COLUMNS, runs, sessions
@@ -146,8 +145,8 @@ def _to_row(session: StoredSession, now: datetime) -> dict[str, Any]:
     row |= {
         "status": session.status.value,
         "version": session.version,
-        "snapshot": snapshot_bytes(data.snapshot),
-        "layer_specs": json.dumps(specs_to_list(data.layer_specs), separators=(",", ":")),
+        "snapshot": session.snapshot_raw or encode("snapshot", data.snapshot),
+        "layer_specs": msgspec.json.encode(data.layer_specs).decode(),
         "closed_by": session.closed_by.value if session.closed_by else None,
         "cleanup_error": session.cleanup_error,
         "lineage": session.lineage,
@@ -160,9 +159,11 @@ def _to_row(session: StoredSession, now: datetime) -> dict[str, Any]:
 
 def _from_row(row: RowMapping) -> StoredSession:
     """The one place a row becomes a record; a row in Postgres is by definition flushed."""
-    data = SessionWrite(
-        snapshot=Snapshot.from_dict(unpack(row["snapshot"])),
+    data = unchecked(
+        SessionWrite,
+        snapshot=decode_snapshot(row["snapshot"]),
         layer_specs=specs_from_list(row["layer_specs"]),
+        snapshot_from_wire=True,
         **{name: row[name] for name in _DATA_TEXT_COLUMNS},
     )
     return StoredSession(
@@ -177,6 +178,7 @@ def _from_row(row: RowMapping) -> StoredSession:
         closed_by=ClosedBy(row["closed_by"]) if row["closed_by"] else None,
         cleanup_error=row["cleanup_error"],
         lineage=row["lineage"],
+        snapshot_raw=row["snapshot"],
     )
 
 

@@ -37,7 +37,7 @@ from typing import Self, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel
+import msgspec
 
 from cache.settings import MiB
 from cache.validate import check_id
@@ -58,6 +58,8 @@ from workers.backend_models import (
     CreateRunRequest,
     CreateRunResponse,
     RunStatusResponse,
+    decode_status,
+    encode_json,
 )
 
 __all__ = [
@@ -223,7 +225,7 @@ class AgentBackendClient:
     def _get_run(self, run_id: str, deadline: Deadline) -> RunStatusResponse:
         path = _run_path(run_id)
         answer = self._with_retries(lambda: self._send("GET", path, deadline), deadline)
-        return decode(RunStatusResponse, answer)
+        return decode(RunStatusResponse, answer, decode_status)
 
     def _with_retries(self, call: Callable[[], _T], deadline: Deadline) -> _T:
         """``call``, retried on transport errors and timeouts while the backoff fits in the
@@ -240,7 +242,7 @@ class AgentBackendClient:
         return call()
 
     def _send(
-        self, method: str, path: str, deadline: Deadline, *, body: BaseModel | None = None
+        self, method: str, path: str, deadline: Deadline, *, body: msgspec.Struct | None = None
     ) -> Answer:
         """One HTTP exchange, over by ``deadline``: the checked answer, or a typed error."""
         remaining = deadline.remaining()
@@ -249,7 +251,7 @@ class AgentBackendClient:
         request = self._http.build_request(
             method,
             path,
-            content=None if body is None else body.model_dump_json().encode(),
+            content=None if body is None else encode_json(body),
             headers={} if body is None else {"content-type": "application/json"},
             timeout=remaining,
         )

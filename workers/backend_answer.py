@@ -16,12 +16,12 @@ their status is the information, so an oversized error page is truncated, not re
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
+import msgspec
 
 from workers.backend_errors import (
     BackendHTTPError,
@@ -31,10 +31,11 @@ from workers.backend_errors import (
     BackendValidationError,
 )
 from workers.backend_http import Deadline
+from workers.backend_models import decode_json
 
 __all__ = ["ERROR_BODY_BYTES", "Answer", "decode", "raise_for_status", "read_answer"]
 
-_M = TypeVar("_M", bound=BaseModel)
+_M = TypeVar("_M", bound=msgspec.Struct)
 
 ERROR_BODY_BYTES = 64 * 1024
 """How much of a non-2xx body is kept for the error's ``detail``."""
@@ -164,11 +165,14 @@ def _preview(content: bytes) -> str:
     return text if len(content) <= _PREVIEW_CHARS else f"{text}... ({len(content)} bytes)"
 
 
-def decode(model: type[_M], answer: Answer) -> _M:
-    """``answer`` as ``model``; :class:`BackendValidationError` if it is not one."""
+def decode(model: type[_M], answer: Answer, decoder: Callable[[bytes], _M] | None = None) -> _M:
+    """``answer`` as ``model`` (through ``decoder`` if given); :class:`BackendValidationError`
+    if it is not one, including JSON nested past the interpreter's recursion limit."""
     try:
-        return model.model_validate_json(answer.content)
-    except ValidationError as exc:
+        if decoder is not None:
+            return decoder(answer.content)
+        return decode_json(model, answer.content)
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise BackendValidationError(
             f"agent backend answer is not a valid {model.__name__}: {exc}",
             status_code=answer.status_code,

@@ -1,26 +1,29 @@
-"""Agent-backend HTTP protocol models (pydantic v2), mirroring dify-agent's DTOs.
+"""Agent-backend HTTP protocol types (msgspec), mirroring dify-agent's DTOs.
 
-Every model forbids unknown fields, like the real backend: a field added on one side must be
-deployed to the consumer first. The converters at the bottom translate between these wire
-models and the domain records of :mod:`cache.records`; a round trip is exact.
+The snapshot and layer types ARE the stored records of :mod:`cache.records`: the wire's
+``CompositorSessionSnapshot`` is ``Snapshot``, ``LayerSessionSnapshot`` is ``SnapshotLayer`` and
+``RunLayerSpec`` is ``LayerSpec`` (the names below are aliases of the same types), so a snapshot
+goes from the backend's JSON to Redis to Postgres and back without a second model or a
+converter. Every type forbids unknown fields, like the real backend: a field added on one side
+must be deployed to the consumer first. :func:`decode_json` / :func:`encode_json` are the one
+place JSON meets these types.
 
 One deliberate extension: :class:`RunStatusResponse` also carries the run's outcome
 (``session_snapshot``, ``output``, ``pause_reason``, ``deferred_tool_call``). The real backend
 delivers those only in its terminal run event (SSE / events endpoint); carrying them in the
 status lets a client that only polls ``GET /runs/{id}`` finish an Agent node. All four fields are
-optional, so a status without them still validates.
+optional, so a status without them still decodes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+import msgspec
 
-from cache.errors import InvalidSnapshot
-from cache.records import LayerSpec, Snapshot
+from cache.records import LayerSpec, Snapshot, SnapshotLayer
 
 PROTOCOL_SCHEMA_VERSION = 1
 
@@ -30,8 +33,16 @@ SnapshotLifecycleState: TypeAlias = Literal["new", "suspended", "closed"]
 RunPurpose: TypeAlias = Literal[
     "workflow_node", "single_step", "agent_app", "babysit", "fasten_preview"
 ]
+JsonValue: TypeAlias = Any
 
 TERMINAL_STATUSES: frozenset[RunStatus] = frozenset({"paused", "succeeded", "failed", "cancelled"})
+
+RunLayerSpec: TypeAlias = LayerSpec
+"""One layer of a composition: provider type, dependencies and per-run config."""
+CompositorSessionSnapshot: TypeAlias = Snapshot
+"""Every layer's state between runs; layer names must equal the composition's, in order."""
+LayerSessionSnapshot: TypeAlias = SnapshotLayer
+"""One layer's lifecycle and runtime state between runs (``active`` never leaves a run)."""
 
 
 def is_terminal(status: RunStatus) -> bool:
@@ -39,77 +50,49 @@ def is_terminal(status: RunStatus) -> bool:
     return status in TERMINAL_STATUSES
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A protocol type: unknown fields refused, like the real backend."""
 
 
-class RunLayerSpec(_Model):
-    """One layer of a composition: provider type, dependencies and per-run config."""
-
-    name: str
-    type: str
-    deps: dict[str, str] = Field(default_factory=dict)
-    metadata: dict[str, JsonValue] = Field(default_factory=dict)
-    config: JsonValue = None
-
-
-class RunComposition(_Model):
+class RunComposition(_Wire, frozen=True):
     """The layer graph of one run, in compositor order."""
 
+    layers: list[LayerSpec]
     schema_version: int = PROTOCOL_SCHEMA_VERSION
-    layers: list[RunLayerSpec]
 
     def layer_names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
 
 
-class LayerSessionSnapshot(_Model):
-    """One layer's lifecycle and runtime state between runs (``active`` never leaves a run)."""
-
-    name: str
-    lifecycle_state: SnapshotLifecycleState
-    runtime_state: dict[str, JsonValue]
-
-
-class CompositorSessionSnapshot(_Model):
-    """Every layer's state between runs; layer names must equal the composition's, in order."""
-
-    schema_version: int = PROTOCOL_SCHEMA_VERSION
-    layers: list[LayerSessionSnapshot]
-
-    def layer_names(self) -> tuple[str, ...]:
-        return tuple(layer.name for layer in self.layers)
-
-
-class LayerExitSignals(_Model):
+class LayerExitSignals(_Wire, frozen=True):
     """What each layer does when the run exits: keep its state (suspend) or drop it (delete)."""
 
     default: ExitIntent = "suspend"
-    layers: dict[str, ExitIntent] = Field(default_factory=dict)
+    layers: dict[str, ExitIntent] = msgspec.field(default_factory=dict)
 
     def intent_for(self, layer_name: str) -> ExitIntent:
         return self.layers.get(layer_name, self.default)
 
 
-class CreateRunRequest(_Model):
+class CreateRunRequest(_Wire, frozen=True):
     """Body of ``POST /runs``."""
 
     composition: RunComposition
     purpose: RunPurpose = "workflow_node"
     idempotency_key: str | None = None
-    metadata: dict[str, JsonValue] = Field(default_factory=dict)
-    session_snapshot: CompositorSessionSnapshot | None = None
-    on_exit: LayerExitSignals = Field(default_factory=LayerExitSignals)
+    metadata: dict[str, JsonValue] = msgspec.field(default_factory=dict)
+    session_snapshot: Snapshot | None = None
+    on_exit: LayerExitSignals = msgspec.field(default_factory=LayerExitSignals)
 
 
-class CreateRunResponse(_Model):
+class CreateRunResponse(_Wire, frozen=True):
     """Answer of ``POST /runs``: the run was accepted (validation happens later, in the run)."""
 
     run_id: str
     status: RunStatus
 
 
-class RunStatusResponse(_Model):
+class RunStatusResponse(_Wire, frozen=True):
     """Answer of ``GET /runs/{id}``, extended with the outcome (see the module docstring)."""
 
     run_id: str
@@ -117,7 +100,7 @@ class RunStatusResponse(_Model):
     created_at: datetime
     updated_at: datetime
     error: str | None = None
-    session_snapshot: CompositorSessionSnapshot | None = None
+    session_snapshot: Snapshot | None = None
     output: JsonValue = None
     pause_reason: str | None = None
     deferred_tool_call: dict[str, JsonValue] | None = None
@@ -127,49 +110,49 @@ class RunStatusResponse(_Model):
         return is_terminal(self.status)
 
 
-class CancelRunRequest(_Model):
+class WireRunStatus(RunStatusResponse, frozen=True):
+    """A status :func:`decode_status` decoded from the backend's JSON. JSON gives its snapshot
+    JSON types, string keys, finite numbers and valid text, so saving it checks only the
+    nesting (``cache.codec.check_snapshot(..., from_wire=True)``). Statuses built in Python are
+    :class:`RunStatusResponse`; their snapshot is checked value by value when it is saved."""
+
+
+class CancelRunRequest(_Wire, frozen=True):
     """Body of ``POST /runs/{id}/cancel``."""
 
     reason: str | None = None
     message: str | None = None
 
 
-class CancelRunResponse(_Model):
+class CancelRunResponse(_Wire, frozen=True):
     """Answer of ``POST /runs/{id}/cancel``: the cancellation intent was recorded."""
 
     run_id: str
     status: RunStatus
 
 
-# ----------------------------------------------------------------------------- converters
+_M = TypeVar("_M", bound=msgspec.Struct)
+_DECODERS: Final[dict[type[Any], msgspec.json.Decoder[Any]]] = {}
+_ENCODER: Final = msgspec.json.Encoder()
 
 
-def snapshot_to_protocol(snapshot: Snapshot) -> CompositorSessionSnapshot:
-    """The wire form of a stored snapshot; :class:`InvalidSnapshot` if a state is not JSON."""
-    try:
-        return CompositorSessionSnapshot.model_validate(snapshot.to_dict())
-    except ValidationError as exc:
-        raise InvalidSnapshot(f"snapshot is not valid protocol JSON: {exc}") from exc
+def decode_json(kind: type[_M], data: bytes | str) -> _M:
+    """``data`` as ``kind``; ``msgspec.DecodeError`` (``ValidationError``) if it is not one."""
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        decoder = _DECODERS[kind] = msgspec.json.Decoder(kind)
+    return decoder.decode(data)  # type: ignore[no-any-return]
 
 
-def snapshot_from_protocol(snapshot: CompositorSessionSnapshot) -> Snapshot:
-    """The domain record of a wire snapshot (:class:`InvalidSnapshot` on duplicate names)."""
-    return Snapshot.from_dict(snapshot.model_dump(mode="python"))
+def encode_json(value: object) -> bytes:
+    return _ENCODER.encode(value)
 
 
-def spec_to_protocol(spec: LayerSpec) -> RunLayerSpec:
-    """The wire form of a stored layer spec; :class:`InvalidSnapshot` if config is not JSON."""
-    try:
-        return RunLayerSpec.model_validate(spec.to_dict())
-    except ValidationError as exc:
-        raise InvalidSnapshot(f"layer spec {spec.name!r} is not valid protocol JSON") from exc
-
-
-def spec_from_protocol(spec: RunLayerSpec) -> LayerSpec:
-    """The domain record of a wire layer spec."""
-    return LayerSpec.from_dict(spec.model_dump(mode="python"))
+def decode_status(data: bytes) -> WireRunStatus:
+    """A ``GET /runs/{id}`` answer, marked as decoded from JSON (see :class:`WireRunStatus`)."""
+    return decode_json(WireRunStatus, data)
 
 
 def composition_from_specs(specs: Sequence[LayerSpec]) -> RunComposition:
     """A composition that replays stored specs in order (what a cleanup run sends)."""
-    return RunComposition(layers=[spec_to_protocol(spec) for spec in specs])
+    return RunComposition(layers=list(specs))

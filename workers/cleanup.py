@@ -38,7 +38,6 @@ from workers.backend_models import (
     LayerExitSignals,
     RunStatusResponse,
     composition_from_specs,
-    snapshot_to_protocol,
 )
 from workers.queues import claim_marker, translate_queue_errors
 from workers.readthrough import load_through
@@ -87,7 +86,7 @@ def cleanup_request(session: StoredSession, attempt: int = 0) -> CreateRunReques
         composition=composition_from_specs(session.layer_specs),
         purpose="workflow_node",
         idempotency_key=cleanup_idempotency_key(key, attempt),
-        session_snapshot=snapshot_to_protocol(session.snapshot.aligned_to(names)),
+        session_snapshot=session.snapshot.aligned_to(names),
         on_exit=LayerExitSignals(default="delete"),
         metadata={
             "tenant_id": key.tenant_id,

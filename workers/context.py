@@ -49,7 +49,7 @@ class WorkerContext:
     def close(self) -> None:
         """Release the Redis connections and the Postgres pool."""
         self.repo.engine.dispose()
-        self.cache.client.close()
+        self.cache.close()
         self.queue_redis.close()
         if self.backend is not None:
             self.backend.close()

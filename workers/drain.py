@@ -1,7 +1,9 @@
 """Draining: flush every dirty session now, in this process, until nothing is dirty.
 
 For deploys and shutdown (``agent-sessions flush --wait``). It ignores ``flush_delay_ms`` and
-takes each shard's flush lock, so it cooperates with running workers.
+takes each shard's flush lock, so it cooperates with running workers. A save the flush had to
+refuse because its run ended is not left for the reconciler: the drain reconciles that run
+itself, so that it ends with nothing dirty.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cache.records import RunRef
 from workers.context import WorkerContext
 from workers.flush import flush_shard
+from workers.reconcile import reconcile_run
 
 DRAIN_LOCK_WAIT_S = 5.0
 IDLE_PASS_PAUSE_S = 0.1
@@ -70,8 +74,17 @@ def _flush_all_now(ctx: WorkerContext, shard: int, report: DrainReport) -> None:
     )
     report.written += result.written
     report.poisoned += len(result.poisoned)
+    for run in {_run_of(ctx, name) for name in result.run_ended}:
+        end = ctx.repo.run_end(run)
+        if end is not None:
+            reconcile_run(ctx, run, end.outcome)
     ctx.cache.count(
         rows_flushed=result.written,
         rows_poisoned=len(result.poisoned),
         flushes=int(result.locked),
     )
+
+
+def _run_of(ctx: WorkerContext, name: str) -> RunRef:
+    key = ctx.cache.keys.parse_session(name)
+    return RunRef(key.tenant_id, key.workflow_run_id)

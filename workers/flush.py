@@ -195,7 +195,7 @@ class _ShardFlush:
     def run(self, names: list[str]) -> None:
         sessions: list[Named] = []
         acks: list[tuple[str, int]] = []
-        for name, item in zip(names, self.cache.read_many(names, lazy=True), strict=True):
+        for name, item in zip(names, self.cache.read_many(names), strict=True):
             if item is None:
                 acks.append((name, 0))  # gone (expired or deleted): nothing to write
             elif isinstance(item, CorruptValue):
@@ -256,15 +256,17 @@ class _ShardFlush:
         return acks
 
     def stop_ended(self, keys: list[SessionKey], names: dict[SessionKey, str]) -> None:
-        """Active saves into runs that ended (Redis had lost the end): move them to
-        ``cleaning`` here, so the next flush writes that, and have the reconciler visit
-        their runs now to restore the end marker and clean them up."""
+        """Active saves into runs Postgres records as ended. If Redis lost the run's marker,
+        move them to ``cleaning`` here, so the next flush writes that; if the marker still
+        says ``open``, ``workflow_ended`` is between its two steps (or crashed there) and
+        does it. Either way the reconciler visits their runs now."""
         self.report.run_ended += [names[key] for key in keys]
         by_run: dict[RunRef, list[SessionKey]] = {}
         for key in keys:
             by_run.setdefault(RunRef(key.tenant_id, key.workflow_run_id), []).append(key)
         for run, stopped in by_run.items():
-            self.cache.begin_cleanup(run, stopped)
+            if self.cache.run_state(run).get("state") != "open":
+                self.cache.begin_cleanup(run, stopped)
         self.repo.recheck_runs(by_run)
 
     def poison(self, name: str, version: int, why: str, *, force: bool = False) -> None:

@@ -50,7 +50,7 @@ def reconcile_run(ctx: WorkerContext, run: RunRef, outcome: str) -> Reconciled:
     _fill_missing(ctx, keys)
     moved = cache.begin_cleanup(run, keys)
     names = [cache.keys.session(key) for key in keys]
-    records = cache.read_many(names, lazy=True)
+    records = cache.read_many(names)
     requested = settled = 0
     for key, name, record in zip(keys, names, records, strict=True):
         if not isinstance(record, StoredSession):

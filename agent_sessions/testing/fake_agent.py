@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, TypeAlias
 
-from pydantic import JsonValue
-
+from cache.records import LifecycleState
 from workers.backend_models import (
     CompositorSessionSnapshot,
     CreateRunRequest,
     ExitIntent,
+    JsonValue,
     LayerSessionSnapshot,
     RunComposition,
     RunStatus,
-    SnapshotLifecycleState,
 )
 
 HISTORY_LAYER_TYPE = "pydantic_ai.history"
@@ -42,9 +41,9 @@ _PLAIN_BEHAVIOURS: dict[str, BehaviourKind] = {
     "stall": "stall",
     "human_input": "human_input",
 }
-_EXIT_STATE: dict[ExitIntent, SnapshotLifecycleState] = {
-    "suspend": "suspended",
-    "delete": "closed",
+_EXIT_STATE: dict[ExitIntent, LifecycleState] = {
+    "suspend": LifecycleState.SUSPENDED,
+    "delete": LifecycleState.CLOSED,
 }
 
 
@@ -200,12 +199,12 @@ def _exited_snapshot(
 ) -> CompositorSessionSnapshot:
     names = request.composition.layer_names()
     states = _entered_states(run_id, request)
-    layers = [
+    layers = tuple(
         LayerSessionSnapshot(
             name=name, lifecycle_state=_EXIT_STATE[intent_for(name)], runtime_state=state
         )
         for name, state in zip(names, states, strict=True)
-    ]
+    )
     return CompositorSessionSnapshot(layers=layers)
 
 

@@ -51,7 +51,7 @@ from types import TracebackType
 from typing import Self, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
+import msgspec
 
 from agent_sessions.testing.fake_agent import (
     BEHAVIOUR_METADATA_KEY,
@@ -71,8 +71,11 @@ from workers.backend_models import (
     CompositorSessionSnapshot,
     CreateRunRequest,
     CreateRunResponse,
+    JsonValue,
     RunStatus,
     RunStatusResponse,
+    decode_json,
+    encode_json,
 )
 
 __all__ = [
@@ -91,7 +94,7 @@ logger = logging.getLogger(__name__)
 _KEY_RELEASING: frozenset[RunStatus] = frozenset({"failed", "cancelled"})
 _NOT_CANCELLABLE: frozenset[RunStatus] = frozenset({"succeeded", "failed", "paused"})
 
-_M = TypeVar("_M", bound=BaseModel)
+_M = TypeVar("_M", bound=msgspec.Struct)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +144,8 @@ class FakeRun:
         )
 
 
-class RunListResponse(BaseModel):
+class RunListResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Answer of ``GET /runs`` (fake only): every run, in creation order."""
-
-    model_config = ConfigDict(extra="forbid")
 
     runs: list[RunStatusResponse]
 
@@ -342,10 +343,9 @@ class _Handler(BaseHTTPRequestHandler):
         """The body parsed as ``model``, or ``None`` after answering 422."""
         body = self._read_body() or empty_body
         try:
-            return model.model_validate_json(body)
-        except ValidationError as exc:
-            detail = json.loads(exc.json(include_url=False))
-            self._reply_json(HTTPStatus.UNPROCESSABLE_ENTITY, {"detail": detail})
+            return decode_json(model, body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            self._reply_json(HTTPStatus.UNPROCESSABLE_ENTITY, {"detail": str(exc)})
             return None
 
     def _read_body(self) -> bytes:
@@ -358,8 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_found(self, detail: str) -> None:
         self._reply_json(HTTPStatus.NOT_FOUND, {"detail": detail})
 
-    def _reply_model(self, status: HTTPStatus, model: BaseModel) -> None:
-        self._reply_bytes(status, model.model_dump_json().encode())
+    def _reply_model(self, status: HTTPStatus, model: msgspec.Struct) -> None:
+        self._reply_bytes(status, encode_json(model))
 
     def _reply_json(self, status: HTTPStatus, payload: JsonValue) -> None:
         self._reply_bytes(status, json.dumps(payload).encode())

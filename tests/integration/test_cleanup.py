@@ -50,7 +50,6 @@ from workers.backend_models import (
     RunComposition,
     RunLayerSpec,
     composition_from_specs,
-    spec_to_protocol,
 )
 from workers.cleanup import (
     Cleaner,
@@ -225,7 +224,7 @@ def test_workflow_end_fans_out_and_the_worker_cleans_every_session_on_the_backen
         assert request.on_exit.default == "delete"
         assert request.purpose == "workflow_node"
         assert list(request.composition.layer_names()) == KEPT_LAYERS
-        assert request.composition.layers == [spec_to_protocol(s) for s in specs[key]]
+        assert request.composition.layers == [(s) for s in specs[key]]
         assert request.session_snapshot is not None
         assert request.session_snapshot.layer_names() == request.composition.layer_names()
         assert request.metadata["previous_agent_backend_run_id"] == last[key]

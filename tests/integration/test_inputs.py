@@ -13,20 +13,30 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
+from cache.codec import check_specs
 from cache.errors import AgentSessionsError, InvalidId, InvalidInput, InvalidSnapshot
 from cache.records import LayerSpec, LifecycleState, Scope, Snapshot, SnapshotLayer
 from cache.validate import MAX_JSON_DEPTH
 from tests import factories as f
 from tests.integration.support import make_ctx, node_composition
 from tests.servers import Database
-from workers.backend_models import CreateRunRequest, RunLayerSpec, RunStatusResponse
+from workers.backend_answer import Answer, decode
+from workers.backend_errors import BackendValidationError
+from workers.backend_models import (
+    CreateRunRequest,
+    RunComposition,
+    RunStatusResponse,
+    decode_status,
+    encode_json,
+)
 from workers.context import WorkerContext
 from workers.flush import flush_session
 
@@ -47,7 +57,7 @@ def state_snapshot(state: object) -> Snapshot:
 
 
 def spec_with(config: object = None, metadata: dict[str, Any] | None = None) -> LayerSpec:
-    return LayerSpec("history", "pydantic_ai.history", {}, metadata or {}, config)
+    return LayerSpec("history", "pydantic_ai.history", {}, metadata or {}, config)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -66,40 +76,62 @@ def written(ctx: WorkerContext) -> tuple[set[bytes], int]:
     return keys, ctx.repo.count_rows()
 
 
-def save_state(lc: SessionLifecycle, state: object) -> None:
+def save_state(lc: SessionLifecycle, state: object) -> NodeResult:
     outcome = RunOutcome("succeeded", "run-x", REQUEST, state_snapshot(state))
-    lc.finish(f.scope(), Entry(version=0), outcome)
+    return lc.finish(f.scope(), Entry(version=0), outcome)
 
 
-def backend_status(state_json: str) -> RunStatusResponse:
-    """A terminal status as the client decodes it from the backend's JSON answer."""
-    body = (
+def answer(state_json: str) -> bytes:
+    """The backend's JSON answer: a terminal status whose history layer holds ``state_json``."""
+    return (
         '{"run_id": "r1", "status": "succeeded", "created_at": "2026-01-01T00:00:00Z", '
         '"updated_at": "2026-01-01T00:00:00Z", "session_snapshot": {"layers": [{"name": '
         f'"history", "lifecycle_state": "suspended", "runtime_state": {{"v": {state_json}}}}}]}}}}'
-    )
-    return RunStatusResponse.model_validate_json(body)
+    ).encode()
 
 
-ROWS: list[tuple[str, type[AgentSessionsError], Callable[[SessionLifecycle], object]]] = [
+NUL_RUN_ID = answer("1").replace(b'"r1"', b'"r\\u0000"')
+
+
+def decoded_by_the_client(body: bytes) -> RunStatusResponse:
+    return decode(RunStatusResponse, Answer(200, body), decode_status)
+
+
+def finish_answer(lc: SessionLifecycle, body: bytes) -> NodeResult:
+    outcome = RunOutcome.from_status(REQUEST, decoded_by_the_client(body))
+    return lc.finish(f.scope(), Entry(version=0), outcome)
+
+
+def send_spec(lc: SessionLifecycle, spec: LayerSpec) -> object:
+    """Specs reach the door when a request is built with them (they go to the backend)."""
+    return lc.build_request(f.scope(), Entry(), RunComposition(layers=[spec]))
+
+
+Call = Callable[[SessionLifecycle], object]
+RAISED: list[tuple[str, type[AgentSessionsError], Call]] = [
     ("NUL in an id", InvalidId, lambda lc: lc.enter(f.scope(node="node\x00x"))),
     ("NUL in a run id", InvalidId, lambda lc: lc.workflow_ended("t", "run\x00", "succeeded")),
     ("lone surrogate in an id", InvalidId, lambda lc: lc.enter(f.scope(agent="a\ud800"))),
-    ("NaN in a spec config", InvalidSnapshot, lambda lc: spec_with(config=math.nan)),
-    ("inf in spec metadata", InvalidSnapshot, lambda lc: spec_with(metadata={"x": math.inf})),
-    ("-inf in spec config", InvalidSnapshot, lambda lc: spec_with(config=[-math.inf])),
-    ("NUL in a spec string", InvalidSnapshot, lambda lc: spec_with(config={"t": "a\x00b"})),
-    ("NUL in a spec key", InvalidSnapshot, lambda lc: spec_with(config={"a\x00": 1})),
-    ("NaN in snapshot state", InvalidSnapshot, lambda lc: save_state(lc, math.nan)),
-    ("inf in snapshot state", InvalidSnapshot, lambda lc: save_state(lc, {"x": math.inf})),
-    ("surrogate in state", InvalidSnapshot, lambda lc: save_state(lc, "x\udfff")),
-    ("surrogate in a state key", InvalidSnapshot, lambda lc: save_state(lc, {"\ud800": 1})),
-    ("nesting 256", InvalidSnapshot, lambda lc: save_state(lc, nested(256))),
-    ("nesting 999", InvalidSnapshot, lambda lc: save_state(lc, nested(999))),
-    ("nesting 100,000", InvalidSnapshot, lambda lc: save_state(lc, nested(100_000))),
-    ("an integer over 64 bits", InvalidSnapshot, lambda lc: save_state(lc, 2**64)),
-    ("a tuple in state", InvalidSnapshot, lambda lc: save_state(lc, (1, 2))),
-    ("a non-string key", InvalidSnapshot, lambda lc: save_state(lc, {1: "a"})),
+    ("NaN in a spec config", InvalidSnapshot, lambda lc: send_spec(lc, spec_with(math.nan))),
+    (
+        "inf in spec metadata",
+        InvalidSnapshot,
+        lambda lc: send_spec(lc, spec_with(metadata={"x": math.inf})),
+    ),
+    ("-inf in spec config", InvalidSnapshot, lambda lc: send_spec(lc, spec_with([-math.inf]))),
+    ("NUL in a spec string", InvalidSnapshot, lambda lc: send_spec(lc, spec_with({"t": "\x00"}))),
+    ("NUL in a spec key", InvalidSnapshot, lambda lc: send_spec(lc, spec_with({"a\x00": 1}))),
+    ("a surrogate in a spec", InvalidSnapshot, lambda lc: send_spec(lc, spec_with("\udfff"))),
+    (
+        "NaN in a backend answer",
+        BackendValidationError,
+        lambda lc: decoded_by_the_client(answer("NaN")),
+    ),
+    (
+        "nesting 5,000 in a backend answer",
+        BackendValidationError,
+        lambda lc: decoded_by_the_client(answer("[" * 5000 + "]" * 5000)),
+    ),
     (
         'expected_version="1"',
         InvalidInput,
@@ -131,26 +163,42 @@ ROWS: list[tuple[str, type[AgentSessionsError], Callable[[SessionLifecycle], obj
         lambda lc: lc.build_request(f.scope(), Entry(), node_composition(), -1),
     ),
     (
-        "NaN in request metadata",
+        "an object in request metadata",
         InvalidInput,
         lambda lc: lc.build_request(
             f.scope(), Entry(), node_composition(), metadata={"x": object()}
         ),
     ),
-    (
-        "NaN in a backend answer",
-        InvalidSnapshot,
-        lambda lc: RunOutcome.from_status(REQUEST, backend_status("NaN")),
-    ),
+]
+"""Refused by raising a typed error: the caller handed in something the contract excludes."""
+
+REPORTED: list[tuple[str, Call]] = [
+    ("NaN in snapshot state", lambda lc: save_state(lc, math.nan)),
+    ("inf in snapshot state", lambda lc: save_state(lc, {"x": math.inf})),
+    ("surrogate in state", lambda lc: save_state(lc, "x\udfff")),
+    ("surrogate in a state key", lambda lc: save_state(lc, {"\ud800": 1})),
+    ("nesting 256", lambda lc: save_state(lc, nested(256))),
+    ("nesting 999", lambda lc: save_state(lc, nested(999))),
+    ("nesting 100,000", lambda lc: save_state(lc, nested(100_000))),
+    ("an integer over 64 bits", lambda lc: save_state(lc, 2**64)),
+    ("a tuple in state", lambda lc: save_state(lc, (1, 2))),
+    ("a set in state", lambda lc: save_state(lc, {1, 2})),
+    ("a non-string key", lambda lc: save_state(lc, {1: "a"})),
     (
         "nesting 150 in a backend answer",
-        InvalidSnapshot,
-        lambda lc: RunOutcome.from_status(REQUEST, backend_status(json.dumps(nested(150)))),
+        lambda lc: finish_answer(lc, answer(json.dumps(nested(150)))),
+    ),
+    ("an integer over 64 bits in an answer", lambda lc: finish_answer(lc, answer(str(2**70)))),
+    (
+        "a NUL in a backend run id",
+        lambda lc: finish_answer(lc, answer("1").replace(b'"r1"', b'"r\\u0000"')),
     ),
 ]
+"""Refused by ``finish`` with the error in ``metadata``: what a run produced that the store
+cannot hold never breaks the node."""
 
 
-@pytest.mark.parametrize(("row", "error", "call"), ROWS, ids=[row for row, _, _ in ROWS])
+@pytest.mark.parametrize(("row", "error", "call"), RAISED, ids=[row for row, _, _ in RAISED])
 def test_bad_input_is_refused_typed_at_the_door_with_nothing_written(
     ctx: WorkerContext,
     lc: SessionLifecycle,
@@ -162,6 +210,18 @@ def test_bad_input_is_refused_typed_at_the_door_with_nothing_written(
     with pytest.raises(error) as refused:
         call(lc)
     assert isinstance(refused.value, AgentSessionsError)
+    assert written(ctx) == before
+
+
+@pytest.mark.parametrize(("row", "call"), REPORTED, ids=[row for row, _ in REPORTED])
+def test_what_a_run_produced_that_cannot_be_stored_is_reported_with_nothing_written(
+    ctx: WorkerContext, lc: SessionLifecycle, row: str, call: Call
+) -> None:
+    before = written(ctx)
+    result = call(lc)
+    assert isinstance(result, NodeResult) and result.status == "completed"
+    assert result.metadata["session_snapshot_persisted"] is False, result.metadata
+    assert result.metadata["session_store_error_type"] in ("InvalidSnapshot", "InvalidId")
     assert written(ctx) == before
 
 
@@ -201,12 +261,16 @@ DEEP = st.integers(min_value=MAX_JSON_DEPTH - 3, max_value=MAX_JSON_DEPTH + 3).m
 def round_trip(
     ctx: WorkerContext, lc: SessionLifecycle, scope: Scope, state: object, config: object
 ) -> None:
-    """Save, flush, read back from Redis and Postgres, build the next backend request."""
+    """Save, flush, read back from Redis and Postgres, build the next backend request; or,
+    if the store refuses the state, nothing written anywhere."""
     snapshot = state_snapshot(state)
-    spec = RunLayerSpec(name="history", type="pydantic_ai.history", config=config)
-    request = CreateRunRequest(composition=node_composition().model_copy(update={"layers": [spec]}))
+    spec = LayerSpec(name="history", type="pydantic_ai.history", config=config)
+    request = CreateRunRequest(composition=RunComposition(layers=[spec]))
     result = lc.finish(scope, Entry(version=0), RunOutcome("succeeded", "r", request, snapshot))
-    assert result.metadata["session_snapshot_persisted"] is True, result.metadata
+    if result.metadata["session_snapshot_persisted"] is False:
+        assert result.metadata["session_store_error_type"] == "InvalidSnapshot", result.metadata
+        assert written(ctx)[1] == 0 and not ctx.cache.client.keys("*:session:*")
+        return
     assert scope.key is not None
     assert flush_session(ctx.cache, ctx.repo, scope.key)
     row, cached = ctx.repo.get(scope.key), ctx.cache.load(scope.key).record
@@ -215,10 +279,9 @@ def round_trip(
     assert row.layer_specs[0].config == config == cached.layer_specs[0].config
     entry = lc.enter(scope)
     sent = lc.build_request(scope, entry, node_composition())
-    wire = json.loads(sent.model_dump_json())["session_snapshot"]["layers"]
-    assert [layer["runtime_state"] for layer in wire if layer["name"] == "history"] == [
-        {"v": state}
-    ]
+    wire = msgspec.json.decode(encode_json(sent))["session_snapshot"]["layers"]
+    history = [layer["runtime_state"] for layer in wire if layer["name"] == "history"]
+    assert history == [{"v": state}]
 
 
 @settings(
@@ -236,12 +299,12 @@ def test_fuzzed_ids_and_states_round_trip_exactly_or_are_refused_with_nothing_wr
         conn.execute("TRUNCATE workflow_agent_runtime_sessions, workflow_agent_runs")
     try:
         scope = f.scope(node=node)
-        state_snapshot(state)
     except InvalidInput:
         assert written(ctx) == (set(), 0)
         return
     try:  # specs are stricter than states: Postgres stores them as text (no NUL)
-        config: object = spec_with(config={"v": state}).config
+        check_specs([spec_with(config={"v": state})])
+        config: object = {"v": state}
     except InvalidSnapshot:
         config = None
     round_trip(ctx, lc, scope, state, config)

@@ -11,6 +11,7 @@ import random
 import threading
 from collections.abc import Callable
 
+import msgspec
 import psycopg
 import pytest
 import redis
@@ -42,7 +43,6 @@ from tests.integration.support import (
 )
 from tests.servers import Database, RedisServer
 from workers.backend import AgentBackendClient
-from workers.backend_models import snapshot_from_protocol, snapshot_to_protocol, spec_from_protocol
 from workers.cleanup import Cleaner
 from workers.context import WorkerContext
 from workers.drain import drain
@@ -114,15 +114,13 @@ def test_success_saves_snapshot_and_credential_free_specs_and_the_next_entry_res
 
     record = stored(ctx, KEY)
     expected_specs = tuple(
-        spec_from_protocol(layer)
-        for layer in first.request.composition.layers
-        if layer.name not in CREDENTIAL_LAYERS
+        (layer) for layer in first.request.composition.layers if layer.name not in CREDENTIAL_LAYERS
     )
     assert [spec.name for spec in record.layer_specs] == KEPT_LAYERS
     assert record.layer_specs == expected_specs
     assert "secret" not in repr(record.layer_specs)
     assert record.status is SessionStatus.ACTIVE
-    assert record.snapshot == snapshot_from_protocol(first.status.session_snapshot)  # type: ignore[arg-type]
+    assert record.snapshot == (first.status.session_snapshot)  # type: ignore[arg-type]
     assert record.data.backend_run_id == first.status.run_id
 
     second = run_node(lc, backend, at(2))
@@ -162,7 +160,7 @@ def test_build_request_threads_the_snapshot_suspends_on_exit_and_names_every_sco
     assert first.purpose == "workflow_node"
     assert first.idempotency_key == "run-1:exec-2"
     assert retry.idempotency_key == "run-1:exec-2:retry-3"
-    assert first.session_snapshot == snapshot_to_protocol(entry.snapshot)
+    assert first.session_snapshot == (entry.snapshot)
     for name in SCOPE_IDS:
         assert first.metadata[name] == getattr(scope, name), name
     assert retry.metadata["x"] == 1
@@ -283,7 +281,7 @@ def test_a_pause_saves_flushes_urgently_and_requests_a_workflow_pause(
     wait_for(lambda: ctx.repo.get(KEY) is not None, "the urgent flush of the pause", 30)
     saved = row(ctx, KEY)
     assert saved.status is SessionStatus.ACTIVE and saved.version == 2
-    assert saved.snapshot == snapshot_from_protocol(paused.status.session_snapshot)  # type: ignore[arg-type]
+    assert saved.snapshot == (paused.status.session_snapshot)  # type: ignore[arg-type]
     assert [spec.name for spec in saved.layer_specs] == KEPT_LAYERS
     assert saved.data.backend_run_id == paused.status.run_id
 
@@ -390,7 +388,7 @@ def test_redis_down_is_reported_in_the_node_metadata_never_raised(
         request = lc.build_request(
             scope, entry, node_composition(), metadata={"fake_behaviour": behaviour}
         )
-        request = request.model_copy(update={"idempotency_key": f"exec-2-{behaviour}"})
+        request = msgspec.structs.replace(request, idempotency_key=f"exec-2-{behaviour}")
         created = backend.create_run(request)
         done = backend.wait_run(created.run_id, timeout_s=10, poll_interval_s=0.01)
         outcomes[behaviour] = RunOutcome.from_status(request, done)
@@ -612,7 +610,7 @@ def test_two_concurrent_entries_of_one_session_cannot_overwrite_each_other(
         assert b.result.metadata["session_snapshot_persist_error"] == "version_conflict"
         record = stored(ctx, KEY)
         assert record.version == a.result.version
-        assert record.snapshot == snapshot_from_protocol(a.status.session_snapshot)  # type: ignore[arg-type]
+        assert record.snapshot == (a.status.session_snapshot)  # type: ignore[arg-type]
         assert record.data.backend_run_id == a.status.run_id
 
 
@@ -642,7 +640,7 @@ def test_enter_reads_through_to_postgres_after_the_redis_key_is_gone(
     entry = lc.enter(at(3))
     assert entry.resumable and entry.version == 2
     assert entry.snapshot == row(ctx, KEY).snapshot
-    assert entry.snapshot == snapshot_from_protocol(last.status.session_snapshot)  # type: ignore[arg-type]
+    assert entry.snapshot == (last.status.session_snapshot)  # type: ignore[arg-type]
     assert entry.backend_run_id == last.status.run_id
     resumed = run_node(lc, backend, at(3), entry=entry)
     assert resumed.result.version == 3 and not resumed.result.conflict

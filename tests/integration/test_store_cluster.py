@@ -172,7 +172,6 @@ def _exercise_poison_remedies(cache: RedisSessionCache, key: SessionKey) -> None
 
 
 EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
-    "load": _exercise_load,
     "save": _exercise_save,
     "retire": _exercise_retire,
     "end_run": _exercise_end_run_and_cleanup,
@@ -189,6 +188,12 @@ EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "take_lock": _exercise_locks,
     "release_lock": _exercise_locks,
 }
+
+
+def test_load_works_on_every_primary(cache: RedisSessionCache) -> None:
+    """A load is two native commands of one slot, pipelined through the cluster client."""
+    for key in one_key_per_primary(cache):
+        _exercise_load(cache, key)
 
 
 def test_every_script_has_a_cluster_exercise() -> None:

@@ -1,12 +1,15 @@
-"""Protocol models: exact converter round trips, forbidden extras, small helpers."""
+"""Protocol types: one snapshot type on the wire and in the store, exact JSON round trips,
+forbidden extras, the door checks, small helpers."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+import msgspec
 import pytest
-from pydantic import BaseModel, ValidationError
 
+from cache.codec import check_snapshot, check_specs, decode_snapshot, encode
 from cache.errors import InvalidSnapshot
 from cache.records import LayerSpec, LifecycleState, Snapshot, SnapshotLayer
 from workers.backend_models import (
@@ -20,12 +23,12 @@ from workers.backend_models import (
     RunComposition,
     RunLayerSpec,
     RunStatusResponse,
+    WireRunStatus,
     composition_from_specs,
+    decode_json,
+    decode_status,
+    encode_json,
     is_terminal,
-    snapshot_from_protocol,
-    snapshot_to_protocol,
-    spec_from_protocol,
-    spec_to_protocol,
 )
 
 RICH_STATE = {
@@ -63,76 +66,72 @@ SPECS = [
 ]
 
 
+def test_the_wire_types_are_the_stored_types() -> None:
+    """One type end to end: no second model, no converter."""
+    assert CompositorSessionSnapshot is Snapshot
+    assert LayerSessionSnapshot is SnapshotLayer
+    assert RunLayerSpec is LayerSpec
+
+
 @pytest.mark.parametrize("schema_version", [1, 2])
-def test_snapshot_round_trip_is_exact(schema_version: int) -> None:
+def test_snapshot_round_trips_through_json_and_msgpack_exactly(schema_version: int) -> None:
     snapshot = make_snapshot(schema_version)
-    wire = snapshot_to_protocol(snapshot)
-    assert wire.schema_version == schema_version
-    assert wire.layer_names() == snapshot.layer_names()
-    assert [layer.lifecycle_state for layer in wire.layers] == ["new", "suspended", "closed"]
-    back = snapshot_from_protocol(wire)
-    assert back == snapshot
-    assert type(back.layers[2].lifecycle_state) is LifecycleState
-    assert back.layers[1].runtime_state["bool"] is True
-    assert back.layers[1].runtime_state["int"] == 2**53 + 1
-
-
-def test_snapshot_round_trip_through_json_is_exact() -> None:
-    wire = snapshot_to_protocol(make_snapshot())
-    reparsed = CompositorSessionSnapshot.model_validate_json(wire.model_dump_json())
-    assert reparsed == wire
-    assert snapshot_from_protocol(reparsed) == make_snapshot()
-    assert snapshot_to_protocol(snapshot_from_protocol(wire)) == wire
+    via_json = decode_json(Snapshot, encode_json(snapshot))
+    via_msgpack = decode_snapshot(encode("snapshot", snapshot))
+    assert via_json == via_msgpack == snapshot
+    assert type(via_json.layers[2].lifecycle_state) is LifecycleState
+    assert via_json.layers[1].runtime_state["bool"] is True
+    assert via_json.layers[1].runtime_state["int"] == 2**53 + 1
+    wire = msgspec.json.decode(encode_json(snapshot))
+    assert [layer["lifecycle_state"] for layer in wire["layers"]] == ["new", "suspended", "closed"]
 
 
 def test_empty_snapshot_round_trips() -> None:
     empty = Snapshot(layers=())
-    assert snapshot_from_protocol(snapshot_to_protocol(empty)) == empty
+    assert decode_json(Snapshot, encode_json(empty)) == empty
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
 def test_spec_round_trip_is_exact(spec: LayerSpec) -> None:
-    wire = spec_to_protocol(spec)
-    assert wire.model_dump() == spec.to_dict()
-    assert spec_from_protocol(wire) == spec
-    assert spec_from_protocol(RunLayerSpec.model_validate_json(wire.model_dump_json())) == spec
+    assert decode_json(LayerSpec, encode_json(spec)) == spec
+    assert LayerSpec.from_dict(spec.to_dict()) == spec
 
 
 def test_composition_from_specs_keeps_order() -> None:
     composition = composition_from_specs(SPECS)
     assert composition.layer_names() == tuple(spec.name for spec in SPECS)
-    assert [spec_from_protocol(layer) for layer in composition.layers] == SPECS
+    assert composition.layers == SPECS
 
 
-def test_non_json_runtime_state_is_refused_before_it_reaches_the_wire() -> None:
+def test_non_json_runtime_state_is_refused_at_the_door() -> None:
+    bad = Snapshot(layers=(SnapshotLayer("h", LifecycleState.NEW, {"x": object()}),))
     with pytest.raises(InvalidSnapshot):
-        Snapshot(layers=(SnapshotLayer("h", LifecycleState.NEW, {"x": object()}),))
+        check_snapshot(bad, b"")
 
 
-def test_non_json_spec_config_is_refused_before_it_reaches_the_wire() -> None:
+def test_non_json_spec_config_is_refused_at_the_door() -> None:
     with pytest.raises(InvalidSnapshot):
-        LayerSpec("x", "plain.prompt", config={1, 2})
+        check_specs([LayerSpec("x", "plain.prompt", config={1, 2})])
 
 
-def test_duplicate_wire_layer_names_are_invalid_snapshot() -> None:
-    layer = LayerSessionSnapshot(name="h", lifecycle_state="new", runtime_state={})
-    with pytest.raises(InvalidSnapshot):
-        snapshot_from_protocol(CompositorSessionSnapshot(layers=[layer, layer]))
+def test_duplicate_layer_names_are_refused_at_the_door() -> None:
+    layer = SnapshotLayer(name="h", lifecycle_state=LifecycleState.NEW, runtime_state={})
+    with pytest.raises(InvalidSnapshot, match="unique"):
+        check_snapshot(Snapshot(layers=(layer, layer)), b"")
 
 
-def test_active_lifecycle_state_is_rejected() -> None:
-    with pytest.raises(ValidationError):
-        LayerSessionSnapshot.model_validate(
-            {"name": "h", "lifecycle_state": "active", "runtime_state": {}}
-        )
+def test_active_lifecycle_state_is_rejected_by_the_decoder() -> None:
+    body = b'{"name": "h", "lifecycle_state": "active", "runtime_state": {}}'
+    with pytest.raises(msgspec.ValidationError):
+        decode_json(SnapshotLayer, body)
 
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
-VALID: list[tuple[type[BaseModel], dict[str, object]]] = [
-    (RunLayerSpec, {"name": "a", "type": "t"}),
+VALID: list[tuple[type[msgspec.Struct], dict[str, Any]]] = [
+    (LayerSpec, {"name": "a", "type": "t"}),
     (RunComposition, {"layers": []}),
-    (LayerSessionSnapshot, {"name": "a", "lifecycle_state": "new", "runtime_state": {}}),
-    (CompositorSessionSnapshot, {"layers": []}),
+    (SnapshotLayer, {"name": "a", "lifecycle_state": "new", "runtime_state": {}}),
+    (Snapshot, {"layers": []}),
     (LayerExitSignals, {}),
     (CreateRunRequest, {"composition": {"layers": []}}),
     (CreateRunResponse, {"run_id": "r", "status": "running"}),
@@ -143,16 +142,16 @@ VALID: list[tuple[type[BaseModel], dict[str, object]]] = [
 
 
 @pytest.mark.parametrize(("model", "data"), VALID, ids=lambda v: getattr(v, "__name__", ""))
-def test_extra_fields_are_rejected(model: type[BaseModel], data: dict[str, object]) -> None:
-    model.model_validate(data)
-    with pytest.raises(ValidationError, match="extra"):
-        model.model_validate({**data, "surprise": 1})
+def test_extra_fields_are_rejected(model: type[msgspec.Struct], data: dict[str, Any]) -> None:
+    decode_json(model, msgspec.json.encode(data))
+    with pytest.raises(msgspec.ValidationError, match="surprise"):
+        decode_json(model, msgspec.json.encode({**data, "surprise": 1}))
 
 
 def test_nested_extra_fields_are_rejected() -> None:
-    body = {"composition": {"layers": [{"name": "a", "type": "t", "secret": "x"}]}}
-    with pytest.raises(ValidationError):
-        CreateRunRequest.model_validate(body)
+    body = b'{"composition": {"layers": [{"name": "a", "type": "t", "secret": "x"}]}}'
+    with pytest.raises(msgspec.ValidationError):
+        decode_json(CreateRunRequest, body)
 
 
 def test_create_run_request_defaults() -> None:
@@ -167,12 +166,34 @@ def test_exit_intent_per_layer_overrides_default() -> None:
     signals = LayerExitSignals(default="delete", layers={"history": "suspend"})
     assert signals.intent_for("history") == "suspend"
     assert signals.intent_for("llm") == "delete"
-    with pytest.raises(ValidationError):
-        LayerExitSignals.model_validate({"default": "keep"})
+    with pytest.raises(msgspec.ValidationError):
+        decode_json(LayerExitSignals, b'{"default": "keep"}')
 
 
 def test_terminal_statuses() -> None:
     assert not is_terminal("running")
     assert all(is_terminal(s) for s in ("paused", "succeeded", "failed", "cancelled"))
-    with pytest.raises(ValidationError):
-        CreateRunResponse.model_validate({"run_id": "r", "status": "done"})
+    with pytest.raises(msgspec.ValidationError):
+        decode_json(CreateRunResponse, b'{"run_id": "r", "status": "done"}')
+
+
+def test_a_status_decoded_from_json_is_marked_as_such() -> None:
+    """The mark that lets a save skip the value walk: only decode_status gives it."""
+    status = RunStatusResponse(
+        run_id="r",
+        status="succeeded",
+        created_at=NOW,
+        updated_at=NOW,
+        session_snapshot=make_snapshot(),
+    )
+    decoded = decode_status(encode_json(status))
+    assert type(decoded) is WireRunStatus
+    assert msgspec.structs.asdict(decoded) == msgspec.structs.asdict(status)
+    assert type(status) is RunStatusResponse
+
+
+@pytest.mark.parametrize("body", [b'{"v": NaN}', b'{"v": 1e999}', b'{"v": "\\ud800"}'])
+def test_json_can_not_carry_what_the_store_refuses(body: bytes) -> None:
+    """Why a snapshot decoded from JSON needs only its nesting checked."""
+    with pytest.raises(msgspec.DecodeError):
+        decode_json(dict[str, Any], body)

@@ -228,21 +228,8 @@ def test_bad_or_missing_field_raises_corrupt_value_naming_it(
     assert (info.value.key, info.value.field) == (NAME, field)
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("app_id", b"x" * 256), ("backend_run_id", b"y" * 300), ("pending_form_id", b"z" * 256)],
-)
-def test_stored_id_that_is_not_a_valid_id_raises_corrupt_value(field: str, value: bytes) -> None:
-    """An over-long ID in Redis is a corrupt value, not the caller's InvalidId (bug 3)."""
-    with pytest.raises(CorruptValue) as info:
-        Codec().decode_session(NAME, KEY, _stored_raw(**{field: value}))
-    assert (info.value.key, info.value.field) == (NAME, field)
-
-
-def test_a_lazily_decoded_snapshot_keeps_its_bytes_and_decodes_only_when_read() -> None:
-    """The flush's lazy decode writes the stored bytes unchanged; reading still works."""
-    from cache.codec import EncodedSnapshot, snapshot_bytes
-
+def test_a_decoded_session_keeps_the_stored_snapshot_bytes_for_postgres() -> None:
+    """The flush writes the stored bytes to Postgres unchanged; the record is decoded too."""
     codec = Codec()
     write = f.session_write(f.snapshot("prompt", "history", state={"n": [1, 2.5, "x"]}))
     fields = codec.write_fields(write)
@@ -252,17 +239,15 @@ def test_a_lazily_decoded_snapshot_keeps_its_bytes_and_decodes_only_when_read() 
         if v != ""
     }
     raw |= {b"status": b"active", b"version": b"1"}
-    key = f.session_key()
-    lazy = codec.decode_session("k", key, raw, lazy=True)
-    assert isinstance(lazy.snapshot, EncodedSnapshot)
-    assert snapshot_bytes(lazy.snapshot) == raw[b"snapshot"]
-    assert lazy.snapshot == write.snapshot and write.snapshot == lazy.snapshot
-    assert lazy.snapshot.layer_names() == ("prompt", "history")
+    stored = codec.decode_session("k", f.session_key(), raw)
+    assert stored.snapshot_raw == raw[b"snapshot"]
+    assert stored.snapshot == write.snapshot
+    assert stored.snapshot.layer_names() == ("prompt", "history")
 
 
 @pytest.mark.parametrize("bad", [b"\xc1 not msgpack", b"\x91\x01", b"\x81\xa1a\x01\x00"])
-def test_a_lazy_decode_still_refuses_malformed_or_foreign_snapshot_bytes(bad: bytes) -> None:
-    """Corrupt, non-map or trailing-garbage bytes raise CorruptValue even when lazy."""
+def test_malformed_or_foreign_snapshot_bytes_are_a_corrupt_value(bad: bytes) -> None:
+    """Corrupt, non-map or trailing-garbage bytes raise CorruptValue naming the field."""
     codec = Codec()
     fields = codec.write_fields(f.session_write())
     raw = {
@@ -272,4 +257,4 @@ def test_a_lazy_decode_still_refuses_malformed_or_foreign_snapshot_bytes(bad: by
     }
     raw |= {b"status": b"active", b"version": b"1", b"snapshot": bad}
     with pytest.raises(CorruptValue, match="snapshot"):
-        codec.decode_session("k", f.session_key(), raw, lazy=True)
+        codec.decode_session("k", f.session_key(), raw)

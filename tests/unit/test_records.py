@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from cache.codec import Codec, check_specs, decode_snapshot
 from cache.errors import InvalidId, InvalidSnapshot
 from cache.records import (
     LayerSpec,
@@ -117,31 +118,37 @@ def test_session_write_validates_ids_and_record_types() -> None:
         )
 
 
-# --- snapshot --------------------------------------------------------------------------
+# --- snapshot: the shape is the type's, the values are checked at the door (the codec) ----
+
+
+def stored(snapshot: Snapshot) -> bytes:
+    """What a save does first: encode the snapshot and check it (``InvalidSnapshot``)."""
+    return Codec().encode_snapshot(snapshot)
 
 
 @pytest.mark.parametrize("state", ["new", "suspended", "closed"])
 def test_layer_accepts_the_three_lifecycle_states(state: str) -> None:
-    layer = SnapshotLayer("history", state)  # type: ignore[arg-type]
-    assert layer.lifecycle_state is LifecycleState(state)
+    stored(Snapshot((SnapshotLayer("history", LifecycleState(state)),)))
+    layer = decode_snapshot(stored(Snapshot((SnapshotLayer("history", LifecycleState(state)),))))
+    assert layer.layers[0].lifecycle_state is LifecycleState(state)
 
 
 @pytest.mark.parametrize("state", ["active", "", "SUSPENDED", None, 1, {}])
 def test_layer_rejects_other_lifecycle_states(state: Any) -> None:
     with pytest.raises(InvalidSnapshot, match="lifecycle_state"):
-        SnapshotLayer("history", state)
+        stored(Snapshot((SnapshotLayer("history", state),)))
 
 
-@pytest.mark.parametrize("name", ["", None, 3])
-def test_layer_needs_a_non_empty_string_name(name: Any) -> None:
+@pytest.mark.parametrize("name", ["", None, 3, "a\x00b"])
+def test_layer_needs_a_non_empty_storable_string_name(name: Any) -> None:
     with pytest.raises(InvalidSnapshot):
-        SnapshotLayer(name, LifecycleState.NEW)
+        stored(Snapshot((SnapshotLayer(name, LifecycleState.NEW),)))
 
 
 @pytest.mark.parametrize("runtime_state", [[], "text", None, {1: "int key"}])
 def test_layer_runtime_state_must_be_an_object_with_string_keys(runtime_state: Any) -> None:
     with pytest.raises(InvalidSnapshot, match="runtime_state"):
-        SnapshotLayer("history", LifecycleState.NEW, runtime_state)
+        stored(Snapshot((SnapshotLayer("history", LifecycleState.NEW, runtime_state),)))
 
 
 @pytest.mark.parametrize(
@@ -151,30 +158,32 @@ def test_layer_runtime_state_must_be_an_object_with_string_keys(runtime_state: A
         {"value": {1, 2}},
         {"value": 2**70},
         {"value": object()},
+        {"value": (1, 2)},
+        {"value": b"bytes"},
     ],
-    ids=["nested-int-key", "set", "int-over-64-bits", "object"],
+    ids=["nested-int-key", "set", "int-over-64-bits", "object", "tuple", "bytes"],
 )
 def test_layer_runtime_state_must_be_json_all_the_way_down(runtime_state: Any) -> None:
     """A value that is not JSON would be saved but could never be decoded again (bug 1)."""
     with pytest.raises(InvalidSnapshot):
-        SnapshotLayer("history", LifecycleState.NEW, runtime_state)
+        stored(Snapshot((SnapshotLayer("history", LifecycleState.NEW, runtime_state),)))
 
 
 def test_snapshot_rejects_duplicate_layer_names() -> None:
     with pytest.raises(InvalidSnapshot, match="unique"):
-        f.snapshot("history", "memory", "history")
+        stored(f.snapshot("history", "memory", "history"))
 
 
 @pytest.mark.parametrize("version", [0, -1, True, "1", 1.0])
 def test_snapshot_schema_version_must_be_a_positive_int(version: Any) -> None:
     with pytest.raises(InvalidSnapshot, match="schema_version"):
-        Snapshot(layers=(), schema_version=version)
+        stored(Snapshot(layers=(), schema_version=version))
 
 
-def test_snapshot_from_dict_round_trips_and_defaults() -> None:
+def test_snapshot_from_dict_round_trips() -> None:
     snap = f.snapshot("a", "b", state={"k": [1, 2.5, None, "é"]})
     assert Snapshot.from_dict(snap.to_dict()) == snap
-    assert Snapshot.from_dict({}) == Snapshot(layers=())
+    assert Snapshot.from_dict({"layers": []}) == Snapshot(layers=())
 
 
 @pytest.mark.parametrize(
@@ -188,6 +197,7 @@ def test_snapshot_from_dict_round_trips_and_defaults() -> None:
         {"layers": [{"name": "a"}]},
         ["not", "an", "object"],
         {1: "x"},
+        {},
     ],
     ids=[
         "unknown-snapshot-field",
@@ -198,6 +208,7 @@ def test_snapshot_from_dict_round_trips_and_defaults() -> None:
         "layer-without-state",
         "snapshot-not-an-object",
         "non-string-key",
+        "no-layers",
     ],
 )
 def test_snapshot_from_dict_rejects_malformed_input(data: Any) -> None:
@@ -214,7 +225,6 @@ def test_layer_spec_round_trips_through_dicts() -> None:
     "data",
     [
         {"name": "a", "type": "t", "secret": "x"},
-        {"name": "", "type": "t"},
         {"name": "a"},
         {"name": "a", "type": "t", "deps": {"x": 1}},
         {"name": "a", "type": "t", "deps": ["x"]},
@@ -223,7 +233,6 @@ def test_layer_spec_round_trips_through_dicts() -> None:
     ],
     ids=[
         "unknown-field",
-        "empty-name",
         "missing-type",
         "dep-not-a-name",
         "deps-not-an-object",
@@ -246,3 +255,19 @@ def test_stored_session_dirty_means_version_ahead_of_flushed() -> None:
     assert f.stored_session(key, version=3, flushed_version=2).dirty
     assert not f.stored_session(key, version=3).dirty
     assert f.stored_session(key, status=SessionStatus.CLEANED).status is SessionStatus.CLEANED
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LayerSpec("", "t"),
+        LayerSpec("a", ""),
+        LayerSpec("a", "t", deps={"x": ""}),
+        LayerSpec("a", "t", config={"t": "nul\x00"}),
+        LayerSpec("a", "t", metadata={"f": float("inf")}),
+    ],
+    ids=["empty-name", "empty-type", "dep-not-a-name", "nul", "inf"],
+)
+def test_layer_specs_are_checked_at_the_door(spec: LayerSpec) -> None:
+    with pytest.raises(InvalidSnapshot):
+        check_specs([spec])

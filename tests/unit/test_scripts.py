@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from cache import store
+from cache.codec import WRITE_FIELDS
 from cache.errors import (
     BacklogFull,
     Refused,
@@ -22,7 +23,6 @@ from cache.store import RedisSessionCache
 
 # The codes each store method accepts from its script (store.py passes these to check_code).
 ALLOWED: dict[str, frozenset[Code]] = {
-    "load": store._OK,
     "save": store._SAVE,
     "retire": store._OK_OR_NOOP,
     "end_run": store._END,
@@ -45,7 +45,6 @@ ALLOW_OOM = {
     "quarantine",
     "take_lock",
     "release_lock",
-    "load",
     "retry_poisoned",
     "drop_poisoned",
 }
@@ -267,3 +266,11 @@ def test_check_code_refusal_without_its_value_is_a_contract_error(reply: list[An
     """A refusal missing its value is malformed, not an IndexError/ValueError (bug 4)."""
     with pytest.raises(ScriptContractError):
         check_code("save", reply, ALLOWED["save"], key="k")
+
+
+def test_save_script_fields_are_the_codec_write_fields_in_order() -> None:
+    """``save`` receives bare values (ARGV[7..]) and names them with its own FIELDS list, so
+    that list and :data:`cache.codec.WRITE_FIELDS` must agree field for field."""
+    match = re.search(r"local FIELDS = \{(.*?)\}", source("save"), re.DOTALL)
+    assert match is not None
+    assert tuple(re.findall(r"'([a-z_]+)'", match.group(1))) == WRITE_FIELDS

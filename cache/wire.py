@@ -24,6 +24,10 @@ from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError
+from redis.utils import HIREDIS_AVAILABLE
+
+if HIREDIS_AVAILABLE:
+    from hiredis import pack_command
 
 Command = Sequence[Any]
 
@@ -63,7 +67,7 @@ class Wire:
     def _exchange(self, commands: Sequence[Command]) -> list[Any]:
         conn = self._connection()
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(_packed(conn, commands))
             return [self._reply(conn) for _ in commands]
         except BaseException:
             conn.disconnect()
@@ -87,3 +91,11 @@ class Wire:
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+
+def _packed(conn: Any, commands: Sequence[Command]) -> Any:
+    """One chunk of the RESP bytes of ``commands``: hiredis packs each in one C call (redis-py's packer
+    first copies every argument in a Python loop, 8 µs of a save's 26 arguments)."""
+    if not HIREDIS_AVAILABLE:
+        return conn.pack_commands(commands)
+    return [b"".join(pack_command(tuple(command)) for command in commands)]

@@ -122,8 +122,14 @@ def _restart_in_multiprocess_mode() -> None:
 @main.command()
 @click.option("--wait", "wait", is_flag=True, help="Flush here until nothing is dirty.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait may take.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 16),
+    default=None,
+    help="Flusher threads for --wait [default: ASC_FLUSH_THREADS, 2].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def flush(wait: bool, timeout: float, as_json: bool) -> None:
+def flush(wait: bool, timeout: float, threads: int | None, as_json: bool) -> None:
     """Flush dirty sessions to Postgres now.
 
     Without --wait, enqueue an urgent flush job for every shard with dirty sessions (the
@@ -133,7 +139,7 @@ def flush(wait: bool, timeout: float, as_json: bool) -> None:
     from workers.context import WorkerContext
 
     ctx = WorkerContext.from_settings(Settings())
-    result = _drain(ctx, timeout) if wait else _enqueue_all(ctx)
+    result = _drain(ctx, timeout, threads) if wait else _enqueue_all(ctx)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -142,13 +148,13 @@ def flush(wait: bool, timeout: float, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _drain(ctx: Any, timeout: float) -> dict[str, Any]:
+def _drain(ctx: Any, timeout: float, threads: int | None) -> dict[str, Any]:
     from workers.drain import drain
 
     def progress(left: int) -> None:
         click.echo(f"dirty sessions left: {left}", err=True)
 
-    report = drain(ctx, timeout_s=timeout, progress=progress)
+    report = drain(ctx, timeout_s=timeout, progress=progress, threads=threads)
     return {
         "drained": report.drained,
         "written": report.written,

@@ -63,6 +63,7 @@ _CHECKED_SPECS_KEPT: Final = 256
 E = TypeVar("E", SessionStatus, ClosedBy)
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
+_JSON_ENCODER: Final = msgspec.json.Encoder()
 _SNAPSHOT_DECODER: Final = msgspec.msgpack.Decoder(Snapshot)
 _SPECS_DECODER: Final = msgspec.msgpack.Decoder(tuple[LayerSpec, ...])
 _STATES: Final = frozenset(LifecycleState)
@@ -93,6 +94,16 @@ def decode_snapshot(data: bytes) -> Snapshot:
 
 def decode_specs(data: bytes) -> tuple[LayerSpec, ...]:
     return _SPECS_DECODER.decode(data)
+
+
+def encode_specs_json(specs: Sequence[LayerSpec]) -> str:
+    """The JSON text of a spec list (Postgres' ``layer_specs`` column)."""
+    return _JSON_ENCODER.encode(tuple(specs)).decode()
+
+
+def specs_json_of(data: bytes) -> str:
+    """The JSON text of stored spec-list msgpack (its shape checked in C on the way)."""
+    return encode_specs_json(_SPECS_DECODER.decode(data))
 
 
 # --- the door ---------------------------------------------------------------------------

@@ -35,6 +35,11 @@ def decode_id(value: str) -> str:
         raise InvalidId(f"not an encoded ID: {value!r}") from exc
 
 
+@functools.lru_cache(maxsize=65_536)
+def _parse_session(space: KeySpace, text: str) -> SessionKey:
+    return space._parse_session(text)
+
+
 class SessionNames(NamedTuple):
     """Every key name a save of one session touches."""
 
@@ -109,8 +114,11 @@ class KeySpace:
         return self.shard_of(key.tenant_id, key.workflow_run_id)
 
     def parse_session(self, name: str | bytes) -> SessionKey:
-        """The :class:`SessionKey` a session key name was built from."""
-        text = name.decode() if isinstance(name, bytes) else name
+        """The :class:`SessionKey` a session key name was built from (cached: a flush parses
+        the names of sessions it flushed before)."""
+        return _parse_session(self, name.decode() if isinstance(name, bytes) else name)
+
+    def _parse_session(self, text: str) -> SessionKey:
         head = f"{self.prefix}:{{s"
         pieces = text.split(":")
         if not text.startswith(head) or len(pieces) != 8 or pieces[2] != "session":

@@ -27,6 +27,7 @@ SCRIPT_NAMES = (
     "quarantine",
     "take_lock",
     "release_lock",
+    "begin_flush",
     "open_run",
     "settle_run",
     "note_cleanup",
@@ -66,6 +67,7 @@ class Scripts:
     quarantine: Script
     take_lock: Script
     release_lock: Script
+    begin_flush: Script
     open_run: Script
     settle_run: Script
     note_cleanup: Script

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     shards: int = Field(256, ge=1, le=16384, description="Logical shards; fixed once used.")
     flush_delay_ms: int = Field(1000, ge=0, description="Age a dirty entry reaches before flush.")
     flush_batch: int = Field(200, ge=1, le=10_000, description="Sessions per flush statement.")
+    flush_threads: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Threads a drain (agent-sessions flush --wait) flushes shards with: one "
+        "builds rows while another waits on Postgres.",
+    )
     flush_lock_ttl_s: float = Field(
         1.0,
         ge=0.2,

@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 from redis.cluster import RedisCluster
@@ -102,6 +102,19 @@ class DirtyEntry:
     since_ms: int
 
 
+class Acked(NamedTuple):
+    """What ``ack_flush`` did."""
+
+    acked: int
+    """Sessions made clean: Postgres holds their current version."""
+    still_dirty: int
+    """Sessions saved again meanwhile: they stay dirty."""
+    released: bool
+    """The flush lock was released (only when asked to)."""
+
+
+FieldsRead = tuple[SessionKey, list[bytes | None]] | CorruptValue | None
+"""One session's entry in :meth:`RedisSessionCache.read_fields`."""
 SessionRead = StoredSession | CorruptValue | None
 log = logging.getLogger(__name__)
 
@@ -242,6 +255,33 @@ class RedisSessionCache:
             return self.codec.decode_session(name, key, raw)
         except CorruptValue as exc:
             return exc
+        except InvalidInput as exc:
+            return CorruptValue(name, "<key>", str(exc))
+
+    def read_fields(self, names: Sequence[str], fields: Sequence[str]) -> list[FieldsRead]:
+        """``HMGET`` of ``fields`` of every named session hash, in one round trip: each
+        session's key and values in ``fields`` order; ``None`` for a hash that holds none
+        of them (gone); a :class:`CorruptValue` for a name or a key that is not a session's."""
+        commands = [("HMGET", name, *fields) for name in names]
+        with translate_errors("reading sessions"):
+            if self.wire is not None:
+                replies = self.wire.run(commands, retry=True)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = pipe.execute(raise_on_error=False)
+        return [self._fields(name, reply) for name, reply in zip(names, replies, strict=True)]
+
+    def _fields(self, name: str, reply: Any) -> FieldsRead:
+        if isinstance(reply, redis.ResponseError):
+            return CorruptValue(name, "<hash>", str(reply))
+        if isinstance(reply, Exception):
+            raise StoreUnavailable(f"reading {name}: {reply}") from reply
+        if not any(reply):
+            return None
+        try:
+            return self.keys.parse_session(name), reply
         except InvalidInput as exc:
             return CorruptValue(name, "<key>", str(exc))
 
@@ -429,20 +469,47 @@ class RedisSessionCache:
         code, values = check_code("mark_cleaned", reply, _OK_OR_NOOP, key=name)
         return int(values[0]) if code is Code.OK else None
 
-    def ack_flush(self, shard: int, flushed: Sequence[tuple[str, int]]) -> tuple[int, int]:
-        """Record flushed ``(key name, version)`` pairs; return ``(acked, still_dirty)``."""
-        if not flushed:
-            return 0, 0
-        keys = [self.keys.dirty(shard), self.keys.poison(shard), *(name for name, _ in flushed)]
+    def ack_flush(
+        self, shard: int, flushed: Sequence[tuple[str, int]], *, release: str = ""
+    ) -> Acked:
+        """Record flushed ``(key name, version)`` pairs; with ``release``, then give up the
+        shard's flush lock if that token still holds it (one round trip for both)."""
+        if not flushed and not release:
+            return Acked(0, 0, False)
+        keys = [self.keys.dirty(shard), self.keys.poison(shard), self.keys.flush_lock(shard)]
+        keys += [name for name, _ in flushed]
         args: list[Any] = [
             self._ms(self.settings.active_ttl_s),
             self._ms(self.settings.cleaned_ttl_s),
+            release,
             *(version for _, version in flushed),
         ]
         with translate_errors("acknowledging a flush"):
-            reply = self.scripts.ack_flush(keys=keys, args=args)
+            reply = self._call(self.scripts.ack_flush, keys, args)
         _, values = check_code("ack_flush", reply, _OK)
-        return int(values[0]), int(values[1])
+        return Acked(int(values[0]), int(values[1]), bool(values[2]))
+
+    def begin_flush(
+        self, shard: int, token: str, ttl_ms: int, *, delay_ms: int, limit: int
+    ) -> list[DirtyEntry] | None:
+        """Take the shard's flush lock for ``token`` (or extend it) and list up to ``limit``
+        entries that first became dirty at least ``delay_ms`` ago by Redis's clock, oldest
+        first; ``None`` when another holder has the lock. One round trip."""
+        keys = [self.keys.flush_lock(shard), self.keys.dirty(shard)]
+        with translate_errors("starting a flush"):
+            reply = self._call(self.scripts.begin_flush, keys, [token, ttl_ms, delay_ms, limit])
+        code, values = check_code("begin_flush", reply, _OK_OR_NOOP)
+        if code is Code.NOOP:
+            return None
+        pairs = zip(values[::2], values[1::2], strict=True)
+        return [DirtyEntry(name.decode(), int(since)) for name, since in pairs]
+
+    def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """``EVALSHA`` on this thread's pinned connection when there is one (flusher threads
+        each keep theirs), else through the client."""
+        if self.wire is not None:
+            return self.wire.evalsha(script, keys, args)
+        return script(keys=keys, args=args)
 
     def fill(self, session: StoredSession) -> bool:
         """Write a session read from Postgres if Redis has none; ``False`` if one is there."""

@@ -94,8 +94,8 @@ class Wire:
 
 
 def _packed(conn: Any, commands: Sequence[Command]) -> Any:
-    """One chunk of the RESP bytes of ``commands``: hiredis packs each in one C call (redis-py's packer
-    first copies every argument in a Python loop, 8 µs of a save's 26 arguments)."""
+    """The RESP bytes of ``commands`` as one chunk: hiredis packs each in one C call
+    (redis-py's packer first copies every argument in a Python loop, 8 µs of a save's 26)."""
     if not HIREDIS_AVAILABLE:
         return conn.pack_commands(commands)
     return [b"".join(pack_command(tuple(command)) for command in commands)]

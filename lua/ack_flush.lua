@@ -3,17 +3,22 @@
 -- allow-oom: acknowledging shrinks the backlog (and gives clean sessions a TTL).
 -- KEYS[1] shard dirty zset   <prefix>:{sNNN}:dirty
 -- KEYS[2] shard poison hash  <prefix>:{sNNN}:poison (a flushed session leaves it)
--- KEYS[3..] session hashes that were flushed  <prefix>:{sNNN}:session:...
+-- KEYS[3] shard flush lock   <prefix>:{sNNN}:flush_lock
+-- KEYS[4..] session hashes that were flushed  <prefix>:{sNNN}:session:...
 -- ARGV[1] TTL of a clean session that may be resumed or cleaned up: integer milliseconds
 -- ARGV[2] TTL of a clean, cleaned session of an ended run (run_ended=1): integer milliseconds
--- ARGV[3..] the version Postgres holds for KEYS[3..], in the same order: integers
--- returns {0, acked, still_dirty}  OK: acked = sessions made clean, still_dirty = moved on
---                                  (their first-dirty time becomes the time of this ack)
-local dirty, poison, resumable_ttl, ended_ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+-- ARGV[3] holder token of the flush lock to release afterwards, if it still holds it; ""
+--         leaves the lock alone
+-- ARGV[4..] the version Postgres holds for KEYS[4..], in the same order: integers
+-- returns {0, acked, still_dirty, released}  OK: acked = sessions made clean, still_dirty =
+--         moved on (their first-dirty time becomes the time of this ack), released = 1 if
+--         the lock was released
+local dirty, poison, lock = KEYS[1], KEYS[2], KEYS[3]
+local resumable_ttl, ended_ttl, token = ARGV[1], ARGV[2], ARGV[3]
 local acked, still_dirty = 0, 0
 local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local session, flushed = KEYS[i], tonumber(ARGV[i])
   local stored = redis.call('HMGET', session, 'version', 'flushed_version', 'status', 'run_ended')
   if not stored[1] then
@@ -39,4 +44,9 @@ for i = 3, #KEYS do
     end
   end
 end
-return {0, acked, still_dirty}
+local released = 0
+if token ~= '' and redis.call('GET', lock) == token then
+  redis.call('DEL', lock)
+  released = 1
+end
+return {0, acked, still_dirty, released}

@@ -16,8 +16,10 @@ Rows the fence kept are reported by why, so the caller can tell an already-appli
 and from a save into an ended run (leave it for the reconciler).
 docs/persistence.md has the measurements that chose this shape over multi-row VALUES.
 
-Rows become ``StoredSession`` records at one boundary (``_from_row``) and back at another
-(``_to_row``); nothing else here knows the column layout.
+Rows become ``StoredSession`` records at one boundary (``_from_row``); what is written is a
+``persistence.rows.SessionRow``, built from a record or straight from a Redis hash's bytes.
+The upsert runs on a plain autocommit psycopg connection (``persistence.direct``): one
+statement, one round trip.
 """
 
 from __future__ import annotations
@@ -28,17 +30,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import msgspec
 import psycopg
 import sqlalchemy as sa
 from psycopg.types.array import ListBinaryDumper
 from sqlalchemy.dialects.postgresql import ARRAY, INTERVAL
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
+from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import UserDefinedType
 
-from cache.clock import parse_iso
-from cache.codec import decode_snapshot, encode
+from cache.codec import decode_snapshot
 from cache.records import (
     ClosedBy,
     RunRef,
@@ -49,13 +51,12 @@ from cache.records import (
     specs_from_list,
     unchecked,
 )
+from persistence.direct import DirectConnections
 from persistence.errors import translate_errors
 from persistence.models import KEY_COLUMNS, runs, sessions
+from persistence.rows import COLUMNS, SessionRow, newest_per_key, row_of_session
 
 _CONNECT_TIMEOUT_S: Final = 5
-_WRITTEN_COLUMNS: Final = tuple(
-    column.name for column in sessions.columns if column.name not in {"id", "flushed_at"}
-)
 _KEY: Final = tuple(sessions.c[name] for name in KEY_COLUMNS)
 _DATA_TEXT_COLUMNS: Final = (  # SessionWrite fields stored as-is
     "app_id",
@@ -121,40 +122,12 @@ def create_engine(database_url: str, **kwargs: Any) -> Engine:
     return sa.create_engine(url, **kwargs)
 
 
-def _to_datetime(text: str | None) -> datetime | None:
-    """Parse the stored ISO text; a naive time is taken as UTC, as ``cache.clock`` writes."""
-    if not text:
-        return None
-    value = parse_iso(text)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 def _to_iso(value: datetime | None) -> str | None:
     """UTC ISO text in ``cache.clock.now_iso``'s format, microseconds only when present."""
     if value is None:
         return None
     spec = "milliseconds" if value.microsecond % 1000 == 0 else "microseconds"
     return value.astimezone(UTC).isoformat(timespec=spec)
-
-
-def _to_row(session: StoredSession, now: datetime) -> dict[str, Any]:
-    """The column values of one session; a missing created/updated time becomes ``now``."""
-    data = session.data
-    row: dict[str, Any] = dict(zip(KEY_COLUMNS, session.key.parts(), strict=True))
-    row |= {name: getattr(data, name) for name in _DATA_TEXT_COLUMNS}
-    row |= {
-        "status": session.status.value,
-        "version": session.version,
-        "snapshot": session.snapshot_raw or encode("snapshot", data.snapshot),
-        "layer_specs": msgspec.json.encode(data.layer_specs).decode(),
-        "closed_by": session.closed_by.value if session.closed_by else None,
-        "cleanup_error": session.cleanup_error,
-        "lineage": session.lineage,
-        "cleaned_at": _to_datetime(session.cleaned_at),
-        "created_at": _to_datetime(session.created_at) or now,
-        "updated_at": _to_datetime(session.updated_at) or now,
-    }
-    return row
 
 
 def _from_row(row: RowMapping) -> StoredSession:
@@ -184,21 +157,6 @@ def _from_row(row: RowMapping) -> StoredSession:
 
 def _key_of(row: RowMapping) -> SessionKey:
     return SessionKey(*(row[name] for name in KEY_COLUMNS))
-
-
-def _newest_per_key(batch: Iterable[StoredSession]) -> list[StoredSession]:
-    """One session per key (the highest version), sorted by key.
-
-    Postgres refuses an upsert that touches one row twice, so duplicates collapse here.
-    Sorting gives every flush the same lock order, so two overlapping flushes (a sweep and
-    a triggered flush) wait for each other instead of deadlocking.
-    """
-    newest: dict[SessionKey, StoredSession] = {}
-    for session in batch:
-        kept = newest.get(session.key)
-        if kept is None or session.version > kept.version:
-            newest[session.key] = session
-    return [newest[key] for key in sorted(newest, key=SessionKey.parts)]
 
 
 class _BinaryArray(list[Any]):
@@ -238,7 +196,7 @@ def _array_parameter(name: str) -> sa.ColumnElement[Any]:
     return sa.cast(sa.bindparam(name, type_=_ArrayParameter()), ARRAY(column_type))
 
 
-def _upsert_statement() -> sa.Executable:
+def _upsert_statement() -> ReturningInsert[Any]:
     """The fenced upsert of a whole batch: one statement, one array parameter per column.
 
     ``INSERT ... SELECT FROM unnest(<arrays>)`` rather than ``VALUES (...) x N``: its SQL is
@@ -247,17 +205,17 @@ def _upsert_statement() -> sa.Executable:
     and no batch size can reach Postgres' 65,535-parameter limit. It returns the key and
     version of each row it wrote; rows the fence kept return nothing.
     """
-    arrays = [_array_parameter(name) for name in _WRITTEN_COLUMNS]
-    source = sa.func.unnest(*arrays).table_valued(*_WRITTEN_COLUMNS).render_derived()
+    arrays = [_array_parameter(name) for name in COLUMNS]
+    source = sa.func.unnest(*arrays).table_valued(*COLUMNS).render_derived()
     ended = sa.exists().where(
         runs.c.tenant_id == source.c.tenant_id,
         runs.c.workflow_run_id == source.c.workflow_run_id,
     )
-    rows = sa.select(*(source.c[name] for name in _WRITTEN_COLUMNS)).where(
+    rows = sa.select(*(source.c[name] for name in COLUMNS)).where(
         sa.or_(source.c.status != _ACTIVE, ~ended)
     )
-    insert = pg_insert(sessions).from_select(list(_WRITTEN_COLUMNS), rows)
-    updated = {name: insert.excluded[name] for name in _WRITTEN_COLUMNS}
+    insert = pg_insert(sessions).from_select(list(COLUMNS), rows)
+    updated = {name: insert.excluded[name] for name in COLUMNS if name not in KEY_COLUMNS}
     new = insert.excluded
     return insert.on_conflict_do_update(
         index_elements=list(_KEY),
@@ -277,9 +235,20 @@ def _upsert_statement() -> sa.Executable:
 _UPSERT: Final = _upsert_statement()
 
 
-def _as_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, _BinaryArray]:
-    """Column-major parameters for :data:`_UPSERT`: one binary array per column."""
-    return {name: _BinaryArray(row[name] for row in rows) for name in _WRITTEN_COLUMNS}
+def _compiled_upsert() -> tuple[bytes, dict[str, Any]]:
+    """:data:`_UPSERT` as psycopg SQL and its constant parameters, compiled once."""
+    compiled = _UPSERT.compile(dialect=postgresql_psycopg.dialect())  # type: ignore[no-untyped-call]
+    constants = {name: value for name, value in compiled.params.items() if name not in COLUMNS}
+    return str(compiled).encode(), constants
+
+
+_UPSERT_SQL, _UPSERT_CONSTANTS = _compiled_upsert()
+
+
+def _as_arrays(rows: Sequence[SessionRow]) -> dict[str, Any]:
+    """The parameters of :data:`_UPSERT`: one binary array per column, column-major."""
+    columns = zip(*(row.values for row in rows), strict=True)
+    return {**_UPSERT_CONSTANTS, **dict(zip(COLUMNS, map(_BinaryArray, columns), strict=True))}
 
 
 class SessionRepository:
@@ -287,41 +256,50 @@ class SessionRepository:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._direct = DirectConnections(engine.url, connect_timeout_s=_CONNECT_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Close the flush's direct connections and dispose the engine's pool."""
+        self._direct.close()
+        self.engine.dispose()
 
     def upsert_fenced(self, batch: Sequence[StoredSession]) -> UpsertResult:
-        """Write ``batch`` where it is newer than Postgres, all or nothing, in one transaction.
+        """:meth:`upsert_rows` of records."""
+        now = datetime.now(UTC)
+        return self.upsert_rows([row_of_session(session, now) for session in batch])
+
+    def upsert_rows(self, batch: Sequence[SessionRow]) -> UpsertResult:
+        """Write ``batch`` where it is newer than Postgres, all or nothing, in one statement.
 
         Raises ``RowRejected`` if Postgres refuses any row (nothing is written; the caller
         isolates the row) and ``PersistenceUnavailable`` when it cannot be reached.
         Duplicate keys collapse to their highest version; each key is reported once.
         """
-        offered = _newest_per_key(batch)
+        offered = newest_per_key(batch)
         if not offered:
             return UpsertResult()
-        with translate_errors(), self.engine.begin() as conn:
-            written = self._write(conn, offered)
-            refused = [session for session in offered if session.key not in written]
-            result = _Refusals(refused, *self._refused_state(conn, refused)).result()
+        with translate_errors():
+            replies = self._direct.execute(_UPSERT_SQL, _as_arrays(offered))
+        keys = {row.key.parts(): row.key for row in offered}
+        written = {keys[tuple(reply[:5])]: reply[5] for reply in replies}
+        refused = [row for row in offered if row.key not in written]
+        if refused:
+            with translate_errors(), self.engine.connect() as conn:
+                result = _Refusals(refused, *self._refused_state(conn, refused)).result()
+        else:
+            result = UpsertResult()
         return dataclasses.replace(result, written=sorted(written.items(), key=_by_key))
 
     @staticmethod
-    def _write(conn: Connection, offered: list[StoredSession]) -> dict[SessionKey, int]:
-        now = datetime.now(UTC)
-        params = _as_arrays([_to_row(session, now) for session in offered])
-        return {_key_of(row): row["version"] for row in conn.execute(_UPSERT, params).mappings()}
-
-    @staticmethod
     def _refused_state(
-        conn: Connection, refused: list[StoredSession]
+        conn: Connection, refused: list[SessionRow]
     ) -> tuple[dict[SessionKey, RowMapping], set[RunRef]]:
         """What Postgres holds for the rows the fence kept: their stored version, lineage and
-        ``closed_by``, and which of their runs ended (two SELECTs, only when there are any)."""
-        if not refused:
-            return {}, set()
+        ``closed_by``, and which of their runs ended (two SELECTs)."""
         query = sa.select(*_KEY, sessions.c.version, sessions.c.lineage, sessions.c.closed_by)
-        query = query.where(sa.tuple_(*_KEY).in_([s.key.parts() for s in refused]))
+        query = query.where(sa.tuple_(*_KEY).in_([row.key.parts() for row in refused]))
         stored = {_key_of(row): row for row in conn.execute(query).mappings()}
-        run_ids = {(s.key.tenant_id, s.key.workflow_run_id) for s in refused}
+        run_ids = {(row.key.tenant_id, row.key.workflow_run_id) for row in refused}
         ended_query = sa.select(runs.c.tenant_id, runs.c.workflow_run_id).where(
             sa.tuple_(runs.c.tenant_id, runs.c.workflow_run_id).in_(sorted(run_ids))
         )
@@ -531,7 +509,7 @@ def _by_key(entry: tuple[SessionKey, int]) -> tuple[str, ...]:
 class _Refusals:
     """Sorts the rows the fence kept by why it kept them."""
 
-    refused: list[StoredSession]
+    refused: list[SessionRow]
     stored: Mapping[SessionKey, RowMapping]
     ended_runs: set[RunRef]
 
@@ -541,11 +519,11 @@ class _Refusals:
             self._sort(offered, result)
         return result
 
-    def _sort(self, offered: StoredSession, result: UpsertResult) -> None:
+    def _sort(self, offered: SessionRow, result: UpsertResult) -> None:
         """A row that vanished in between (nothing in this project deletes rows) is in no
         list, so the caller leaves it dirty and the next flush inserts it."""
         key, row = offered.key, self.stored.get(offered.key)
-        if offered.status is SessionStatus.ACTIVE and (
+        if offered.status == _ACTIVE and (
             RunRef(key.tenant_id, key.workflow_run_id) in self.ended_runs
             or (row is not None and row["closed_by"] == _WORKFLOW_END)
         ):

@@ -55,7 +55,8 @@ from cache.records import (
 )
 from persistence import migrate
 from persistence.models import KEY_COLUMNS, TABLE_NAME, sessions
-from persistence.repository import SessionRepository, _to_row, create_engine
+from persistence.repository import SessionRepository, create_engine
+from persistence.rows import as_dict, row_of_session
 
 BATCH = 500
 BATCHES = 20
@@ -121,7 +122,7 @@ def batches(rng: random.Random) -> tuple[list[StoredSession], list[list[StoredSe
 
 
 def raw_row(s: StoredSession, now: datetime) -> dict[str, Any]:
-    row = _to_row(s, now)
+    row = as_dict(row_of_session(s, now))
     row["layer_specs"] = Jsonb(row["layer_specs"])
     return row
 
@@ -129,7 +130,7 @@ def raw_row(s: StoredSession, now: datetime) -> dict[str, Any]:
 def shape_values(engine: Engine) -> Callable[[list[StoredSession]], int]:
     def run(batch: list[StoredSession]) -> int:
         now = datetime.now(UTC)
-        insert = pg_insert(sessions).values([_to_row(s, now) for s in batch])
+        insert = pg_insert(sessions).values([as_dict(row_of_session(s, now)) for s in batch])
         stmt = insert.on_conflict_do_update(
             index_elements=list(KEY_COLUMNS),
             set_={**{c: insert.excluded[c] for c in COLUMNS}, "flushed_at": sa.func.now()},

@@ -48,7 +48,7 @@ class WorkerContext:
 
     def close(self) -> None:
         """Release the Redis connections and the Postgres pool."""
-        self.repo.engine.dispose()
+        self.repo.close()
         self.cache.close()
         self.queue_redis.close()
         if self.backend is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cache.records import RunRef
 from workers.context import WorkerContext
-from workers.flush import flush_shard
+from workers.flush import FlushReport, flush_shard
 from workers.reconcile import reconcile_run
 
 DRAIN_LOCK_WAIT_S = 5.0
@@ -41,48 +42,74 @@ def drain(
     *,
     timeout_s: float = 300.0,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> DrainReport:
-    """Flush until no shard has a dirty entry, or until ``timeout_s`` passes."""
+    """Flush until no shard has a dirty entry, or until ``timeout_s`` passes, with
+    ``threads`` flushers (default ``flush_threads``) each taking whole shards.
+
+    Threads share the context: each has its own pinned Redis connection and Postgres
+    connection, so while one waits on Postgres another reads and builds its rows.
+    """
     deadline = time.monotonic() + timeout_s
     report = DrainReport(drained=False)
-    while True:
-        pending = dirty_total(ctx)
-        report.left = sum(count for _, count in pending)
-        if progress is not None:
-            progress(report.left)
-        if not pending:
-            report.drained = True
-            return report
-        if time.monotonic() > deadline:
-            return report
-        report.passes += 1
-        before = report.written
-        for shard, _ in pending:
-            _flush_all_now(ctx, shard, report)
-        if report.written == before:
-            time.sleep(IDLE_PASS_PAUSE_S)  # nothing landed: locked shards or deferred rows
+    with ThreadPoolExecutor(threads or ctx.settings.flush_threads, "drain") as pool:
+        while not _drained(ctx, report, deadline, progress, pool):
+            pass
+    return report
 
 
-def _flush_all_now(ctx: WorkerContext, shard: int, report: DrainReport) -> None:
-    result = flush_shard(
+def _drained(
+    ctx: WorkerContext,
+    report: DrainReport,
+    deadline: float,
+    progress: Callable[[int], None] | None,
+    pool: ThreadPoolExecutor,
+) -> bool:
+    """One pass over every dirty shard; ``True`` when the drain is over (done or out of
+    time)."""
+    pending = dirty_total(ctx)
+    report.left = sum(count for _, count in pending)
+    if progress is not None:
+        progress(report.left)
+    if not pending:
+        report.drained = True
+        return True
+    if time.monotonic() > deadline:
+        return True
+    report.passes += 1
+    before, poisoned = report.written, report.poisoned
+    results = list(pool.map(lambda shard: _flush_now(ctx, shard), [s for s, _ in pending]))
+    for result in results:
+        _settle(ctx, result, report)
+    ctx.cache.count(  # once per pass, not per shard: the counters cost a round trip
+        rows_flushed=report.written - before,
+        rows_poisoned=report.poisoned - poisoned,
+        flushes=sum(result.locked for result in results),
+    )
+    if report.written == before:
+        time.sleep(IDLE_PASS_PAUSE_S)  # nothing landed: locked shards or deferred rows
+    return False
+
+
+def _flush_now(ctx: WorkerContext, shard: int) -> FlushReport:
+    return flush_shard(
         ctx.cache,
         ctx.repo,
         shard,
-        cutoff_ms=ctx.cache.server_time_ms(),
+        delay_ms=0,
         limit=ctx.settings.flush_batch,
         lock_wait_s=DRAIN_LOCK_WAIT_S,
     )
+
+
+def _settle(ctx: WorkerContext, result: FlushReport, report: DrainReport) -> None:
+    """Count one shard's flush; reconcile the runs whose ended state refused a save."""
     report.written += result.written
     report.poisoned += len(result.poisoned)
     for run in {_run_of(ctx, name) for name in result.run_ended}:
         end = ctx.repo.run_end(run)
         if end is not None:
             reconcile_run(ctx, run, end.outcome)
-    ctx.cache.count(
-        rows_flushed=result.written,
-        rows_poisoned=len(result.poisoned),
-        flushes=int(result.locked),
-    )
 
 
 def _run_of(ctx: WorkerContext, name: str) -> RunRef:

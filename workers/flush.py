@@ -31,15 +31,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
 from cache.errors import CorruptValue
 from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROWS, FLUSH_SECONDS
-from cache.records import RunRef, SessionKey, StoredSession
-from cache.store import RedisSessionCache
+from cache.records import RunRef, SessionKey
+from cache.store import DirtyEntry, RedisSessionCache
 from persistence.errors import RowRejected, TransactionConflict
 from persistence.repository import SessionRepository, UpsertResult
+from persistence.rows import HASH_FIELDS, SessionRow, row_of_hash
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,15 @@ class FlushReport:
     """Rows Postgres now holds at the version read (written, or already there)."""
 
 
-Named = tuple[str, StoredSession]
+Named = tuple[str, SessionRow]
 
 
 class ShardLock:
     """The shard's flush lock, renewed by a heartbeat thread while held.
 
     The token names the holder (``host:pid:random``) so ``redis-cli GET`` shows who flushes.
+    Taking it also lists the entries to flush (``begin_flush``), and the flush's
+    acknowledgement releases it (``ack_flush``): a flush costs no round trip for its lock.
     If a renewal finds the lock gone (the process stalled past its lifetime), the flush
     carries on: the version fence and the version-checked acknowledgement make an
     overlapping flush harmless.
@@ -85,19 +89,27 @@ class ShardLock:
         self.shard = shard
         self.ttl_ms = max(int(cache.settings.flush_lock_ttl_s * 1000), 1)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.released = False
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
 
-    def acquire(self, wait_s: float = 0.0) -> bool:
+    def acquire(self, wait_s: float, *, delay_ms: int, limit: int) -> list[DirtyEntry] | None:
+        """Take the lock (waiting up to ``wait_s``) and list up to ``limit`` entries first
+        dirty at least ``delay_ms`` ago; ``None`` if another holder kept it all along."""
         deadline = time.monotonic() + wait_s
-        while not self.cache.take_lock(self.shard, self.token, self.ttl_ms):
+        while True:
+            entries = self.cache.begin_flush(
+                self.shard, self.token, self.ttl_ms, delay_ms=delay_ms, limit=limit
+            )
+            if entries is not None:
+                break
             if time.monotonic() >= deadline:
-                return False
+                return None
             time.sleep(_LOCK_POLL_S)
         self._heart = threading.Thread(target=self._beat, name=f"flush-lock-s{self.shard:03d}")
         self._heart.daemon = True
         self._heart.start()
-        return True
+        return entries
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_ms / 4000):
@@ -108,10 +120,17 @@ class ShardLock:
             except Exception:  # an outage: the flush itself will fail and say so
                 log.warning("could not renew the flush lock of shard %s", self.shard)
 
-    def release(self) -> None:
+    def hand_over(self) -> str:
+        """Stop renewing, so the acknowledgement can release the lock; the token."""
         self._stop.set()
         if self._heart is not None:
             self._heart.join()
+        return self.token
+
+    def release(self) -> None:
+        self.hand_over()
+        if self.released:
+            return
         try:
             if not self.cache.release_lock(self.shard, self.token):
                 log.warning("flush lock of shard %s expired before the flush ended", self.shard)
@@ -135,35 +154,29 @@ def flush_shard(
     repo: SessionRepository,
     shard: int,
     *,
-    cutoff_ms: int,
+    delay_ms: int,
     limit: int,
     lock_wait_s: float = 0.0,
 ) -> FlushReport:
-    """Flush up to ``limit`` entries of ``shard`` that first became dirty before ``cutoff_ms``."""
+    """Flush up to ``limit`` entries of ``shard`` that first became dirty at least
+    ``delay_ms`` ago (by Redis's clock; 0 takes every entry)."""
     lock = ShardLock(cache, shard)
-    if not lock.acquire(lock_wait_s):
+    entries = lock.acquire(lock_wait_s, delay_ms=delay_ms, limit=limit)
+    if entries is None:
         return FlushReport(shard, locked=False)
     try:
         with lock, FLUSH_SECONDS.time():
-            report = _flush_locked(cache, repo, shard, cutoff_ms=cutoff_ms, limit=limit)
+            flush = _ShardFlush(cache, repo, FlushReport(shard, read=len(entries)), lock)
+            flush.report.full = len(entries) == limit
+            flush.run([entry.name for entry in entries])
     except Exception:
         FLUSH_ERRORS.inc()
         raise
+    report = flush.report
     FLUSH_BATCHES.inc(report.read > 0)
     FLUSH_ROWS.inc(report.written)
     FLUSH_POISONED.inc(len(report.poisoned))
     return report
-
-
-def _flush_locked(
-    cache: RedisSessionCache, repo: SessionRepository, shard: int, *, cutoff_ms: int, limit: int
-) -> FlushReport:
-    entries = cache.dirty_entries(shard, older_than_ms=cutoff_ms, limit=limit)
-    flush = _ShardFlush(cache, repo, FlushReport(shard, read=len(entries)))
-    flush.report.full = len(entries) == limit
-    if entries:
-        flush.run([entry.name for entry in entries])
-    return flush.report
 
 
 def flush_session(cache: RedisSessionCache, repo: SessionRepository, key: SessionKey) -> bool:
@@ -191,21 +204,32 @@ class _ShardFlush:
     cache: RedisSessionCache
     repo: SessionRepository
     report: FlushReport
+    lock: ShardLock | None = None
+    """The shard's lock, released by the acknowledgement (none for ``flush_session``)."""
 
     def run(self, names: list[str]) -> None:
+        """Rows straight from the hashes' bytes (no record is built), then write and ack."""
         sessions: list[Named] = []
         acks: list[tuple[str, int]] = []
-        for name, item in zip(names, self.cache.read_many(names), strict=True):
+        now = datetime.now(UTC)
+        for name, item in zip(names, self.cache.read_fields(names, HASH_FIELDS), strict=True):
             if item is None:
                 acks.append((name, 0))  # gone (expired or deleted): nothing to write
-            elif isinstance(item, CorruptValue):
-                self.poison(name, 0, f"cannot decode: {item.reason}", force=True)
-            else:
-                sessions.append((name, item))
+                continue
+            try:
+                if isinstance(item, CorruptValue):
+                    raise item
+                sessions.append((name, row_of_hash(name, *item, now)))
+            except CorruptValue as exc:
+                self.poison(name, 0, f"cannot decode: {exc.reason}", force=True)
         written = self.write(sessions)
         self.report.landed = len(written)
         acks += written
-        self.report.acked, self.report.still_dirty = self.cache.ack_flush(self.report.shard, acks)
+        token = self.lock.hand_over() if self.lock is not None else ""
+        acked = self.cache.ack_flush(self.report.shard, acks, release=token)
+        self.report.acked, self.report.still_dirty = acked.acked, acked.still_dirty
+        if self.lock is not None:
+            self.lock.released = acked.released
 
     def write(self, sessions: list[Named]) -> list[tuple[str, int]]:
         """Upsert the batch, splitting statements Postgres refuses; the ``(name, version)``
@@ -229,12 +253,12 @@ class _ShardFlush:
 
     def upsert(self, part: list[Named]) -> UpsertResult:
         """One statement; tried once more after a short pause if it lost a race."""
-        batch = [session for _, session in part]
+        batch = [row for _, row in part]
         try:
-            return self.repo.upsert_fenced(batch)
+            return self.repo.upsert_rows(batch)
         except TransactionConflict:
             time.sleep(CONFLICT_RETRY_S)
-            return self.repo.upsert_fenced(batch)
+            return self.repo.upsert_rows(batch)
 
     def settle(self, sessions: list[Named], result: UpsertResult) -> list[tuple[str, int]]:
         """Acks for rows written or already there; poison for rows where Postgres is ahead."""

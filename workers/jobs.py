@@ -55,18 +55,20 @@ def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
     if backing_off(ctx.queue_redis, prefix):
         return {"shard": shard, "skipped": "postgres backoff"}
     totals = FlushReport(shard)
-    for _ in range(MAX_BATCHES_PER_JOB):
-        report = _with_retries(ctx, lambda: _flush_once(ctx, shard, urgent))
-        if urgent and not report.locked:
-            _request_urgent_again(ctx, shard)
-        _add(totals, report)
+    flushes = 0
+    try:
+        for _ in range(MAX_BATCHES_PER_JOB):
+            report = _with_retries(ctx, lambda: _flush_once(ctx, shard, urgent))
+            if urgent and not report.locked:
+                _request_urgent_again(ctx, shard)
+            _add(totals, report)
+            flushes += report.locked
+            if not report.full or not report.locked:
+                break
+    finally:  # counted once per job: the counters cost a round trip
         ctx.cache.count(
-            rows_flushed=report.written,
-            rows_poisoned=len(report.poisoned),
-            flushes=int(report.locked),
+            rows_flushed=totals.written, rows_poisoned=len(totals.poisoned), flushes=flushes
         )
-        if not report.full or not report.locked:
-            break
     log.info("flush s%03d: %s", shard, totals)
     return {
         "shard": shard,
@@ -87,12 +89,11 @@ def _started(ctx: WorkerContext, shard: int, urgent: bool) -> None:
 
 
 def _flush_once(ctx: WorkerContext, shard: int, urgent: bool) -> FlushReport:
-    delay = 0 if urgent else ctx.settings.flush_delay_ms
     return flush_shard(
         ctx.cache,
         ctx.repo,
         shard,
-        cutoff_ms=ctx.cache.server_time_ms() - delay,
+        delay_ms=0 if urgent else ctx.settings.flush_delay_ms,
         limit=ctx.settings.flush_batch,
         lock_wait_s=URGENT_LOCK_WAIT_S if urgent else 0.0,
     )

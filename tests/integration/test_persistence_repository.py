@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -39,8 +40,10 @@ def engine(database_url: Database) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def repo(engine: Engine) -> SessionRepository:
-    return SessionRepository(engine)
+def repo(engine: Engine) -> Iterator[SessionRepository]:
+    repo = SessionRepository(engine)
+    yield repo
+    repo.close()
 
 
 def session(
@@ -216,7 +219,7 @@ def test_a_row_postgres_refuses_rejects_the_whole_batch(
     batch = [session(good, 1), session(existing, 2), session(bad, 1)]
     with pytest.raises(RowRejected) as caught:
         repo.upsert_fenced(batch)
-    assert isinstance(caught.value.__cause__, sa.exc.DataError)
+    assert isinstance(caught.value.__cause__, psycopg.DataError)
     assert repo.count_rows() == 1
     assert repo.get(good) is None
     assert raw_row(engine, existing) == before
@@ -254,7 +257,7 @@ def test_a_stopped_server_raises_persistence_unavailable(
         private_postgres.start()
         assert repo.upsert_fenced([session(key, 2)]).written == [(key, 2)]
     finally:
-        engine.dispose()
+        repo.close()
 
 
 def test_an_unreachable_server_raises_persistence_unavailable_when_migrating(

@@ -102,7 +102,7 @@ def _exercise_end_run_and_cleanup(cache: RedisSessionCache, key: SessionKey) -> 
     assert not cache.note_cleanup(key, "cleanup-2", 1)  # only while cleaning
     assert cache.mark_cleaned(key) is None
     shard = cache.keys.shard_of_key(key)
-    assert cache.ack_flush(shard, [(cache.keys.session(key), 3)]) == (1, 0)
+    assert cache.ack_flush(shard, [(cache.keys.session(key), 3)])[:2] == (1, 0)
     assert 0 < int(cache.client.pttl(cache.keys.session(key))) <= 50_000  # type: ignore[arg-type]
     run = cache.keys.run(f.run_of(key))
     assert int(cache.client.pttl(run)) == -1  # type: ignore[arg-type]  # ended: not evictable
@@ -124,8 +124,8 @@ def _exercise_ack_flush(cache: RedisSessionCache, key: SessionKey) -> None:
     cache.save(key, f.session_write())
     cache.save(key, f.session_write())
     shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
-    assert cache.ack_flush(shard, [(name, 1)]) == (0, 1)
-    assert cache.ack_flush(shard, [(name, 2)]) == (1, 0)
+    assert cache.ack_flush(shard, [(name, 1)])[:2] == (0, 1)
+    assert cache.ack_flush(shard, [(name, 2)])[:2] == (1, 0)
     assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
 
 
@@ -154,6 +154,18 @@ def _exercise_locks(cache: RedisSessionCache, key: SessionKey) -> None:
     assert cache.release_lock(shard, "holder-a")
     assert cache.take_lock(shard, "holder-b", 5000)
     assert cache.release_lock(shard, "holder-b")
+
+
+def _exercise_begin_flush(cache: RedisSessionCache, key: SessionKey) -> None:
+    cache.save(key, f.session_write())
+    shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
+    assert cache.begin_flush(shard, "holder-a", 5000, delay_ms=60_000, limit=10) == []
+    entries = cache.begin_flush(shard, "holder-a", 5000, delay_ms=0, limit=10)
+    assert entries is not None and [e.name for e in entries] == [name]
+    assert cache.begin_flush(shard, "holder-b", 5000, delay_ms=0, limit=10) is None
+    assert cache.ack_flush(shard, [(name, 1)], release="holder-a") == (1, 0, True)
+    assert cache.begin_flush(shard, "holder-b", 5000, delay_ms=0, limit=10) == []
+    assert cache.ack_flush(shard, [], release="holder-a") == (0, 0, False)  # not its lock
 
 
 def _exercise_poison_remedies(cache: RedisSessionCache, key: SessionKey) -> None:
@@ -187,6 +199,7 @@ EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "drop_poisoned": _exercise_poison_remedies,
     "take_lock": _exercise_locks,
     "release_lock": _exercise_locks,
+    "begin_flush": _exercise_begin_flush,
 }
 
 

@@ -69,7 +69,8 @@ def pttl(cache: RedisSessionCache, key: SessionKey) -> int:
 
 
 def ack(cache: RedisSessionCache, key: SessionKey, version: int) -> tuple[int, int]:
-    return cache.ack_flush(cache.keys.shard_of_key(key), [(name_of(cache, key), version)])
+    acked = cache.ack_flush(cache.keys.shard_of_key(key), [(name_of(cache, key), version)])
+    return acked.acked, acked.still_dirty
 
 
 def keys_of_run(n: int, *, tenant: str = f.TENANT, run: str = f.RUN) -> list[SessionKey]:

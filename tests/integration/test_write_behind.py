@@ -117,7 +117,7 @@ def test_replayed_older_flush_never_moves_a_row_backwards(ctx: WorkerContext) ->
     old = ctx.cache.read_many([name])[0]
     for v in (2, 3):
         ctx.cache.save(key, f.session_write(f.snapshot(state={"v": v})))
-    report = flush_shard(ctx.cache, ctx.repo, shard, cutoff_ms=ctx.cache.server_time_ms(), limit=10)
+    report = flush_shard(ctx.cache, ctx.repo, shard, delay_ms=0, limit=10)
     assert report.written == 1 and report.acked == 1
     assert not isinstance(old, Exception) and old is not None
     replay = ctx.repo.upsert_fenced([old])
@@ -192,7 +192,7 @@ def test_a_row_postgres_refuses_is_parked_in_poison_and_the_rest_land(
     for key in good:
         ctx.cache.save(key, f.session_write())
     ctx.cache.save(bad, f.session_write())
-    report = flush_shard(ctx.cache, ctx.repo, 0, cutoff_ms=ctx.cache.server_time_ms(), limit=100)
+    report = flush_shard(ctx.cache, ctx.repo, 0, delay_ms=0, limit=100)
     assert report.written == len(good)
     assert report.poisoned == [ctx.cache.keys.session(bad)]
     assert all(ctx.repo.get(key) is not None for key in good)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from persistence.repository import UpsertResult, _newest_per_key, _to_iso, create_engine
-from persistence.repository import _to_datetime as to_datetime
+from persistence.repository import UpsertResult, _to_iso, create_engine
+from persistence.rows import _to_datetime as to_datetime
+from persistence.rows import newest_per_key, row_of_session
 from tests.factories import session_key, stored_session
 
 
@@ -24,7 +27,8 @@ def test_a_batch_collapses_to_one_session_per_key_in_key_order() -> None:
         stored_session(high, version=7),
         stored_session(low, version=2),
     ]
-    assert [(s.key, s.version) for s in _newest_per_key(batch)] == [(low, 3), (high, 7)]
+    rows = [row_of_session(session, datetime.now(UTC)) for session in batch]
+    assert [(r.key, r.version) for r in newest_per_key(rows)] == [(low, 3), (high, 7)]
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "quarantine": store._OK_OR_NOOP,
     "take_lock": store._OK_OR_NOOP,
     "release_lock": store._OK_OR_NOOP,
+    "begin_flush": store._OK_OR_NOOP,
     "open_run": store._OPEN,
     "settle_run": store._OK_OR_NOOP,
     "note_cleanup": store._OK_OR_NOOP,
@@ -45,6 +46,7 @@ ALLOW_OOM = {
     "quarantine",
     "take_lock",
     "release_lock",
+    "begin_flush",
     "retry_poisoned",
     "drop_poisoned",
 }
@@ -52,7 +54,7 @@ ALLOW_OOM = {
 SINGLE_KEY_COMMANDS = {
     "DEL", "EXISTS", "GET", "HDEL", "HEXISTS", "HGET", "HGETALL", "HINCRBY", "HMGET", "HSET",
     "HSETNX", "PERSIST", "PEXPIRE", "PTTL", "SADD", "SET", "SMEMBERS", "SREM", "ZADD", "ZCARD",
-    "ZREM", "ZSCORE",
+    "ZRANGEBYSCORE", "ZREM", "ZSCORE",
 }  # fmt: skip
 KEYLESS_COMMANDS = {"TIME"}
 

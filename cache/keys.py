@@ -98,6 +98,32 @@ class KeySpace:
     def run_sessions(self, run: RunRef) -> str:
         return f"{self.run(run)}:sessions"
 
+    def run_member(self, key: SessionKey) -> str:
+        """The session's member in its run's session set: ``<node>:<binding>:<agent>``.
+
+        The set's name already says the tenant and run, so the member leaves them out (the
+        scripts derive it from the session's name: everything after its first
+        ``len(run_sessions) - 4`` characters)."""
+        return ":".join(encode_id(part) for part in key.parts()[2:])
+
+    def parse_run_member(self, run: RunRef, member: str | bytes) -> SessionKey:
+        """The key a run-set member stands for; a full session name (how sets written before
+        the short members held them) is parsed as one."""
+        text = member.decode() if isinstance(member, bytes) else member
+        if text.startswith(f"{self.prefix}:{{"):
+            key = self.parse_session(text)
+            if (key.tenant_id, key.workflow_run_id) != (run.tenant_id, run.workflow_run_id):
+                raise InvalidId(f"session {text!r} is not of run {run}")
+            return key
+        pieces = text.split(":")
+        if len(pieces) != 3:
+            raise InvalidId(f"not a run-set member: {text!r}")
+        node, binding, agent = (decode_id(piece) for piece in pieces)
+        key = SessionKey(run.tenant_id, run.workflow_run_id, node, binding, agent)
+        if self.run_member(key) != text:  # not the one encoding of these IDs
+            raise InvalidId(f"not a run-set member: {text!r}")
+        return key
+
     def dirty(self, shard: int) -> str:
         return f"{self._base(shard)}:dirty"
 

@@ -298,7 +298,12 @@ class RedisSessionCache:
         """The keys of every session the run has saved (while its markers live)."""
         with translate_errors("listing run sessions"):
             members = cast(set[bytes], self.client.smembers(self.keys.run_sessions(run)))
-        return sorted((self.keys.parse_session(m) for m in members), key=SessionKey.parts)
+        return self._run_members(run, members)
+
+    def _run_members(self, run: RunRef, members: Iterable[bytes]) -> list[SessionKey]:
+        """The keys of a run set's members, sorted (a key listed in both member forms once)."""
+        found = {self.keys.parse_run_member(run, member) for member in members}
+        return sorted(found, key=SessionKey.parts)
 
     def run_state(self, run: RunRef) -> dict[str, str]:
         """The run hash (``state``, ``opened_at``, ``ended_at``, ``outcome``) as text."""
@@ -405,7 +410,7 @@ class RedisSessionCache:
         with translate_errors("ending a run"):
             reply = self.scripts.end_run(keys=keys, args=args)
         code, members = check_code("end_run", reply, _END)
-        found = sorted((self.keys.parse_session(m) for m in members), key=SessionKey.parts)
+        found = self._run_members(run, members)
         return EndedRun(tuple(found), already_ended=code is Code.RUN_ENDED)
 
     def open_run(self, run: RunRef) -> bool:

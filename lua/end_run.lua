@@ -6,8 +6,9 @@
 -- KEYS[2] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions
 -- ARGV[1] now: ISO-8601 UTC text
 -- ARGV[2] outcome: text (succeeded, partial_succeeded, failed, aborted)
--- returns {0, session key...}  OK: the run is ended now
---         {1, session key...}  RUN_ENDED: it had already ended; outcome and time kept
+-- returns {0, member...}  OK: the run is ended now (members of KEYS[2]: <node>:<binding>:<agent>,
+--                         or a full session name in sets written before short members)
+--         {1, member...}  RUN_ENDED: it had already ended; outcome and time kept
 local run, run_sessions = KEYS[1], KEYS[2]
 local now, outcome = ARGV[1], ARGV[2]
 

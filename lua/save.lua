@@ -4,7 +4,8 @@
 -- its run's TTL was renewed when it became dirty: those writes are skipped (a loop's case).
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
--- KEYS[3] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions
+-- KEYS[3] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions (members:
+--                           <node>:<binding>:<agent>, the end of KEYS[1])
 -- KEYS[4] shard dirty zset  <prefix>:{sNNN}:dirty
 -- ARGV[1] expected version: integer, or "" for any version (0 = the session must not exist)
 -- ARGV[2] dirty backlog bound of the shard: integer, 0 = unbounded
@@ -81,7 +82,7 @@ if not was_dirty then
   redis.call('PERSIST', session)
   local t = redis.call('TIME')
   redis.call('ZADD', dirty, t[1] * 1000 + math.floor(t[2] / 1000), session)
-  redis.call('SADD', run_sessions, session)
+  redis.call('SADD', run_sessions, session:sub(#run_sessions - 3))
   redis.call('PEXPIRE', run_sessions, run_ttl)
 end
 if not run_state then

@@ -236,6 +236,25 @@ def test_end_run_twice_reports_already_ended_and_keeps_the_first_outcome(
     assert state["outcome"] == "failed" and state["state"] == "ended"
 
 
+def test_run_set_holds_short_members_and_still_reads_full_names(
+    cache: RedisSessionCache, client: RedisClient
+) -> None:
+    """Saves and fills add ``<node>:<binding>:<agent>`` to the run set; a full session name
+    left by an earlier build is listed (once) by run_sessions and end_run alike."""
+    saved, filled, legacy = keys_of_run(3)
+    run = f.run_of(saved)
+    cache.save(saved, f.session_write())
+    cache.fill(f.stored_session(key=filled))
+    run_set = cache.keys.run_sessions(run)
+    client.sadd(run_set, cache.keys.session(legacy), cache.keys.session(saved))
+    members = {m.decode() for m in client.smembers(run_set)}  # type: ignore[union-attr]
+    assert cache.keys.run_member(saved) in members
+    assert cache.keys.run_member(filled) in members
+    expected = sorted([saved, filled, legacy], key=SessionKey.parts)
+    assert cache.run_sessions(run) == expected
+    assert list(cache.end_run(run, "succeeded").keys) == expected
+
+
 # --- retire ---------------------------------------------------------------------------
 
 

@@ -168,3 +168,33 @@ def test_parse_session_rejects_percent_escapes_that_are_not_utf8() -> None:
         space.parse_session("asc:{s000}:session:%FF:r:n:b:g")
     with pytest.raises(InvalidId):
         decode_id("%C3")
+
+
+@pytest.mark.parametrize("raw", AWKWARD_IDS)
+def test_run_member_is_the_end_of_the_session_name_the_scripts_cut(raw: str) -> None:
+    """save/fill/drop_poisoned derive the member as ``session:sub(#run_sessions - 3)``: the
+    session name after its first ``len(run_sessions) - 4`` characters, whatever the IDs."""
+    space = KeySpace("asc", 256)
+    key = SessionKey(raw, raw, raw, raw, raw)
+    run = RunRef(key.tenant_id, key.workflow_run_id)
+    member = space.run_member(key)
+    assert space.session(key)[len(space.run_sessions(run)) - 4 :] == member
+    assert member.count(":") == 2
+    assert space.parse_run_member(run, member) == key
+    assert space.parse_run_member(run, member.encode()) == key
+
+
+def test_a_full_session_name_is_read_as_a_legacy_run_member() -> None:
+    space = KeySpace("asc", 256)
+    key = f.session_key()
+    run = f.run_of(key)
+    assert space.parse_run_member(run, space.session(key)) == key
+    other = f.session_key(run="another-run")
+    with pytest.raises(InvalidId):
+        space.parse_run_member(run, space.session(other))  # a name of another run
+
+
+@pytest.mark.parametrize("member", ["", "n:b", "n:b:a:x", "n:b:a%ZZ", "asc:{s001}:session:x"])
+def test_malformed_run_members_are_refused(member: str) -> None:
+    with pytest.raises(InvalidId):
+        KeySpace("asc", 256).parse_run_member(RunRef("t", "r"), member)

@@ -1,4 +1,7 @@
-"""The public face: ``Settings``, ``SessionLifecycle`` and its records, the CLI and the demo."""
+"""The public face: ``Settings``, ``SessionLifecycle`` and its records, and the agent-backend
+protocol a node speaks (client, request and status types), so callers never import
+``workers.*``. The CLI is ``agent_sessions.cli``; the demo and the fake backend live in
+``agent_sessions.demo`` and ``agent_sessions.testing``."""
 
 from __future__ import annotations
 
@@ -13,19 +16,35 @@ from agent_sessions.lifecycle import (
 from cache.errors import AgentSessionsError
 from cache.records import LayerSpec, Scope, SessionKey, Snapshot, SnapshotLayer
 from cache.settings import Settings
+from workers.backend import AgentBackendClient
+from workers.backend_models import (
+    CreateRunRequest,
+    CreateRunResponse,
+    RunComposition,
+    RunLayerSpec,
+    RunStatusResponse,
+    WireRunStatus,
+)
 
 __all__ = [
+    "AgentBackendClient",
     "AgentSessionsError",
+    "CreateRunRequest",
+    "CreateRunResponse",
     "EndReport",
     "Entry",
     "LayerSpec",
     "NodeResult",
     "PauseRequest",
+    "RunComposition",
+    "RunLayerSpec",
     "RunOutcome",
+    "RunStatusResponse",
     "Scope",
     "SessionKey",
     "SessionLifecycle",
     "Settings",
     "Snapshot",
     "SnapshotLayer",
+    "WireRunStatus",
 ]

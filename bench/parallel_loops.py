@@ -2,8 +2,10 @@
 
 N loop processes (N = 1, 2, 4, 8; spawned once, each with its own 2 workflow runs x 5 Agent
 nodes) run the ``loop_vs_postgres`` iteration flat out for a fixed time, all starting at the
-same instant: **ours** (``SessionLifecycle.enter`` + ``finish``, a 2-process
-``agent-sessions worker`` pool flushing behind) or the **original** (:mod:`bench.pg_original`,
+same instant: **ours** (the real node path of ``loop_vs_postgres``: ``enter``,
+``build_request`` and its JSON, the backend's answer decoded, ``RunOutcome.from_status``,
+``finish``, with a 2-process ``agent-sessions worker`` pool flushing behind; the backend's
+own time left out) or the **original** (:mod:`bench.pg_original`,
 ORM load + read-then-write save with a commit). Total iterations/s per arm and N; the arms
 alternate at every N and repetition, and after an ours phase the pool is let finish its
 flushes before the next phase starts, so the original never runs in ours' shadow.
@@ -244,9 +246,10 @@ def _result(curves: Curves, plan: Plan) -> Result:
         "flush_tail_after_ours_phase_s_max": round(max(curves.drain_s), 2),
         "stuck": curves.stuck,
         "what": (
-            "N spawned processes, each with its own 2 runs x 5 nodes, looping enter+finish "
-            "(ours, 2 RQ flush workers behind) or ORM load+save+commit (original) for a "
-            "fixed time from one start instant; 2 vCPUs shared by everything"
+            "N spawned processes, each with its own 2 runs x 5 nodes, looping the node path "
+            "(ours: enter, build_request, from_status, finish; 2 RQ flush workers behind) "
+            "or ORM load+save+commit (original) for a fixed time from one start instant; "
+            "2 vCPUs shared by everything"
         ),
     }
     return make_result(

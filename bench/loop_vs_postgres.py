@@ -11,6 +11,12 @@ decode) then ``save_active_snapshot`` (ORM select by key, update the attributes,
 ``commit()``) of the same snapshot as protocol JSON. Both use the same Postgres server and
 database, the same sessions (10 runs x 10 nodes, random order), in alternating blocks.
 
+Also timed in the same blocks (``extra``): **raw**, the floor of any Redis-backed loop on
+this machine: ``hot_path``'s raw arm (redis-py ``HGETALL`` + ``EVALSHA`` of a two-command
+save script) on copies of ours' session hashes, with no decoding, validation or request
+building. ``floor_ratio`` = raw / original is the best ``ratio`` any implementation could
+report here.
+
 :class:`LoopWorkload` is shared with ``parallel_loops``.
 """
 
@@ -22,7 +28,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
 
 from bench.harness import (
     Result,
@@ -35,7 +43,7 @@ from bench.harness import (
     run_interleaved,
     summarize,
 )
-from bench.hot_path import build_snapshot, build_specs
+from bench.hot_path import RawLoop, build_snapshot, build_specs
 from bench.pg_original import (
     CompositorSessionSnapshot,
     OriginalSessionStore,
@@ -51,7 +59,7 @@ from bench.stack import (
     worker_context,
     worker_pool,
 )
-from cache.records import LayerSpec, Scope
+from cache.records import LayerSpec, Scope, SessionKey
 from cache.settings import Settings
 from workers.backend_models import (
     RunComposition,
@@ -62,6 +70,7 @@ from workers.backend_models import (
 
 if TYPE_CHECKING:
     from agent_sessions.lifecycle import SessionLifecycle
+    from workers.context import WorkerContext
 
 NAME = "loop_vs_postgres"
 METRIC = "per-iteration time (enter+finish, 8 KB) vs Postgres-only original"
@@ -265,7 +274,11 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
         ctx = stack.enter_context(worker_context(settings))
         before = ctx.cache.counters().get("rows_flushed", 0)
         print(f"  {arms.sessions} sessions, {WORKERS} flush workers; timing…", flush=True)
-        both = {"ours": arms.ours, "original": arms.original}
+        both: dict[str, Callable[[], object]] = {
+            "ours": arms.ours,
+            "original": arms.original,
+            "raw": raw_arm(ctx, workload),
+        }
         samples = run_interleaved(
             both,
             blocks=plan.blocks,
@@ -283,13 +296,26 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
     return samples, facts
 
 
+def raw_arm(ctx: WorkerContext, workload: LoopWorkload) -> RawLoop:
+    """The raw floor over copies of the workload's session hashes, in the same order."""
+    names = [ctx.cache.keys.session(cast(SessionKey, scope.key)) for scope in workload.scopes]
+    raw = RawLoop(cast(redis.Redis, ctx.cache.client), names, workload.order)
+    raw.populate()
+    return raw
+
+
+def _p50(samples: Mapping[str, list[list[int]]], arm: str) -> float:
+    return median(ns_to_us([s for block in samples[arm] for s in block]))
+
+
 def _warm_facts(warm: Mapping[str, list[list[int]]]) -> dict[str, Any]:
-    ours = median(ns_to_us([s for block in warm["ours"] for s in block]))
-    original = median(ns_to_us([s for block in warm["original"] for s in block]))
+    ours, original, raw = (_p50(warm, arm) for arm in ("ours", "original", "raw"))
     return {
         "cpu_warm_ours_p50_us": round(ours, 1),
         "cpu_warm_original_p50_us": round(original, 1),
+        "cpu_warm_raw_p50_us": round(raw, 1),
         "cpu_warm_ratio": round(ours / original, 3),
+        "cpu_warm_floor_ratio": round(raw / original, 3),
         "cpu_warm_block_ratios": _block_ratios(warm),
     }
 
@@ -310,6 +336,9 @@ def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str,
         "original_p50_us": round(original.median, 1),
         "original_p99_us": round(original.p99, 1),
         "speedup": round(original.median / ours.median, 1),
+        "raw_p50_us": round(_p50(samples, "raw"), 1),
+        "floor_ratio": round(_p50(samples, "raw") / original.median, 3),
+        "ours_vs_raw": round(ours.median / _p50(samples, "raw"), 3),
         "note": (
             "cpu_warm_*: the same blocks with a 1-core busy loop running, which keeps the "
             "vCPUs out of idle (baselines.md idle-vCPU caveat); the headline is the plain run"

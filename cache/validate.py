@@ -60,10 +60,25 @@ def storable_text(value: str, limit: int) -> str:
     return text.replace("\x00", "\\x00")
 
 
+_VALID_IDS: dict[str, None] = {}
+"""IDs already found usable (a loop checks the same few every iteration); bounded."""
+_VALID_IDS_MAX: Final = 65_536
+
+
 def check_id(name: str, value: object) -> str:
     """Return ``value`` if it is a usable ID: a string of 1-255 storable characters."""
     if type(value) is not str:
         raise InvalidId(f"{name} must be a string, got {type(value).__name__}")
+    if value in _VALID_IDS:
+        return value
+    _check_new_id(name, value)
+    if len(_VALID_IDS) >= _VALID_IDS_MAX:
+        _VALID_IDS.clear()
+    _VALID_IDS[value] = None
+    return value
+
+
+def _check_new_id(name: str, value: str) -> None:
     if not value:
         raise InvalidId(f"{name} must not be empty")
     if len(value) > MAX_ID_LENGTH:
@@ -71,7 +86,6 @@ def check_id(name: str, value: object) -> str:
     problem = text_problem(value, nul_ok=False)
     if problem:
         raise InvalidId(f"{name} {problem}")
-    return value
 
 
 def check_optional_id(name: str, value: object) -> str | None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from cache import validate
 from cache.codec import Codec, check_specs, decode_snapshot
 from cache.errors import InvalidId, InvalidSnapshot
 from cache.records import (
@@ -271,3 +272,19 @@ def test_stored_session_dirty_means_version_ahead_of_flushed() -> None:
 def test_layer_specs_are_checked_at_the_door(spec: LayerSpec) -> None:
     with pytest.raises(InvalidSnapshot):
         check_specs([spec])
+
+
+@pytest.mark.parametrize("bad", ["", "a\x00b", "x" * 256, "lone \ud800"])
+def test_a_refused_id_is_refused_every_time_and_never_remembered(bad: str) -> None:
+    for _ in range(2):
+        with pytest.raises(InvalidId):
+            validate.check_id("node_id", bad)
+    assert bad not in validate._VALID_IDS
+
+
+def test_the_memory_of_usable_ids_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validate, "_VALID_IDS", {})
+    monkeypatch.setattr(validate, "_VALID_IDS_MAX", 3)
+    for i in range(10):
+        assert validate.check_id("node_id", f"node-{i}") == f"node-{i}"
+        assert len(validate._VALID_IDS) <= 3

@@ -42,6 +42,7 @@ from workers.backend_models import (
     RunLayerSpec,
     RunStatusResponse,
     WireRunStatus,
+    encode_json,
 )
 from workers.context import WorkerContext
 from workers.flush import flush_session
@@ -251,6 +252,10 @@ class SessionLifecycle:
         check_specs_once(composition.layers)
         extra = {**(metadata or {}), **scope_metadata(scope)}
         check_json("request metadata", extra)
+        try:  # what check_json leaves to encoding: text JSON cannot hold (lone surrogates)
+            encode_json(extra)
+        except ValueError as exc:
+            raise InvalidInput(f"request metadata cannot be sent as JSON: {exc}") from exc
         sent = with_history(composition) if include_history else composition
         snapshot = None
         if entry.snapshot is not None:

@@ -10,6 +10,7 @@ before any I/O; decoding trusts what this library wrote, checks the shape in C, 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -168,15 +169,18 @@ class _CheckedSpecs:
 
     def __init__(self) -> None:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()  # an eviction between a hit and its move_to_end
 
     def check(self, specs: Sequence[LayerSpec], encoded: bytes) -> None:
-        if encoded in self._seen:
-            self._seen.move_to_end(encoded)
-            return
+        with self._lock:
+            if encoded in self._seen:
+                self._seen.move_to_end(encoded)
+                return
         check_specs(specs)
-        self._seen[encoded] = None
-        if len(self._seen) > _CHECKED_SPECS_KEPT:
-            self._seen.popitem(last=False)
+        with self._lock:
+            self._seen[encoded] = None
+            if len(self._seen) > _CHECKED_SPECS_KEPT:
+                self._seen.popitem(last=False)
 
 
 _CHECKED_SPECS: Final = _CheckedSpecs()

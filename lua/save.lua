@@ -1,7 +1,8 @@
 #!lua
 -- save: write a session, mark it active and dirty, bump its version by one.
--- A session already dirty is already persistent, in the run's set and in the dirty zset, and
--- its run's TTL was renewed when it became dirty: those writes are skipped (a loop's case).
+-- A session already dirty is already persistent and in the dirty zset, and its run's TTL was
+-- renewed when it became dirty: those writes are skipped (a loop's case). The run set's SADD
+-- is not: a set evicted meanwhile (it has a TTL) is rebuilt by the next save.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
 -- KEYS[2] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
 -- KEYS[3] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions (members:
@@ -82,7 +83,8 @@ if not was_dirty then
   redis.call('PERSIST', session)
   local t = redis.call('TIME')
   redis.call('ZADD', dirty, t[1] * 1000 + math.floor(t[2] / 1000), session)
-  redis.call('SADD', run_sessions, session:sub(#run_sessions - 3))
+end
+if redis.call('SADD', run_sessions, session:sub(#run_sessions - 3)) == 1 or not was_dirty then
   redis.call('PEXPIRE', run_sessions, run_ttl)
 end
 if not run_state then

@@ -268,9 +268,12 @@ class SessionRepository:
         now = datetime.now(UTC)
         return self.upsert_rows([row_of_session(session, now) for session in batch])
 
-    def upsert_rows(self, batch: Sequence[SessionRow]) -> UpsertResult:
+    def upsert_rows(self, batch: Sequence[SessionRow], *, direct: bool = True) -> UpsertResult:
         """Write ``batch`` where it is newer than Postgres, all or nothing, in one statement.
 
+        ``direct``: on this thread's own autocommit connection (flusher threads: few, long
+        lived); otherwise on a connection of the engine's bounded pool (a durable pause from
+        any of an application's threads).
         Raises ``RowRejected`` if Postgres refuses any row (nothing is written; the caller
         isolates the row) and ``PersistenceUnavailable`` when it cannot be reached.
         Duplicate keys collapse to their highest version; each key is reported once.
@@ -279,7 +282,10 @@ class SessionRepository:
         if not offered:
             return UpsertResult()
         with translate_errors():
-            replies = self._direct.execute(_UPSERT_SQL, _as_arrays(offered))
+            if direct:
+                replies = self._direct.execute(_UPSERT_SQL, _as_arrays(offered))
+            else:
+                replies = self._pooled_upsert(_as_arrays(offered))
         keys = {row.key.parts(): row.key for row in offered}
         written = {keys[tuple(reply[:5])]: reply[5] for reply in replies}
         refused = [row for row in offered if row.key not in written]
@@ -289,6 +295,11 @@ class SessionRepository:
         else:
             result = UpsertResult()
         return dataclasses.replace(result, written=sorted(written.items(), key=_by_key))
+
+    def _pooled_upsert(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        with self.engine.begin() as conn:
+            result = conn.exec_driver_sql(_UPSERT_SQL.decode(), params)
+            return [tuple(row) for row in result]
 
     @staticmethod
     def _refused_state(

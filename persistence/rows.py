@@ -23,7 +23,7 @@ import msgspec
 from cache.clock import parse_iso
 from cache.codec import encode, encode_specs_json, specs_json_of
 from cache.errors import CorruptValue
-from cache.records import SessionKey, SessionStatus, StoredSession
+from cache.records import ClosedBy, SessionKey, SessionStatus, StoredSession
 from persistence.models import KEY_COLUMNS, sessions
 
 COLUMNS: Final = tuple(
@@ -34,6 +34,7 @@ HASH_FIELDS: Final = tuple(name for name in COLUMNS if name not in KEY_COLUMNS)
 """The session hash fields that are columns (same names); the key columns come from the key
 name."""
 _STATUSES: Final = frozenset(status.value for status in SessionStatus)
+_CLOSERS: Final = frozenset(closer.value for closer in ClosedBy)
 _SPECS_JSON_KEPT: Final = 256
 
 
@@ -122,6 +123,13 @@ def _status(raw: bytes) -> str:
     return text
 
 
+def _closed_by(raw: bytes) -> str:
+    text = _text(raw)
+    if text not in _CLOSERS:
+        raise _Bad(f"unknown ClosedBy: {text!r}")
+    return text
+
+
 def _snapshot(raw: bytes) -> bytes:
     try:
         msgspec.msgpack.decode(raw, type=msgspec.Raw)
@@ -148,6 +156,7 @@ def _time(raw: bytes) -> datetime:
 
 _CONVERT: Final[dict[str, Convert]] = {
     "status": _status,
+    "closed_by": _closed_by,
     "version": _version,
     "snapshot": _snapshot,
     "layer_specs": _layer_specs,

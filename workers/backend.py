@@ -39,6 +39,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from cache.errors import InvalidInput
 from cache.settings import MiB
 from cache.validate import check_id
 from workers.backend_answer import Answer, decode, raise_for_status, read_answer
@@ -251,7 +252,7 @@ class AgentBackendClient:
         request = self._http.build_request(
             method,
             path,
-            content=None if body is None else encode_json(body),
+            content=None if body is None else _body(method, path, body),
             headers={} if body is None else {"content-type": "application/json"},
             timeout=remaining,
         )
@@ -270,6 +271,14 @@ class AgentBackendClient:
             raise BackendTransportError(f"{method} {path} failed: {exc!r}") from exc
         raise_for_status(answer)
         return answer
+
+
+def _body(method: str, path: str, body: msgspec.Struct) -> bytes:
+    """The JSON of a request body; text JSON cannot hold (a lone surrogate) is refused."""
+    try:
+        return encode_json(body)
+    except (msgspec.EncodeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidInput(f"{method} {path}: the request cannot be sent as JSON: {exc}") from exc
 
 
 def _run_path(run_id: str) -> str:

@@ -183,7 +183,9 @@ def flush_session(cache: RedisSessionCache, repo: SessionRepository, key: Sessio
     """Write one session to Postgres now, without the shard lock; whether Postgres holds the
     version Redis had (a durable pause). Raises what the upsert raises."""
     shard = cache.keys.shard_of_key(key)
-    flush = _ShardFlush(cache, repo, FlushReport(shard, read=1))
+    # From application threads (durable pauses): the engine's bounded pool, not a
+    # connection per thread.
+    flush = _ShardFlush(cache, repo, FlushReport(shard, read=1), direct=False)
     flush.run([cache.keys.session(key)])
     return flush.report.landed == 1
 
@@ -206,6 +208,8 @@ class _ShardFlush:
     report: FlushReport
     lock: ShardLock | None = None
     """The shard's lock, released by the acknowledgement (none for ``flush_session``)."""
+    direct: bool = True
+    """Upsert on the thread's own connection (flusher threads) or the engine's pool."""
 
     def run(self, names: list[str]) -> None:
         """Rows straight from the hashes' bytes (no record is built), then write and ack."""
@@ -255,10 +259,10 @@ class _ShardFlush:
         """One statement; tried once more after a short pause if it lost a race."""
         batch = [row for _, row in part]
         try:
-            return self.repo.upsert_rows(batch)
+            return self.repo.upsert_rows(batch, direct=self.direct)
         except TransactionConflict:
             time.sleep(CONFLICT_RETRY_S)
-            return self.repo.upsert_rows(batch)
+            return self.repo.upsert_rows(batch, direct=self.direct)
 
     def settle(self, sessions: list[Named], result: UpsertResult) -> list[tuple[str, int]]:
         """Acks for rows written or already there; poison for rows where Postgres is ahead."""

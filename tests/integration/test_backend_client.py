@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from agent_sessions.testing.fake_backend import FakeAgentBackend
-from cache.errors import AgentBackendError
+from cache.errors import AgentBackendError, InvalidInput
 from cache.records import LayerSpec
 from cache.settings import MiB, Settings
 from tests.integration import hostile_http as hostile
@@ -261,6 +261,18 @@ def test_refused_request_is_validation_error(client: AgentBackendClient) -> None
         client.create_run(node_request(behaviour="explode"))
     assert caught.value.status_code == 422
     assert "explode" in str(caught.value.detail)
+
+
+def test_a_request_json_cannot_hold_is_refused_typed_and_never_sent(
+    client: AgentBackendClient, fake: FakeAgentBackend
+) -> None:
+    before = len(fake.runs())
+    request = CreateRunRequest(
+        composition=node_composition(), idempotency_key=None, metadata={"note": "x\ud800"}
+    )
+    with pytest.raises(InvalidInput):
+        client.create_run(request)
+    assert len(fake.runs()) == before
 
 
 def test_stopped_server_is_transport_error(fake: FakeAgentBackend) -> None:

@@ -169,6 +169,13 @@ RAISED: list[tuple[str, type[AgentSessionsError], Call]] = [
             f.scope(), Entry(), node_composition(), metadata={"x": object()}
         ),
     ),
+    (
+        "a lone surrogate in request metadata",
+        InvalidInput,
+        lambda lc: lc.build_request(
+            f.scope(), Entry(), node_composition(), metadata={"note": "x\ud800"}
+        ),
+    ),
 ]
 """Refused by raising a typed error: the caller handed in something the contract excludes."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -26,6 +27,7 @@ from persistence import migrate
 from persistence.errors import PersistenceUnavailable, RowRejected
 from persistence.models import TABLE_NAME
 from persistence.repository import SessionRepository, UpsertResult, create_engine
+from persistence.rows import row_of_session
 from tests import factories as f
 from tests.factories import scope, session_key, session_write, snapshot, specs, stored_session
 from tests.servers import Database, PostgresServer
@@ -104,6 +106,9 @@ def rich_session(key: SessionKey) -> StoredSession:
     )
 
 
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
 # ----------------------------------------------------------------------------- writes
 
 
@@ -152,6 +157,22 @@ def test_one_batch_writes_the_newer_rows_and_fences_the_others(repo: SessionRepo
     assert result.stale_equal == [(equal, 2, 2)]
     assert result.ahead == [(behind, 9, 8)]
     assert repo.get(behind) == flushed(session(behind, 9))
+
+
+def test_the_pooled_upsert_fences_alike_and_opens_no_thread_connection(
+    repo: SessionRepository,
+) -> None:
+    """``direct=False`` (durable pauses from application threads): the same statement and
+    fence on the engine's bounded pool, and no per-thread connection left behind."""
+    newer, behind = session_key(node="newer"), session_key(node="behind")
+    repo.upsert_fenced([session(behind, 9)])
+    made = len(repo._direct._made)
+    rows = [row_of_session(session(k, v), NOW) for k, v in ((newer, 1), (behind, 8))]
+    result = repo.upsert_rows(rows, direct=False)
+    assert result.written == [(newer, 1)]
+    assert result.ahead == [(behind, 9, 8)]
+    assert repo.get(newer) == flushed(session(newer, 1))
+    assert len(repo._direct._made) == made
 
 
 def test_duplicate_keys_in_one_batch_collapse_to_the_highest_version(

@@ -255,6 +255,18 @@ def test_run_set_holds_short_members_and_still_reads_full_names(
     assert list(cache.end_run(run, "succeeded").keys) == expected
 
 
+def test_a_run_set_lost_to_eviction_is_rebuilt_by_the_next_save_of_a_dirty_session(
+    cache: RedisSessionCache, client: RedisClient, key: SessionKey
+) -> None:
+    """The set has a TTL, so volatile-* may evict it while its sessions stay dirty."""
+    cache.save(key, f.session_write())
+    run_set = cache.keys.run_sessions(f.run_of(key))
+    client.delete(run_set)
+    assert cache.save(key, f.session_write(), expected_version=1) == 2  # still dirty
+    assert cache.run_sessions(f.run_of(key)) == [key]
+    assert int(client.pttl(run_set)) > 0  # type: ignore[arg-type]
+
+
 # --- retire ---------------------------------------------------------------------------
 
 

@@ -58,6 +58,7 @@ def test_missing_times_become_now_and_missing_options_none() -> None:
     [
         ("version", b"seven", "not an integer"),
         ("status", b"sleeping", "unknown SessionStatus"),
+        ("closed_by", b"someone", "unknown ClosedBy"),
         ("snapshot", b"\x81\xa1a", "not a msgpack snapshot"),
         ("snapshot", b"\x80trailing", "not a msgpack snapshot"),
         ("layer_specs", b"\x91\x01", "not a msgpack layer_specs"),

@@ -138,6 +138,8 @@ def flush(wait: bool, timeout: float, threads: int | None, as_json: bool) -> Non
     """
     from workers.context import WorkerContext
 
+    if threads is not None and not wait:
+        raise click.UsageError("--threads applies to --wait only (the workers flush otherwise)")
     ctx = WorkerContext.from_settings(Settings())
     result = _drain(ctx, timeout, threads) if wait else _enqueue_all(ctx)
     if as_json:

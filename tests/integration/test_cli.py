@@ -133,6 +133,24 @@ def test_flush_wait_drains_everything_and_reports_it(ctx: WorkerContext) -> None
     assert all(ctx.repo.get(key) is not None for key in keys)
 
 
+def test_flush_wait_with_threads_drains_in_threads(ctx: WorkerContext) -> None:
+    migrate(ctx)
+    keys = saved(ctx, 20)
+    report = json_out(ctx, "flush", "--wait", "--threads", "3")
+    assert report == {"drained": True, "written": 20, "poisoned": 0, "left": 0}
+    assert all(ctx.repo.get(key) is not None for key in keys)
+
+
+def test_flush_threads_without_wait_is_a_usage_error_that_queues_nothing(
+    ctx: WorkerContext,
+) -> None:
+    saved(ctx, 2)
+    result = cli(ctx, "flush", "--threads", "2", check=False)
+    assert result.returncode == 2
+    assert "--threads applies to --wait only" in result.stderr
+    assert ctx.flush_queue.count == 0
+
+
 def test_flush_without_wait_queues_urgent_jobs_a_worker_runs(ctx: WorkerContext) -> None:
     """`flush` queues one urgent job per dirty shard; `worker` runs them."""
     migrate(ctx)

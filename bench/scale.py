@@ -7,8 +7,9 @@ ten Agent nodes per workflow run, each size in two hash encodings: **default** (
 **listpack** (``hash-max-listpack-value 16384``: the whole session hash is one listpack).
 The fill is then acknowledged as flushed (``ack_flush`` per shard, as a flush would), so the
 sessions are in their steady state: clean, with TTLs. One iteration = ``RedisSessionCache.load``
-+ ``save`` at the loaded version of a random session; the four servers are timed in
-alternating blocks.
++ ``save`` at the loaded version of a random session, which it finds clean (what the blocks
+saved is acknowledged between them, untimed, as a flush between a loop's iterations would);
+the four servers are timed in alternating blocks.
 
 - value = speed large/small on the default encoding = per-iteration time small / large (goal
   >= 0.9: no slowdown with size); the listpack servers' speed and the listpack/default speed
@@ -74,7 +75,8 @@ class Plan:
 
 
 QUICK = Plan(small=1_000, large=20_000, blocks=6, per_block=400, warmup=200)
-FULL = Plan(small=1_000, large=100_000, blocks=10, per_block=1500, warmup=500)
+FULL = Plan(small=1_000, large=100_000, blocks=15, per_block=1000, warmup=500)
+"""``per_block`` <= ``small``: no session is saved twice between two settles."""
 
 
 def build_writes() -> list[SessionWrite]:
@@ -130,11 +132,12 @@ def _payload_bytes(cache: RedisSessionCache, writes: Sequence[SessionWrite], n: 
     return sum(sizes[i % len(sizes)] for i in range(n)) / n
 
 
-def _ack_all(cache: RedisSessionCache, keys: Sequence[SessionKey]) -> None:
-    """Acknowledge every session at version 1, as a flush of all of them would."""
+def _ack_all(cache: RedisSessionCache, saved: Sequence[tuple[SessionKey, int]]) -> None:
+    """Acknowledge every ``(session, version)``, as a flush of all of them would."""
     by_shard: dict[int, list[tuple[str, int]]] = {}
-    for key in keys:
-        by_shard.setdefault(cache.keys.shard_of_key(key), []).append((cache.keys.session(key), 1))
+    for key, version in saved:
+        name = cache.keys.session(key)
+        by_shard.setdefault(cache.keys.shard_of_key(key), []).append((name, version))
     for shard, flushed in by_shard.items():
         for i in range(0, len(flushed), ACK_CHUNK):
             cache.ack_flush(shard, flushed[i : i + ACK_CHUNK])
@@ -149,7 +152,7 @@ def fill(cache: RedisSessionCache, count: int, writes: Sequence[SessionWrite]) -
         raise RuntimeError(f"the fill saved {accepted} of {count}")
     filled = Filled(cache, keys, _payload_bytes(cache, writes, count))
     filled.dirty_overhead = (_used_memory(client) - before) / count - filled.payload_bytes
-    _ack_all(cache, keys)
+    _ack_all(cache, [(key, 1) for key in keys])
     filled.clean_overhead = (_used_memory(client) - before) / count - filled.payload_bytes
     filled.breakdown = memory_breakdown(filled)
     filled.rounding = filled.breakdown["payload_rounding"]
@@ -157,7 +160,14 @@ def fill(cache: RedisSessionCache, count: int, writes: Sequence[SessionWrite]) -
 
 
 class Iteration:
-    """Load + save at the loaded version of a random session, keeping its snapshot size."""
+    """Load + save at the loaded version of a random session, keeping its snapshot size.
+
+    Sessions come in a shuffled cycle (no session twice within ``len(keys)`` calls), and
+    :meth:`settle` acknowledges what was saved (untimed, between blocks), so every timed
+    save finds its session clean, on both servers alike: a loop whose iterations are flushed
+    in between. (Without it the small server's sessions would all be dirty after one cycle
+    and take the cheaper already-dirty path, while the large one's are clean.)
+    """
 
     def __init__(self, filled: Filled, writes: Sequence[SessionWrite], seed: int) -> None:
         self.cache = filled.cache
@@ -166,12 +176,21 @@ class Iteration:
         order = list(range(len(self.keys)))
         random.Random(seed).shuffle(order)
         self._order = itertools.cycle(order)
+        self._saved: list[tuple[SessionKey, int]] = []
 
     def __call__(self) -> None:
         i = next(self._order)
         key = self.keys[i]
         loaded = self.cache.load(key)
-        self.cache.save(key, self.writes[i % len(self.writes)], expected_version=loaded.version)
+        version = self.cache.save(
+            key, self.writes[i % len(self.writes)], expected_version=loaded.version
+        )
+        self._saved.append((key, version))
+
+    def settle(self) -> None:
+        """Acknowledge every save since the last call, as a flush would."""
+        _ack_all(self.cache, self._saved)
+        self._saved.clear()
 
 
 def _progress(plan: Plan) -> Callable[[int, Mapping[str, list[int]]], None]:
@@ -204,12 +223,20 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Filled]]
                 filled[f"{size}_{encoding}"] = fill(_open_cache(stack, config), count, writes)
                 print(f"  {size} ({encoding} encoding): {count:,} sessions filled", flush=True)
         print("  timing…", flush=True)
+        arms = {arm: Iteration(one, writes, 5) for arm, one in filled.items()}
+        for arm in arms.values():
+            for _ in range(plan.warmup):
+                arm()
+            arm.settle()
+        report = _progress(plan)
+
+        def settle_then_report(index: int, block: Mapping[str, list[int]]) -> None:
+            for arm in arms.values():
+                arm.settle()
+            report(index, block)
+
         samples = run_interleaved(
-            {arm: Iteration(one, writes, 5) for arm, one in filled.items()},
-            blocks=plan.blocks,
-            per_block=plan.per_block,
-            warmup=plan.warmup,
-            on_block=_progress(plan),
+            arms, blocks=plan.blocks, per_block=plan.per_block, on_block=settle_then_report
         )
     return samples, filled
 

@@ -134,7 +134,9 @@ def flush(wait: bool, timeout: float, threads: int | None, as_json: bool) -> Non
 
     Without --wait, enqueue an urgent flush job for every shard with dirty sessions (the
     workers do the writing). With --wait, flush in this process until nothing is dirty:
-    use it before a deploy or a Redis shutdown. Exit status 1 if sessions are left.
+    use it before a deploy or a Redis shutdown. Exit status 1 if sessions are left dirty or
+    parked in the poison hashes (`agent-sessions poison list`): Postgres lacks their Redis
+    version, so shutting Redis down without persistence would lose them.
     """
     from workers.context import WorkerContext
 
@@ -146,7 +148,7 @@ def flush(wait: bool, timeout: float, threads: int | None, as_json: bool) -> Non
         click.echo(json.dumps(result))
     else:
         click.echo(" ".join(f"{k}={v}" for k, v in result.items()))
-    if wait and result["left"]:
+    if wait and (result["left"] or result["parked"]):
         sys.exit(1)
 
 
@@ -162,6 +164,7 @@ def _drain(ctx: Any, timeout: float, threads: int | None) -> dict[str, Any]:
         "written": report.written,
         "poisoned": report.poisoned,
         "left": report.left,
+        "parked": report.parked,
     }
 
 

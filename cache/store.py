@@ -453,12 +453,13 @@ class RedisSessionCache:
         """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``."""
         names = [self.keys.session(self._of_run(run, key)) for key in keys]
         dirty = self.keys.dirty(self.keys.shard_of(run.tenant_id, run.workflow_run_id))
+        run_set = self.keys.run_sessions(run)
         moved = 0
         args: list[Any] = [now_iso(), self._ms(self.settings.cleaned_ttl_s)]
         for start in range(0, len(names), _CLEANUP_CHUNK):
             chunk = names[start : start + _CLEANUP_CHUNK]
             with translate_errors("beginning cleanup"):
-                reply = self.scripts.begin_cleanup(keys=[dirty, *chunk], args=args)
+                reply = self.scripts.begin_cleanup(keys=[dirty, run_set, *chunk], args=args)
             moved += int(check_code("begin_cleanup", reply, _OK)[1][0])
         return moved
 

@@ -28,6 +28,9 @@ class DrainReport:
     written: int = 0
     poisoned: int = 0
     left: int = 0
+    parked: int = 0
+    """Sessions in the poison hashes when the drain ended (parked by this drain or before):
+    they are not dirty, but Postgres does not hold their Redis version either."""
     passes: int = 0
 
 
@@ -55,6 +58,7 @@ def drain(
     with ThreadPoolExecutor(threads or ctx.settings.flush_threads, "drain") as pool:
         while not _drained(ctx, report, deadline, progress, pool):
             pass
+    report.parked = sum(ctx.cache.poison_sizes(list(ctx.cache.keys.all_shards())).values())
     return report
 
 

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
-from cache.errors import CorruptValue
+from cache.errors import CorruptValue, StoreOutOfMemory
 from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROWS, FLUSH_SECONDS
 from cache.records import RunRef, SessionKey
 from cache.store import DirtyEntry, RedisSessionCache
@@ -294,7 +294,10 @@ class _ShardFlush:
             by_run.setdefault(RunRef(key.tenant_id, key.workflow_run_id), []).append(key)
         for run, stopped in by_run.items():
             if self.cache.run_state(run).get("state") != "open":
-                self.cache.begin_cleanup(run, stopped)
+                try:
+                    self.cache.begin_cleanup(run, stopped)
+                except StoreOutOfMemory as exc:  # the rest of the batch is still acknowledged
+                    log.warning("flush: %s left to the reconciler: %s", run, exc)
         self.repo.recheck_runs(by_run)
 
     def poison(self, name: str, version: int, why: str, *, force: bool = False) -> None:

@@ -73,9 +73,16 @@ def reconcile_once(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> list[Recon
     due = ctx.repo.claim_due_runs(limit=limit, recheck_after_s=ctx.settings.reconcile_interval_s)
     done = []
     for run in due:
-        end = ctx.repo.run_end(run)
-        if end is not None:
-            done.append(reconcile_run(ctx, run, end.outcome))
+        try:
+            end = ctx.repo.run_end(run)
+            if end is not None:
+                done.append(reconcile_run(ctx, run, end.outcome))
+        except Exception:  # one run that keeps failing must not hold the others
+            log.exception(
+                "reconciling %s failed; it is checked again in %ss",
+                run,
+                ctx.settings.reconcile_interval_s,
+            )
     return done
 
 

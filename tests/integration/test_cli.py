@@ -129,7 +129,7 @@ def test_flush_wait_drains_everything_and_reports_it(ctx: WorkerContext) -> None
     migrate(ctx)
     keys = saved(ctx, 12)
     report = json_out(ctx, "flush", "--wait")
-    assert report == {"drained": True, "written": 12, "poisoned": 0, "left": 0}
+    assert report == {"drained": True, "written": 12, "poisoned": 0, "left": 0, "parked": 0}
     assert all(ctx.repo.get(key) is not None for key in keys)
 
 
@@ -137,7 +137,7 @@ def test_flush_wait_with_threads_drains_in_threads(ctx: WorkerContext) -> None:
     migrate(ctx)
     keys = saved(ctx, 20)
     report = json_out(ctx, "flush", "--wait", "--threads", "3")
-    assert report == {"drained": True, "written": 20, "poisoned": 0, "left": 0}
+    assert report == {"drained": True, "written": 20, "poisoned": 0, "left": 0, "parked": 0}
     assert all(ctx.repo.get(key) is not None for key in keys)
 
 
@@ -242,7 +242,7 @@ def test_stats_reports_backlog_poison_statuses_and_queues(ctx: WorkerContext) ->
     ctx.cache.quarantine(
         shard, "asc:{s000}:session:a:b:c:d:e", 1, "postgres refused: test", force=True
     )
-    cli(ctx, "flush", "--wait")
+    assert cli(ctx, "flush", "--wait", check=False).returncode == 1  # one parked session
     after = json_out(ctx, "stats")
     assert after["dirty_total"] == 0 and after["oldest_dirty_age_s"] is None
     assert after["poison"] == {"asc:{s000}:session:a:b:c:d:e": "v1: postgres refused: test"}
@@ -362,14 +362,17 @@ def test_poison_list_show_retry_and_drop(ctx: WorkerContext) -> None:
     ctx.cache.client.hset(corrupt_name, "snapshot", b"\xc1 not msgpack")
     shard = ctx.cache.keys.shard_of_key(good)
     assert ctx.cache.quarantine(shard, good_name, 2, "postgres refused: a fixed constraint")
-    cli(ctx, "flush", "--wait")  # parks the corrupt one
+    parking = cli(ctx, "flush", "--wait", "--json", check=False)  # parks the corrupt one
+    assert parking.returncode == 1  # drained, but two sessions are parked, not in Postgres
+    assert json.loads(parking.stdout.strip().splitlines()[-1])["parked"] == 2
     listed = json_out(ctx, "poison", "list")
     assert set(listed) == {good_name, corrupt_name}
     assert "cannot decode" in listed[corrupt_name]["reason"]  # type: ignore[index]
     shown = json_out(ctx, "poison", "show", corrupt_name)
     assert "corrupt" in shown["redis"] and shown["postgres"]["version"] == 1  # type: ignore[index]
     assert json_out(ctx, "poison", "retry", good_name)["sessions"] == {good_name: True}
-    cli(ctx, "flush", "--wait")
+    retried = cli(ctx, "flush", "--wait", "--json", check=False)
+    assert json.loads(retried.stdout.strip().splitlines()[-1])["parked"] == 1  # the corrupt one
     row = ctx.repo.get(good)
     assert row is not None and row.version == 2
     refused = cli(ctx, "poison", "drop", corrupt_name, check=False)  # no --yes, no terminal

@@ -33,6 +33,7 @@ from workers.backend_models import CreateRunRequest
 from workers.cleanup import Cleaner, CleanupFailed
 from workers.context import WorkerContext
 from workers.drain import drain
+from workers.reconcile import reconcile_once
 
 StartWorker = Callable[[WorkerContext], WorkerProcess]
 RUN = RunRef(f.TENANT, f.RUN)
@@ -260,6 +261,24 @@ def test_a_crash_between_the_end_and_the_cleanup_is_finished_by_the_reconciler(
         60,
     )
     wait_for(lambda: getattr(ctx.repo.run_end(RUN), "settled", False), "the run settled", 30)
+
+
+def test_a_run_that_keeps_failing_to_reconcile_does_not_hold_the_others(
+    redis_client: redis.Redis, redis_url: str, migrated: Database
+) -> None:
+    ctx = make_ctx(redis_url, migrated.url, reconcile_grace_s=0, reconcile_interval_s=60)
+    lc = SessionLifecycle(ctx)
+    broken, healthy = RunRef(f.TENANT, "run-broken"), RunRef(f.TENANT, "run-healthy")
+    for run in (broken, healthy):
+        finish(lc, f.scope(run=run.workflow_run_id), 1)
+        ctx.repo.record_run_end(run, "succeeded", check_after_s=0)
+    redis_client.sadd(ctx.cache.keys.run_sessions(broken), "not:a:member%ZZ")  # unparseable
+    done = reconcile_once(ctx)
+    assert [r.sessions for r in done] == [1]  # the healthy run; the broken one was logged
+    assert redis_status(ctx, key_of(f.scope(run=healthy.workflow_run_id))) in (
+        SessionStatus.CLEANING,
+        SessionStatus.CLEANED,
+    )
 
 
 def test_workflow_ended_may_be_called_again_until_it_returns(

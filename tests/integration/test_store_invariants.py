@@ -267,6 +267,22 @@ def test_a_run_set_lost_to_eviction_is_rebuilt_by_the_next_save_of_a_dirty_sessi
     assert int(client.pttl(run_set)) > 0  # type: ignore[arg-type]
 
 
+def test_begin_cleanup_puts_back_run_set_members_lost_to_eviction(
+    cache: RedisSessionCache, client: RedisClient
+) -> None:
+    """A run set evicted before the end must not let the run settle without a session."""
+    keys = keys_of_run(2)
+    for k in keys:
+        cache.save(k, f.session_write())
+    run = f.run_of(keys[0])
+    client.delete(cache.keys.run_sessions(run))
+    assert cache.end_run(run, "succeeded").keys == ()
+    assert cache.begin_cleanup(run, keys) == 2
+    assert cache.run_sessions(run) == sorted(keys, key=SessionKey.parts)
+    assert cache.begin_cleanup(run, [f.session_key(node="never-saved")]) == 0
+    assert cache.run_sessions(run) == sorted(keys, key=SessionKey.parts)  # no phantom member
+
+
 # --- retire ---------------------------------------------------------------------------
 
 

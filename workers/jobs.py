@@ -7,6 +7,7 @@ any importable function.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -65,10 +66,11 @@ def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
             flushes += report.locked
             if not report.full or not report.locked:
                 break
-    finally:  # counted once per job: the counters cost a round trip
-        ctx.cache.count(
-            rows_flushed=totals.written, rows_poisoned=len(totals.poisoned), flushes=flushes
-        )
+    finally:  # counted once per job (a round trip); best effort, never the job's failure
+        with contextlib.suppress(StoreUnavailable):
+            ctx.cache.count(
+                rows_flushed=totals.written, rows_poisoned=len(totals.poisoned), flushes=flushes
+            )
     log.info("flush s%03d: %s", shard, totals)
     return {
         "shard": shard,

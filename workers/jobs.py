@@ -61,11 +61,14 @@ def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
         for _ in range(MAX_BATCHES_PER_JOB):
             report = _with_retries(ctx, lambda: _flush_once(ctx, shard, urgent))
             if urgent and not report.locked:
-                _request_urgent_again(ctx, shard)
+                _request_urgent_again(ctx, shard, "it stayed locked")
             _add(totals, report)
             flushes += report.locked
             if not report.full or not report.locked:
                 break
+        else:  # the budget ran out with full batches left: a pause may sit deeper
+            if urgent:
+                _request_urgent_again(ctx, shard, "its batch budget ran out")
     finally:  # counted once per job (a round trip); best effort, never the job's failure
         with contextlib.suppress(StoreUnavailable):
             ctx.cache.count(
@@ -101,10 +104,11 @@ def _flush_once(ctx: WorkerContext, shard: int, urgent: bool) -> FlushReport:
     )
 
 
-def _request_urgent_again(ctx: WorkerContext, shard: int) -> None:
-    """Another flush held the shard all along and may have read its batch before the save
-    this job is for: queue one more urgent job rather than leave it to the delay."""
-    log.info("flush s%03d stayed locked for %ss; asking again", shard, URGENT_LOCK_WAIT_S)
+def _request_urgent_again(ctx: WorkerContext, shard: int, why: str) -> None:
+    """The save this job is for may not be flushed yet: another flush held the shard all
+    along (and may have read its batch before the save), or the backlog is deeper than one
+    job's budget. Queue one more urgent job rather than leave it to the delay."""
+    log.info("urgent flush s%03d: %s; asking again", shard, why)
     request_flush(
         ctx.flush_queue,
         ctx.settings.key_prefix,

@@ -15,9 +15,11 @@ from tests import factories as f
 from tests.integration.support import (
     WorkerProcess,
     make_ctx,
+    urgent_flush_queued,
     wait_for,
 )
 from tests.servers import Database, PostgresServer, fresh_database
+from workers import jobs
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
 from workers.flush import flush_shard
@@ -274,6 +276,22 @@ def test_urgent_flush_job_ignores_the_flush_delay(
     request = request_flush(ctx.flush_queue, "asc", shard, urgent=True, pending_ms=5000)
     assert request is FlushRequest.ENQUEUED
     wait_for(lambda: ctx.repo.get(key) is not None, "the urgent flush", 30)
+
+
+def test_an_urgent_job_whose_budget_runs_out_asks_for_another(
+    redis_client: object, redis_url: str, migrated: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause deeper in a backlog than one job's batches still gets flushed urgently."""
+    ctx = make_ctx(redis_url, migrated.url, shards=1, flush_batch=1, flush_delay_ms=3_600_000)
+    for i in range(jobs.MAX_BATCHES_PER_JOB + 3):
+        ctx.cache.save(f.session_key(node=f"node-{i}"), f.session_write())
+    monkeypatch.setattr(jobs, "current", lambda: ctx)
+    done = jobs.flush_job(0, urgent=True)
+    assert done["written"] == jobs.MAX_BATCHES_PER_JOB
+    assert urgent_flush_queued(ctx, 0)
+    ctx.flush_queue.empty()
+    assert jobs.flush_job(0, urgent=True)["written"] == 3
+    assert not urgent_flush_queued(ctx, 0)  # nothing left: no job asked for
 
 
 def test_an_undecodable_session_is_parked_once_and_never_loops(ctx: WorkerContext) -> None:

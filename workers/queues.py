@@ -6,17 +6,21 @@ can take a concurrent unique enqueue off the list and leave its hash ``queued`` 
 abandoned or retried job holds its id for minutes). What keeps the queue small instead is a
 *pending marker* per shard in the queue's Redis: a request sets it (``SET NX PX``) and
 enqueues a job only if it was not set; the job clears it as soon as it starts, so a save
-made after the job read its batch always gets a job of its own. The marker expires after
-:func:`pending_ttl_ms`, so a job lost in any way (a crash between marker and enqueue, a
-flushed queue) holds nothing for longer than that, and the trigger requests again while
-entries stay dirty. Duplicate jobs are harmless: the shard lock serializes them and the
-version fence makes a repeated write a no-op.
+made after the job read its batch always gets a job of its own. A marker holds only while
+its job really waits: RQ's hash of it says ``queued`` and its id is on the queue's list.
+A job lost in any way (a crash between marker and enqueue, a flushed queue, a worker killed
+between taking the job and starting it, a job RQ dropped after its queue TTL) leaves a
+marker the next request takes over at once; and the marker's TTL (:func:`pending_ttl_ms`,
+the job's queue TTL) bounds it whatever happens. So busy workers never make the trigger
+queue a job per shard per pass, and the trigger requests again while entries stay dirty.
+Duplicate jobs are harmless: the shard lock serializes them and the version fence makes a
+repeated write a no-op.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from typing import cast
@@ -36,7 +40,6 @@ FLUSH_FAILURE_TTL_S = 60
 """A failed flush job is kept this long for ``rq info``; the trigger has re-requested by then."""
 FLUSH_QUEUED_TTL_S = 300
 """A job still queued after this long is dropped by RQ; the trigger has requested another."""
-MIN_PENDING_TTL_MS = 1000
 POSTGRES_BACKOFF_MS = 2000
 """After a flush job found Postgres unavailable, no new flush job is requested for this long."""
 
@@ -90,8 +93,9 @@ def translate_queue_errors(what: str) -> Iterator[None]:
 
 
 def pending_ttl_ms(settings: Settings) -> int:
-    """How long a flush request holds its shard's marker before the trigger may ask again."""
-    return max(settings.flush_delay_ms, MIN_PENDING_TTL_MS)
+    """The longest a flush request's marker can hold its shard: the job's queue TTL (the
+    marker holds only while its job waits in the queue, see :func:`claim_flush_marker`)."""
+    return max(settings.flush_delay_ms, FLUSH_QUEUED_TTL_S * 1000)
 
 
 def pending_key(prefix: str, shard: int, *, urgent: bool) -> str:
@@ -110,7 +114,7 @@ def request_flush(
     job_id = f"{prefix}-flush-s{shard:03d}-{kind}-{secrets.token_hex(6)}"
     marker = pending_key(prefix, shard, urgent=urgent)
     with translate_queue_errors(f"requesting a flush of shard {shard}"):
-        if not claim_marker(queue.connection, marker, job_id, pending_ms):
+        if not claim_flush_marker(queue, marker, job_id, pending_ms):
             return FlushRequest.PENDING
         try:
             queue.enqueue(
@@ -130,10 +134,17 @@ def request_flush(
     return FlushRequest.ENQUEUED
 
 
-def claim_marker(connection: redis.Redis, marker: str, job_id: str, ttl_ms: int) -> bool:
-    """Set ``marker`` to ``job_id`` unless it names another job that RQ still has.
+def claim_marker(
+    connection: redis.Redis,
+    marker: str,
+    job_id: str,
+    ttl_ms: int,
+    holds: Callable[[str], bool] | None = None,
+) -> bool:
+    """Set ``marker`` to ``job_id`` unless it names another job that still ``holds`` it
+    (default: RQ still has the job's hash).
 
-    A marker whose job hash is gone (the queue's Redis lost its jobs, or a crash came
+    A marker whose job no longer holds it (the queue's Redis lost its jobs, or a crash came
     between marker and enqueue) is stale and taken over at once instead of at its TTL. At
     worst two requests both take it and two jobs run: harmless.
     """
@@ -143,10 +154,29 @@ def claim_marker(connection: redis.Redis, marker: str, job_id: str, ttl_ms: int)
     if held is None:
         return bool(connection.set(marker, job_id, nx=True, px=ttl_ms))
     holder = held.decode(errors="replace")
-    if connection.exists(Job.key_for(holder)):
+    if holds(holder) if holds is not None else connection.exists(Job.key_for(holder)):
         return False
     clear_pending(connection, marker, holder)
     return bool(connection.set(marker, job_id, nx=True, px=ttl_ms))
+
+
+def claim_flush_marker(queue: Queue, marker: str, job_id: str, ttl_ms: int) -> bool:
+    """:func:`claim_marker` for a flush job: the holder holds only while it waits in
+    ``queue`` (a started job has cleared its marker; one that is not on the list will never
+    start)."""
+    return claim_marker(
+        queue.connection, marker, job_id, ttl_ms, holds=lambda held: waiting(queue, held)
+    )
+
+
+def waiting(queue: Queue, job_id: str) -> bool:
+    """Whether ``job_id`` waits in ``queue``: its hash says ``queued`` and it is on the
+    list (RQ 3.0 keeps a job's status in its hash's ``status`` field)."""
+    with queue.connection.pipeline(transaction=False) as pipe:
+        pipe.hget(Job.key_for(job_id), "status")
+        pipe.lpos(queue.key, job_id)
+        status, position = pipe.execute()
+    return bool(status == b"queued" and position is not None)
 
 
 def clear_pending(connection: redis.Redis, marker: str, job_id: str) -> None:

@@ -4,10 +4,11 @@ One pass reads every shard's backlog in one pipeline (``ZCARD`` + oldest score) 
 a flush for each shard whose oldest entry is older than ``flush_delay_ms``. Passes run every
 ``flush_delay_ms / 2``. Dirty state lives in Redis, not in any job, so the same pass is also
 the sweep that re-finds work a crashed process, a lost job or a killed worker left behind:
-a request is only skipped while a job of the shard that has not started yet exists, and
-that pending marker expires (``workers.queues.pending_ttl_ms``). So an entry that is due
-gets a fresh job within about ``flush_delay_ms / 2 + pending_ttl`` whatever RQ did to the
-previous one, and within ``flush_lock_ttl_s`` more if a killed flusher held its shard.
+a request is only skipped while a job of the shard waits in the queue (its pending marker
+names a job RQ still has queued, on the list: ``workers.queues.claim_flush_marker``). So an
+entry that is due gets a job within about ``flush_delay_ms / 2`` whatever RQ did to the
+previous one (or is flushed by the waiting job when a worker takes it), and within
+``flush_lock_ttl_s`` more if a killed flusher held its shard.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from tests.servers import Database, RedisServer
 from workers.backend_models import CreateRunRequest
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
+from workers.queues import FlushRequest, pending_ttl_ms, request_flush
 
 TABLE = "workflow_agent_runtime_sessions"
 
@@ -94,6 +95,35 @@ def test_an_orphaned_rq_job_id_never_stops_a_shard_from_flushing(
     ctx.cache.save(key, f.session_write())
     pool(ctx, 1)
     wait_for(lambda: in_postgres(ctx, key, 1), "the orphaned shard to be flushed", 20)
+
+
+def test_a_waiting_flush_job_holds_its_shard_however_long_workers_are_busy(
+    redis_client: redis.Redis, redis_url: str, migrated: Database
+) -> None:
+    """Busy workers (every one in a long cleanup) must not make each trigger pass queue
+    another job per due shard: the marker holds while its job waits, past the flush delay."""
+    ctx = make_ctx(redis_url, migrated.url, shards=1, flush_delay_ms=300)
+    ms = pending_ttl_ms(ctx.settings)
+    assert request_flush(ctx.flush_queue, "asc", 0, pending_ms=ms) is FlushRequest.ENQUEUED
+    time.sleep(1.2)  # longer than the flush delay and the 1 s the marker used to live
+    for _ in range(3):
+        assert request_flush(ctx.flush_queue, "asc", 0, pending_ms=ms) is FlushRequest.PENDING
+    assert ctx.flush_queue.count == 1
+
+
+@pytest.mark.parametrize("fate", ["taken and killed before it started", "off every list"])
+def test_a_marker_whose_job_no_longer_waits_is_taken_over_at_once(
+    redis_client: redis.Redis, redis_url: str, migrated: Database, fate: str
+) -> None:
+    ctx = make_ctx(redis_url, migrated.url, shards=1, flush_delay_ms=300)
+    queue, ms = ctx.flush_queue, pending_ttl_ms(ctx.settings)
+    assert request_flush(queue, "asc", 0, pending_ms=ms) is FlushRequest.ENQUEUED
+    [job_id] = queue.job_ids
+    queue.connection.lrem(queue.key, 0, job_id)  # a worker took it, or RQ lost it
+    if fate.startswith("taken"):
+        queue.connection.hset(Job.key_for(job_id), "status", "started")
+    assert request_flush(queue, "asc", 0, pending_ms=ms) is FlushRequest.ENQUEUED
+    assert len(queue.job_ids) == 1 and queue.job_ids[0] != job_id
 
 
 def test_concurrent_urgent_pauses_on_one_shard_all_land_and_none_is_misreported(

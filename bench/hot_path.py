@@ -248,10 +248,10 @@ def _codec_costs(cache: RedisSessionCache, ours: OursLoop) -> dict[str, float]:
     name = cache.keys.session(key)
     raw = cast(dict[bytes, bytes], cache.client.hgetall(name))
     decode = time_calls(lambda: cache.codec.decode_session(name, key, raw), 2000)
-    encode = time_calls(lambda: cache.codec.write_fields(ours.write), 2000)
+    encode = time_calls(lambda: cache.codec.write_values(ours.write), 2000)
     return {
         "decode_session": round(median(decode) / 1000, 1),
-        "write_fields": round(median(encode) / 1000, 1),
+        "write_values": round(median(encode) / 1000, 1),
     }
 
 

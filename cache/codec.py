@@ -93,10 +93,6 @@ def decode_snapshot(data: bytes) -> Snapshot:
     return _SNAPSHOT_DECODER.decode(data)
 
 
-def decode_specs(data: bytes) -> tuple[LayerSpec, ...]:
-    return _SPECS_DECODER.decode(data)
-
-
 def encode_specs_json(specs: Sequence[LayerSpec]) -> str:
     """The JSON text of a spec list (Postgres' ``layer_specs`` column)."""
     return _JSON_ENCODER.encode(tuple(specs)).decode()

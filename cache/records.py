@@ -135,8 +135,8 @@ class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The agent's layer states between backend runs, in compositor order.
 
     One type from the backend's JSON to Redis (msgpack) to Postgres (``bytea``): decoding
-    checks the shape in C; :func:`cache.validate.check_snapshot` checks the values once, when
-    a snapshot is saved. Constructing one does not validate it.
+    checks the shape in C; :func:`cache.codec.check_snapshot` checks the values once, when a
+    snapshot is saved. Constructing one does not validate it.
     """
 
     layers: tuple[SnapshotLayer, ...]
@@ -201,10 +201,6 @@ def _convert(data: object, kind: type[_Converted], what: str) -> _Converted:
 
 def specs_from_list(data: object) -> tuple[LayerSpec, ...]:
     return _convert(data, tuple[LayerSpec, ...], "layer specs")
-
-
-def specs_to_list(specs: Sequence[LayerSpec]) -> list[dict[str, JsonValue]]:
-    return msgspec.to_builtins(list(specs))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,13 +215,7 @@ class RedisSessionCache:
         names = self.keys.names(key)
         commands = [("HGETALL", names.session), ("HGET", names.run, "state")]
         with translate_errors(f"loading {names.session}"):
-            if self.wire is not None:
-                fields, state = self.wire.run(commands, retry=True)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                pipe.execute_command(*commands[0])
-                pipe.execute_command(*commands[1])
-                fields, state = pipe.execute(raise_on_error=False)
+            fields, state = self._reads(commands)
         for reply in (fields, state):
             if isinstance(reply, Exception):
                 raise StoreUnavailable(f"loading {names.session}: {reply}") from reply
@@ -264,14 +258,19 @@ class RedisSessionCache:
         of them (gone); a :class:`CorruptValue` for a name or a key that is not a session's."""
         commands = [("HMGET", name, *fields) for name in names]
         with translate_errors("reading sessions"):
-            if self.wire is not None:
-                replies = self.wire.run(commands, retry=True)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = pipe.execute(raise_on_error=False)
+            replies = self._reads(commands)
         return [self._fields(name, reply) for name, reply in zip(names, replies, strict=True)]
+
+    def _reads(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Read-only ``commands`` in one round trip, on this thread's pinned connection when
+        there is one (resent once after a lost connection); a reply that is an error comes
+        back as the exception instance."""
+        if self.wire is not None:
+            return self.wire.run(commands, retry=True)
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
 
     def _fields(self, name: str, reply: Any) -> FieldsRead:
         if isinstance(reply, redis.ResponseError):
@@ -348,10 +347,7 @@ class RedisSessionCache:
         )
         name = keys[0]
         with translate_errors(f"saving {name}"):
-            if self.wire is not None:
-                reply = self.wire.evalsha(self.scripts.save, keys, args)
-            else:
-                reply = self.scripts.save(keys=keys, args=args)
+            reply = self._call(self.scripts.save, keys, args)
         try:
             _, values = check_code("save", reply, _SAVE, key=name, expected=expected_version or 0)
         except Refused as exc:
@@ -511,8 +507,8 @@ class RedisSessionCache:
         return [DirtyEntry(name.decode(), int(since)) for name, since in pairs]
 
     def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """``EVALSHA`` on this thread's pinned connection when there is one (flusher threads
-        each keep theirs), else through the client."""
+        """``EVALSHA`` on this thread's pinned connection when there is one (a loop's saves,
+        each flusher thread's scripts), else through the client."""
         if self.wire is not None:
             return self.wire.evalsha(script, keys, args)
         return script(keys=keys, args=args)

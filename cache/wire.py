@@ -2,9 +2,10 @@
 
 redis-py spends more per command on its own machinery (a pool checkout and return, the
 client's command dispatch, response callbacks) than Redis spends answering a small command.
-The two calls a loop iteration makes (a load and a save) go through :class:`Wire` instead:
-each thread keeps one connection checked out of the client's pool for good, packs its
-commands itself, and reads the raw RESP replies. Everything else uses the client as usual.
+The two calls a loop iteration makes (a load and a save), and a flush's reads and scripts, go
+through :class:`Wire` instead: each thread keeps one connection of its own for good, packs
+its commands itself, and reads the raw RESP replies. Everything else uses the client as
+usual.
 
 Only for a standalone Redis; a cluster client routes by key and keeps its own connections.
 The connections are made with the pool's settings but outside its limit (a thread pool

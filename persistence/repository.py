@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import UserDefinedType
 
-from cache.codec import decode_snapshot
+from cache.codec import WRITE_TEXT_FIELDS, decode_snapshot
 from cache.records import (
     ClosedBy,
     RunRef,
@@ -58,15 +58,7 @@ from persistence.rows import COLUMNS, SessionRow, newest_per_key, row_of_session
 
 _CONNECT_TIMEOUT_S: Final = 5
 _KEY: Final = tuple(sessions.c[name] for name in KEY_COLUMNS)
-_DATA_TEXT_COLUMNS: Final = (  # SessionWrite fields stored as-is
-    "app_id",
-    "workflow_id",
-    "node_execution_id",
-    "agent_config_snapshot_id",
-    "backend_run_id",
-    "pending_form_id",
-    "pending_tool_call_id",
-)
+_DATA_TEXT_COLUMNS: Final = WRITE_TEXT_FIELDS  # SessionWrite fields stored as-is, same names
 
 Fenced = tuple[SessionKey, int, int]
 """``(key, stored_version, offered_version)`` of a row the version fence kept as it was."""

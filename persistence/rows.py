@@ -21,7 +21,7 @@ from typing import Any, Final
 import msgspec
 
 from cache.clock import parse_iso
-from cache.codec import encode, encode_specs_json, specs_json_of
+from cache.codec import WRITE_TEXT_FIELDS, encode, encode_specs_json, specs_json_of
 from cache.errors import CorruptValue
 from cache.records import ClosedBy, SessionKey, SessionStatus, StoredSession
 from persistence.models import KEY_COLUMNS, sessions
@@ -70,14 +70,8 @@ def row_of_session(session: StoredSession, now: datetime) -> SessionRow:
     """The row of a record; a missing created/updated time becomes ``now``."""
     data = session.data
     known: dict[str, Any] = dict(zip(KEY_COLUMNS, session.key.parts(), strict=True))
+    known |= {name: getattr(data, name) for name in WRITE_TEXT_FIELDS}
     known |= {
-        "app_id": data.app_id,
-        "workflow_id": data.workflow_id,
-        "node_execution_id": data.node_execution_id,
-        "agent_config_snapshot_id": data.agent_config_snapshot_id,
-        "backend_run_id": data.backend_run_id,
-        "pending_form_id": data.pending_form_id,
-        "pending_tool_call_id": data.pending_tool_call_id,
         "status": session.status.value,
         "version": session.version,
         "snapshot": session.snapshot_raw or encode("snapshot", data.snapshot),

@@ -14,7 +14,15 @@ from agent_sessions.lifecycle import (
     SessionLifecycle,
 )
 from cache.errors import AgentSessionsError
-from cache.records import LayerSpec, Scope, SessionKey, Snapshot, SnapshotLayer
+from cache.records import (
+    ConversationScope,
+    LayerSpec,
+    OwnerType,
+    Scope,
+    SessionKey,
+    Snapshot,
+    SnapshotLayer,
+)
 from cache.settings import Settings
 from workers.backend import AgentBackendClient
 from workers.backend_models import (
@@ -29,12 +37,14 @@ from workers.backend_models import (
 __all__ = [
     "AgentBackendClient",
     "AgentSessionsError",
+    "ConversationScope",
     "CreateRunRequest",
     "CreateRunResponse",
     "EndReport",
     "Entry",
     "LayerSpec",
     "NodeResult",
+    "OwnerType",
     "PauseRequest",
     "RunComposition",
     "RunLayerSpec",

@@ -18,7 +18,8 @@ SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services.sh
 
 @click.group()
 def inspect() -> None:
-    """Show a run or a session: Redis state (dirty, TTL, poison) beside Postgres."""
+    """Show a workflow run, a conversation, or one session of either: Redis state (dirty,
+    TTL, poison) beside Postgres."""
 
 
 @inspect.command("session")
@@ -50,6 +51,61 @@ def inspect_session(
         ctx.close()
     if result["redis"] is None and result["postgres"] is None:
         raise click.ClickException(f"no session {result['key']} in Redis or Postgres")
+    emit(result, as_json)
+
+
+@inspect.command("conversation-session")
+@click.argument("tenant_id")
+@click.argument("conversation_id")
+@click.argument("binding_id")
+@click.argument("agent_id")
+@click.argument("agent_config_snapshot_id")
+@click.option("--full", is_flag=True, help="Include the whole snapshot and layer specs.")
+@json_option
+def inspect_conversation_session(
+    *,
+    tenant_id: str,
+    conversation_id: str,
+    binding_id: str,
+    agent_id: str,
+    agent_config_snapshot_id: str,
+    full: bool,
+    as_json: bool,
+) -> None:
+    """One session of a conversation, by its five key IDs (the config snapshot id last)."""
+    from agent_sessions.inspection import inspect_session as gather
+
+    key = SessionKey.conversation(
+        tenant_id, conversation_id, binding_id, agent_id, agent_config_snapshot_id
+    )
+    ctx = context()
+    try:
+        result = gather(ctx, key, full=full)
+    finally:
+        ctx.close()
+    if result["redis"] is None and result["postgres"] is None:
+        raise click.ClickException(f"no session {result['key']} in Redis or Postgres")
+    emit(result, as_json)
+
+
+@inspect.command("conversation")
+@click.argument("tenant_id")
+@click.argument("conversation_id")
+@json_option
+def inspect_conversation(tenant_id: str, conversation_id: str, as_json: bool) -> None:
+    """A conversation: its state (the config each agent last saved with, its end), and each
+    session's status and version in Redis and Postgres."""
+    from agent_sessions.inspection import inspect_run as gather
+
+    ctx = context()
+    try:
+        result = gather(ctx, RunRef.conversation(tenant_id, conversation_id))
+    finally:
+        ctx.close()
+    if not result["run"] and not result["sessions"] and not result["ended_in_postgres"]:
+        raise click.ClickException(
+            f"no conversation {tenant_id}/{conversation_id} in Redis or Postgres"
+        )
     emit(result, as_json)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from cache.codec import pack
-from cache.records import RunRef, SessionKey, StoredSession
+from cache.records import OwnerType, RunRef, SessionKey, StoredSession
 from workers.context import WorkerContext
 
 MAX_POISON_LISTED = 50
@@ -40,8 +40,10 @@ def _record(session: StoredSession) -> dict[str, Any]:
     data = session.data
     return {
         "status": session.status.value,
+        "closed_by": session.closed_by.value if session.closed_by else None,
         "version": session.version,
         "flushed_version": session.flushed_version,
+        "agent_config_snapshot_id": data.agent_config_snapshot_id,
         "backend_run_id": data.backend_run_id,
         "node_execution_id": data.node_execution_id,
         "pending_form_id": data.pending_form_id,
@@ -74,6 +76,7 @@ def inspect_session(ctx: WorkerContext, key: SessionKey, *, full: bool) -> dict[
         }
     return {
         "key": name,
+        "owner_type": key.owner_type.value,
         "shard": shard,
         "redis": redis_side,
         "postgres": None
@@ -88,18 +91,17 @@ def _ttl(ctx: WorkerContext, name: str) -> int | None:
 
 
 def inspect_run(ctx: WorkerContext, run: RunRef) -> dict[str, Any]:
-    """A run's marker and every session of it, Redis beside Postgres."""
+    """An owner's marker (a workflow run's or a conversation's) and every session of it,
+    Redis beside Postgres."""
     cache = ctx.cache
     in_redis = {key: cache.load(key).record for key in cache.run_sessions(run)}
-    in_pg = {row.key: row for row in ctx.repo.list_run(run.tenant_id, run.workflow_run_id)}
+    in_pg = {row.key: row for row in ctx.repo.list_owner(run)}
     sessions = []
-    for key in sorted(set(in_redis) | set(in_pg), key=SessionKey.parts):
+    for key in sorted(set(in_redis) | set(in_pg), key=SessionKey.sort_key):
         redis_rec, pg_rec = in_redis.get(key), in_pg.get(key)
         sessions.append(
             {
-                "node_id": key.node_id,
-                "binding_id": key.binding_id,
-                "agent_id": key.agent_id,
+                **_member_ids(key),
                 "redis": None if redis_rec is None else _brief(redis_rec),
                 "postgres": None if pg_rec is None else _brief(pg_rec),
             }
@@ -110,9 +112,20 @@ def inspect_run(ctx: WorkerContext, run: RunRef) -> dict[str, Any]:
         "ended_in_postgres": None
         if end is None
         else {"outcome": end.outcome, "ended_at": end.ended_at, "settled": end.settled},
-        "shard": cache.keys.shard_of(run.tenant_id, run.workflow_run_id),
+        "shard": cache.keys.shard_of_owner(run),
         "sessions": sessions,
     }
+
+
+def _member_ids(key: SessionKey) -> dict[str, str]:
+    """The IDs that tell the owner's sessions apart."""
+    if key.owner_type is OwnerType.CONVERSATION:
+        return {
+            "binding_id": key.binding_id,
+            "agent_id": key.agent_id,
+            "agent_config_snapshot_id": key.config_id,
+        }
+    return {"node_id": key.node_id, "binding_id": key.binding_id, "agent_id": key.agent_id}
 
 
 def _brief(session: StoredSession) -> dict[str, Any]:
@@ -141,6 +154,7 @@ def stats(ctx: WorkerContext) -> dict[str, Any]:
         "oldest_dirty_age_s": round((now_ms - min(oldest)) / 1000, 3) if oldest else None,
         "poison": poison,
         "postgres_sessions_by_status": ctx.repo.count_by_status(),
+        "postgres_sessions_by_owner": ctx.repo.count_by_owner_and_status(),
         "ended_runs_not_settled": ctx.repo.count_unsettled_runs(),
         "cleanups_given_up": ctx.repo.count_cleanup_failures(),
         "queues": queue_depths(ctx),

@@ -9,6 +9,11 @@
     ...
     lifecycle.workflow_ended(tenant_id, workflow_run_id, "succeeded")
 
+The same calls serve a conversation's turns: pass a :class:`ConversationScope` instead of a
+:class:`Scope`, and end it with ``conversation_ended(tenant_id, conversation_id)`` (or let
+idle expiry retire its sessions). A turn with another ``agent_config_snapshot_id`` starts
+fresh and retires the session of the previous config.
+
 A store error never breaks the node: ``finish`` reports it in ``NodeResult.metadata``.
 Passing the ``entry`` back makes the save conditional on the version it read, so two
 concurrent entries of one session cannot silently overwrite each other.
@@ -26,6 +31,8 @@ from cache.codec import check_specs_once
 from cache.errors import AgentSessionsError, InvalidInput, VersionConflict
 from cache.records import (
     WORKFLOW_OUTCOMES,
+    ClosedBy,
+    ConversationScope,
     LayerSpec,
     RunRef,
     Scope,
@@ -34,8 +41,10 @@ from cache.records import (
     Snapshot,
 )
 from cache.settings import Settings
+from cache.store import Loaded
 from cache.validate import check_json, check_version
 from workers.backend_models import (
+    PURPOSES,
     CreateRunRequest,
     LayerExitSignals,
     RunComposition,
@@ -48,7 +57,7 @@ from workers.context import WorkerContext
 from workers.flush import flush_session
 from workers.queues import pending_ttl_ms, request_flush
 from workers.readthrough import load_through, save_through
-from workers.reconcile import reconcile_run
+from workers.reconcile import reconcile_run, retire_sessions
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +179,29 @@ def with_history(composition: RunComposition) -> RunComposition:
     return msgspec.structs.replace(composition, layers=[*layers[:at], HISTORY_LAYER, *layers[at:]])
 
 
-def idempotency_key(scope: Scope, attempt: int) -> str:
-    base = scope.node_execution_id
-    if scope.workflow_run_id is not None:
-        base = f"{scope.workflow_run_id}:{base}"
+def idempotency_key(scope: Scope | ConversationScope, attempt: int) -> str:
+    """``<run>:<node execution>`` or ``<conversation>:<message>``, ``:retry-n`` for n >= 1."""
+    if isinstance(scope, ConversationScope):
+        base = f"{scope.conversation_id}:{scope.message_id}"
+    else:
+        base = scope.node_execution_id
+        if scope.workflow_run_id is not None:
+            base = f"{scope.workflow_run_id}:{base}"
     return f"{base}:retry-{attempt}" if attempt >= 1 else base
 
 
-def scope_metadata(scope: Scope) -> dict[str, object]:
+def scope_metadata(scope: Scope | ConversationScope) -> dict[str, object]:
+    if isinstance(scope, ConversationScope):
+        return {
+            "tenant_id": scope.tenant_id,
+            "app_id": scope.app_id,
+            "owner_type": "conversation",
+            "conversation_id": scope.conversation_id,
+            "message_id": scope.message_id,
+            "binding_id": scope.binding_id,
+            "agent_id": scope.agent_id,
+            "agent_config_snapshot_id": scope.agent_config_snapshot_id,
+        }
     return {
         "tenant_id": scope.tenant_id,
         "app_id": scope.app_id,
@@ -206,18 +230,22 @@ class SessionLifecycle:
 
     # --- entry ---------------------------------------------------------------------------
 
-    def enter(self, scope: Scope) -> Entry:
+    def enter(self, scope: Scope | ConversationScope) -> Entry:
         """The resumable snapshot of the scope's session, or a fresh entry.
 
         Fresh means: no ``workflow_run_id``, no session, or a ``cleaned``/``cleaning`` one.
         The entry still carries the stored version, so ``finish`` can save conditionally.
+        A conversation's turn with another config snapshot than the agent's last session
+        retires that session (cleanup on the backend, ``closed_by=config_change``).
         Raises :class:`InvalidInput` for a bad scope, and the store's errors (a node that
         cannot read its state should fail rather than silently start over).
         """
-        key = _check(scope, Scope, "scope").key
+        key = _check_scope(scope).key
         if key is None:
             return Entry()
         loaded = load_through(self.ctx.cache, self.ctx.repo, key)
+        if isinstance(scope, ConversationScope) and not loaded.run_ended:
+            self._retire_other_configs(key, loaded)
         session = loaded.session
         if session is None:
             return Entry(version=loaded.version)
@@ -231,9 +259,32 @@ class SessionLifecycle:
             pending_tool_call_id=data.pending_tool_call_id,
         )
 
+    def _retire_other_configs(self, key: SessionKey, loaded: Loaded) -> None:
+        """Retire the agent's sessions of other config snapshots: the one Redis says was
+        saved last, and (when Postgres was asked anyway: a miss) every active one Postgres
+        holds. Best effort: what fails here, the conversation sweep retires later."""
+        stale: list[SessionKey] = []
+        try:
+            if loaded.current_config not in (None, key.config_id):
+                stale.append(
+                    SessionKey.conversation(
+                        key.tenant_id,
+                        key.owner_id,
+                        key.binding_id,
+                        key.agent_id,
+                        str(loaded.current_config),
+                    )
+                )
+            if loaded.record is None:
+                stale += self.ctx.repo.other_active_configs(key)
+            if stale:
+                retire_sessions(self.ctx, key.owner, stale, ClosedBy.CONFIG_CHANGE)
+        except AgentSessionsError as exc:
+            log.warning("retiring the other configs' sessions of %s failed: %s", key, exc)
+
     def build_request(
         self,
-        scope: Scope,
+        scope: Scope | ConversationScope,
         entry: Entry,
         composition: RunComposition,
         attempt: int = 0,
@@ -245,7 +296,7 @@ class SessionLifecycle:
 
         Raises only :class:`InvalidInput` (nothing is written).
         """
-        _check(scope, Scope, "scope")
+        key = _check_scope(scope).key
         _check(entry, Entry, "entry")
         _check(composition, RunComposition, "composition")
         check_version("attempt", attempt)
@@ -260,9 +311,10 @@ class SessionLifecycle:
         snapshot = None
         if entry.snapshot is not None:
             snapshot = entry.snapshot.aligned_to(sent.layer_names())
+        owner = key.owner_type if key is not None else None
         return CreateRunRequest(
             composition=sent,
-            purpose="workflow_node",
+            purpose=PURPOSES[owner] if owner is not None else "workflow_node",
             idempotency_key=idempotency_key(scope, attempt),
             metadata=extra,
             session_snapshot=snapshot,
@@ -272,7 +324,12 @@ class SessionLifecycle:
     # --- exit ----------------------------------------------------------------------------
 
     def finish(
-        self, scope: Scope, entry: Entry, outcome: RunOutcome, *, durable: bool | None = None
+        self,
+        scope: Scope | ConversationScope,
+        entry: Entry,
+        outcome: RunOutcome,
+        *,
+        durable: bool | None = None,
     ) -> NodeResult:
         """Store what the run left behind and say what the node reports.
 
@@ -307,7 +364,7 @@ class SessionLifecycle:
         )
 
     def _save(
-        self, scope: Scope, entry: Entry, outcome: RunOutcome, *, durable: bool
+        self, scope: Scope | ConversationScope, entry: Entry, outcome: RunOutcome, *, durable: bool
     ) -> NodeResult:
         key = scope.key
         if key is None or outcome.snapshot is None:
@@ -335,7 +392,7 @@ class SessionLifecycle:
             metadata |= self._durable_flush(key) if durable else self._urgent_flush(key)
         return NodeResult("completed", version=version, metadata=metadata)
 
-    def _retire(self, scope: Scope, outcome: RunOutcome) -> NodeResult:
+    def _retire(self, scope: Scope | ConversationScope, outcome: RunOutcome) -> NodeResult:
         error = outcome.error or f"agent backend run {outcome.status}"
         key = scope.key
         if key is None:
@@ -410,10 +467,19 @@ class SessionLifecycle:
                 f"workflow outcome must be one of {sorted(WORKFLOW_OUTCOMES)}, got {outcome!r}"
                 " (a pause is not an end)"
             )
-        run = RunRef(tenant_id, workflow_run_id)
+        return self._end(RunRef(tenant_id, workflow_run_id), outcome)
+
+    def conversation_ended(self, tenant_id: str, conversation_id: str) -> EndReport:
+        """End a conversation: refuse every later save of it, stop every session, queue
+        their cleanup (the same steps and guarantees as :meth:`workflow_ended`). A
+        conversation that merely goes quiet is not ended: idle expiry retires its sessions
+        and its next turn starts fresh."""
+        return self._end(RunRef.conversation(tenant_id, conversation_id), "ended")
+
+    def _end(self, owner: RunRef, outcome: str) -> EndReport:
         grace = self.ctx.settings.reconcile_grace_s
-        end, recorded = self.ctx.repo.record_run_end(run, outcome, check_after_s=grace)
-        done = reconcile_run(self.ctx, run, end.outcome)
+        end, recorded = self.ctx.repo.record_run_end(owner, outcome, check_after_s=grace)
+        done = reconcile_run(self.ctx, owner, end.outcome)
         return EndReport(
             sessions=done.sessions,
             moved_to_cleaning=done.moved_to_cleaning,
@@ -432,8 +498,16 @@ def _check(value: object, kind: type[_T], name: str) -> _T:
     return value
 
 
-def _check_finish(scope: Scope, entry: Entry, outcome: RunOutcome) -> None:
-    _check(scope, Scope, "scope")
+def _check_scope(scope: Scope | ConversationScope) -> Scope | ConversationScope:
+    if not isinstance(scope, Scope | ConversationScope):
+        raise InvalidInput(
+            f"scope must be a Scope or a ConversationScope, got {type(scope).__name__}"
+        )
+    return scope
+
+
+def _check_finish(scope: Scope | ConversationScope, entry: Entry, outcome: RunOutcome) -> None:
+    _check_scope(scope)
     _check(entry, Entry, "entry")
     _check(outcome, RunOutcome, "outcome")
     if outcome.status not in FINISH_STATUSES:

@@ -31,6 +31,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "loop_vs_postgres": Benchmark(
         "bench.loop_vs_postgres", "loop iteration: ours vs the Postgres-only original"
     ),
+    "conversation_turns": Benchmark(
+        "bench.conversation_turns", "chat turn: ours vs the Postgres-only original's app store"
+    ),
     "parallel_loops": Benchmark(
         "bench.parallel_loops", "iterations/s with N loop processes, ours vs original"
     ),

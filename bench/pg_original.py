@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from cache.records import LayerSpec, Scope, Snapshot
+from cache.records import ConversationScope, LayerSpec, Scope, Snapshot
 from workers.backend import AgentBackendClient
 from workers.backend_models import CreateRunRequest, LayerExitSignals, RunComposition
 
@@ -346,3 +346,134 @@ def cleanup_run_in_line(
         store.mark_cleaned(stored.scope, backend_run_id=created.run_id)
         cleaned += 1
     return cleaned, left
+
+
+# ------------------------------------------------------------------ conversations (LATER)
+
+CONVERSATION_TABLE: Final = "original_agent_app_runtime_sessions"
+
+
+class OriginalConversationSession(Base):
+    """The original's unified row (reference §1.4) as a conversation writes it: owner
+    ``conversation``, the workflow columns NULL, ``composition_layer_specs`` the literal
+    ``"[]"``; a partial unique index on ``(tenant_id, conversation_id, agent_id,
+    agent_config_snapshot_id)`` and a lookup index on ``(tenant_id, conversation_id,
+    status)``. Its own table, so it can sit next to the workflow arm's."""
+
+    __tablename__ = CONVERSATION_TABLE
+    __table_args__ = (
+        sa.Index(
+            "original_agent_runtime_session_conversation_scope_unique",
+            "tenant_id",
+            "conversation_id",
+            "agent_id",
+            "agent_config_snapshot_id",
+            unique=True,
+            postgresql_where=sa.text("conversation_id IS NOT NULL"),
+        ),
+        sa.Index(
+            "original_agent_runtime_session_conversation_lookup_idx",
+            "tenant_id",
+            "conversation_id",
+            "status",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(
+        sa.Uuid(as_uuid=False), primary_key=True, default=lambda: str(uuid.uuid4())
+    )
+    tenant_id: Mapped[str] = _uuid()
+    app_id: Mapped[str] = _uuid()
+    owner_type: Mapped[str] = mapped_column(sa.String(32), nullable=False)
+    workflow_id: Mapped[str | None] = mapped_column(sa.Uuid(as_uuid=False))
+    workflow_run_id: Mapped[str | None] = mapped_column(sa.Uuid(as_uuid=False))
+    node_id: Mapped[str | None] = mapped_column(sa.String(255))
+    node_execution_id: Mapped[str | None] = mapped_column(sa.String(255))
+    binding_id: Mapped[str | None] = mapped_column(sa.Uuid(as_uuid=False))
+    agent_id: Mapped[str] = _uuid()
+    agent_config_snapshot_id: Mapped[str | None] = mapped_column(sa.Uuid(as_uuid=False))
+    conversation_id: Mapped[str | None] = mapped_column(sa.Uuid(as_uuid=False))
+    backend_run_id: Mapped[str | None] = mapped_column(sa.String(255))
+    session_snapshot: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    composition_layer_specs: Mapped[str] = mapped_column(
+        sa.Text, nullable=False, server_default="[]"
+    )
+    status: Mapped[str] = mapped_column(sa.String(32), nullable=False, server_default=ACTIVE)
+    cleaned_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    created_at: Mapped[datetime] = mapped_column(
+        sa.DateTime, nullable=False, default=naive_utc_now, server_default=sa.func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        sa.DateTime,
+        nullable=False,
+        default=naive_utc_now,
+        server_default=sa.func.now(),
+        onupdate=sa.func.current_timestamp(),
+    )
+
+
+def _conversation_filter(scope: ConversationScope) -> list[sa.ColumnElement[bool]]:
+    row = OriginalConversationSession
+    return [
+        row.owner_type == "conversation",
+        row.tenant_id == scope.tenant_id,
+        row.conversation_id == scope.conversation_id,
+        row.agent_id == scope.agent_id,
+        row.agent_config_snapshot_id == scope.agent_config_snapshot_id,
+    ]
+
+
+class OriginalConversationStore:
+    """``AgentAppRuntimeSessionStore`` of the original: the workflow store's semantics on
+    the conversation scope (load the active row; save reads by key, updates or inserts,
+    commits; a ``cleaned`` row comes back ``active``; specs stored as ``"[]"``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def load(self, scope: ConversationScope) -> CompositorSessionSnapshot | None:
+        query = sa.select(OriginalConversationSession).where(
+            *_conversation_filter(scope), OriginalConversationSession.status == ACTIVE
+        )
+        with Session(self.engine, expire_on_commit=False) as session:
+            row = session.execute(query).scalar_one_or_none()
+            if row is None:
+                return None
+            return CompositorSessionSnapshot.model_validate_json(row.session_snapshot)
+
+    def save(
+        self,
+        scope: ConversationScope,
+        *,
+        backend_run_id: str | None,
+        snapshot: CompositorSessionSnapshot | None,
+    ) -> None:
+        if snapshot is None:
+            return
+        values = {
+            "backend_run_id": backend_run_id,
+            "session_snapshot": snapshot.model_dump_json(),
+            "composition_layer_specs": "[]",
+            "status": ACTIVE,
+            "cleaned_at": None,
+        }
+        with Session(self.engine, expire_on_commit=False) as session:
+            row = session.execute(
+                sa.select(OriginalConversationSession).where(*_conversation_filter(scope))
+            ).scalar_one_or_none()
+            if row is None:
+                session.add(
+                    OriginalConversationSession(
+                        owner_type="conversation",
+                        tenant_id=scope.tenant_id,
+                        app_id=scope.app_id,
+                        conversation_id=scope.conversation_id,
+                        agent_id=scope.agent_id,
+                        agent_config_snapshot_id=scope.agent_config_snapshot_id,
+                        **values,
+                    )
+                )
+            else:
+                for name, value in values.items():
+                    setattr(row, name, value)
+            session.commit()

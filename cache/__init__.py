@@ -21,8 +21,11 @@ from cache.errors import (
 from cache.keys import KeySpace
 from cache.records import (
     ClosedBy,
+    ConversationScope,
     LayerSpec,
     LifecycleState,
+    OwnerRef,
+    OwnerType,
     RunRef,
     Scope,
     SessionKey,
@@ -40,6 +43,7 @@ __all__ = [
     "BacklogFull",
     "ClosedBy",
     "ConfigurationError",
+    "ConversationScope",
     "CorruptValue",
     "DirtyEntry",
     "EndedRun",
@@ -50,6 +54,8 @@ __all__ = [
     "LayerSpec",
     "LifecycleState",
     "Loaded",
+    "OwnerRef",
+    "OwnerType",
     "PayloadTooLarge",
     "RedisClient",
     "RedisSessionCache",

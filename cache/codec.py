@@ -23,6 +23,7 @@ from cache.records import (
     ClosedBy,
     LayerSpec,
     LifecycleState,
+    OwnerType,
     SessionKey,
     SessionStatus,
     SessionWrite,
@@ -53,8 +54,10 @@ WRITE_TEXT_FIELDS = (
 )
 WRITE_FIELDS = (SNAPSHOT, LAYER_SPECS, *WRITE_TEXT_FIELDS)
 """What a save writes, in ``lua/save.lua``'s ``FIELDS`` order."""
-REQUIRED_ID_FIELDS = WRITE_TEXT_FIELDS[:4]
-OPTIONAL_ID_FIELDS = WRITE_TEXT_FIELDS[4:]
+REQUIRED_ID_FIELDS = ("app_id", "agent_config_snapshot_id")
+OPTIONAL_ID_FIELDS = tuple(name for name in WRITE_TEXT_FIELDS if name not in REQUIRED_ID_FIELDS)
+WORKFLOW_ID_FIELDS = ("workflow_id", "node_execution_id")
+"""Required of a workflow run's session; a conversation's has none."""
 STATE_TEXT_FIELDS = ("created_at", "updated_at", "cleaned_at", "cleanup_error", "lineage")
 _SNAPSHOT_WRAPPERS: Final = 3
 """Containers around a layer's runtime state in a snapshot: the snapshot, its layer list,
@@ -254,6 +257,9 @@ class Codec:
             **{f: fields.required(f) for f in REQUIRED_ID_FIELDS},
             **{f: fields.text(f) for f in OPTIONAL_ID_FIELDS},
         )
+        if key.owner_type is OwnerType.WORKFLOW_RUN:
+            for field in WORKFLOW_ID_FIELDS:
+                fields.required(field)
         closed_by = fields.text("closed_by")
         return StoredSession(
             key=key,

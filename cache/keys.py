@@ -15,7 +15,7 @@ from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 from cache.errors import InvalidId
-from cache.records import RunRef, SessionKey
+from cache.records import OwnerType, RunRef, SessionKey
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._%-]+$")
 
@@ -47,13 +47,30 @@ class SessionNames(NamedTuple):
     run: str
     run_sessions: str
     dirty: str
+    config_field: str
+    """A conversation session's field in its owner hash, ``config:<binding>:<agent>``: the
+    config snapshot the agent's session was last saved with (``""`` for a workflow run's)."""
 
 
 @functools.lru_cache(maxsize=65_536)
 def _names(space: KeySpace, key: SessionKey) -> SessionNames:
-    run = space.run(RunRef(key.tenant_id, key.workflow_run_id))
+    run = space.run(key.owner)
     dirty = space.dirty(space.shard_of_key(key))
-    return SessionNames(space.session(key), run, f"{run}:sessions", dirty)
+    field = ""
+    if key.owner_type is OwnerType.CONVERSATION:
+        field = f"config:{encode_id(key.binding_id)}:{encode_id(key.agent_id)}"
+    return SessionNames(space.session(key), run, f"{run}:sessions", dirty, field)
+
+
+_SESSION_WORD: dict[OwnerType, str] = {
+    OwnerType.WORKFLOW_RUN: "session",
+    OwnerType.CONVERSATION: "conversation-session",
+}
+_OWNER_WORD: dict[OwnerType, str] = {
+    OwnerType.WORKFLOW_RUN: "run",
+    OwnerType.CONVERSATION: "conversation",
+}
+_OWNER_OF_SESSION_WORD = {word: owner for owner, word in _SESSION_WORD.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,24 +103,29 @@ class KeySpace:
         return f"{self.prefix}:{self.tag(shard)}"
 
     def session(self, key: SessionKey) -> str:
-        shard = self.shard_of(key.tenant_id, key.workflow_run_id)
+        """``<prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>`` (a workflow
+        run's) or ``<prefix>:{sNNN}:conversation-session:<tenant>:<conversation>:<binding>:
+        <agent>:<config>`` (a conversation's): the name says the owner."""
+        shard = self.shard_of(key.tenant_id, key.owner_id)
         parts = ":".join(encode_id(part) for part in key.parts())
-        return f"{self._base(shard)}:session:{parts}"
+        return f"{self._base(shard)}:{_SESSION_WORD[key.owner_type]}:{parts}"
 
     def run(self, run: RunRef) -> str:
-        shard = self.shard_of(run.tenant_id, run.workflow_run_id)
-        ids = f"{encode_id(run.tenant_id)}:{encode_id(run.workflow_run_id)}"
-        return f"{self._base(shard)}:run:{ids}"
+        """The owner's marker: ``<prefix>:{sNNN}:run:<tenant>:<run>`` or
+        ``<prefix>:{sNNN}:conversation:<tenant>:<conversation>``."""
+        shard = self.shard_of(run.tenant_id, run.owner_id)
+        ids = f"{encode_id(run.tenant_id)}:{encode_id(run.owner_id)}"
+        return f"{self._base(shard)}:{_OWNER_WORD[run.owner_type]}:{ids}"
 
     def run_sessions(self, run: RunRef) -> str:
         return f"{self.run(run)}:sessions"
 
     def run_member(self, key: SessionKey) -> str:
-        """The session's member in its run's session set: ``<node>:<binding>:<agent>``.
+        """The session's member in its owner's session set: ``<node>:<binding>:<agent>``
+        (a workflow run's) or ``<binding>:<agent>:<config>`` (a conversation's).
 
-        The set's name already says the tenant and run, so the member leaves them out (the
-        scripts derive it from the session's name: everything after its first
-        ``len(run_sessions) - 4`` characters)."""
+        The set's name already says the tenant and owner, so the member leaves them out (the
+        scripts derive it from the session's name: its last three ``:``-separated parts)."""
         return ":".join(encode_id(part) for part in key.parts()[2:])
 
     def parse_run_member(self, run: RunRef, member: str | bytes) -> SessionKey:
@@ -112,14 +134,14 @@ class KeySpace:
         text = member.decode() if isinstance(member, bytes) else member
         if text.startswith(f"{self.prefix}:{{"):
             key = self.parse_session(text)
-            if (key.tenant_id, key.workflow_run_id) != (run.tenant_id, run.workflow_run_id):
+            if key.owner != run:
                 raise InvalidId(f"session {text!r} is not of run {run}")
             return key
         pieces = text.split(":")
         if len(pieces) != 3:
             raise InvalidId(f"not a run-set member: {text!r}")
-        node, binding, agent = (decode_id(piece) for piece in pieces)
-        key = SessionKey(run.tenant_id, run.workflow_run_id, node, binding, agent)
+        ids = (decode_id(piece) for piece in pieces)
+        key = SessionKey.of_parts(run.owner_type, run.tenant_id, run.owner_id, *ids)
         if self.run_member(key) != text:  # not the one encoding of these IDs
             raise InvalidId(f"not a run-set member: {text!r}")
         return key
@@ -137,7 +159,10 @@ class KeySpace:
         return range(self.shards)
 
     def shard_of_key(self, key: SessionKey) -> int:
-        return self.shard_of(key.tenant_id, key.workflow_run_id)
+        return self.shard_of(key.tenant_id, key.owner_id)
+
+    def shard_of_owner(self, owner: RunRef) -> int:
+        return self.shard_of(owner.tenant_id, owner.owner_id)
 
     def parse_session(self, name: str | bytes) -> SessionKey:
         """The :class:`SessionKey` a session key name was built from (cached: a flush parses
@@ -147,9 +172,10 @@ class KeySpace:
     def _parse_session(self, text: str) -> SessionKey:
         head = f"{self.prefix}:{{s"
         pieces = text.split(":")
-        if not text.startswith(head) or len(pieces) != 8 or pieces[2] != "session":
+        owner = _OWNER_OF_SESSION_WORD.get(pieces[2]) if len(pieces) == 8 else None
+        if not text.startswith(head) or owner is None:
             raise InvalidId(f"not a session key of prefix {self.prefix!r}: {text!r}")
-        key = SessionKey(*(decode_id(part) for part in pieces[3:]))
+        key = SessionKey.of_parts(owner, *(decode_id(part) for part in pieces[3:]))
         if self.session(key) != text:
             raise InvalidId(f"session key has the wrong shard tag: {text!r}")
         return key

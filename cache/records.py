@@ -15,7 +15,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import msgspec
 
-from cache.errors import InvalidSnapshot
+from cache.errors import InvalidId, InvalidSnapshot
 from cache.validate import check_id, check_optional_id
 
 T = TypeVar("T")
@@ -25,6 +25,9 @@ JsonValue: TypeAlias = Any
 
 WORKFLOW_OUTCOMES = frozenset({"succeeded", "partial_succeeded", "failed", "aborted"})
 """How a workflow run can end. A pause is not an end."""
+CONVERSATION_OUTCOMES = frozenset({"ended"})
+"""How a conversation can end: explicitly (idle expiry retires its sessions instead)."""
+OWNER_OUTCOMES = WORKFLOW_OUTCOMES | CONVERSATION_OUTCOMES
 SNAPSHOT_SCHEMA_VERSION = 1
 
 
@@ -49,36 +52,153 @@ class ClosedBy(StrEnum):
 
     BACKEND_FAILURE = "backend_failure"
     WORKFLOW_END = "workflow_end"
+    CONVERSATION_END = "conversation_end"
+    CONFIG_CHANGE = "config_change"
+    """A conversation's turn came with another agent configuration snapshot."""
+    IDLE = "idle"
+    """A conversation was idle longer than ``conversation_idle_s``."""
+
+
+OWNER_ENDS = frozenset({ClosedBy.WORKFLOW_END, ClosedBy.CONVERSATION_END})
+"""Closers that mean the owner ended: such a session is never ``active`` again."""
+
+
+class OwnerType(StrEnum):
+    """Who owns a session: one workflow run, or one conversation of an Agent App."""
+
+    WORKFLOW_RUN = "workflow_run"
+    CONVERSATION = "conversation"
+
+    @property
+    def end_closer(self) -> ClosedBy:
+        """What closes its sessions when the owner ends."""
+        if self is OwnerType.WORKFLOW_RUN:
+            return ClosedBy.WORKFLOW_END
+        return ClosedBy.CONVERSATION_END
+
+    @property
+    def outcomes(self) -> frozenset[str]:
+        return WORKFLOW_OUTCOMES if self is OwnerType.WORKFLOW_RUN else CONVERSATION_OUTCOMES
+
+
+_WORKFLOW = OwnerType.WORKFLOW_RUN
+_CONVERSATION = OwnerType.CONVERSATION
+
+
+def _owner_type(value: object) -> OwnerType:
+    if isinstance(value, OwnerType):
+        return value
+    try:
+        return OwnerType(str(value))
+    except ValueError:
+        raise InvalidId(f"owner_type must be one of {[t.value for t in OwnerType]}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class SessionKey:
-    """The five IDs that identify one session; every loop iteration of a node shares it."""
+    """The five IDs that identify one session, and who owns it.
+
+    * a workflow run's session: ``(tenant_id, workflow_run_id, node_id, binding_id,
+      agent_id)``; every loop iteration of a node shares it (``config_id`` is ``""``);
+    * a conversation's session: ``(tenant_id, conversation_id, binding_id, agent_id,
+      agent_config_snapshot_id)`` (:meth:`conversation`; ``node_id`` is ``""``): the config
+      snapshot is part of the identity, so a configuration change never resumes an
+      incompatible backend snapshot.
+
+    ``owner_id`` is the workflow run id or the conversation id.
+    """
 
     tenant_id: str
-    workflow_run_id: str
+    owner_id: str
     node_id: str
     binding_id: str
     agent_id: str
+    owner_type: OwnerType = _WORKFLOW
+    config_id: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id"):
-            check_id(name, getattr(self, name))
+        object.__setattr__(self, "owner_type", _owner_type(self.owner_type))
+        check_id("tenant_id", self.tenant_id)
+        check_id("binding_id", self.binding_id)
+        check_id("agent_id", self.agent_id)
+        if self.owner_type is _WORKFLOW:
+            check_id("workflow_run_id", self.owner_id)
+            check_id("node_id", self.node_id)
+            if self.config_id:
+                raise InvalidId("a workflow run's session key has no config_id")
+        else:
+            check_id("conversation_id", self.owner_id)
+            check_id("agent_config_snapshot_id", self.config_id)
+            if self.node_id:
+                raise InvalidId("a conversation's session key has no node_id")
+
+    @classmethod
+    def conversation(
+        cls, tenant_id: str, conversation_id: str, binding_id: str, agent_id: str, config_id: str
+    ) -> SessionKey:
+        return cls(tenant_id, conversation_id, "", binding_id, agent_id, _CONVERSATION, config_id)
+
+    @property
+    def workflow_run_id(self) -> str:
+        """The owner id (a workflow run's id for a workflow-owned key)."""
+        return self.owner_id
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.owner_id if self.owner_type is _CONVERSATION else None
+
+    @property
+    def owner(self) -> RunRef:
+        return RunRef(self.tenant_id, self.owner_id, self.owner_type)
 
     def parts(self) -> tuple[str, str, str, str, str]:
-        return (self.tenant_id, self.workflow_run_id, self.node_id, self.binding_id, self.agent_id)
+        """The five IDs, in key-name order (the owner's three after tenant and owner id)."""
+        if self.owner_type is _WORKFLOW:
+            return (self.tenant_id, self.owner_id, self.node_id, self.binding_id, self.agent_id)
+        return (self.tenant_id, self.owner_id, self.binding_id, self.agent_id, self.config_id)
+
+    def sort_key(self) -> tuple[str, ...]:
+        return (self.owner_type.value, *self.parts())
+
+    @classmethod
+    def of_parts(cls, owner_type: OwnerType | str, *parts: str) -> SessionKey:
+        """The key of :meth:`parts` (and its owner type)."""
+        tenant_id, owner_id, first, second, third = parts
+        if _owner_type(owner_type) is _WORKFLOW:
+            return cls(tenant_id, owner_id, first, second, third)
+        return cls.conversation(tenant_id, owner_id, first, second, third)
 
 
 @dataclass(frozen=True, slots=True)
 class RunRef:
-    """One workflow run of one tenant."""
+    """One owner of sessions: a workflow run (the default) or a conversation, of one tenant."""
 
     tenant_id: str
-    workflow_run_id: str
+    owner_id: str
+    owner_type: OwnerType = _WORKFLOW
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "owner_type", _owner_type(self.owner_type))
         check_id("tenant_id", self.tenant_id)
-        check_id("workflow_run_id", self.workflow_run_id)
+        name = "workflow_run_id" if self.owner_type is _WORKFLOW else "conversation_id"
+        check_id(name, self.owner_id)
+
+    @classmethod
+    def conversation(cls, tenant_id: str, conversation_id: str) -> RunRef:
+        return cls(tenant_id, conversation_id, _CONVERSATION)
+
+    @property
+    def workflow_run_id(self) -> str:
+        """The owner id (a workflow run's id for a workflow run)."""
+        return self.owner_id
+
+    @property
+    def is_conversation(self) -> bool:
+        return self.owner_type is _CONVERSATION
+
+
+OwnerRef = RunRef
+"""The general name: a session's owner is a workflow run or a conversation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +233,63 @@ class Scope:
         return SessionKey(
             self.tenant_id, self.workflow_run_id, self.node_id, self.binding_id, self.agent_id
         )
+
+    @property
+    def owner(self) -> RunRef | None:
+        if self.workflow_run_id is None:
+            return None
+        return RunRef(self.tenant_id, self.workflow_run_id)
+
+    @property
+    def execution_id(self) -> str:
+        """What one entry is (the node execution): the base of the backend idempotency key."""
+        return self.node_execution_id
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationScope:
+    """Who a conversation's session belongs to: one turn of an Agent App conversation.
+
+    The session key is ``(tenant_id, conversation_id, binding_id, agent_id,
+    agent_config_snapshot_id)``: a turn with another configuration snapshot starts fresh and
+    retires the session of the previous one. ``message_id`` names the turn (the base of the
+    backend idempotency key); ``app_id`` is saved with the session.
+    """
+
+    tenant_id: str
+    app_id: str
+    conversation_id: str
+    binding_id: str
+    agent_id: str
+    agent_config_snapshot_id: str
+    message_id: str
+
+    def __post_init__(self) -> None:
+        for name in ("tenant_id", "app_id", "conversation_id", "binding_id", "agent_id"):
+            check_id(name, getattr(self, name))
+        check_id("agent_config_snapshot_id", self.agent_config_snapshot_id)
+        check_id("message_id", self.message_id)
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey.conversation(
+            self.tenant_id,
+            self.conversation_id,
+            self.binding_id,
+            self.agent_id,
+            self.agent_config_snapshot_id,
+        )
+
+    @property
+    def owner(self) -> RunRef:
+        return RunRef.conversation(self.tenant_id, self.conversation_id)
+
+    @property
+    def execution_id(self) -> str:
+        return self.message_id
+
+
+AnyScope: TypeAlias = Scope | ConversationScope
 
 
 def unchecked(cls: type[T], **fields: object) -> T:
@@ -210,8 +387,8 @@ class SessionWrite:
     snapshot: Snapshot
     layer_specs: tuple[LayerSpec, ...]
     app_id: str
-    workflow_id: str
-    node_execution_id: str
+    workflow_id: str | None
+    node_execution_id: str | None
     agent_config_snapshot_id: str
     backend_run_id: str | None = None
     pending_form_id: str | None = None
@@ -226,15 +403,21 @@ class SessionWrite:
         object.__setattr__(self, "layer_specs", tuple(self.layer_specs))
         if not all(isinstance(spec, LayerSpec) for spec in self.layer_specs):
             raise InvalidSnapshot("layer_specs must be LayerSpec records")
-        for name in ("app_id", "workflow_id", "node_execution_id", "agent_config_snapshot_id"):
+        for name in ("app_id", "agent_config_snapshot_id"):
             check_id(name, getattr(self, name))
-        for name in ("backend_run_id", "pending_form_id", "pending_tool_call_id"):
+        for name in (
+            "workflow_id",
+            "node_execution_id",
+            "backend_run_id",
+            "pending_form_id",
+            "pending_tool_call_id",
+        ):
             check_optional_id(name, getattr(self, name))
 
     @classmethod
     def for_scope(
         cls,
-        scope: Scope,
+        scope: Scope | ConversationScope,
         snapshot: Snapshot,
         layer_specs: Sequence[LayerSpec] = (),
         *,
@@ -247,8 +430,8 @@ class SessionWrite:
             snapshot=snapshot,
             layer_specs=tuple(layer_specs),
             app_id=scope.app_id,
-            workflow_id=scope.workflow_id,
-            node_execution_id=scope.node_execution_id,
+            workflow_id=scope.workflow_id if isinstance(scope, Scope) else None,
+            node_execution_id=scope.node_execution_id if isinstance(scope, Scope) else None,
             agent_config_snapshot_id=scope.agent_config_snapshot_id,
             backend_run_id=backend_run_id,
             pending_form_id=pending_form_id,

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         30.0, gt=0, description="Between the reconciler's checks of a run not settled yet."
     )
+    conversation_idle_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A conversation's active sessions not saved for this long are retired "
+        "and cleaned up on the backend (the reconciler checks every reconcile_interval_s / 2); "
+        "its next turn starts fresh.",
+    )
     durable_pauses: bool = Field(
         False,
         description="Write a paused session to Postgres before finish() returns, so that a "

@@ -30,7 +30,8 @@ from cache.errors import (
 from cache.keys import KeySpace
 from cache.metrics import LOADS, REFUSALS, RETIRES, SAVES
 from cache.records import (
-    WORKFLOW_OUTCOMES,
+    OWNER_ENDS,
+    ClosedBy,
     RunRef,
     SessionKey,
     SessionStatus,
@@ -67,6 +68,9 @@ class Loaded:
     record: StoredSession | None
     run_ended: bool = False
     run_state: str = "open"
+    current_config: str | None = None
+    """A conversation's: the config snapshot its agent's session was last saved with (the
+    owner hash's ``config:<binding>:<agent>``), or ``None`` when Redis does not know."""
 
     @property
     def run_known(self) -> bool:
@@ -213,16 +217,21 @@ class RedisSessionCache:
         exit is read back from Postgres by the save (``workers.readthrough.save_through``).
         """
         names = self.keys.names(key)
-        commands = [("HGETALL", names.session), ("HGET", names.run, "state")]
+        owner = ("HMGET", names.run, "state", names.config_field) if names.config_field else None
+        commands = [("HGETALL", names.session), owner or ("HGET", names.run, "state")]
         with translate_errors(f"loading {names.session}"):
             fields, state = self._reads(commands)
         for reply in (fields, state):
             if isinstance(reply, Exception):
                 raise StoreUnavailable(f"loading {names.session}: {reply}") from reply
+        current = None
+        if owner is not None:
+            state, config = state
+            current = config.decode() if config else None
         run_state = state.decode() if state else ""
         if not fields:
             _LOAD_MISSED.inc()
-            return Loaded(None, run_state == "ended", run_state)
+            return Loaded(None, run_state == "ended", run_state, current)
         _LOADED_FROM_REDIS.inc()
         raw = (
             fields
@@ -230,7 +239,7 @@ class RedisSessionCache:
             else dict(zip(fields[::2], fields[1::2], strict=True))
         )
         record = self.codec.decode_session(names.session, key, raw)
-        return Loaded(record, run_state == "ended", run_state)
+        return Loaded(record, run_state == "ended", run_state, current)
 
     def read_many(self, names: Sequence[str]) -> list[SessionRead]:
         """Sessions by key name in one pipeline; a corrupt one is returned, not raised."""
@@ -302,7 +311,7 @@ class RedisSessionCache:
     def _run_members(self, run: RunRef, members: Iterable[bytes]) -> list[SessionKey]:
         """The keys of a run set's members, sorted (a key listed in both member forms once)."""
         found = {self.keys.parse_run_member(run, member) for member in members}
-        return sorted(found, key=SessionKey.parts)
+        return sorted(found, key=SessionKey.sort_key)
 
     def run_state(self, run: RunRef) -> dict[str, str]:
         """The run hash (``state``, ``opened_at``, ``ended_at``, ``outcome``) as text."""
@@ -377,6 +386,8 @@ class RedisSessionCache:
             self._ms(self.settings.active_ttl_s),
             new_lineage(),
             "" if verify_run else "open",
+            names.config_field,
+            key.config_id,
             *fields,
         ]
         return keys, args
@@ -396,10 +407,10 @@ class RedisSessionCache:
         return int(values[0])
 
     def end_run(self, run: RunRef, outcome: str) -> EndedRun:
-        """Mark the run ended (every later save is refused) and list its sessions."""
-        if outcome not in WORKFLOW_OUTCOMES:
+        """Mark the owner ended (every later save is refused) and list its sessions."""
+        if outcome not in run.owner_type.outcomes:
             raise InvalidInput(
-                f"outcome must be one of {sorted(WORKFLOW_OUTCOMES)}, got {outcome!r}"
+                f"outcome must be one of {sorted(run.owner_type.outcomes)}, got {outcome!r}"
             )
         keys = [self.keys.run(run), self.keys.run_sessions(run)]
         args: list[Any] = [now_iso(), outcome]
@@ -445,13 +456,24 @@ class RedisSessionCache:
             number = 0
         return (run_id.decode(errors="replace") if run_id else None), number
 
-    def begin_cleanup(self, run: RunRef, keys: Iterable[SessionKey]) -> int:
-        """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``."""
+    def begin_cleanup(
+        self, run: RunRef, keys: Iterable[SessionKey], *, closed_by: ClosedBy | None = None
+    ) -> int:
+        """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``.
+
+        Without ``closed_by`` the owner has ended (its end closes them); with one (a
+        conversation's ``config_change`` or ``idle``) only these sessions are retired."""
         names = [self.keys.session(self._of_run(run, key)) for key in keys]
-        dirty = self.keys.dirty(self.keys.shard_of(run.tenant_id, run.workflow_run_id))
+        dirty = self.keys.dirty(self.keys.shard_of_owner(run))
         run_set = self.keys.run_sessions(run)
         moved = 0
-        args: list[Any] = [now_iso(), self._ms(self.settings.cleaned_ttl_s)]
+        closer = closed_by or run.owner_type.end_closer
+        args: list[Any] = [
+            now_iso(),
+            self._ms(self.settings.cleaned_ttl_s),
+            closer.value,
+            "1" if closer in OWNER_ENDS else "",
+        ]
         for start in range(0, len(names), _CLEANUP_CHUNK):
             chunk = names[start : start + _CLEANUP_CHUNK]
             with translate_errors("beginning cleanup"):
@@ -515,8 +537,7 @@ class RedisSessionCache:
 
     def fill(self, session: StoredSession) -> bool:
         """Write a session read from Postgres if Redis has none; ``False`` if one is there."""
-        run = RunRef(session.key.tenant_id, session.key.workflow_run_id)
-        keys = [self.keys.session(session.key), self.keys.run_sessions(run)]
+        keys = [self.keys.session(session.key), self.keys.run_sessions(session.key.owner)]
         clean = dataclasses.replace(session, flushed_version=session.version)
         args: list[Any] = [self._ms(self.settings.active_ttl_s), *self.codec.stored_fields(clean)]
         with translate_errors("filling a session"):
@@ -553,7 +574,7 @@ class RedisSessionCache:
         next entry); ``False`` if it was not parked."""
         key = self.keys.parse_session(name)
         shard = self.keys.shard_of_key(key)
-        run_set = self.keys.run_sessions(RunRef(key.tenant_id, key.workflow_run_id))
+        run_set = self.keys.run_sessions(key.owner)
         keys = [self.keys.dirty(shard), self.keys.poison(shard), name, run_set]
         with translate_errors("dropping a parked session"):
             reply = self.scripts.drop_poisoned(keys=keys, args=[])
@@ -628,6 +649,6 @@ class RedisSessionCache:
 
     @staticmethod
     def _of_run(run: RunRef, key: SessionKey) -> SessionKey:
-        if (key.tenant_id, key.workflow_run_id) != (run.tenant_id, run.workflow_run_id):
-            raise InvalidInput(f"session {key} does not belong to run {run}")
+        if key.owner != run:
+            raise InvalidInput(f"session {key} does not belong to {run}")
         return key

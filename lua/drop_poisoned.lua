@@ -4,8 +4,9 @@
 -- KEYS[1] shard dirty zset   <prefix>:{sNNN}:dirty
 -- KEYS[2] shard poison hash  <prefix>:{sNNN}:poison
 -- KEYS[3] session hash       <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
--- KEYS[4] run session set    <prefix>:{sNNN}:run:<tenant>:<run>:sessions (members:
---                            <node>:<binding>:<agent>; sets written before short members
+-- KEYS[4] owner session set  <prefix>:{sNNN}:run:<tenant>:<run>:sessions or
+--                            ...:conversation:<tenant>:<conversation>:sessions (members: the
+--                            last three parts of KEYS[3]; sets written before short members
 --                            hold the full session name: both forms are removed)
 -- returns {0}  OK: the session hash, its dirty mark and its poison entry are gone
 --         {4}  NOOP: the session is not in the poison hash; nothing written
@@ -16,5 +17,5 @@ end
 redis.call('DEL', session)
 redis.call('ZREM', dirty, session)
 redis.call('HDEL', poison, session)
-redis.call('SREM', run_sessions, session:sub(#run_sessions - 3), session)
+redis.call('SREM', run_sessions, session:sub(session:find(':[^:]+:[^:]+:[^:]+$') + 1), session)
 return {0}

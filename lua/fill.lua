@@ -1,8 +1,10 @@
 #!lua
 -- fill: read-through; write a session loaded from Postgres only if Redis has none, as clean.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
--- KEYS[2] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions (members:
---                           <node>:<binding>:<agent>, the end of KEYS[1])
+--                           (or a conversation's: ...:conversation-session:...)
+-- KEYS[2] owner session set <prefix>:{sNNN}:run:<tenant>:<run>:sessions (or
+--                           ...:conversation:<tenant>:<conversation>:sessions; members: the
+--                           last three parts of KEYS[1])
 -- ARGV[1] TTL of the filled session (and of a new run session set): integer milliseconds
 -- ARGV[2..] field, value pairs (version and flushed_version included); "" = no field
 -- returns {0}  OK: filled
@@ -22,7 +24,8 @@ redis.call('HSET', session, unpack(sets))
 redis.call('PEXPIRE', session, ttl)
 -- a new set gets the TTL; an existing one keeps its own (none while its run is ended)
 local fresh = redis.call('EXISTS', run_sessions) == 0
-redis.call('SADD', run_sessions, session:sub(#run_sessions - 3))
+-- the member: the last three parts of the name (IDs are percent-encoded: no ':')
+redis.call('SADD', run_sessions, session:sub(session:find(':[^:]+:[^:]+:[^:]+$') + 1))
 if fresh then
   redis.call('PEXPIRE', run_sessions, ttl)
 end

@@ -3,10 +3,13 @@
 -- A session already dirty is already persistent and in the dirty zset, and its run's TTL was
 -- renewed when it became dirty: those writes are skipped (a loop's case). The run set's SADD
 -- is not: a set evicted meanwhile (it has a TTL) is rebuilt by the next save.
+-- The owner is a workflow run or a conversation: the same script serves both.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
--- KEYS[2] run hash          <prefix>:{sNNN}:run:<tenant>:<run>
--- KEYS[3] run session set   <prefix>:{sNNN}:run:<tenant>:<run>:sessions (members:
---                           <node>:<binding>:<agent>, the end of KEYS[1])
+--                           or <prefix>:{sNNN}:conversation-session:<tenant>:<conversation>:
+--                           <binding>:<agent>:<config>
+-- KEYS[2] owner hash        <prefix>:{sNNN}:run:<tenant>:<run>
+--                           or <prefix>:{sNNN}:conversation:<tenant>:<conversation>
+-- KEYS[3] owner session set KEYS[2]..':sessions' (members: the last three parts of KEYS[1])
 -- KEYS[4] shard dirty zset  <prefix>:{sNNN}:dirty
 -- ARGV[1] expected version: integer, or "" for any version (0 = the session must not exist)
 -- ARGV[2] dirty backlog bound of the shard: integer, 0 = unbounded
@@ -14,7 +17,10 @@
 -- ARGV[4] TTL of an open run's hash and session set: integer milliseconds (sliding)
 -- ARGV[5] lineage of the session if it has none yet: text
 -- ARGV[6] when the run hash is missing: "open" opens the run, "" refuses (RUN_UNKNOWN)
--- ARGV[7..] the values of the fields FIELDS names, in that order; "" deletes the field
+-- ARGV[7] owner hash field to set to ARGV[8] (a conversation's config:<binding>:<agent>,
+--         which says which config snapshot the agent's session was last saved with); "" none
+-- ARGV[8] its value: text
+-- ARGV[9..] the values of the fields FIELDS names, in that order; "" deletes the field
 -- returns {0, version}  OK: saved; version is the new version
 --         {1}           RUN_ENDED: the run has ended; nothing written
 --         {2, version}  VERSION_CONFLICT: the stored version is not ARGV[1]; nothing written
@@ -25,7 +31,8 @@ local FIELDS = {'snapshot', 'layer_specs', 'app_id', 'workflow_id', 'node_execut
                 'pending_tool_call_id'}
 local session, run, run_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected, bound, now, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local lineage, unknown_run = ARGV[5], ARGV[6]
+local lineage, unknown_run, owner_field, owner_value = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local FIRST_FIELD = 8
 
 local run_state = redis.call('HGET', run, 'state')
 if run_state == 'ended' then
@@ -66,7 +73,7 @@ if not stored[3] then
   sets[#sets + 1] = lineage
 end
 for i, field in ipairs(FIELDS) do
-  local value = ARGV[6 + i]
+  local value = ARGV[FIRST_FIELD + i]
   if value == '' then
     dels[#dels + 1] = field
   else
@@ -84,11 +91,16 @@ if not was_dirty then
   local t = redis.call('TIME')
   redis.call('ZADD', dirty, t[1] * 1000 + math.floor(t[2] / 1000), session)
 end
-if redis.call('SADD', run_sessions, session:sub(#run_sessions - 3)) == 1 or not was_dirty then
+-- the member is the session name's last three parts (IDs are percent-encoded: no ':')
+local member = session:sub(session:find(':[^:]+:[^:]+:[^:]+$') + 1)
+if redis.call('SADD', run_sessions, member) == 1 or not was_dirty then
   redis.call('PEXPIRE', run_sessions, run_ttl)
 end
 if not run_state then
   redis.call('HSET', run, 'state', 'open', 'opened_at', now)
+end
+if owner_field ~= '' then
+  redis.call('HSET', run, owner_field, owner_value)
 end
 if not was_dirty or not run_state then
   redis.call('PEXPIRE', run, run_ttl)

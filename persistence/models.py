@@ -1,4 +1,10 @@
-"""The ``workflow_agent_runtime_sessions`` and ``workflow_agent_runs`` tables (DESIGN §8).
+"""The ``agent_runtime_sessions`` and ``agent_session_owners`` tables (DESIGN §8).
+
+One sessions table serves both owners (``owner_type``): a workflow run's sessions are keyed by
+``(tenant_id, workflow_run_id, node_id, binding_id, agent_id)``, a conversation's by
+``(tenant_id, conversation_id, binding_id, agent_id, agent_config_snapshot_id)``; a CHECK
+says which columns each owner fills. Both unique constraints are plain (not partial): the
+other owner's rows hold NULL in them, and NULLs never collide.
 
 Core rather than an ORM mapping: the only writer is the flush job's batch upsert, which is
 one ``INSERT ... SELECT FROM unnest(...)`` statement, and reads convert rows to
@@ -33,15 +39,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSON
 
-from cache.records import WORKFLOW_OUTCOMES, SessionStatus
+from cache.records import OWNER_OUTCOMES, OwnerType, SessionStatus
 
-TABLE_NAME: Final = "workflow_agent_runtime_sessions"
-SCOPE_UNIQUE: Final = "workflow_agent_runtime_session_scope_unique"
-RUN_STATUS_INDEX: Final = "workflow_agent_runtime_session_run_status_idx"
-BACKEND_RUN_INDEX: Final = "workflow_agent_runtime_session_backend_run_idx"
+TABLE_NAME: Final = "agent_runtime_sessions"
+SCOPE_UNIQUE: Final = "agent_runtime_session_workflow_scope_unique"
+CONVERSATION_UNIQUE: Final = "agent_runtime_session_conversation_scope_unique"
+RUN_STATUS_INDEX: Final = "agent_runtime_session_workflow_lookup_idx"
+CONVERSATION_STATUS_INDEX: Final = "agent_runtime_session_conversation_lookup_idx"
+CONVERSATION_IDLE_INDEX: Final = "agent_runtime_session_conversation_idle_idx"
+BACKEND_RUN_INDEX: Final = "agent_runtime_session_backend_run_idx"
 STATUS_CHECK: Final = "status"
-RUNS_TABLE_NAME: Final = "workflow_agent_runs"
-RUNS_DUE_INDEX: Final = "workflow_agent_runs_unsettled_due_idx"
+OWNER_CHECK: Final = "owner"
+RUNS_TABLE_NAME: Final = "agent_session_owners"
+RUNS_DUE_INDEX: Final = "agent_session_owners_unsettled_due_idx"
 LINEAGE_LENGTH: Final = 32
 SNAPSHOT_COMPRESSION: Final = "lz4"
 # ``layer_specs`` is ``json``, not ``jsonb``: jsonb rewrites numbers (a config's ``1e+23``
@@ -49,20 +59,29 @@ SNAPSHOT_COMPRESSION: Final = "lz4"
 # reach the backend's cleanup run exactly as they were saved. Query it as ``layer_specs::jsonb``.
 """TOAST compression of ``snapshot``; lz4 is ~3x the batch throughput of pglz (docs)."""
 
-KEY_COLUMNS: Final = ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id")
-"""The five session-key columns, in ``SessionKey.parts()`` order: the upsert conflict target."""
-
-SCOPE_COLUMNS: Final = (
+KEY_COLUMNS: Final = {
+    OwnerType.WORKFLOW_RUN: ("tenant_id", "workflow_run_id", "node_id", "binding_id", "agent_id"),
+    OwnerType.CONVERSATION: (
+        "tenant_id",
+        "conversation_id",
+        "binding_id",
+        "agent_id",
+        "agent_config_snapshot_id",
+    ),
+}
+"""Each owner's five session-key columns, in ``SessionKey.parts()`` order: the conflict
+target of that owner's upsert."""
+OWNER_COLUMNS: Final = (
+    "owner_type",
     "tenant_id",
-    "app_id",
-    "workflow_id",
     "workflow_run_id",
+    "conversation_id",
     "node_id",
-    "node_execution_id",
     "binding_id",
     "agent_id",
-    "agent_config_snapshot_id",
 )
+"""The columns a session's key decides (``agent_config_snapshot_id`` is saved with every
+session, so it comes from the hash, which holds the key's config for a conversation)."""
 
 NAMING_CONVENTION: Final = {
     "pk": "%(table_name)s_pkey",
@@ -75,7 +94,15 @@ NAMING_CONVENTION: Final = {
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 _STATUS_VALUES = ", ".join(f"'{status.value}'" for status in SessionStatus)
-_OUTCOME_VALUES = ", ".join(f"'{outcome}'" for outcome in sorted(WORKFLOW_OUTCOMES))
+_OUTCOME_VALUES = ", ".join(f"'{outcome}'" for outcome in sorted(OWNER_OUTCOMES))
+_OWNER_VALUES = ", ".join(f"'{owner.value}'" for owner in OwnerType)
+_OWNER_SHAPE = (
+    "(owner_type = 'workflow_run' AND workflow_run_id IS NOT NULL AND node_id IS NOT NULL"
+    " AND workflow_id IS NOT NULL AND node_execution_id IS NOT NULL"
+    " AND conversation_id IS NULL)"
+    " OR (owner_type = 'conversation' AND conversation_id IS NOT NULL"
+    " AND workflow_run_id IS NULL AND node_id IS NULL)"
+)
 
 
 def _id_column(name: str, *, nullable: bool = False) -> Column[str]:
@@ -90,7 +117,17 @@ sessions = Table(
     TABLE_NAME,
     metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
-    *(_id_column(name) for name in SCOPE_COLUMNS),
+    Column("owner_type", String(32), nullable=False),
+    _id_column("tenant_id"),
+    _id_column("app_id"),
+    _id_column("workflow_id", nullable=True),
+    _id_column("workflow_run_id", nullable=True),
+    _id_column("conversation_id", nullable=True),
+    _id_column("node_id", nullable=True),
+    _id_column("node_execution_id", nullable=True),
+    _id_column("binding_id"),
+    _id_column("agent_id"),
+    _id_column("agent_config_snapshot_id"),
     Column("status", String(16), nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("snapshot", LargeBinary, nullable=False, info={"compression": SNAPSHOT_COMPRESSION}),
@@ -106,8 +143,16 @@ sessions = Table(
     _time_column("updated_at", nullable=False),
     Column("flushed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"status IN ({_STATUS_VALUES})", name=STATUS_CHECK),
-    UniqueConstraint(*KEY_COLUMNS, name=SCOPE_UNIQUE),
+    CheckConstraint(f"owner_type IN ({_OWNER_VALUES}) AND ({_OWNER_SHAPE})", name=OWNER_CHECK),
+    UniqueConstraint(*KEY_COLUMNS[OwnerType.WORKFLOW_RUN], name=SCOPE_UNIQUE),
+    UniqueConstraint(*KEY_COLUMNS[OwnerType.CONVERSATION], name=CONVERSATION_UNIQUE),
     Index(RUN_STATUS_INDEX, "tenant_id", "workflow_run_id", "status"),
+    Index(CONVERSATION_STATUS_INDEX, "tenant_id", "conversation_id", "status"),
+    Index(
+        CONVERSATION_IDLE_INDEX,
+        "updated_at",
+        postgresql_where=text("owner_type = 'conversation' AND status = 'active'"),
+    ),
     Index(BACKEND_RUN_INDEX, "backend_run_id"),
 )
 """One row per session key: the last flushed version of the Redis hash."""
@@ -116,18 +161,21 @@ runs = Table(
     RUNS_TABLE_NAME,
     metadata,
     _id_column("tenant_id"),
-    _id_column("workflow_run_id"),
+    Column("owner_type", String(32), nullable=False),
+    _id_column("owner_id"),
     Column("outcome", String(32), nullable=False),
     _time_column("ended_at", nullable=False),
     _time_column("settled_at", nullable=True),
     _time_column("next_check_at", nullable=False),
-    PrimaryKeyConstraint("tenant_id", "workflow_run_id", name=f"{RUNS_TABLE_NAME}_pkey"),
+    PrimaryKeyConstraint("tenant_id", "owner_type", "owner_id", name=f"{RUNS_TABLE_NAME}_pkey"),
     CheckConstraint(f"outcome IN ({_OUTCOME_VALUES})", name="outcome"),
     Index(RUNS_DUE_INDEX, "next_check_at", postgresql_where=text("settled_at IS NULL")),
 )
-"""One row per ENDED workflow run: the durable fact that nothing of it may be resumed.
+"""One row per ENDED owner (a workflow run or a conversation): the durable fact that nothing
+of it may be resumed.
 
-Written by ``workflow_ended`` before Redis is touched. ``settled_at`` is set once every
-session of the run is cleaned in Redis and Postgres; until then the reconciler visits the
-run at ``next_check_at``. Open runs have no row (their state lives in Redis only).
+Written by ``workflow_ended`` / ``conversation_ended`` before Redis is touched. ``settled_at``
+is set once every session of the owner is cleaned in Redis and Postgres; until then the
+reconciler visits it at ``next_check_at``. Open owners have no row (their state lives in
+Redis only).
 """

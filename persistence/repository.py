@@ -9,7 +9,7 @@ ON CONFLICT (key) DO UPDATE ... WHERE <fence>`` statement (DESIGN §5.3). The fe
 * the same lineage (or either unknown): equal versions of two histories of one key are
   never taken for each other;
 * never ``active`` again once the workflow's end closed the row, and never an ``active``
-  row for a run ``workflow_agent_runs`` records as ended.
+  row for a run ``agent_session_owners`` records as ended.
 
 Rows the fence kept are reported by why, so the caller can tell an already-applied retry
 (acknowledge it) from a Postgres that is ahead of Redis or holds another lineage (poison it)
@@ -42,7 +42,9 @@ from sqlalchemy.types import UserDefinedType
 
 from cache.codec import WRITE_TEXT_FIELDS, decode_snapshot
 from cache.records import (
+    OWNER_ENDS,
     ClosedBy,
+    OwnerType,
     RunRef,
     SessionKey,
     SessionStatus,
@@ -57,14 +59,31 @@ from persistence.models import KEY_COLUMNS, runs, sessions
 from persistence.rows import COLUMNS, SessionRow, newest_per_key, row_of_session
 
 _CONNECT_TIMEOUT_S: Final = 5
-_KEY: Final = tuple(sessions.c[name] for name in KEY_COLUMNS)
+_KEYS: Final = {
+    owner: tuple(sessions.c[name] for name in names) for owner, names in KEY_COLUMNS.items()
+}
+_OWNER_ID: Final = {
+    OwnerType.WORKFLOW_RUN: sessions.c.workflow_run_id,
+    OwnerType.CONVERSATION: sessions.c.conversation_id,
+}
+_KEY_ORDER: Final = (
+    sessions.c.owner_type,
+    sessions.c.tenant_id,
+    sessions.c.workflow_run_id,
+    sessions.c.conversation_id,
+    sessions.c.node_id,
+    sessions.c.binding_id,
+    sessions.c.agent_id,
+    sessions.c.agent_config_snapshot_id,
+)
+_KEY_SELECT: Final = _KEY_ORDER
 _DATA_TEXT_COLUMNS: Final = WRITE_TEXT_FIELDS  # SessionWrite fields stored as-is, same names
 
 Fenced = tuple[SessionKey, int, int]
 """``(key, stored_version, offered_version)`` of a row the version fence kept as it was."""
 Diverged = tuple[SessionKey, int, str, int, str]
 """``(key, stored_version, stored_lineage, offered_version, offered_lineage)``."""
-_WORKFLOW_END = ClosedBy.WORKFLOW_END.value
+_OWNER_ENDS = sorted(closer.value for closer in OWNER_ENDS)
 _ACTIVE = SessionStatus.ACTIVE.value
 
 
@@ -148,7 +167,8 @@ def _from_row(row: RowMapping) -> StoredSession:
 
 
 def _key_of(row: RowMapping) -> SessionKey:
-    return SessionKey(*(row[name] for name in KEY_COLUMNS))
+    owner = OwnerType(row["owner_type"])
+    return SessionKey.of_parts(owner, *(row[name] for name in KEY_COLUMNS[owner]))
 
 
 class _BinaryArray(list[Any]):
@@ -188,7 +208,7 @@ def _array_parameter(name: str) -> sa.ColumnElement[Any]:
     return sa.cast(sa.bindparam(name, type_=_ArrayParameter()), ARRAY(column_type))
 
 
-def _upsert_statement() -> ReturningInsert[Any]:
+def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
     """The fenced upsert of a whole batch: one statement, one array parameter per column.
 
     ``INSERT ... SELECT FROM unnest(<arrays>)`` rather than ``VALUES (...) x N``: its SQL is
@@ -196,21 +216,26 @@ def _upsert_statement() -> ReturningInsert[Any]:
     bind parameters per flush (the cost that made ``VALUES`` the slowest shape measured),
     and no batch size can reach Postgres' 65,535-parameter limit. It returns the key and
     version of each row it wrote; rows the fence kept return nothing.
+
+    One statement per owner type: each owner's key has its own unique constraint, and one
+    ``ON CONFLICT`` names one of them.
     """
     arrays = [_array_parameter(name) for name in COLUMNS]
     source = sa.func.unnest(*arrays).table_valued(*COLUMNS).render_derived()
     ended = sa.exists().where(
         runs.c.tenant_id == source.c.tenant_id,
-        runs.c.workflow_run_id == source.c.workflow_run_id,
+        runs.c.owner_type == owner.value,
+        runs.c.owner_id == source.c[_OWNER_ID[owner].name],
     )
     rows = sa.select(*(source.c[name] for name in COLUMNS)).where(
         sa.or_(source.c.status != _ACTIVE, ~ended)
     )
     insert = pg_insert(sessions).from_select(list(COLUMNS), rows)
-    updated = {name: insert.excluded[name] for name in COLUMNS if name not in KEY_COLUMNS}
+    keys = KEY_COLUMNS[owner]
+    updated = {name: insert.excluded[name] for name in COLUMNS if name not in keys}
     new = insert.excluded
     return insert.on_conflict_do_update(
-        index_elements=list(_KEY),
+        index_elements=list(_KEYS[owner]),
         set_={**updated, "flushed_at": sa.func.now()},
         where=sa.and_(
             sessions.c.version < new.version,
@@ -219,28 +244,36 @@ def _upsert_statement() -> ReturningInsert[Any]:
                 new.lineage.is_(None),
                 sessions.c.lineage == new.lineage,
             ),
-            sa.or_(new.status != _ACTIVE, sessions.c.closed_by.is_distinct_from(_WORKFLOW_END)),
+            sa.or_(
+                new.status != _ACTIVE,
+                sessions.c.closed_by.is_(None),
+                sa.and_(*(sessions.c.closed_by != closer for closer in _OWNER_ENDS)),
+            ),
         ),
-    ).returning(*_KEY, sessions.c.version)
+    ).returning(*_KEYS[owner], sessions.c.version)
 
 
-_UPSERT: Final = _upsert_statement()
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """One owner's upsert as psycopg SQL and its constant parameters, compiled once."""
+
+    sql: bytes
+    constants: dict[str, Any]
+
+    @classmethod
+    def of(cls, owner: OwnerType) -> _Compiled:
+        compiled = _upsert_statement(owner).compile(dialect=postgresql_psycopg.dialect())  # type: ignore[no-untyped-call]
+        constants = {k: v for k, v in compiled.params.items() if k not in COLUMNS}
+        return cls(str(compiled).encode(), constants)
+
+    def params(self, rows: Sequence[SessionRow]) -> dict[str, Any]:
+        """One binary array per column, column-major."""
+        columns = zip(*(row.values for row in rows), strict=True)
+        arrays = dict(zip(COLUMNS, map(_BinaryArray, columns), strict=True))
+        return {**self.constants, **arrays}
 
 
-def _compiled_upsert() -> tuple[bytes, dict[str, Any]]:
-    """:data:`_UPSERT` as psycopg SQL and its constant parameters, compiled once."""
-    compiled = _UPSERT.compile(dialect=postgresql_psycopg.dialect())  # type: ignore[no-untyped-call]
-    constants = {name: value for name, value in compiled.params.items() if name not in COLUMNS}
-    return str(compiled).encode(), constants
-
-
-_UPSERT_SQL, _UPSERT_CONSTANTS = _compiled_upsert()
-
-
-def _as_arrays(rows: Sequence[SessionRow]) -> dict[str, Any]:
-    """The parameters of :data:`_UPSERT`: one binary array per column, column-major."""
-    columns = zip(*(row.values for row in rows), strict=True)
-    return {**_UPSERT_CONSTANTS, **dict(zip(COLUMNS, map(_BinaryArray, columns), strict=True))}
+_UPSERTS: Final = {owner: _Compiled.of(owner) for owner in OwnerType}
 
 
 class SessionRepository:
@@ -273,13 +306,19 @@ class SessionRepository:
         offered = newest_per_key(batch)
         if not offered:
             return UpsertResult()
-        with translate_errors():
-            if direct:
-                replies = self._direct.execute(_UPSERT_SQL, _as_arrays(offered))
-            else:
-                replies = self._pooled_upsert(_as_arrays(offered))
-        keys = {row.key.parts(): row.key for row in offered}
-        written = {keys[tuple(reply[:5])]: reply[5] for reply in replies}
+        written: dict[SessionKey, int] = {}
+        for owner in OwnerType:
+            rows = [row for row in offered if row.key.owner_type is owner]
+            if not rows:
+                continue
+            upsert = _UPSERTS[owner]
+            with translate_errors():
+                if direct:
+                    replies = self._direct.execute(upsert.sql, upsert.params(rows))
+                else:
+                    replies = self._pooled_upsert(upsert.sql, upsert.params(rows))
+            keys = {row.key.parts(): row.key for row in rows}
+            written |= {keys[tuple(reply[:5])]: reply[5] for reply in replies}
         refused = [row for row in offered if row.key not in written]
         if refused:
             with translate_errors(), self.engine.connect() as conn:
@@ -288,9 +327,9 @@ class SessionRepository:
             result = UpsertResult()
         return dataclasses.replace(result, written=sorted(written.items(), key=_by_key))
 
-    def _pooled_upsert(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    def _pooled_upsert(self, sql: bytes, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         with self.engine.begin() as conn:
-            result = conn.exec_driver_sql(_UPSERT_SQL.decode(), params)
+            result = conn.exec_driver_sql(sql.decode(), params)
             return [tuple(row) for row in result]
 
     @staticmethod
@@ -298,15 +337,19 @@ class SessionRepository:
         conn: Connection, refused: list[SessionRow]
     ) -> tuple[dict[SessionKey, RowMapping], set[RunRef]]:
         """What Postgres holds for the rows the fence kept: their stored version, lineage and
-        ``closed_by``, and which of their runs ended (two SELECTs)."""
-        query = sa.select(*_KEY, sessions.c.version, sessions.c.lineage, sessions.c.closed_by)
-        query = query.where(sa.tuple_(*_KEY).in_([row.key.parts() for row in refused]))
-        stored = {_key_of(row): row for row in conn.execute(query).mappings()}
-        run_ids = {(row.key.tenant_id, row.key.workflow_run_id) for row in refused}
-        ended_query = sa.select(runs.c.tenant_id, runs.c.workflow_run_id).where(
-            sa.tuple_(runs.c.tenant_id, runs.c.workflow_run_id).in_(sorted(run_ids))
-        )
-        ended = {RunRef(*row) for row in conn.execute(ended_query).all()}
+        ``closed_by``, and which of their owners ended (a SELECT per owner type, and one)."""
+        stored: dict[SessionKey, RowMapping] = {}
+        for owner in OwnerType:
+            parts = [row.key.parts() for row in refused if row.key.owner_type is owner]
+            if not parts:
+                continue
+            query = sa.select(
+                *_KEY_SELECT, sessions.c.version, sessions.c.lineage, sessions.c.closed_by
+            ).where(sessions.c.owner_type == owner.value, sa.tuple_(*_KEYS[owner]).in_(parts))
+            stored |= {_key_of(row): row for row in conn.execute(query).mappings()}
+        owner_ids = sorted({_owner_row(row.key.owner) for row in refused})
+        ended_query = sa.select(*_OWNER_ROW).where(sa.tuple_(*_OWNER_ROW).in_(owner_ids))
+        ended = {_owner_of(row) for row in conn.execute(ended_query).all()}
         return stored, ended
 
     # --- ended runs --------------------------------------------------------------------------
@@ -319,7 +362,8 @@ class SessionRepository:
         from now, unless it is settled first."""
         values = {
             "tenant_id": run.tenant_id,
-            "workflow_run_id": run.workflow_run_id,
+            "owner_type": run.owner_type.value,
+            "owner_id": run.owner_id,
             "outcome": outcome,
             "ended_at": sa.func.now(),
             "next_check_at": sa.func.now() + _seconds(check_after_s),
@@ -340,7 +384,7 @@ class SessionRepository:
         """Up to ``limit`` unsettled ended runs due for a visit, pushed ``recheck_after_s``
         into the future in the same statement (so concurrent reconcilers share the work)."""
         due = (
-            sa.select(runs.c.tenant_id, runs.c.workflow_run_id)
+            sa.select(*_OWNER_ROW)
             .where(runs.c.settled_at.is_(None), runs.c.next_check_at <= sa.func.now())
             .order_by(runs.c.next_check_at)
             .limit(limit)
@@ -350,13 +394,14 @@ class SessionRepository:
             sa.update(runs)
             .where(
                 runs.c.tenant_id == due.c.tenant_id,
-                runs.c.workflow_run_id == due.c.workflow_run_id,
+                runs.c.owner_type == due.c.owner_type,
+                runs.c.owner_id == due.c.owner_id,
             )
             .values(next_check_at=sa.func.now() + _seconds(recheck_after_s))
-            .returning(runs.c.tenant_id, runs.c.workflow_run_id)
+            .returning(*_OWNER_ROW)
         )
         with translate_errors(), self.engine.begin() as conn:
-            return [RunRef(*row) for row in conn.execute(claim).all()]
+            return [_owner_of(row) for row in conn.execute(claim).all()]
 
     def settle_run(self, run: RunRef) -> None:
         """Every session of the ended run is cleaned: the reconciler stops visiting it."""
@@ -368,11 +413,7 @@ class SessionRepository:
             self._update_run(run, settled_at=None, next_check_at=sa.func.now())
 
     def _update_run(self, run: RunRef, **values: Any) -> None:
-        query = (
-            sa.update(runs)
-            .where(runs.c.tenant_id == run.tenant_id, runs.c.workflow_run_id == run.workflow_run_id)
-            .values(**values)
-        )
+        query = sa.update(runs).where(*_is_owner(run)).values(**values)
         with translate_errors(), self.engine.begin() as conn:
             conn.execute(query)
 
@@ -383,15 +424,11 @@ class SessionRepository:
             return int(conn.execute(query).scalar_one())
 
     def unsettled_keys(self, run: RunRef) -> list[SessionKey]:
-        """Keys of the run's rows that are not ``cleaned`` yet (no snapshots are read)."""
+        """Keys of the owner's rows that are not ``cleaned`` yet (no snapshots are read)."""
         query = (
-            sa.select(*_KEY)
-            .where(
-                sessions.c.tenant_id == run.tenant_id,
-                sessions.c.workflow_run_id == run.workflow_run_id,
-                sessions.c.status != SessionStatus.CLEANED.value,
-            )
-            .order_by(*_KEY)
+            sa.select(*_KEY_SELECT)
+            .where(*_of_owner(run), sessions.c.status != SessionStatus.CLEANED.value)
+            .order_by(*_KEY_ORDER)
         )
         with translate_errors(), self.engine.connect() as conn:
             return [_key_of(row) for row in conn.execute(query).mappings()]
@@ -400,7 +437,7 @@ class SessionRepository:
 
     def get_with_run(self, key: SessionKey) -> tuple[StoredSession | None, RunEnd | None]:
         """The stored session of ``key`` and its run's end record, on one connection."""
-        run = RunRef(key.tenant_id, key.workflow_run_id)
+        run = key.owner
         with translate_errors(), self.engine.connect() as conn:
             row = conn.execute(_by_key_query(key)).mappings().one_or_none()
             return (None if row is None else _from_row(row)), _run_end(conn, run)
@@ -414,26 +451,75 @@ class SessionRepository:
     def list_run(
         self, tenant_id: str, workflow_run_id: str, status: SessionStatus | None = None
     ) -> list[StoredSession]:
-        """Every session of one run of one tenant, optionally of one status, in key order."""
-        query = sa.select(sessions).where(
-            sessions.c.tenant_id == tenant_id, sessions.c.workflow_run_id == workflow_run_id
-        )
+        """Every session of one workflow run of one tenant, optionally of one status."""
+        return self.list_owner(RunRef(tenant_id, workflow_run_id), status)
+
+    def list_owner(self, owner: RunRef, status: SessionStatus | None = None) -> list[StoredSession]:
+        """Every session of one owner, optionally of one status, in key order."""
+        query = sa.select(sessions).where(*_of_owner(owner))
         if status is not None:
             query = query.where(sessions.c.status == SessionStatus(status).value)
-        return self._rows(query.order_by(*_KEY))
+        return self._rows(query.order_by(*_KEY_ORDER))
 
-    def list_keys(
-        self, tenant_id: str, workflow_run_id: str, status: SessionStatus
-    ) -> list[SessionKey]:
-        """The keys (only) of one run's sessions of one status: no snapshots are read."""
+    def list_keys(self, owner: RunRef, status: SessionStatus) -> list[SessionKey]:
+        """The keys (only) of one owner's sessions of one status: no snapshots are read."""
         query = (
-            sa.select(*_KEY)
+            sa.select(*_KEY_SELECT)
+            .where(*_of_owner(owner), sessions.c.status == SessionStatus(status).value)
+            .order_by(*_KEY_ORDER)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_key_of(row) for row in conn.execute(query).mappings()]
+
+    def other_active_configs(self, key: SessionKey) -> list[SessionKey]:
+        """A conversation's ``active`` sessions of the same binding and agent under another
+        config snapshot (a turn with ``key``'s config retires them)."""
+        if key.owner_type is not OwnerType.CONVERSATION:
+            return []
+        query = sa.select(*_KEY_SELECT).where(
+            *_of_owner(key.owner),
+            sessions.c.binding_id == key.binding_id,
+            sessions.c.agent_id == key.agent_id,
+            sessions.c.agent_config_snapshot_id != key.config_id,
+            sessions.c.status == _ACTIVE,
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_key_of(row) for row in conn.execute(query).mappings()]
+
+    def idle_conversation_keys(self, *, idle_s: float, limit: int) -> list[SessionKey]:
+        """Up to ``limit`` ``active`` conversation sessions not updated for ``idle_s`` seconds,
+        oldest first, of conversations that have not ended."""
+        query = (
+            sa.select(*_KEY_SELECT)
             .where(
-                sessions.c.tenant_id == tenant_id,
-                sessions.c.workflow_run_id == workflow_run_id,
-                sessions.c.status == SessionStatus(status).value,
+                sessions.c.owner_type == OwnerType.CONVERSATION.value,
+                sessions.c.status == _ACTIVE,
+                sessions.c.updated_at < sa.func.now() - _seconds(idle_s),
             )
-            .order_by(*_KEY)
+            .order_by(sessions.c.updated_at)
+            .limit(limit)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_key_of(row) for row in conn.execute(query).mappings()]
+
+    def stalled_conversation_cleanups(self, *, older_than_s: float, limit: int) -> list[SessionKey]:
+        """Up to ``limit`` conversation sessions ``cleaning`` for over ``older_than_s`` seconds
+        in conversations that have not ended (an ended one's are the reconciler's)."""
+        ended = sa.exists().where(
+            runs.c.tenant_id == sessions.c.tenant_id,
+            runs.c.owner_type == OwnerType.CONVERSATION.value,
+            runs.c.owner_id == sessions.c.conversation_id,
+        )
+        query = (
+            sa.select(*_KEY_SELECT)
+            .where(
+                sessions.c.owner_type == OwnerType.CONVERSATION.value,
+                sessions.c.status == SessionStatus.CLEANING.value,
+                sessions.c.updated_at < sa.func.now() - _seconds(older_than_s),
+                ~ended,
+            )
+            .order_by(sessions.c.updated_at)
+            .limit(limit)
         )
         with translate_errors(), self.engine.connect() as conn:
             return [_key_of(row) for row in conn.execute(query).mappings()]
@@ -456,6 +542,17 @@ class SessionRepository:
         query = sa.select(sessions.c.status, sa.func.count()).group_by(sessions.c.status)
         with translate_errors(), self.engine.connect() as conn:
             return {str(status): int(n) for status, n in conn.execute(query).all()}
+
+    def count_by_owner_and_status(self) -> dict[str, dict[str, int]]:
+        """Rows per owner type and status, across tenants (operators' ``stats``)."""
+        query = sa.select(sessions.c.owner_type, sessions.c.status, sa.func.count()).group_by(
+            sessions.c.owner_type, sessions.c.status
+        )
+        found: dict[str, dict[str, int]] = {}
+        with translate_errors(), self.engine.connect() as conn:
+            for owner, status, n in conn.execute(query).all():
+                found.setdefault(str(owner), {})[str(status)] = int(n)
+        return found
 
     def list_status(self, status: SessionStatus, *, limit: int) -> list[StoredSession]:
         """Up to ``limit`` sessions of one status across tenants, oldest update first."""
@@ -487,9 +584,37 @@ class SessionRepository:
 
 
 def _by_key_query(key: SessionKey) -> sa.Select[Any]:
+    keys = _KEYS[key.owner_type]
     return sa.select(sessions).where(
-        *(col == part for col, part in zip(_KEY, key.parts(), strict=True))
+        sessions.c.owner_type == key.owner_type.value,
+        *(col == part for col, part in zip(keys, key.parts(), strict=True)),
     )
+
+
+def _of_owner(owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
+    """The sessions table's rows of ``owner``."""
+    return (
+        sessions.c.owner_type == owner.owner_type.value,
+        sessions.c.tenant_id == owner.tenant_id,
+        _OWNER_ID[owner.owner_type] == owner.owner_id,
+    )
+
+
+_OWNER_ROW: Final = (runs.c.tenant_id, runs.c.owner_type, runs.c.owner_id)
+
+
+def _is_owner(owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
+    """The owners table's row of ``owner``."""
+    return tuple(col == value for col, value in zip(_OWNER_ROW, _owner_row(owner), strict=True))
+
+
+def _owner_row(owner: RunRef) -> tuple[str, str, str]:
+    return (owner.tenant_id, owner.owner_type.value, owner.owner_id)
+
+
+def _owner_of(row: Any) -> RunRef:
+    tenant_id, owner_type, owner_id = row
+    return RunRef(tenant_id, owner_id, OwnerType(owner_type))
 
 
 def _seconds(seconds: float) -> sa.ColumnElement[Any]:
@@ -497,15 +622,13 @@ def _seconds(seconds: float) -> sa.ColumnElement[Any]:
 
 
 def _run_end(conn: Connection, run: RunRef) -> RunEnd | None:
-    query = sa.select(runs.c.outcome, runs.c.ended_at, runs.c.settled_at).where(
-        runs.c.tenant_id == run.tenant_id, runs.c.workflow_run_id == run.workflow_run_id
-    )
+    query = sa.select(runs.c.outcome, runs.c.ended_at, runs.c.settled_at).where(*_is_owner(run))
     row = conn.execute(query).one_or_none()
     return None if row is None else RunEnd(row.outcome, row.ended_at, row.settled_at is not None)
 
 
 def _by_key(entry: tuple[SessionKey, int]) -> tuple[str, ...]:
-    return entry[0].parts()
+    return entry[0].sort_key()
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,8 +650,7 @@ class _Refusals:
         list, so the caller leaves it dirty and the next flush inserts it."""
         key, row = offered.key, self.stored.get(offered.key)
         if offered.status == _ACTIVE and (
-            RunRef(key.tenant_id, key.workflow_run_id) in self.ended_runs
-            or (row is not None and row["closed_by"] == _WORKFLOW_END)
+            key.owner in self.ended_runs or (row is not None and row["closed_by"] in _OWNER_ENDS)
         ):
             result.run_ended.append(key)
         elif row is None:

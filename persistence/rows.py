@@ -23,16 +23,16 @@ import msgspec
 from cache.clock import parse_iso
 from cache.codec import WRITE_TEXT_FIELDS, encode, encode_specs_json, specs_json_of
 from cache.errors import CorruptValue
-from cache.records import ClosedBy, SessionKey, SessionStatus, StoredSession
-from persistence.models import KEY_COLUMNS, sessions
+from cache.records import ClosedBy, OwnerType, SessionKey, SessionStatus, StoredSession
+from persistence.models import OWNER_COLUMNS, sessions
 
 COLUMNS: Final = tuple(
     column.name for column in sessions.columns if column.name not in {"id", "flushed_at"}
 )
 """The columns a flush writes, in table order (the upsert's array parameters)."""
-HASH_FIELDS: Final = tuple(name for name in COLUMNS if name not in KEY_COLUMNS)
-"""The session hash fields that are columns (same names); the key columns come from the key
-name."""
+HASH_FIELDS: Final = tuple(name for name in COLUMNS if name not in OWNER_COLUMNS)
+"""The session hash fields that are columns (same names); the owner and key columns come from
+the key name."""
 _STATUSES: Final = frozenset(status.value for status in SessionStatus)
 _CLOSERS: Final = frozenset(closer.value for closer in ClosedBy)
 _SPECS_JSON_KEPT: Final = 256
@@ -55,6 +55,23 @@ def as_dict(row: SessionRow) -> dict[str, Any]:
     return dict(zip(COLUMNS, row.values, strict=True))
 
 
+def owner_values(key: SessionKey) -> tuple[str | None, ...]:
+    """The values of :data:`~persistence.models.OWNER_COLUMNS` for ``key``."""
+    if key.owner_type is OwnerType.WORKFLOW_RUN:
+        workflow_run_id, conversation_id, node_id = key.owner_id, None, key.node_id
+    else:
+        workflow_run_id, conversation_id, node_id = None, key.owner_id, None
+    return (
+        key.owner_type.value,
+        key.tenant_id,
+        workflow_run_id,
+        conversation_id,
+        node_id,
+        key.binding_id,
+        key.agent_id,
+    )
+
+
 # --- from a record ---------------------------------------------------------------------------
 
 
@@ -69,7 +86,7 @@ def _to_datetime(text: str | None) -> datetime | None:
 def row_of_session(session: StoredSession, now: datetime) -> SessionRow:
     """The row of a record; a missing created/updated time becomes ``now``."""
     data = session.data
-    known: dict[str, Any] = dict(zip(KEY_COLUMNS, session.key.parts(), strict=True))
+    known: dict[str, Any] = dict(zip(OWNER_COLUMNS, owner_values(session.key), strict=True))
     known |= {name: getattr(data, name) for name in WRITE_TEXT_FIELDS}
     known |= {
         "status": session.status.value,
@@ -160,8 +177,6 @@ _CONVERT: Final[dict[str, Convert]] = {
 }
 _REQUIRED: Final = (
     "app_id",
-    "workflow_id",
-    "node_execution_id",
     "agent_config_snapshot_id",
     "status",
     "version",
@@ -174,11 +189,13 @@ _REQUIRED_AT: Final = tuple(_AT[name] for name in _REQUIRED)
 _NOW_IF_MISSING_AT: Final = (_AT["created_at"], _AT["updated_at"])
 _PICK: Final = operator.itemgetter(
     *(
-        KEY_COLUMNS.index(name) if name in KEY_COLUMNS else len(KEY_COLUMNS) + _AT[name]
+        OWNER_COLUMNS.index(name) if name in OWNER_COLUMNS else len(OWNER_COLUMNS) + _AT[name]
         for name in COLUMNS
     )
 )
-"""From ``[*key parts, *converted hash values]`` to the row in column order, in C."""
+"""From ``[*owner values, *converted hash values]`` to the row in column order, in C
+(``workflow_id`` and ``node_execution_id`` a workflow run's row must have are the table's
+CHECK to enforce: this library always writes them)."""
 
 
 def row_of_hash(
@@ -200,7 +217,7 @@ def row_of_hash(
     for at in _NOW_IF_MISSING_AT:
         if converted[at] is None:
             converted[at] = now
-    row: tuple[Any, ...] = _PICK([*key.parts(), *converted])
+    row: tuple[Any, ...] = _PICK([*owner_values(key), *converted])
     version, status = converted[_AT["version"]], converted[_AT["status"]]
     return SessionRow(key, version, status, converted[_AT["lineage"]], row)
 
@@ -229,4 +246,4 @@ def newest_per_key(rows: Iterable[SessionRow]) -> list[SessionRow]:
         kept = newest.get(row.key)
         if kept is None or row.version > kept.version:
             newest[row.key] = row
-    return [newest[key] for key in sorted(newest, key=SessionKey.parts)]
+    return [newest[key] for key in sorted(newest, key=SessionKey.sort_key)]

@@ -23,7 +23,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 
-from cache.records import LayerSpec, Snapshot, SnapshotLayer
+from cache.records import LayerSpec, OwnerType, Snapshot, SnapshotLayer
 
 PROTOCOL_SCHEMA_VERSION = 1
 
@@ -34,6 +34,11 @@ RunPurpose: TypeAlias = Literal[
     "workflow_node", "single_step", "agent_app", "babysit", "fasten_preview"
 ]
 JsonValue: TypeAlias = Any
+PURPOSES: dict[OwnerType, RunPurpose] = {
+    OwnerType.WORKFLOW_RUN: "workflow_node",
+    OwnerType.CONVERSATION: "agent_app",
+}
+"""The ``purpose`` of a session owner's backend runs (its turns and its cleanup)."""
 
 TERMINAL_STATUSES: frozenset[RunStatus] = frozenset({"paused", "succeeded", "failed", "cancelled"})
 

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import redis
 from rq import Queue, Retry
 
-from cache.records import SessionKey, SessionStatus, StoredSession
+from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
 from cache.store import RedisSessionCache
 from persistence.repository import SessionRepository
 from workers.backend import AgentBackendClient, BackendNotFound
 from workers.backend_models import (
+    PURPOSES,
     CreateRunRequest,
     CreateRunResponse,
     LayerExitSignals,
@@ -69,12 +70,17 @@ class CleanupResult:
 def cleanup_idempotency_key(key: SessionKey, attempt: int = 0) -> str:
     """Stable per session and attempt; ``attempt`` n >= 1 appends ``:retry-n``.
 
-    DESIGN §6 leaves ``agent_id`` out; two agents on one node and binding would then share
-    a key, and the backend would answer the second cleanup with the first one's run.
+    A workflow run's: ``<run>:<node>:<binding>:<agent>:agent-session-cleanup`` (DESIGN §6
+    leaves ``agent_id`` out; two agents on one node and binding would then share a key, and
+    the backend would answer the second cleanup with the first one's run). A conversation's:
+    ``conversation:<conversation>:<binding>:<agent>:<config>:agent-session-cleanup``, so a
+    session retired for another config and the new config's later one never share a key.
     """
-    base = (
-        f"{key.workflow_run_id}:{key.node_id}:{key.binding_id}:{key.agent_id}:agent-session-cleanup"
-    )
+    if key.owner_type is OwnerType.CONVERSATION:
+        ids = f"conversation:{':'.join(key.parts()[1:])}"
+    else:
+        ids = f"{key.workflow_run_id}:{key.node_id}:{key.binding_id}:{key.agent_id}"
+    base = f"{ids}:agent-session-cleanup"
     return f"{base}:retry-{attempt}" if attempt else base
 
 
@@ -82,19 +88,27 @@ def cleanup_request(session: StoredSession, attempt: int = 0) -> CreateRunReques
     """The run that deletes the session's layers: specs replayed, snapshot aligned to them."""
     key, data = session.key, session.data
     names = [spec.name for spec in session.layer_specs]
+    owner: dict[str, object]
+    if key.owner_type is OwnerType.CONVERSATION:
+        owner = {"conversation_id": key.owner_id}
+    else:
+        owner = {
+            "workflow_id": data.workflow_id,
+            "workflow_run_id": key.workflow_run_id,
+            "node_id": key.node_id,
+            "node_execution_id": data.node_execution_id,
+        }
     return CreateRunRequest(
         composition=composition_from_specs(session.layer_specs),
-        purpose="workflow_node",
+        purpose=PURPOSES[key.owner_type],
         idempotency_key=cleanup_idempotency_key(key, attempt),
         session_snapshot=session.snapshot.aligned_to(names),
         on_exit=LayerExitSignals(default="delete"),
         metadata={
             "tenant_id": key.tenant_id,
             "app_id": data.app_id,
-            "workflow_id": data.workflow_id,
-            "workflow_run_id": key.workflow_run_id,
-            "node_id": key.node_id,
-            "node_execution_id": data.node_execution_id,
+            "owner_type": key.owner_type.value,
+            **owner,
             "binding_id": key.binding_id,
             "agent_id": key.agent_id,
             "agent_config_snapshot_id": data.agent_config_snapshot_id,
@@ -208,6 +222,7 @@ def request_cleanup(
             queue.enqueue(
                 CLEANUP_JOB,
                 *key.parts(),
+                key.owner_type.value,
                 job_id=job_id,
                 retry=Retry(max=attempts - 1, interval=intervals) if attempts > 1 else None,
                 job_timeout=CLEANUP_JOB_TIMEOUT_S,

@@ -118,4 +118,4 @@ def _settle(ctx: WorkerContext, result: FlushReport, report: DrainReport) -> Non
 
 def _run_of(ctx: WorkerContext, name: str) -> RunRef:
     key = ctx.cache.keys.parse_session(name)
-    return RunRef(key.tenant_id, key.workflow_run_id)
+    return key.owner

@@ -291,7 +291,7 @@ class _ShardFlush:
         self.report.run_ended += [names[key] for key in keys]
         by_run: dict[RunRef, list[SessionKey]] = {}
         for key in keys:
-            by_run.setdefault(RunRef(key.tenant_id, key.workflow_run_id), []).append(key)
+            by_run.setdefault(key.owner, []).append(key)
         for run, stopped in by_run.items():
             if self.cache.run_state(run).get("state") != "open":
                 try:

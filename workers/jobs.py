@@ -17,7 +17,7 @@ from rq import get_current_job
 
 from cache.errors import StoreUnavailable
 from cache.metrics import CLEANUPS
-from cache.records import SessionKey
+from cache.records import OwnerType, SessionKey
 from persistence.errors import PersistenceUnavailable
 from workers.cleanup import CLEANUP_JOB, Cleaner, cleanup_pending
 from workers.context import WorkerContext, current
@@ -145,17 +145,24 @@ def _add(totals: FlushReport, report: FlushReport) -> None:
     totals.run_ended += report.run_ended
 
 
-def cleanup_job(
-    tenant_id: str, workflow_run_id: str, node_id: str, binding_id: str, agent_id: str
+def cleanup_job(  # noqa: PLR0917 (RQ passes a job's JSON arguments by position)
+    tenant_id: str,
+    owner_id: str,
+    first: str,
+    second: str,
+    third: str,
+    owner_type: str = OwnerType.WORKFLOW_RUN.value,
 ) -> dict[str, Any]:
     """Clean one ``cleaning`` session up on the backend; raise so RQ retries it on its own.
 
-    On the job's last attempt a failure marks the session ``cleaned`` with the error kept.
+    The arguments are the key's ``parts()`` and its owner type (jobs queued before
+    conversations existed have no owner type: a workflow run's). On the job's last attempt a
+    failure marks the session ``cleaned`` with the error kept.
     """
     ctx = current()
     job = get_current_job()
     last_attempt = job is None or not job.retries_left
-    key = SessionKey(tenant_id, workflow_run_id, node_id, binding_id, agent_id)
+    key = SessionKey.of_parts(owner_type, tenant_id, owner_id, first, second, third)
     name, prefix = ctx.cache.keys.session(key), ctx.settings.key_prefix
     cleanup_pending(ctx.queue_redis, prefix, name, done=False)
     cleaner = Cleaner(ctx.cache, ctx.repo, ctx.backend, ctx.settings.cleanup_wait_s)

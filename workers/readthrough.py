@@ -2,7 +2,7 @@
 
 It sits above the cache so the layering holds (cache never imports persistence). A fill
 carries the row's version and lineage, so a session's version never restarts and its history
-stays recognisable. A run marker Redis lost is restored from ``workflow_agent_runs``: ended if
+stays recognisable. A run marker Redis lost is restored from ``agent_session_owners``: ended if
 Postgres recorded the end, open otherwise, so nothing of an ended run becomes resumable or
 saveable again because Redis forgot it.
 """
@@ -19,7 +19,7 @@ _LOADED_FROM_POSTGRES = LOADS.labels("postgres")
 
 
 def run_of(key: SessionKey) -> RunRef:
-    return RunRef(key.tenant_id, key.workflow_run_id)
+    return key.owner
 
 
 def restore_run(cache: RedisSessionCache, run: RunRef, end: RunEnd | None) -> bool:
@@ -44,11 +44,12 @@ def load_through(cache: RedisSessionCache, repo: SessionRepository, key: Session
         return loaded
     row, end = repo.get_with_run(key)
     ended = loaded.run_ended or restore_run(cache, run_of(key), end)
+    current = loaded.current_config
     if loaded.record is not None or row is None:
-        return Loaded(loaded.record, ended)
+        return Loaded(loaded.record, ended, current_config=current)
     _LOADED_FROM_POSTGRES.inc()
     if cache.fill(row):
-        return Loaded(row, ended)
+        return Loaded(row, ended, current_config=current)
     return cache.load(key)
 
 

@@ -1,6 +1,7 @@
-"""Ending a run, and the reconciler that finishes any end a crash or a lost key interrupted.
+"""Ending an owner, and the reconciler that finishes any end a crash or a lost key interrupted.
 
-``workflow_agent_runs`` in Postgres is the durable fact that a run ended; everything else
+An owner is a workflow run or a conversation; "run" below means either. A row of
+``agent_session_owners`` in Postgres is the durable fact that it ended; everything else
 follows from it and is safe to repeat:
 
 1. the Redis marker says ``ended`` (no TTL: it cannot be evicted while the run is unsettled);
@@ -14,14 +15,22 @@ follows from it and is safe to repeat:
 every few seconds: it claims the unsettled runs whose next check is due (bounded work per
 pass; concurrent reconcilers skip each other's rows) and runs the same steps, so an end
 interrupted between any two of them is finished within ``reconcile_grace_s`` plus a pass.
+
+A conversation goes on after some of its sessions are retired (a turn with another config
+snapshot, or idle expiry): :func:`retire_sessions` runs steps 2 and 3 for just those, and
+:func:`sweep_conversations` (same thread, same period) finds idle sessions in Postgres and
+asks again for cleanups that have not finished.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-from cache.records import RunRef, SessionKey, SessionStatus, StoredSession
+from cache.clock import parse_iso
+from cache.records import ClosedBy, RunRef, SessionKey, SessionStatus, StoredSession
 from workers.cleanup import request_cleanup
 from workers.context import WorkerContext
 from workers.queues import pending_ttl_ms, request_flush
@@ -46,7 +55,7 @@ def reconcile_run(ctx: WorkerContext, run: RunRef, outcome: str) -> Reconciled:
     """Bring an ended run's Redis state in line with its end (idempotent)."""
     cache = ctx.cache
     ended = cache.end_run(run, outcome)
-    keys = sorted({*ended.keys, *ctx.repo.unsettled_keys(run)}, key=SessionKey.parts)
+    keys = sorted({*ended.keys, *ctx.repo.unsettled_keys(run)}, key=SessionKey.sort_key)
     _fill_missing(ctx, keys)
     moved = cache.begin_cleanup(run, keys)
     names = [cache.keys.session(key) for key in keys]
@@ -86,6 +95,96 @@ def reconcile_once(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> list[Recon
     return done
 
 
+@dataclass(frozen=True, slots=True)
+class Retired:
+    """What one retirement did."""
+
+    moved_to_cleaning: int
+    cleanups_requested: int
+
+
+def retire_sessions(
+    ctx: WorkerContext, owner: RunRef, keys: Sequence[SessionKey], closed_by: ClosedBy
+) -> Retired:
+    """Retire some sessions of an owner that goes on (a conversation's ``config_change`` or
+    ``idle``): ``active`` → ``cleaning`` and a cleanup job each, as an owner's end does for
+    all of them. Sessions Redis lost are filled back from Postgres first. Idempotent."""
+    keys = sorted(set(keys), key=SessionKey.sort_key)
+    _fill_missing(ctx, keys)
+    moved = ctx.cache.begin_cleanup(owner, keys, closed_by=closed_by)
+    requested = _request_cleanups(ctx, keys)
+    if moved:
+        _flush_now(ctx, owner)
+    return Retired(moved, requested)
+
+
+def sweep_conversations(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> SweptConversations:
+    """Retire conversation sessions idle for ``conversation_idle_s`` (Postgres says which;
+    Redis, which may hold a newer save, has the last word), and request the cleanup again
+    of retired sessions whose cleanup has not finished within ``reconcile_grace_s``."""
+    settings = ctx.settings
+    idle = ctx.repo.idle_conversation_keys(idle_s=settings.conversation_idle_s, limit=limit)
+    retired = requested = 0
+    for owner, keys in _by_owner(_still_idle(ctx, idle)).items():
+        done = retire_sessions(ctx, owner, keys, ClosedBy.IDLE)
+        retired += done.moved_to_cleaning
+        requested += done.cleanups_requested
+    stalled = ctx.repo.stalled_conversation_cleanups(
+        older_than_s=settings.reconcile_grace_s, limit=limit
+    )
+    _fill_missing(ctx, stalled)
+    requested += _request_cleanups(ctx, stalled)
+    return SweptConversations(retired, requested)
+
+
+@dataclass(frozen=True, slots=True)
+class SweptConversations:
+    """What one pass over conversations did."""
+
+    retired: int
+    """Idle sessions that went from ``active`` to ``cleaning``."""
+    cleanups_requested: int
+    """Cleanup jobs requested (for those, and for stalled ones)."""
+
+
+def _still_idle(ctx: WorkerContext, keys: list[SessionKey]) -> list[SessionKey]:
+    """The keys whose Redis copy (if any) was not saved since the idle cutoff either."""
+    if not keys:
+        return []
+    cutoff = datetime.now(UTC) - timedelta(seconds=ctx.settings.conversation_idle_s)
+    records = ctx.cache.read_many([ctx.cache.keys.session(key) for key in keys])
+    idle = []
+    for key, record in zip(keys, records, strict=True):
+        if isinstance(record, StoredSession):
+            stamp = parse_iso(record.updated_at) if record.updated_at else None
+            if record.status is not SessionStatus.ACTIVE or (stamp and _utc(stamp) > cutoff):
+                continue
+        idle.append(key)
+    return idle
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _by_owner(keys: Iterable[SessionKey]) -> dict[RunRef, list[SessionKey]]:
+    grouped: dict[RunRef, list[SessionKey]] = {}
+    for key in keys:
+        grouped.setdefault(key.owner, []).append(key)
+    return grouped
+
+
+def _request_cleanups(ctx: WorkerContext, keys: Sequence[SessionKey]) -> int:
+    """A cleanup job for every one of ``keys`` that is ``cleaning`` in Redis and has none."""
+    names = [ctx.cache.keys.session(key) for key in keys]
+    records = ctx.cache.read_many(names) if names else []
+    requested = 0
+    for key, name, record in zip(keys, names, records, strict=True):
+        if isinstance(record, StoredSession) and record.status is SessionStatus.CLEANING:
+            requested += _request_cleanup(ctx, key, name)
+    return requested
+
+
 def _fill_missing(ctx: WorkerContext, keys: list[SessionKey]) -> None:
     """Bring back from Postgres the sessions Redis no longer has (expired or lost keys)."""
     for key in ctx.cache.missing(keys):
@@ -104,7 +203,7 @@ def _request_cleanup(ctx: WorkerContext, key: SessionKey, name: str) -> bool:
 def _flush_now(ctx: WorkerContext, run: RunRef) -> None:
     """The end must stick in Postgres: flush the run's shard urgently (best effort)."""
     settings = ctx.settings
-    shard = ctx.cache.keys.shard_of(run.tenant_id, run.workflow_run_id)
+    shard = ctx.cache.keys.shard_of_owner(run)
     try:
         request_flush(
             ctx.flush_queue,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from cache.settings import Settings
 from workers.context import WorkerContext
 from workers.queues import FlushRequest, backing_off, pending_ttl_ms, request_flush
-from workers.reconcile import reconcile_once
+from workers.reconcile import reconcile_once, sweep_conversations
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ def reconcile_period_s(settings: Settings) -> float:
 def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:
     """Run passes until ``stop`` is set; an outage is logged and the loop goes on.
 
-    Flush passes every ``flush_delay_ms / 2``. Reconciliation passes of ended runs
-    (:mod:`workers.reconcile`) every :func:`reconcile_period_s`, on a thread of their own:
+    Flush passes every ``flush_delay_ms / 2``. Reconciliation passes of ended owners and
+    the sweep of idle conversations (:mod:`workers.reconcile`) every
+    :func:`reconcile_period_s`, on a thread of their own:
     a pass after a Redis loss reads and fills many sessions, and the flush passes must not
     wait for it (the delivery bound in the README).
     """
@@ -101,6 +102,7 @@ def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:
 def _reconcile_loop(ctx: WorkerContext, stop: threading.Event) -> None:
     while not stop.is_set():
         _logged(reconcile_once, ctx, "reconciliation pass")
+        _logged(sweep_conversations, ctx, "conversation sweep")
         stop.wait(reconcile_period_s(ctx.settings))
 
 

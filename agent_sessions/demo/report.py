@@ -167,7 +167,7 @@ def _run_problems(
 ) -> list[str]:
     expected = result.saved_sessions()
     rows = {row.key: row for row in repo.list_run(tenant_id, result.run_id)}
-    keys = sorted(expected.keys() | rows.keys(), key=SessionKey.parts)
+    keys = sorted(expected.keys() | rows.keys(), key=SessionKey.sort_key)
     names = [cache.keys.session(key) for key in keys]
     problems = []
     for key, name, redis_read in zip(keys, names, cache.read_many(names), strict=True):

@@ -36,7 +36,7 @@ from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
 from workers.queues import FlushRequest, pending_ttl_ms, request_flush
 
-TABLE = "workflow_agent_runtime_sessions"
+TABLE = "agent_runtime_sessions"
 
 
 def nothing_dirty(ctx: WorkerContext) -> bool:

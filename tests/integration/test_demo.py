@@ -49,7 +49,7 @@ def last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 def tenant_rows(database_url: str, tenant: str) -> list[tuple[str, int]]:
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT status, version FROM workflow_agent_runtime_sessions WHERE tenant_id = %s",
+            "SELECT status, version FROM agent_runtime_sessions WHERE tenant_id = %s",
             (tenant,),
         ).fetchall()
     return [(str(status), int(version)) for status, version in rows]

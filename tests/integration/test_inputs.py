@@ -303,7 +303,7 @@ def test_fuzzed_ids_and_states_round_trip_exactly_or_are_refused_with_nothing_wr
 ) -> None:
     ctx.cache.client.flushall()
     with psycopg.connect(migrated.url, autocommit=True) as conn:
-        conn.execute("TRUNCATE workflow_agent_runtime_sessions, workflow_agent_runs")
+        conn.execute("TRUNCATE agent_runtime_sessions, agent_session_owners")
     try:
         scope = f.scope(node=node)
     except InvalidInput:

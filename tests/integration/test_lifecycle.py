@@ -47,7 +47,7 @@ from workers.cleanup import Cleaner
 from workers.context import WorkerContext
 from workers.drain import drain
 
-TABLE = "workflow_agent_runtime_sessions"
+TABLE = "agent_runtime_sessions"
 KEY = f.session_key()
 SENT_LAYERS = (
     "workflow_node_job_prompt",

@@ -7,6 +7,7 @@ compression, so those two are compared with catalog queries.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,12 +20,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, Engine
 
+from cache.codec import encode
+from cache.records import RunRef, SessionKey, SessionWrite, StoredSession
 from persistence import migrate
 from persistence.models import TABLE_NAME, metadata, runs, sessions
-from persistence.repository import create_engine
+from persistence.repository import SessionRepository, create_engine
+from tests import factories as f
 from tests.servers import Database
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture
@@ -82,7 +86,7 @@ def test_migrated_check_constraints_equal_the_models(
         stored = check_constraints(conn)
     declared = {c.name for c in sessions.constraints if isinstance(c, sa.CheckConstraint)}
     assert set(stored) == declared
-    assert stored["ck_workflow_agent_runtime_sessions_status"] == (
+    assert stored["ck_agent_runtime_sessions_status"] == (
         "CHECK (((status)::text = ANY ((ARRAY['active'::character varying, "
         "'cleaning'::character varying, 'cleaned'::character varying])::text[])))"
     )
@@ -108,7 +112,10 @@ def test_migrated_constraint_and_index_names_equal_the_models(
         "unique": {c.name for c in sessions.constraints if isinstance(c, sa.UniqueConstraint)},
         "index": {i.name for i in sessions.indexes},
     }
-    assert stored["unique"] == {"workflow_agent_runtime_session_scope_unique"}
+    assert stored["unique"] == {
+        "agent_runtime_session_workflow_scope_unique",
+        "agent_runtime_session_conversation_scope_unique",
+    }
 
 
 def test_snapshot_column_is_lz4_compressed_as_the_model_declares(
@@ -207,25 +214,96 @@ def test_downgrade_to_base_then_upgrade_again_restores_the_schema(
         assert column_compression(conn)["snapshot"] == "l"
 
 
+OLD_COLUMNS = (
+    "tenant_id, app_id, workflow_id, workflow_run_id, node_id, node_execution_id, binding_id,"
+    " agent_id, agent_config_snapshot_id, status, version, snapshot, layer_specs,"
+    " backend_run_id, pending_form_id, pending_tool_call_id, closed_by, cleanup_error,"
+    " cleaned_at, created_at, updated_at"
+)
+
+
 def test_upgrading_0001_to_head_keeps_every_session_row(
     database_url: Database, engine: Engine
 ) -> None:
     """0002 adds ``lineage`` (NULL for old rows: the fence then matches any lineage) and the
-    runs table; rows written under 0001 survive unchanged."""
+    runs table; rows written under 0001 survive unchanged, under 0004's names."""
     migrate.upgrade(database_url.url, "0001")
-    columns = ", ".join(
-        c.name for c in sessions.columns if c.name not in ("id", "flushed_at", "lineage")
-    )
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                f"INSERT INTO {TABLE_NAME} ({columns}) VALUES ("
+                f"INSERT INTO workflow_agent_runtime_sessions ({OLD_COLUMNS}) VALUES ("
                 "'t', 'a', 'w', 'r', 'n', 'e', 'b', 'g', 'c', 'active', 7, '\\x80', '[]', "
                 "NULL, NULL, NULL, NULL, NULL, NULL, now(), now())"
             )
         )
     migrate.upgrade(database_url.url)
     with engine.connect() as conn:
-        row = conn.execute(sa.text(f"SELECT version, lineage FROM {TABLE_NAME}")).one()
-        assert tuple(row) == (7, None)
+        row = conn.execute(sa.text(f"SELECT version, lineage, owner_type FROM {TABLE_NAME}")).one()
+        assert tuple(row) == (7, None, "workflow_run")
         assert schema_diff(conn) == []
+
+
+def test_upgrading_0003_to_head_keeps_sessions_and_ended_runs_as_workflow_owned(
+    database_url: Database, engine: Engine
+) -> None:
+    """0004 (conversations): every session row and every ended run written under 0003 is
+    still there, byte for byte, owned by its workflow run; the repository reads, fences and
+    reconciles them; a conversation's rows then live beside them; a downgrade keeps them."""
+    migrate.upgrade(database_url.url, "0003")
+    snapshot = encode("snapshot", f.snapshot("history", state={"n": 1}))
+    specs = (
+        '[{"name":"history","type":"pydantic_ai.history","deps":{},"metadata":{},"config":1e+23}]'
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"INSERT INTO workflow_agent_runtime_sessions ({OLD_COLUMNS}, lineage) VALUES ("
+                "'t', 'a', 'w', 'r', 'n', 'e', 'b', 'g', 'c', 'active', 7, :snapshot, :specs, "
+                "'backend-7', 'form-1', 'call-1', NULL, NULL, NULL, now(), now(), 'lineage-1')"
+            ),
+            {"snapshot": snapshot, "specs": specs},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO workflow_agent_runs (tenant_id, workflow_run_id, outcome, ended_at,"
+                " next_check_at) VALUES ('t', 'ended-run', 'failed', now(), now())"
+            )
+        )
+        before = (
+            conn.execute(sa.text("SELECT * FROM workflow_agent_runtime_sessions")).mappings().one()
+        )
+    migrate.upgrade(database_url.url)
+    repo = SessionRepository(engine)
+    key = SessionKey("t", "r", "n", "b", "g")
+    with engine.connect() as conn:
+        after = conn.execute(sa.text(f"SELECT * FROM {TABLE_NAME}")).mappings().one()
+    assert {**after} == {**before, "owner_type": "workflow_run", "conversation_id": None}
+    found = repo.get(key)
+    assert found is not None and found.version == 7 and found.lineage == "lineage-1"
+    assert found.snapshot_raw == snapshot and found.data.pending_form_id == "form-1"
+    end = repo.run_end(RunRef("t", "ended-run"))
+    assert end is not None and end.outcome == "failed" and not end.settled
+    assert repo.claim_due_runs(limit=10, recheck_after_s=60) == [RunRef("t", "ended-run")]
+
+    stale = dataclasses.replace(found, version=6)
+    assert repo.upsert_fenced([stale]).fenced  # the fence holds on the old row
+    newer = dataclasses.replace(found, version=8)
+    assert repo.upsert_fenced([newer]).written == [(key, 8)]
+    chat = SessionKey.conversation("t", "r", "b", "g", "c")  # the same IDs, another owner
+    chat_row = dataclasses.replace(found, key=chat, data=_conversation_write(found))
+    assert repo.upsert_fenced([chat_row]).written == [(chat, 7)]
+    assert {s.key for s in repo.list_owner(chat.owner)} == {chat}
+
+    migrate.downgrade(database_url.url, "0003")
+    with engine.connect() as conn:
+        kept = conn.execute(
+            sa.text("SELECT workflow_run_id, version FROM workflow_agent_runtime_sessions")
+        ).all()
+        runs_kept = conn.execute(sa.text("SELECT workflow_run_id FROM workflow_agent_runs")).all()
+    assert [tuple(r) for r in kept] == [("r", 8)]  # the conversation's row is dropped
+    assert [tuple(r) for r in runs_kept] == [("ended-run",)]
+    repo.close()
+
+
+def _conversation_write(session: StoredSession) -> SessionWrite:
+    return dataclasses.replace(session.data, workflow_id=None, node_execution_id=None)

@@ -137,7 +137,7 @@ class LosingRedis(RuleBasedStateMachine):
         for _ in range(3):
             assert drain(self.ctx, timeout_s=10).drained
             with psycopg.connect(self.db_url, autocommit=True) as conn:
-                conn.execute("UPDATE workflow_agent_runs SET next_check_at = now()")
+                conn.execute("UPDATE agent_session_owners SET next_check_at = now()")
             reconcile_once(self.ctx)
             self.cleanup_jobs()
         assert drain(self.ctx, timeout_s=10).drained
@@ -176,7 +176,7 @@ def test_runs_and_lineage_hold_whatever_redis_loses(
     def machine() -> LosingRedis:
         redis_client.flushall()
         with psycopg.connect(migrated.url, autocommit=True) as conn:
-            conn.execute("TRUNCATE workflow_agent_runtime_sessions, workflow_agent_runs")
+            conn.execute("TRUNCATE agent_runtime_sessions, agent_session_owners")
         return LosingRedis(fresh, migrated.url)
 
     run_state_machine_as_test(

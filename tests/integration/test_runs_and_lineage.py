@@ -226,9 +226,7 @@ def test_postgres_never_turns_a_session_closed_by_the_workflow_end_back_to_activ
     flushed(ctx)
     assert pg_status(ctx, key_of(scope)) is not SessionStatus.ACTIVE
     with psycopg.connect(migrated.url) as conn:
-        row = conn.execute(
-            "SELECT status, closed_by FROM workflow_agent_runtime_sessions"
-        ).fetchone()
+        row = conn.execute("SELECT status, closed_by FROM agent_runtime_sessions").fetchone()
     assert row is not None and row[1] == "workflow_end"
 
 

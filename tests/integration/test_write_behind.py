@@ -26,7 +26,7 @@ from workers.flush import flush_shard
 from workers.queues import FlushRequest, request_flush
 from workers.readthrough import load_through
 
-TABLE = "workflow_agent_runtime_sessions"
+TABLE = "agent_runtime_sessions"
 
 
 @pytest.fixture

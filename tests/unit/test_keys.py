@@ -9,7 +9,7 @@ import pytest
 
 from cache.errors import InvalidId
 from cache.keys import KeySpace, decode_id, encode_id
-from cache.records import RunRef, SessionKey
+from cache.records import OwnerType, RunRef, SessionKey
 from tests import factories as f
 
 AWKWARD_IDS = [
@@ -171,17 +171,41 @@ def test_parse_session_rejects_percent_escapes_that_are_not_utf8() -> None:
 
 
 @pytest.mark.parametrize("raw", AWKWARD_IDS)
-def test_run_member_is_the_end_of_the_session_name_the_scripts_cut(raw: str) -> None:
-    """save/fill/drop_poisoned derive the member as ``session:sub(#run_sessions - 3)``: the
-    session name after its first ``len(run_sessions) - 4`` characters, whatever the IDs."""
+@pytest.mark.parametrize("owner", list(OwnerType))
+def test_run_member_is_the_end_of_the_session_name_the_scripts_cut(
+    raw: str, owner: OwnerType
+) -> None:
+    """save/fill/begin_cleanup/drop_poisoned derive the member as the session name's last
+    three ``:``-separated parts (``find(':[^:]+:[^:]+:[^:]+$')``), whatever the IDs and the
+    owner."""
     space = KeySpace("asc", 256)
-    key = SessionKey(raw, raw, raw, raw, raw)
-    run = RunRef(key.tenant_id, key.workflow_run_id)
+    key = SessionKey.of_parts(owner, raw, raw, raw, raw, raw)
     member = space.run_member(key)
-    assert space.session(key)[len(space.run_sessions(run)) - 4 :] == member
+    name = space.session(key)
+    assert re.search(r":([^:]+:[^:]+:[^:]+)$", name)[1] == member  # type: ignore[index]
     assert member.count(":") == 2
-    assert space.parse_run_member(run, member) == key
-    assert space.parse_run_member(run, member.encode()) == key
+    assert space.parse_run_member(key.owner, member) == key
+    assert space.parse_run_member(key.owner, member.encode()) == key
+    assert space.parse_session(name) == key
+
+
+def test_a_key_name_says_its_owner() -> None:
+    space = KeySpace("asc", 256)
+    conversation = SessionKey.conversation("t", "c", "b", "a", "cfg")
+    workflow = SessionKey("t", "c", "b", "a", "cfg")  # the same five IDs
+    assert space.session(conversation).split(":")[2:] == [
+        "conversation-session",
+        "t",
+        "c",
+        "b",
+        "a",
+        "cfg",
+    ]
+    assert space.session(workflow).split(":")[2] == "session"
+    assert space.run(conversation.owner).split(":")[2:] == ["conversation", "t", "c"]
+    assert space.run(workflow.owner).split(":")[2:] == ["run", "t", "c"]
+    assert space.names(conversation).config_field == "config:b:a"
+    assert space.names(workflow).config_field == ""
 
 
 def test_a_full_session_name_is_read_as_a_legacy_run_member() -> None:

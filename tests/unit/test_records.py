@@ -12,6 +12,7 @@ from cache.errors import InvalidId, InvalidSnapshot
 from cache.records import (
     LayerSpec,
     LifecycleState,
+    OwnerType,
     RunRef,
     Scope,
     SessionKey,
@@ -46,7 +47,39 @@ def test_session_key_rejects_every_bad_part(field: str, bad: Any) -> None:
     parts: dict[str, Any] = dict.fromkeys(KEY_FIELDS, "ok")
     parts[field] = bad
     with pytest.raises(InvalidId, match=field):
-        SessionKey(**parts)
+        SessionKey(*(parts[name] for name in KEY_FIELDS))
+
+
+CONVERSATION_KEY_FIELDS = (
+    "tenant_id",
+    "conversation_id",
+    "binding_id",
+    "agent_id",
+    "agent_config_snapshot_id",
+)
+
+
+@pytest.mark.parametrize("field", CONVERSATION_KEY_FIELDS)
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_conversation_session_key_rejects_every_bad_part(field: str, bad: Any) -> None:
+    parts: dict[str, Any] = dict.fromkeys(CONVERSATION_KEY_FIELDS, "ok")
+    parts[field] = bad
+    with pytest.raises(InvalidId, match=field):
+        SessionKey.conversation(*(parts[name] for name in CONVERSATION_KEY_FIELDS))
+
+
+def test_a_key_has_exactly_its_owners_parts() -> None:
+    with pytest.raises(InvalidId, match="config_id"):
+        SessionKey("t", "r", "n", "b", "a", OwnerType.WORKFLOW_RUN, "cfg")
+    with pytest.raises(InvalidId, match="node_id"):
+        SessionKey("t", "c", "n", "b", "a", OwnerType.CONVERSATION, "cfg")
+    with pytest.raises(InvalidId, match="owner_type"):
+        SessionKey("t", "r", "n", "b", "a", "chat")  # type: ignore[arg-type]
+    key = SessionKey.conversation("t", "c", "b", "a", "cfg")
+    assert key.parts() == ("t", "c", "b", "a", "cfg")
+    assert key.owner == RunRef.conversation("t", "c")
+    assert SessionKey.of_parts("conversation", *key.parts()) == key
+    assert key != SessionKey("t", "c", "b", "a", "cfg")  # same IDs, other owner
 
 
 @pytest.mark.parametrize("bad", BAD_IDS, ids=repr)

@@ -1,0 +1,240 @@
+"""conversation_turns: one chat turn of an Agent App conversation, ours against the original.
+
+A turn is what a conversation costs between two backend runs, through the real path, with
+only the backend's own time left out: **ours** = ``SessionLifecycle.enter(ConversationScope)``,
+``build_request`` and its JSON encoding, the backend's answer decoded from its JSON bytes (an
+~8 KB snapshot), ``RunOutcome.from_status`` and ``finish``, with a real ``agent-sessions
+worker`` pool flushing to Postgres in the background. **original** = the Postgres-only
+``AgentAppRuntimeSessionStore`` (:class:`bench.pg_original.OriginalConversationStore`): load
+the active row by ``(tenant, conversation, agent, config)`` (pydantic JSON decode), then read
+by key, update in place and commit. Both arms use the same Postgres server and database and
+the same conversations (200, one agent each, turns in random order), in alternating blocks.
+
+Each turn has a new message id (a new ``ConversationScope``, validated at the door), as a
+chat does; the scopes are built before timing.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from bench.harness import (
+    Result,
+    make_result,
+    median,
+    ns_to_us,
+    private_redis,
+    ratio,
+    run_interleaved,
+    summarize,
+)
+from bench.hot_path import build_snapshot
+from bench.loop_vs_postgres import build_answer, build_composition
+from bench.pg_original import (
+    CompositorSessionSnapshot,
+    OriginalConversationStore,
+    create_engine,
+    create_table,
+    original_snapshot,
+)
+from bench.stack import bench_settings, migrated_database, worker_context, worker_pool
+from cache.records import ConversationScope
+from workers.backend_models import RunComposition, decode_status, encode_json
+
+if TYPE_CHECKING:
+    from agent_sessions.lifecycle import SessionLifecycle
+
+NAME = "conversation_turns"
+METRIC = "per-turn time (enter+finish, 8 KB) vs Postgres-only original"
+GOAL = "<= 0.15"
+WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    conversations: int
+    blocks: int
+    per_block: int
+    warmup: int
+
+
+QUICK = Plan(conversations=100, blocks=4, per_block=150, warmup=50)
+FULL = Plan(conversations=200, blocks=8, per_block=800, warmup=200)
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+@dataclass(frozen=True)
+class ChatWorkload:
+    """Conversations and payloads; both arms take the same turns in the same order."""
+
+    conversations: list[ConversationScope]
+    order: list[int]
+    composition: RunComposition
+    answer: bytes
+    snapshot_proto: CompositorSessionSnapshot
+
+    @classmethod
+    def build(cls, conversations: int, seed: int) -> ChatWorkload:
+        rng = random.Random(seed)
+        tenant, app, binding, agent, config = (_uuid(rng) for _ in range(5))
+        scopes = [
+            ConversationScope(tenant, app, _uuid(rng), binding, agent, config, "message-0")
+            for _ in range(conversations)
+        ]
+        order = list(range(conversations))
+        random.Random(seed + 1).shuffle(order)
+        composition = build_composition()
+        return cls(
+            scopes,
+            order,
+            composition,
+            build_answer(composition),
+            original_snapshot(build_snapshot()),
+        )
+
+    def turns(self, count: int) -> Iterator[ConversationScope]:
+        """``count`` turns, each with its own message id (built before timing)."""
+        made: list[ConversationScope] = []
+        turn = 0
+        while len(made) < count:
+            turn += 1
+            for i in self.order:
+                made.append(replace(self.conversations[i], message_id=f"message-{turn}"))
+        return iter(made[:count])
+
+
+def ours_turn(
+    lifecycle: SessionLifecycle, workload: ChatWorkload, turns: Iterator[ConversationScope]
+) -> Callable[[], object]:
+    from agent_sessions.lifecycle import RunOutcome
+
+    def turn() -> object:
+        scope = next(turns)
+        entry = lifecycle.enter(scope)
+        request = lifecycle.build_request(scope, entry, workload.composition)
+        encode_json(request)
+        status = decode_status(workload.answer)
+        result = lifecycle.finish(scope, entry, RunOutcome.from_status(request, status))
+        if result.version is None:
+            raise RuntimeError(f"save failed: {result.metadata}")
+        return result
+
+    return turn
+
+
+def original_turn(
+    store: OriginalConversationStore, workload: ChatWorkload, turns: Iterator[ConversationScope]
+) -> Callable[[], object]:
+    backend_run_id = str(uuid.uuid4())
+
+    def turn() -> object:
+        scope = next(turns)
+        store.load(scope)
+        store.save(scope, backend_run_id=backend_run_id, snapshot=workload.snapshot_proto)
+        return None
+
+    return turn
+
+
+def _progress(plan: Plan) -> Callable[[int, Mapping[str, list[int]]], None]:
+    def report(index: int, block: Mapping[str, list[int]]) -> None:
+        ours, original = median(block["ours"]) / 1000, median(block["original"]) / 1000
+        print(
+            f"  block {index + 1:>2}/{plan.blocks}: ours {ours:7.1f} us  original "
+            f"{original:7.1f} us  ratio {ours / original:.3f}",
+            flush=True,
+        )
+
+    return report
+
+
+def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
+    from agent_sessions.lifecycle import SessionLifecycle
+
+    workload = ChatWorkload.build(plan.conversations, seed=29)
+    total = plan.conversations + plan.warmup + plan.blocks * plan.per_block
+    with ExitStack() as stack:
+        redis_url = stack.enter_context(private_redis())
+        db_url = stack.enter_context(migrated_database())
+        settings = bench_settings(redis_url, db_url)
+        create_table(db_url)
+        stack.enter_context(worker_pool(settings, WORKERS))
+        ctx = stack.enter_context(worker_context(settings))
+        engine = create_engine(db_url)
+        stack.callback(engine.dispose)
+        arms: dict[str, Callable[[], object]] = {
+            "ours": ours_turn(SessionLifecycle(ctx), workload, workload.turns(total)),
+            "original": original_turn(
+                OriginalConversationStore(engine), workload, workload.turns(total)
+            ),
+        }
+        for _ in range(plan.conversations):  # every conversation has a session
+            for arm in arms.values():
+                arm()
+        before = ctx.cache.counters().get("rows_flushed", 0)
+        print(f"  {plan.conversations} conversations, {WORKERS} flush workers; timing…")
+        samples = run_interleaved(
+            arms,
+            blocks=plan.blocks,
+            per_block=plan.per_block,
+            warmup=plan.warmup,
+            on_block=_progress(plan),
+        )
+        flushed = ctx.cache.counters().get("rows_flushed", 0) - before
+    return samples, {"rows_flushed_meanwhile": flushed, "flush_workers": WORKERS}
+
+
+def _block_ratios(samples: Mapping[str, Sequence[Sequence[int]]]) -> list[float]:
+    pairs = zip(samples["ours"], samples["original"], strict=True)
+    return [round(ratio(median(a), median(b)), 3) for a, b in pairs]
+
+
+def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str, Any]) -> Result:
+    ours = summarize(ns_to_us([s for block in samples["ours"] for s in block]))
+    original = summarize(ns_to_us([s for block in samples["original"] for s in block]))
+    blocks = _block_ratios(samples)
+    extra = {
+        "spread": f"block ratios {min(blocks):.3f}-{max(blocks):.3f} over {len(blocks)} blocks",
+        "ours_p50_us": round(ours.median, 1),
+        "ours_p99_us": round(ours.p99, 1),
+        "original_p50_us": round(original.median, 1),
+        "original_p99_us": round(original.p99, 1),
+        "speedup": round(original.median / ours.median, 1),
+        "block_ratios": blocks,
+        "turns_per_arm": ours.count,
+        "conversations": plan.conversations,
+        "blocks": plan.blocks,
+        "per_block": plan.per_block,
+        "what": (
+            "ours = enter(ConversationScope), build_request + its JSON, the backend answer's "
+            "JSON decoded, RunOutcome.from_status, finish(succeeded), with a worker pool "
+            "flushing in the background; original = AgentAppRuntimeSessionStore's ORM load "
+            "(select key+active, pydantic JSON) + save (select key, update, commit), "
+            "pg_original.py (its request building and answer parsing are not counted, which "
+            "favours it); same Postgres server and database"
+        ),
+        **facts,
+    }
+    return make_result(
+        NAME,
+        METRIC,
+        value=round(ours.median, 1),
+        baseline=round(original.median, 1),
+        goal=GOAL,
+        unit="us",
+        extra=extra,
+    )
+
+
+def run(quick: bool) -> Result:
+    plan = QUICK if quick else FULL
+    samples, facts = _measure(plan)
+    return _result(samples, plan, facts)

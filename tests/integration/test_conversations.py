@@ -1,0 +1,431 @@
+"""Sessions of both owners: workflow runs and conversations, on standalone and cluster Redis.
+
+The first part is one suite parametrised over the owner (a workflow run's node entries or a
+conversation's turns) and the Redis (standalone, or a 3-primary cluster with RQ on a
+standalone server): the lifecycle rules, write-behind, the fence, read-through, poison and
+the owner's end run through the same scripts and the same code for both. The second part is
+what only conversations have: the config snapshot as a compatibility scope, idle expiry and
+an explicit end. Every claim about Postgres is checked after a real flush.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+import redis
+
+from agent_sessions.lifecycle import EndReport, SessionLifecycle
+from agent_sessions.testing.fake_backend import FakeAgentBackend
+from cache.records import (
+    ClosedBy,
+    ConversationScope,
+    OwnerType,
+    RunRef,
+    Scope,
+    SessionKey,
+    SessionStatus,
+)
+from tests import factories as f
+from tests.integration.support import (
+    make_ctx,
+    pg_status,
+    redis_status,
+    row,
+    run_node,
+    stored,
+    wait_for,
+)
+from tests.servers import Database, RedisCluster
+from workers.backend import AgentBackendClient
+from workers.cleanup import Cleaner, cleanup_idempotency_key
+from workers.context import WorkerContext
+from workers.drain import drain
+from workers.reconcile import reconcile_once, sweep_conversations
+
+TENANT = "tenant-1"
+OWNER_ID = "owner-1"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """How a test drives one owner: its entries' scopes, its key and its end."""
+
+    kind: OwnerType
+
+    def scope(self, entry: int, *, config: str = "config-1") -> Scope | ConversationScope:
+        if self.kind is OwnerType.WORKFLOW_RUN:
+            return f.scope(run=OWNER_ID, node_execution=f"exec-{entry}")
+        return ConversationScope(
+            tenant_id=TENANT,
+            app_id="app-1",
+            conversation_id=OWNER_ID,
+            binding_id="binding-1",
+            agent_id="agent-1",
+            agent_config_snapshot_id=config,
+            message_id=f"message-{entry}",
+        )
+
+    def key(self, *, config: str = "config-1") -> SessionKey:
+        key = self.scope(0, config=config).key
+        assert key is not None
+        return key
+
+    @property
+    def ref(self) -> RunRef:
+        return self.key().owner
+
+    def end(self, lc: SessionLifecycle) -> EndReport:
+        if self.kind is OwnerType.WORKFLOW_RUN:
+            return lc.workflow_ended(TENANT, OWNER_ID, "succeeded")
+        return lc.conversation_ended(TENANT, OWNER_ID)
+
+
+CONVERSATION = Owner(OwnerType.CONVERSATION)
+
+
+@pytest.fixture(params=list(OwnerType), ids=[t.value for t in OwnerType])
+def owner(request: pytest.FixtureRequest) -> Owner:
+    return Owner(request.param)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def ctx(
+    request: pytest.FixtureRequest,
+    redis_client: redis.Redis,
+    redis_url: str,
+    migrated: Database,
+    fake: FakeAgentBackend,
+) -> WorkerContext:
+    options: dict[str, object] = {"agent_backend_url": fake.url, "cleanup_wait_s": 10}
+    if request.param == "standalone":
+        return make_ctx(redis_url, migrated.url, **options)
+    cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+    request.getfixturevalue("cluster_client")  # flushed for this test
+    return make_ctx(
+        cluster.url, migrated.url, redis_cluster=True, rq_redis_url=redis_url, **options
+    )
+
+
+@pytest.fixture
+def lc(ctx: WorkerContext) -> Iterator[SessionLifecycle]:
+    yield SessionLifecycle(ctx)
+
+
+def flushed(ctx: WorkerContext) -> None:
+    report = drain(ctx, timeout_s=30)
+    assert report.drained and report.poisoned == 0
+
+
+def clean(ctx: WorkerContext, backend: AgentBackendClient, key: SessionKey) -> str:
+    """Run the key's cleanup job body once (as a worker would); its outcome."""
+    return Cleaner(ctx.cache, ctx.repo, backend, 10).clean(key, last_attempt=True).outcome
+
+
+def lose_everything(ctx: WorkerContext) -> None:
+    """Redis restarted without persistence (every key of every node gone)."""
+    client = ctx.cache.client
+    if isinstance(client, redis.RedisCluster):
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    else:
+        client.flushall()
+
+
+def owner_columns(ctx: WorkerContext, key: SessionKey) -> tuple[object, ...]:
+    url = ctx.settings.database_url
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT owner_type, workflow_run_id, conversation_id, node_id, binding_id,"
+            " agent_id, agent_config_snapshot_id FROM agent_runtime_sessions"
+            " WHERE tenant_id = %s",
+            (key.tenant_id,),
+        ).fetchall()
+    assert len(found) == 1, found
+    return tuple(found[0])
+
+
+# ------------------------------------------------------------------ 1. one suite, both owners
+
+
+def test_an_entry_resumes_the_last_one_and_postgres_gets_the_owners_columns(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+) -> None:
+    first = run_node(lc, backend, owner.scope(1))
+    assert not first.entry.resumable and first.result.version == 1
+    second = run_node(lc, backend, owner.scope(2))
+    assert second.entry.resumable and second.entry.version == 1
+    assert second.request.session_snapshot == first.status.session_snapshot
+    purpose = "agent_app" if owner.kind is OwnerType.CONVERSATION else "workflow_node"
+    assert second.request.purpose == purpose
+    assert second.request.idempotency_key == f"{OWNER_ID}:{owner.scope(2).execution_id}"
+
+    name = ctx.cache.keys.session(owner.key())
+    word = "conversation-session" if owner.kind is OwnerType.CONVERSATION else "session"
+    assert name.split(":")[2] == word  # the key says its owner in redis-cli
+    flushed(ctx)
+    saved = row(ctx, owner.key())
+    assert saved.status is SessionStatus.ACTIVE and saved.version == 2
+    assert saved.snapshot == stored(ctx, owner.key()).snapshot
+    if owner.kind is OwnerType.CONVERSATION:
+        expected = ("conversation", None, OWNER_ID, None, "binding-1", "agent-1", "config-1")
+    else:
+        expected = ("workflow_run", OWNER_ID, None, "node-1", "binding-1", "agent-1", "config-1")
+    assert owner_columns(ctx, owner.key()) == expected
+
+
+def test_a_failed_run_retires_the_session_and_the_next_entry_starts_fresh(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+) -> None:
+    run_node(lc, backend, owner.scope(1))
+    failed = run_node(lc, backend, owner.scope(2), behaviour="fail")
+    assert failed.result.status == "failed"
+    assert failed.result.metadata["session_snapshot_cleaned_on_failure"] is True
+    assert not lc.enter(owner.scope(3)).resumable
+    flushed(ctx)
+    retired = row(ctx, owner.key())
+    assert retired.status is SessionStatus.CLEANED
+    assert retired.closed_by is ClosedBy.BACKEND_FAILURE
+    again = run_node(lc, backend, owner.scope(4))  # a new conversation with the agent
+    assert again.result.version == 3 and lc.enter(owner.scope(5)).resumable
+
+
+def test_a_pause_is_a_workflow_level_pause_and_is_flushed_urgently(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+) -> None:
+    paused = run_node(lc, backend, owner.scope(1), behaviour="human_input", pending_form_id="f-1")
+    assert paused.result.status == "paused" and paused.result.pause is not None
+    assert paused.result.pause.human_input and paused.result.pause.pending_form_id == "f-1"
+    assert paused.result.metadata["session_flush"] in ("enqueued", "pending")
+    entry = lc.enter(owner.scope(2))
+    assert entry.resumable and entry.pending_form_id == "f-1"
+    flushed(ctx)
+    saved = row(ctx, owner.key())
+    assert saved.version == 1 and saved.data.pending_form_id == "f-1"
+    assert saved.data.pending_tool_call_id == entry.pending_tool_call_id is not None
+
+
+def test_read_through_brings_back_a_flushed_session_redis_lost(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+) -> None:
+    first = run_node(lc, backend, owner.scope(1))
+    flushed(ctx)
+    lose_everything(ctx)
+    entry = lc.enter(owner.scope(2))
+    assert entry.resumable and entry.version == 1
+    assert entry.snapshot == first.status.session_snapshot
+    second = run_node(lc, backend, owner.scope(2), entry=entry)
+    assert second.result.version == 2  # the version never restarts
+    flushed(ctx)
+    assert row(ctx, owner.key()).version == 2
+
+
+def test_postgres_ahead_of_redis_is_parked_in_poison_never_acked(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+) -> None:
+    run_node(lc, backend, owner.scope(1))
+    flushed(ctx)
+    ahead = stored(ctx, owner.key())
+    ctx.repo.upsert_fenced([_with_version(ahead, 9)])
+    run_node(lc, backend, owner.scope(2))  # Redis: version 2; Postgres holds 9
+    report = drain(ctx, timeout_s=30)
+    assert report.poisoned == 1
+    shard = ctx.cache.keys.shard_of_key(owner.key())
+    (reason,) = ctx.cache.poison(shard).values()
+    assert "ahead" in reason or "v2" in reason
+    assert row(ctx, owner.key()).version == 9
+
+
+def _with_version(session: object, version: int) -> object:
+    import dataclasses
+
+    return dataclasses.replace(session, version=version, flushed_version=version)  # type: ignore[type-var]
+
+
+def test_the_owners_end_cleans_every_session_on_the_backend_and_refuses_later_saves(
+    ctx: WorkerContext,
+    lc: SessionLifecycle,
+    backend: AgentBackendClient,
+    fake: FakeAgentBackend,
+    owner: Owner,
+) -> None:
+    last = run_node(lc, backend, owner.scope(1))
+    report = owner.end(lc)
+    assert (report.sessions, report.moved_to_cleaning, report.cleanups_enqueued) == (1, 1, 1)
+    assert redis_status(ctx, owner.key()) is SessionStatus.CLEANING
+    assert not lc.enter(owner.scope(2)).resumable
+    assert clean(ctx, backend, owner.key()) == "cleaned"
+
+    (cleanup,) = [r for r in fake.runs() if r.is_cleanup]
+    assert cleanup.request.idempotency_key == cleanup_idempotency_key(owner.key())
+    assert cleanup.request.on_exit.default == "delete"
+    assert cleanup.request.metadata["previous_agent_backend_run_id"] == last.status.run_id
+    assert cleanup.request.metadata["owner_type"] == owner.kind.value
+    assert cleanup.status == "succeeded"
+
+    late = run_node(lc, backend, owner.scope(3))
+    assert late.result.metadata["session_snapshot_persisted"] is False
+    flushed(ctx)
+    for record in (stored(ctx, owner.key()), row(ctx, owner.key())):
+        assert record.status is SessionStatus.CLEANED
+        assert record.closed_by is owner.kind.end_closer
+    wait_for(lambda: reconcile_settles(ctx, owner), "the owner settled", 30)
+
+
+def reconcile_settles(ctx: WorkerContext, owner: Owner) -> bool:
+    with psycopg.connect(ctx.settings.database_url) as conn:
+        conn.execute("UPDATE agent_session_owners SET next_check_at = now()")
+    reconcile_once(ctx)
+    end = ctx.repo.run_end(owner.ref)
+    return end is not None and end.settled
+
+
+def test_an_end_after_redis_lost_everything_still_cleans_and_stays_ended(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+) -> None:
+    run_node(lc, backend, owner.scope(1))
+    flushed(ctx)
+    lose_everything(ctx)
+    report = owner.end(lc)
+    assert report.moved_to_cleaning == 1  # filled back from Postgres, then stopped
+    assert clean(ctx, backend, owner.key()) == "cleaned"
+    lose_everything(ctx)  # again, before "cleaned" reached Postgres: the end is Postgres's fact
+    assert not lc.enter(owner.scope(2)).resumable
+    late = run_node(lc, backend, owner.scope(2))
+    assert late.result.metadata["session_snapshot_persisted"] is False
+    assert pg_status(ctx, owner.key()) is SessionStatus.ACTIVE  # what Postgres last heard
+    with psycopg.connect(ctx.settings.database_url) as conn:
+        conn.execute("UPDATE agent_session_owners SET next_check_at = now()")
+    (done,) = reconcile_once(ctx)  # the ended owner's active row is stopped again
+    assert done.moved_to_cleaning == 1  # (its cleanup job: the first one, still queued)
+    assert clean(ctx, backend, owner.key()) == "cleaned"
+    flushed(ctx)
+    assert pg_status(ctx, owner.key()) is SessionStatus.CLEANED
+
+
+# ------------------------------------------------------------- 2. what conversations add
+
+
+def test_a_turn_with_another_config_starts_fresh_and_retires_the_old_session(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, fake: FakeAgentBackend
+) -> None:
+    old, new = CONVERSATION.key(config="config-1"), CONVERSATION.key(config="config-2")
+    run_node(lc, backend, CONVERSATION.scope(1, config="config-1"))
+    run_node(lc, backend, CONVERSATION.scope(2, config="config-1"))
+    entry = lc.enter(CONVERSATION.scope(3, config="config-2"))
+    assert not entry.resumable  # never an incompatible snapshot
+    record = stored(ctx, old)
+    assert record.status is SessionStatus.CLEANING
+    assert record.closed_by is ClosedBy.CONFIG_CHANGE
+    assert clean(ctx, backend, old) == "cleaned"
+    (cleanup,) = [r for r in fake.runs() if r.is_cleanup]
+    assert cleanup.request.metadata["agent_config_snapshot_id"] == "config-1"
+
+    done = run_node(lc, backend, CONVERSATION.scope(3, config="config-2"), entry=entry)
+    assert done.result.version == 1
+    assert lc.enter(CONVERSATION.scope(4, config="config-2")).resumable
+    flushed(ctx)
+    assert pg_status(ctx, old) is SessionStatus.CLEANED
+    assert row(ctx, old).closed_by is ClosedBy.CONFIG_CHANGE
+    assert pg_status(ctx, new) is SessionStatus.ACTIVE
+    # going back to config-1 starts fresh too (its session was retired), and retires config-2
+    back = run_node(lc, backend, CONVERSATION.scope(5, config="config-1"))
+    assert not back.entry.resumable and back.result.version == 5  # 2 saves, cleaning, cleaned
+    assert redis_status(ctx, new) is SessionStatus.CLEANING
+
+
+def test_a_config_change_after_redis_lost_everything_still_retires_the_old_session(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient
+) -> None:
+    old = CONVERSATION.key(config="config-1")
+    run_node(lc, backend, CONVERSATION.scope(1, config="config-1"))
+    flushed(ctx)
+    lose_everything(ctx)  # the owner hash that named config-1 is gone too
+    assert not lc.enter(CONVERSATION.scope(2, config="config-2")).resumable
+    assert redis_status(ctx, old) is SessionStatus.CLEANING  # Postgres named it
+    assert clean(ctx, backend, old) == "cleaned"
+    flushed(ctx)
+    assert pg_status(ctx, old) is SessionStatus.CLEANED
+
+
+def test_an_idle_conversation_is_retired_and_cleaned_and_its_next_turn_starts_fresh(
+    redis_client: redis.Redis,
+    redis_url: str,
+    migrated: Database,
+    fake: FakeAgentBackend,
+    backend: AgentBackendClient,
+) -> None:
+    ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
+    lc = SessionLifecycle(ctx)
+    key = CONVERSATION.key()
+    busy = Owner(OwnerType.CONVERSATION)
+    run_node(lc, backend, busy.scope(1))
+    flushed(ctx)
+    assert sweep_conversations(ctx).retired == 0  # not idle yet
+    time.sleep(1.2)
+    swept = sweep_conversations(ctx)
+    assert (swept.retired, swept.cleanups_requested) == (1, 1)
+    record = stored(ctx, key)
+    assert record.status is SessionStatus.CLEANING and record.closed_by is ClosedBy.IDLE
+    assert clean(ctx, backend, key) == "cleaned"
+    assert not lc.enter(busy.scope(2)).resumable
+    again = run_node(lc, backend, busy.scope(2))  # the conversation did not end
+    assert again.result.metadata["session_snapshot_persisted"] is True
+    assert lc.enter(busy.scope(3)).resumable
+    flushed(ctx)
+    assert pg_status(ctx, key) is SessionStatus.ACTIVE
+
+
+def test_a_save_after_the_idle_cutoff_in_redis_keeps_the_session(
+    redis_client: redis.Redis,
+    redis_url: str,
+    migrated: Database,
+    fake: FakeAgentBackend,
+    backend: AgentBackendClient,
+) -> None:
+    """Postgres's ``updated_at`` may lag Redis by a flush: Redis has the last word."""
+    ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
+    lc = SessionLifecycle(ctx)
+    run_node(lc, backend, CONVERSATION.scope(1))
+    flushed(ctx)
+    time.sleep(1.2)
+    run_node(lc, backend, CONVERSATION.scope(2))  # saved in Redis, not flushed yet
+    assert sweep_conversations(ctx).retired == 0
+    assert redis_status(ctx, CONVERSATION.key()) is SessionStatus.ACTIVE
+
+
+def test_a_stalled_retirement_gets_its_cleanup_requested_again(
+    redis_client: redis.Redis,
+    redis_url: str,
+    migrated: Database,
+    fake: FakeAgentBackend,
+    backend: AgentBackendClient,
+) -> None:
+    ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, reconcile_grace_s=0)
+    lc = SessionLifecycle(ctx)
+    old = CONVERSATION.key(config="config-1")
+    run_node(lc, backend, CONVERSATION.scope(1, config="config-1"))
+    lc.enter(CONVERSATION.scope(2, config="config-2"))  # retired, cleanup requested
+    flushed(ctx)
+    ctx.cleanup_queue.empty()  # the job was lost
+    ctx.queue_redis.delete(*ctx.queue_redis.keys(f"{ctx.settings.key_prefix}:cleanup_pending:*"))
+    assert pg_status(ctx, old) is SessionStatus.CLEANING
+    assert sweep_conversations(ctx).cleanups_requested == 1
+    assert len(ctx.cleanup_queue) == 1
+
+
+def test_conversations_and_workflow_runs_with_the_same_ids_never_meet(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient
+) -> None:
+    """A run id equal to a conversation id: two owners, two sessions, two rows."""
+    workflow = Owner(OwnerType.WORKFLOW_RUN)
+    run_node(lc, backend, workflow.scope(1))
+    run_node(lc, backend, CONVERSATION.scope(1))
+    lc.conversation_ended(TENANT, OWNER_ID)
+    assert lc.enter(workflow.scope(2)).resumable  # the run goes on
+    flushed(ctx)
+    assert pg_status(ctx, workflow.key()) is SessionStatus.ACTIVE
+    assert pg_status(ctx, CONVERSATION.key()) is SessionStatus.CLEANING
+    assert ctx.repo.run_end(workflow.ref) is None

@@ -205,7 +205,28 @@ _RATE = click.FloatRange(0.0, 1.0)
     "--iterations", default=15, show_default=True, type=_POSITIVE, help="Loop iterations per run."
 )
 @click.option(
-    "--threads", default=4, show_default=True, type=_POSITIVE, help="Workflow runs at a time."
+    "--conversations",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Chat conversations beside the workflow runs.",
+)
+@click.option(
+    "--turns", default=12, show_default=True, type=_POSITIVE, help="Turns per conversation."
+)
+@click.option(
+    "--config-switch-every",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Every Nth conversation switches its agent's config half-way (0: none).",
+)
+@click.option(
+    "--threads",
+    default=4,
+    show_default=True,
+    type=_POSITIVE,
+    help="Workflow runs and conversations at a time.",
 )
 @click.option(
     "--fail-rate",
@@ -247,8 +268,9 @@ def demo(as_json: bool, **options: Any) -> None:
     """Drive a loop-heavy workload through the real stack, then verify Postgres.
 
     Migrates DATABASE_URL, starts the loopback fake agent backend and a worker pool, runs
-    workflow runs concurrently (Agent nodes in a loop, with failed, cancelled and paused agent
-    runs), ends them, waits for the write-behind, checks that Postgres holds exactly the final
+    workflow runs and chat conversations concurrently (Agent nodes in a loop; conversation
+    turns, some switching the agent's config half-way; with failed, cancelled and paused
+    agent runs), ends them, waits for the write-behind, checks that Postgres holds exactly the final
     state of every session and that every cleanup ran, and reports latency, coalescing and
     flush lag. It touches only its own key prefix and a tenant id unique to the run.
     Exit status 1 if verification fails.

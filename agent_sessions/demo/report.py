@@ -17,7 +17,16 @@ import sqlalchemy as sa
 
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.errors import CorruptValue
-from cache.records import ClosedBy, LayerSpec, SessionKey, SessionStatus, Snapshot, StoredSession
+from cache.records import (
+    ClosedBy,
+    LayerSpec,
+    OwnerType,
+    RunRef,
+    SessionKey,
+    SessionStatus,
+    Snapshot,
+    StoredSession,
+)
 from cache.store import RedisSessionCache, SessionRead
 from persistence.models import sessions
 from persistence.repository import SessionRepository
@@ -35,23 +44,31 @@ class Tracked:
     specs: tuple[LayerSpec, ...] = ()
     retired_by: str | None = None
     paused: bool = False
+    owner_end: ClosedBy = ClosedBy.WORKFLOW_END
+    config_retired: bool = False
+    """A conversation's turn with another config retired it (``closed_by=config_change``)."""
 
     @property
     def expected_version(self) -> int:
-        """A session still active at the workflow's end gets two more writes: cleaning, cleaned."""
+        """A session still active at its owner's end (or at a config change) gets two more
+        writes: cleaning, cleaned."""
         return self.version if self.retired_by else self.version + 2
 
     @property
     def expected_closed_by(self) -> ClosedBy:
-        return ClosedBy.BACKEND_FAILURE if self.retired_by else ClosedBy.WORKFLOW_END
+        if self.retired_by:
+            return ClosedBy.BACKEND_FAILURE
+        return ClosedBy.CONFIG_CHANGE if self.config_retired else self.owner_end
 
 
 @dataclass
 class WorkflowResult:
-    """One workflow run as the demo drove it."""
+    """One workflow run, or one conversation, as the demo drove it."""
 
     run_id: str
     outcome: str = "succeeded"
+    kind: OwnerType = OwnerType.WORKFLOW_RUN
+    config_switches: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     saves: int = 0
@@ -117,7 +134,7 @@ def tenant_rows(repo: SessionRepository, tenant_id: str) -> TenantRows:
     )
     with repo.engine.connect() as conn:
         rows = conn.execute(query).all()
-    ended = [row for row in rows if row.closed_by == ClosedBy.WORKFLOW_END.value]
+    ended = [row for row in rows if row.closed_by not in (None, ClosedBy.BACKEND_FAILURE.value)]
     return TenantRows(
         flush_lags_s=[(row.flushed_at - row.updated_at).total_seconds() for row in rows],
         cleanups_done=sum(row.cleanup_error is None for row in ended),
@@ -166,7 +183,8 @@ def _run_problems(
     result: WorkflowResult,
 ) -> list[str]:
     expected = result.saved_sessions()
-    rows = {row.key: row for row in repo.list_run(tenant_id, result.run_id)}
+    owner = RunRef(tenant_id, result.run_id, result.kind)
+    rows = {row.key: row for row in repo.list_owner(owner)}
     keys = sorted(expected.keys() | rows.keys(), key=SessionKey.sort_key)
     names = [cache.keys.session(key) for key in keys]
     problems = []
@@ -288,10 +306,17 @@ def _fact_lines(f: Mapping[str, object]) -> list[tuple[str, str]]:
         (
             "workload",
             f"{f['runs']} workflow runs x {f['nodes']} Agent nodes x {f['iterations']} "
-            f"loop iterations = {f['agent_runs']} agent runs on {f['threads']} threads",
+            f"loop iterations, beside {f['conversations']} conversations x {f['turns']} turns "
+            f"= {f['agent_runs']} agent runs on {f['threads']} threads",
         ),
         ("agent runs", _counts(f["agent_outcomes"]) + f" ({f['resumes']} resumed after a pause)"),
-        ("workflows", _counts(f["workflow_outcomes"]) + f"; all ended, {f['sessions']} sessions"),
+        ("workflows", _counts(f["workflow_outcomes"]) + "; all ended"),
+        (
+            "conversations",
+            f"{f['conversations_ended']} ended, {f['config_switches']} switched their agent's "
+            "config mid-way (the old session retired and cleaned up)",
+        ),
+        ("sessions", f"{f['sessions']} ({_counts(f['sessions_by_owner'])})"),
         ("hot path", f"enter+finish p50 {lat[0]:.2f} ms, p99 {lat[1]:.2f} ms (backend excluded)"),
         ("write-behind", _write_behind(f)),
         (
@@ -361,12 +386,20 @@ def build_facts(
     tracked = [t for result in results for t in result.saved_sessions().values()]
     redis_writes = sum(t.expected_version for t in tracked)
     flushed = counters.get("rows_flushed", 0)
+    workflows = [r for r in results if r.kind is OwnerType.WORKFLOW_RUN]
+    chats = [r for r in results if r.kind is OwnerType.CONVERSATION]
     return {
         **setup,
-        "runs": len(results),
+        "runs": len(workflows),
+        "conversations_ended": len(chats),
+        "config_switches": sum(r.config_switches for r in chats),
+        "sessions_by_owner": {
+            kind.value: sum(len(r.saved_sessions()) for r in results if r.kind is kind)
+            for kind in OwnerType
+        },
         "agent_runs": sum(len(result.latencies_ms) for result in results),
         "agent_outcomes": dict(sum((result.statuses for result in results), Counter[str]())),
-        "workflow_outcomes": dict(Counter(result.outcome for result in results)),
+        "workflow_outcomes": dict(Counter(result.outcome for result in workflows)),
         "resumes": sum(result.resumes for result in results),
         "sessions": len(tracked),
         "latency_ms": p50_p99([ms for result in results for ms in result.latencies_ms], 3),

@@ -2,9 +2,12 @@
 
 1. Migrate ``DATABASE_URL``, start the loopback fake agent backend in this process and an
    ``agent-sessions worker`` pool as real subprocesses (own process group, always stopped).
-2. Drive workflow runs concurrently: each loops ``iterations`` times over ``nodes`` Agent nodes
-   through :class:`SessionLifecycle` and the HTTP backend client; some agent runs fail, are
-   cancelled or pause (the next entry of the node is the resume). Every run then ends.
+2. Drive workflow runs and chat conversations concurrently, on one thread pool: each
+   workflow run loops ``iterations`` times over ``nodes`` Agent nodes, each conversation
+   takes ``turns`` turns with one agent (every ``config_switch_every``-th one switches the
+   agent's config snapshot half-way: its old session is retired and cleaned up), all through
+   :class:`SessionLifecycle` and the HTTP backend client; some agent runs fail, are cancelled
+   or pause (the next entry is the resume). Every run and every conversation then ends.
 3. Wait for the write-behind to drain and every cleanup to finish, verify Postgres against
    what the demo last wrote and against Redis, and print the report
    (:mod:`agent_sessions.demo.report`).
@@ -48,7 +51,14 @@ from agent_sessions.lifecycle import (
 )
 from agent_sessions.testing.fake_backend import BEHAVIOUR_METADATA_KEY, FakeAgentBackend
 from agent_sessions.testing.worker_process import WorkerProcess
-from cache.records import Scope, SessionKey, SessionStatus, StoredSession
+from cache.records import (
+    ConversationScope,
+    OwnerType,
+    Scope,
+    SessionKey,
+    SessionStatus,
+    StoredSession,
+)
 from cache.settings import Settings
 from persistence.migrate import upgrade
 from workers.backend import AgentBackendClient
@@ -79,6 +89,9 @@ class DemoConfig:
     runs: int = 24
     nodes: int = 3
     iterations: int = 15
+    conversations: int = 12
+    turns: int = 12
+    config_switch_every: int = 3
     threads: int = 4
     fail_rate: float = 0.05
     cancel_rate: float = 0.03
@@ -101,27 +114,39 @@ class DemoConfig:
 def plan_behaviours(config: DemoConfig, rng: random.Random) -> list[list[str]]:
     """Per workflow run, the fake behaviour of each agent run, loop iteration by iteration."""
     steps = [(it, node) for it in range(config.iterations) for node in range(config.nodes)]
-    return [[_behaviour(config, rng, it) for it, _ in steps] for _ in range(config.runs)]
+    last = config.iterations - 1
+    return [[_behaviour(config, rng, it < last) for it, _ in steps] for _ in range(config.runs)]
 
 
-def _behaviour(config: DemoConfig, rng: random.Random, iteration: int) -> str:
-    """A pause is never planned on the last iteration: every pause gets its resume."""
+def plan_turns(config: DemoConfig, rng: random.Random) -> list[list[str]]:
+    """Per conversation, the fake behaviour of each turn."""
+    last = config.turns - 1
+    return [
+        [_behaviour(config, rng, turn < last) for turn in range(config.turns)]
+        for _ in range(config.conversations)
+    ]
+
+
+def _behaviour(config: DemoConfig, rng: random.Random, may_pause: bool) -> str:
+    """A pause is never planned on the last entry: every pause gets its resume."""
     x = rng.random()
     if x < config.fail_rate:
         return "fail"
     if x < config.fail_rate + config.cancel_rate:
         return "cancel"
     paused = x < config.fail_rate + config.cancel_rate + config.pause_rate
-    return "pause" if paused and iteration < config.iterations - 1 else "succeed"
+    return "pause" if paused and may_pause else "succeed"
 
 
-def composition(node_id: str) -> RunComposition:
-    """An Agent node's layers; ``history`` is added by the lifecycle, plugins never stored."""
+def composition(scope: Scope | ConversationScope) -> RunComposition:
+    """An agent's layers; ``history`` is added by the lifecycle, plugins never stored."""
+    if isinstance(scope, ConversationScope):
+        context = {"conversation": scope.conversation_id}
+    else:
+        context = {"node": scope.node_id}
     return RunComposition(
         layers=[
-            RunLayerSpec(
-                name="execution_context", type="dify.execution_context", config={"node": node_id}
-            ),
+            RunLayerSpec(name="execution_context", type="dify.execution_context", config=context),
             RunLayerSpec(name="llm", type="dify.plugin.llm", config={"model": "fake-model"}),
             RunLayerSpec(name="tools", type="dify.plugin.tools", config={"tools": ["search"]}),
         ]
@@ -139,6 +164,18 @@ def demo_scope(tenant_id: str, run_id: str, node: int, iteration: int) -> Scope:
         binding_id=f"binding-{node}",
         agent_id=f"agent-{node}",
         agent_config_snapshot_id=f"agent-{node}-config-1",
+    )
+
+
+def chat_scope(tenant_id: str, conversation_id: str, config: int, turn: int) -> ConversationScope:
+    return ConversationScope(
+        tenant_id=tenant_id,
+        app_id="demo-chat-app",
+        conversation_id=conversation_id,
+        binding_id="chat-binding",
+        agent_id="chat-agent",
+        agent_config_snapshot_id=f"chat-agent-config-{config}",
+        message_id=f"message-{turn:03d}",
     )
 
 
@@ -183,23 +220,57 @@ def run_workflow(work: Workload, index: int, plan: Sequence[str]) -> WorkflowRes
     return result
 
 
+def run_conversation(work: Workload, index: int, plan: Sequence[str]) -> WorkflowResult:
+    """One conversation: its turns (switching the agent's config half-way, for some), then
+    ``conversation_ended``."""
+    result = WorkflowResult(
+        run_id=f"chat-{index:04d}", outcome="ended", kind=OwnerType.CONVERSATION
+    )
+    every = work.config.config_switch_every
+    switch_at = len(plan) // 2 if every and index % every == 0 else None
+    with AgentBackendClient(work.backend_url) as client:
+        for turn, behaviour in enumerate(plan):
+            if work.stop.is_set():
+                raise Interrupted
+            config = 2 if switch_at is not None and turn >= switch_at else 1
+            if turn == switch_at:
+                _switch_config(work, result)
+            scope = chat_scope(work.tenant_id, result.run_id, config, turn)
+            agent_step(work, client, result, scope, behaviour)
+            work.progress.add()
+    work.lifecycle.conversation_ended(work.tenant_id, result.run_id)
+    return result
+
+
+def _switch_config(work: Workload, result: WorkflowResult) -> None:
+    """The next turn runs with config 2: the session of config 1, if still active, is retired
+    by that turn's ``enter`` (cleaned up on the backend)."""
+    result.config_switches += 1
+    old = chat_scope(work.tenant_id, result.run_id, 1, 0).key
+    tracked = result.sessions.get(old)
+    if tracked is not None and tracked.version and tracked.retired_by is None:
+        tracked.config_retired = True
+
+
 def agent_step(
     work: Workload,
     client: AgentBackendClient,
     result: WorkflowResult,
-    scope: Scope,
+    scope: Scope | ConversationScope,
     behaviour: str,
 ) -> str:
     """Enter, run on the backend, finish; time only our two calls. Returns the run status."""
     lifecycle = work.lifecycle
     name = lifecycle.ctx.cache.keys.session(_key(scope))
     tracked = result.sessions.setdefault(_key(scope), Tracked())
+    if isinstance(scope, ConversationScope):
+        tracked.owner_end = OwnerType.CONVERSATION.end_closer
     started = time.perf_counter()
     entry = lifecycle.enter(scope)
     entered = time.perf_counter()
     check_entry(result, name, entry, tracked)
     request = lifecycle.build_request(
-        scope, entry, composition(scope.node_id), metadata={BEHAVIOUR_METADATA_KEY: behaviour}
+        scope, entry, composition(scope), metadata={BEHAVIOUR_METADATA_KEY: behaviour}
     )
     outcome = RunOutcome.from_status(request, run_on_backend(client, request))
     finishing = time.perf_counter()
@@ -209,7 +280,7 @@ def agent_step(
     return outcome.status
 
 
-def _key(scope: Scope) -> SessionKey:
+def _key(scope: Scope | ConversationScope) -> SessionKey:
     key = scope.key
     if key is None:
         raise ValueError("a demo scope always has a workflow run")
@@ -255,12 +326,19 @@ def record(
     result.saves += 1
 
 
-def run_workload(work: Workload, plans: Sequence[Sequence[str]]) -> list[WorkflowResult]:
-    """Every workflow run on a small thread pool, one run per task, with a progress bar."""
+def run_workload(
+    work: Workload, plans: Sequence[Sequence[str]], chats: Sequence[Sequence[str]] = ()
+) -> list[WorkflowResult]:
+    """Every workflow run and conversation on a small thread pool, one per task, mixed,
+    with a progress bar."""
+    tasks = [(run_workflow, i, plan) for i, plan in enumerate(plans)]
+    for i, plan in enumerate(chats):  # interleaved with the runs, not after them
+        tasks.insert(min(2 * i + 1, len(tasks)), (run_conversation, i, plan))
     with ThreadPoolExecutor(work.config.threads, thread_name_prefix="demo-run") as pool:
-        futures = [pool.submit(run_workflow, work, i, plan) for i, plan in enumerate(plans)]
+        futures = [pool.submit(task, work, i, plan) for task, i, plan in tasks]
+        total = sum(len(plan) for plan in plans) + sum(len(plan) for plan in chats)
         try:
-            _follow(futures, work.progress, sum(len(plan) for plan in plans))
+            _follow(futures, work.progress, total)
         except BaseException:
             work.stop.set()
             pool.shutdown(cancel_futures=True)
@@ -376,7 +454,8 @@ def _run_on(stack: Stack, config: DemoConfig, tenant_id: str, seed: int) -> Repo
     before = stack.ctx.cache.counters()
     work = Workload(config, tenant_id, SessionLifecycle(stack.ctx), stack.fake.url)
     phase = time.monotonic()
-    results = run_workload(work, plan_behaviours(config, random.Random(seed)))
+    rng = random.Random(seed)
+    results = run_workload(work, plan_behaviours(config, rng), plan_turns(config, rng))
     workload_s, phase = time.monotonic() - phase, time.monotonic()
     names = [stack.ctx.cache.keys.session(key) for r in results for key in r.saved_sessions()]
     drained = wait_for_write_behind(stack, names, config.timeout)

@@ -15,7 +15,7 @@ import pytest
 
 from tests.servers import Database
 
-SMALL = ["--runs", "4", "--nodes", "2", "--iterations", "6"]
+SMALL = ["--runs", "4", "--nodes", "2", "--iterations", "6", "--conversations", "3", "--turns", "6"]
 DEMO_TIMEOUT_S = 150
 
 
@@ -66,10 +66,14 @@ def test_demo_drives_the_stack_and_verifies_postgres(
     assert report["verified"] is True
     assert report["failures"] == []
     assert (report["runs"], report["nodes"], report["iterations"]) == (4, 2, 6)
-    assert report["agent_runs"] == 4 * 2 * 6
-    assert sum(report["agent_outcomes"].values()) == 48
+    assert report["agent_runs"] == 4 * 2 * 6 + 3 * 6
+    assert sum(report["agent_outcomes"].values()) == 48 + 18
     assert sum(report["workflow_outcomes"].values()) == 4
-    assert 0 < report["sessions"] <= 4 * 2
+    assert report["conversations_ended"] == 3
+    assert report["config_switches"] == 1  # conversation 0 of 3 (every 3rd)
+    by_owner = report["sessions_by_owner"]
+    assert 0 < by_owner["workflow_run"] <= 4 * 2 and 0 < by_owner["conversation"] <= 3 + 1
+    assert report["sessions"] == by_owner["workflow_run"] + by_owner["conversation"]
     assert report["rows_flushed"] >= report["sessions"]
     assert report["cleanups_gave_up"] == 0
     assert report["tenant"].startswith("demo-")
@@ -99,7 +103,11 @@ def test_demo_reports_cleanups_that_never_finished_and_exits_1(
     assert report["cleanups_gave_up"] > 0
     gave_up = [f for f in report["failures"] if "cleanup did not finish" in f]
     assert gave_up
-    assert all(f.startswith("asc-demo:{s") and ":session:demo-" in f for f in gave_up)
+    assert all(
+        f.startswith("asc-demo:{s")
+        and (":session:demo-" in f or ":conversation-session:demo-" in f)
+        for f in gave_up
+    )
     assert Path(report["worker_log"]).parent == tmp_path
 
 

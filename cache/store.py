@@ -376,6 +376,11 @@ class RedisSessionCache:
         """The validated ``KEYS`` and ``ARGV`` of a ``save`` (to pipeline many: bulk loads)."""
         if expected_version is not None:
             check_version("expected_version", expected_version)
+        if key.config_id and write.agent_config_snapshot_id != key.config_id:
+            raise InvalidInput(
+                "agent_config_snapshot_id: a conversation's session is saved with the config "
+                f"snapshot of its key ({key.config_id!r}), got {write.agent_config_snapshot_id!r}"
+            )
         fields = self.codec.write_values(write)
         names = self.keys.names(key)
         keys = [names.session, names.run, names.run_sessions, names.dirty]

@@ -86,6 +86,10 @@ def _to_datetime(text: str | None) -> datetime | None:
 def row_of_session(session: StoredSession, now: datetime) -> SessionRow:
     """The row of a record; a missing created/updated time becomes ``now``."""
     data = session.data
+    if session.key.config_id and data.agent_config_snapshot_id != session.key.config_id:
+        raise CorruptValue(
+            str(session.key), "agent_config_snapshot_id", "a conversation's config is its key's"
+        )
     known: dict[str, Any] = dict(zip(OWNER_COLUMNS, owner_values(session.key), strict=True))
     known |= {name: getattr(data, name) for name in WRITE_TEXT_FIELDS}
     known |= {
@@ -217,6 +221,9 @@ def row_of_hash(
     for at in _NOW_IF_MISSING_AT:
         if converted[at] is None:
             converted[at] = now
+    config = converted[_AT["agent_config_snapshot_id"]]
+    if key.config_id and config != key.config_id:  # a conversation's config is its key's
+        raise CorruptValue(name, "agent_config_snapshot_id", f"{config!r} is not the key's")
     row: tuple[Any, ...] = _PICK([*owner_values(key), *converted])
     version, status = converted[_AT["version"]], converted[_AT["status"]]
     return SessionRow(key, version, status, converted[_AT["lineage"]], row)

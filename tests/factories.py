@@ -12,6 +12,7 @@ from typing import Any
 from cache.client import RedisClient
 from cache.keys import KeySpace
 from cache.records import (
+    ConversationScope,
     LayerSpec,
     LifecycleState,
     RunRef,
@@ -63,12 +64,31 @@ def session_key(
     return SessionKey(tenant, run, node, binding, agent)
 
 
+def conversation_scope(
+    *,
+    tenant: str = TENANT,
+    conversation: str = "conversation-1",
+    config: str = "config-1",
+    message: str = "message-1",
+) -> ConversationScope:
+    """A valid turn of a conversation (binding-1, agent-1)."""
+    return ConversationScope(
+        tenant_id=tenant,
+        app_id="app-1",
+        conversation_id=conversation,
+        binding_id="binding-1",
+        agent_id="agent-1",
+        agent_config_snapshot_id=config,
+        message_id=message,
+    )
+
+
 def run_ref(*, tenant: str = TENANT, run: str = RUN) -> RunRef:
     return RunRef(tenant, run)
 
 
 def run_of(key: SessionKey) -> RunRef:
-    return RunRef(key.tenant_id, key.workflow_run_id)
+    return key.owner
 
 
 def snapshot(*layers: str, state: dict[str, object] | None = None) -> Snapshot:
@@ -105,7 +125,7 @@ def session_write(
     snap: Snapshot | None = None,
     layer_specs: tuple[LayerSpec, ...] | None = None,
     *,
-    of: Scope | None = None,
+    of: Scope | ConversationScope | None = None,
     backend_run_id: str | None = "backend-run-1",
     pending_form_id: str | None = None,
     pending_tool_call_id: str | None = None,

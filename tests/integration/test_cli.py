@@ -232,6 +232,41 @@ def test_inspect_run_lists_every_session_on_both_sides(ctx: WorkerContext) -> No
     assert all(s["redis"]["version"] == s["postgres"]["version"] == 1 for s in sessions)
 
 
+def test_inspect_conversation_and_its_session_show_both_sides(ctx: WorkerContext) -> None:
+    """`inspect conversation-session` / `inspect conversation` cover a conversation's sessions;
+    their names say the owner, and `stats` counts sessions per owner."""
+    migrate(ctx)
+    turn = f.conversation_scope(conversation="chat 1", config="config-7")
+    chat = turn.key
+    ctx.cache.save(chat, f.session_write(f.snapshot("history", state={"turn": 3}), of=turn))
+    saved(ctx, 1)
+    cli(ctx, "flush", "--wait")
+    one = json_out(ctx, "inspect", "conversation-session", *chat.parts(), "--full")
+    assert one["owner_type"] == "conversation"
+    assert str(one["key"]).split(":")[2:] == [
+        "conversation-session",
+        f.TENANT,
+        "chat%201",
+        "binding-1",
+        "agent-1",
+        "config-7",
+    ]
+    assert one["redis"]["version"] == one["postgres"]["version"] == 1  # type: ignore[index]
+    assert one["postgres"]["snapshot"]["snapshot"]["layers"][0]["runtime_state"] == {"turn": 3}  # type: ignore[index]
+    owner = json_out(ctx, "inspect", "conversation", f.TENANT, "chat 1")
+    assert owner["run"]["state"] == "open"  # type: ignore[index]
+    assert owner["run"]["config:binding-1:agent-1"] == "config-7"  # type: ignore[index]
+    (session,) = owner["sessions"]  # type: ignore[misc]
+    assert session["agent_config_snapshot_id"] == "config-7" and "node_id" not in session
+    stats = json_out(ctx, "stats")
+    assert stats["postgres_sessions_by_owner"] == {
+        "conversation": {"active": 1},
+        "workflow_run": {"active": 1},
+    }
+    missing = cli(ctx, "inspect", "conversation", f.TENANT, "nobody", check=False)
+    assert missing.returncode == 1 and "no conversation" in missing.stderr
+
+
 def test_stats_reports_backlog_poison_statuses_and_queues(ctx: WorkerContext) -> None:
     """`stats` shows the dirty backlog, its oldest age, poison with reasons and queue depths."""
     migrate(ctx)

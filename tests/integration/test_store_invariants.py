@@ -16,6 +16,7 @@ from cache.errors import (
     BacklogFull,
     ConfigurationError,
     CorruptValue,
+    InvalidInput,
     PayloadTooLarge,
     RunEnded,
     VersionConflict,
@@ -190,6 +191,29 @@ def test_after_end_run_every_save_is_refused_and_nothing_is_written(
     assert f.redis_state(client) == before
     assert cache.load(new).record is None
     assert cache.run_state(f.run_of(old))["state"] == "ended"
+
+
+def test_a_conversation_save_records_its_config_and_member_and_refuses_another_config(
+    cache: RedisSessionCache, client: RedisClient
+) -> None:
+    """A conversation's session is saved under its key's config snapshot only; the save
+    names that config in the conversation's hash and adds ``<binding>:<agent>:<config>`` to
+    its set; a write of another config is refused with nothing written."""
+    turn = f.conversation_scope(config="config-9")
+    key = turn.key
+    names = cache.keys.names(key)
+    before = f.redis_state(client)
+    with pytest.raises(InvalidInput, match="agent_config_snapshot_id"):
+        cache.save(key, f.session_write())  # a write of config-1
+    assert f.redis_state(client) == before
+    assert cache.save(key, f.session_write(of=turn)) == 1
+    assert client.hget(names.run, "config:binding-1:agent-1") == b"config-9"
+    assert client.smembers(names.run_sessions) == {b"binding-1:agent-1:config-9"}
+    loaded = cache.load(key)
+    assert loaded.current_config == "config-9" and loaded.session is not None
+    assert cache.end_run(key.owner, "ended").keys == (key,)
+    with pytest.raises(InvalidInput, match="outcome"):
+        cache.end_run(key.owner, "succeeded")  # a workflow's outcome, not a conversation's
 
 
 def test_end_run_of_a_run_that_never_saved_still_refuses_later_saves(

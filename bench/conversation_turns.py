@@ -12,6 +12,11 @@ the same conversations (200, one agent each, turns in random order), in alternat
 
 Each turn has a new message id (a new ``ConversationScope``, validated at the door), as a
 chat does; the scopes are built before timing.
+
+Also timed in the same blocks (``extra``): **raw**, the floor of any Redis-backed turn on this
+machine (``hot_path``'s raw arm, redis-py ``HGETALL`` + ``EVALSHA`` of a two-command save
+script, on copies of ours' session hashes). ``floor_ratio`` = raw / original is the best
+``ratio`` any implementation could report here.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
 
 from bench.harness import (
     Result,
@@ -33,7 +40,7 @@ from bench.harness import (
     run_interleaved,
     summarize,
 )
-from bench.hot_path import build_snapshot
+from bench.hot_path import RawLoop, build_snapshot
 from bench.loop_vs_postgres import build_answer, build_composition
 from bench.pg_original import (
     CompositorSessionSnapshot,
@@ -179,6 +186,10 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
         for _ in range(plan.conversations):  # every conversation has a session
             for arm in arms.values():
                 arm()
+        names = [ctx.cache.keys.session(scope.key) for scope in workload.conversations]
+        raw = RawLoop(cast(redis.Redis, ctx.cache.client), names, workload.order)
+        raw.populate()
+        arms["raw"] = raw
         before = ctx.cache.counters().get("rows_flushed", 0)
         print(f"  {plan.conversations} conversations, {WORKERS} flush workers; timing…")
         samples = run_interleaved(
@@ -197,9 +208,14 @@ def _block_ratios(samples: Mapping[str, Sequence[Sequence[int]]]) -> list[float]
     return [round(ratio(median(a), median(b)), 3) for a, b in pairs]
 
 
+def _p50(samples: Mapping[str, list[list[int]]], arm: str) -> float:
+    return median(ns_to_us([s for block in samples[arm] for s in block]))
+
+
 def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str, Any]) -> Result:
     ours = summarize(ns_to_us([s for block in samples["ours"] for s in block]))
     original = summarize(ns_to_us([s for block in samples["original"] for s in block]))
+    raw = _p50(samples, "raw")
     blocks = _block_ratios(samples)
     extra = {
         "spread": f"block ratios {min(blocks):.3f}-{max(blocks):.3f} over {len(blocks)} blocks",
@@ -208,6 +224,9 @@ def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str,
         "original_p50_us": round(original.median, 1),
         "original_p99_us": round(original.p99, 1),
         "speedup": round(original.median / ours.median, 1),
+        "raw_p50_us": round(raw, 1),
+        "floor_ratio": round(raw / original.median, 3),
+        "ours_vs_raw": round(ours.median / raw, 3),
         "block_ratios": blocks,
         "turns_per_arm": ours.count,
         "conversations": plan.conversations,

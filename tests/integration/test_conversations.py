@@ -378,6 +378,28 @@ def test_an_idle_conversation_is_retired_and_cleaned_and_its_next_turn_starts_fr
     assert pg_status(ctx, key) is SessionStatus.ACTIVE
 
 
+def test_idle_expiry_after_redis_lost_everything_still_retires_and_cleans(
+    redis_client: redis.Redis,
+    redis_url: str,
+    migrated: Database,
+    fake: FakeAgentBackend,
+    backend: AgentBackendClient,
+) -> None:
+    ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
+    lc = SessionLifecycle(ctx)
+    key = CONVERSATION.key()
+    run_node(lc, backend, CONVERSATION.scope(1))
+    flushed(ctx)
+    lose_everything(ctx)
+    time.sleep(1.2)
+    assert sweep_conversations(ctx).retired == 1  # filled back from Postgres, then retired
+    assert stored(ctx, key).closed_by is ClosedBy.IDLE
+    assert clean(ctx, backend, key) == "cleaned"
+    flushed(ctx)
+    assert pg_status(ctx, key) is SessionStatus.CLEANED
+    assert sweep_conversations(ctx).retired == 0  # nothing twice
+
+
 def test_a_save_after_the_idle_cutoff_in_redis_keeps_the_session(
     redis_client: redis.Redis,
     redis_url: str,

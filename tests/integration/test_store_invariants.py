@@ -85,9 +85,17 @@ def wait_for_next_ms(cache: RedisSessionCache, after_ms: float) -> None:
         assert time.monotonic() < deadline, "Redis clock did not advance"
 
 
-@pytest.fixture
-def key() -> SessionKey:
+@pytest.fixture(params=["workflow_run", "conversation"])
+def key(request: pytest.FixtureRequest) -> SessionKey:
+    """A session of each owner: every invariant below holds for both (the same scripts)."""
+    if request.param == "conversation":
+        return f.conversation_scope().key
     return f.session_key()
+
+
+def ended(key: SessionKey, outcome: str) -> str:
+    """``outcome`` for a workflow run's key; a conversation's only outcome otherwise."""
+    return outcome if key.conversation_id is None else "ended"
 
 
 # --- save -----------------------------------------------------------------------------
@@ -132,8 +140,8 @@ def test_session_cleaned_at_workflow_end_gets_the_cleaned_ttl_once_acked(
 ) -> None:
     """cleaning and cleaned are dirty (no TTL); a flushed workflow-end clean gets cleaned_ttl_s."""
     cache.save(key, f.session_write())
-    ended = cache.end_run(f.run_of(key), "succeeded")
-    assert cache.begin_cleanup(f.run_of(key), ended.keys) == 1
+    ending = cache.end_run(f.run_of(key), ended(key, "succeeded"))
+    assert cache.begin_cleanup(f.run_of(key), ending.keys) == 1
     assert pttl(cache, key) == -1 and dirty_score(cache, key) is not None
     assert ack(cache, key, 2) == (1, 0)  # a flush of the cleaning state: clean, long TTL
     assert pttl(cache, key) > CLEANED_TTL_S * 1000
@@ -220,8 +228,8 @@ def test_end_run_of_a_run_that_never_saved_still_refuses_later_saves(
     cache: RedisSessionCache, key: SessionKey
 ) -> None:
     """end_run before any save leaves an ended marker that refuses the first save."""
-    ended = cache.end_run(f.run_of(key), "aborted")
-    assert ended.keys == () and not ended.already_ended
+    ending = cache.end_run(f.run_of(key), ended(key, "aborted"))
+    assert ending.keys == () and not ending.already_ended
     with pytest.raises(RunEnded):
         cache.save(key, f.session_write())
     assert cache.load(key).record is None
@@ -251,13 +259,13 @@ def test_end_run_twice_reports_already_ended_and_keeps_the_first_outcome(
 ) -> None:
     """A second end_run says already_ended and changes neither outcome nor ended_at."""
     cache.save(key, f.session_write())
-    first = cache.end_run(f.run_of(key), "failed")
+    first = cache.end_run(f.run_of(key), ended(key, "failed"))
     state = cache.run_state(f.run_of(key))
-    second = cache.end_run(f.run_of(key), "succeeded")
+    second = cache.end_run(f.run_of(key), ended(key, "succeeded"))
     assert (first.already_ended, second.already_ended) == (False, True)
     assert second.keys == first.keys == (key,)
     assert cache.run_state(f.run_of(key)) == state
-    assert state["outcome"] == "failed" and state["state"] == "ended"
+    assert state["outcome"] == ended(key, "failed") and state["state"] == "ended"
 
 
 def test_run_set_holds_short_members_and_still_reads_full_names(
@@ -535,7 +543,7 @@ def test_load_reports_an_ended_run_and_resumes_nothing_of_it(cache: RedisSession
     """After end_run, load resumes no session of the run, even before begin_cleanup ran."""
     key = f.session_key()
     cache.save(key, f.session_write())
-    cache.end_run(f.run_of(key), "aborted")
+    cache.end_run(f.run_of(key), ended(key, "aborted"))
     loaded = cache.load(key)
     assert loaded.run_ended and loaded.session is None and loaded.version == 1
 
@@ -562,6 +570,6 @@ def test_a_poisoned_session_never_gets_a_ttl_at_run_end(cache: RedisSessionCache
     cache.save(key, f.session_write())
     cache.retire(key)
     assert cache.quarantine(shard, name, 2, "postgres refused: test")
-    ended = cache.end_run(f.run_of(key), "failed")
-    cache.begin_cleanup(f.run_of(key), ended.keys)
+    ending = cache.end_run(f.run_of(key), "failed")
+    cache.begin_cleanup(f.run_of(key), ending.keys)
     assert cache.client.pttl(name) == -1

@@ -15,7 +15,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import msgspec
 
-from cache.errors import InvalidId, InvalidSnapshot
+from cache.errors import InvalidId, InvalidInput, InvalidSnapshot
 from cache.validate import check_id, check_optional_id
 
 T = TypeVar("T")
@@ -437,6 +437,21 @@ class SessionWrite:
             pending_form_id=pending_form_id,
             pending_tool_call_id=pending_tool_call_id,
             snapshot_from_wire=snapshot_from_wire,
+        )
+
+
+def check_write_fits(key: SessionKey, write: SessionWrite) -> None:
+    """:class:`InvalidInput` unless ``write`` may be saved under ``key``: a workflow run's
+    session names its workflow and node execution; a conversation's is saved with the config
+    snapshot of its key."""
+    if key.owner_type is _WORKFLOW:
+        for name in ("workflow_id", "node_execution_id"):
+            if not getattr(write, name):
+                raise InvalidInput(f"{name}: a workflow run's session is saved with one")
+    elif write.agent_config_snapshot_id != key.config_id:
+        raise InvalidInput(
+            "agent_config_snapshot_id: a conversation's session is saved with the config "
+            f"snapshot of its key ({key.config_id!r}), got {write.agent_config_snapshot_id!r}"
         )
 
 

@@ -37,6 +37,7 @@ from cache.records import (
     SessionStatus,
     SessionWrite,
     StoredSession,
+    check_write_fits,
 )
 from cache.scripts import Code, Scripts, check_code
 from cache.settings import Settings
@@ -376,11 +377,7 @@ class RedisSessionCache:
         """The validated ``KEYS`` and ``ARGV`` of a ``save`` (to pipeline many: bulk loads)."""
         if expected_version is not None:
             check_version("expected_version", expected_version)
-        if key.config_id and write.agent_config_snapshot_id != key.config_id:
-            raise InvalidInput(
-                "agent_config_snapshot_id: a conversation's session is saved with the config "
-                f"snapshot of its key ({key.config_id!r}), got {write.agent_config_snapshot_id!r}"
-            )
+        check_write_fits(key, write)
         fields = self.codec.write_values(write)
         names = self.keys.names(key)
         keys = [names.session, names.run, names.run_sessions, names.dirty]
@@ -462,12 +459,19 @@ class RedisSessionCache:
         return (run_id.decode(errors="replace") if run_id else None), number
 
     def begin_cleanup(
-        self, run: RunRef, keys: Iterable[SessionKey], *, closed_by: ClosedBy | None = None
+        self,
+        run: RunRef,
+        keys: Iterable[SessionKey],
+        *,
+        closed_by: ClosedBy | None = None,
+        idle_cutoff: str = "",
     ) -> int:
         """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``.
 
         Without ``closed_by`` the owner has ended (its end closes them); with one (a
-        conversation's ``config_change`` or ``idle``) only these sessions are retired."""
+        conversation's ``config_change`` or ``idle``) only these sessions are retired. With
+        ``idle_cutoff`` (``now_iso`` text), a session saved after it or waiting for human
+        input is left active: checked in the script, so a save racing the sweep wins."""
         names = [self.keys.session(self._of_run(run, key)) for key in keys]
         dirty = self.keys.dirty(self.keys.shard_of_owner(run))
         run_set = self.keys.run_sessions(run)
@@ -478,6 +482,7 @@ class RedisSessionCache:
             self._ms(self.settings.cleaned_ttl_s),
             closer.value,
             "1" if closer in OWNER_ENDS else "",
+            idle_cutoff,
         ]
         for start in range(0, len(names), _CLEANUP_CHUNK):
             chunk = names[start : start + _CLEANUP_CHUNK]

@@ -14,16 +14,24 @@
 -- ARGV[4] "1": the owner ended (every session given is marked run_ended=1, so a session
 --         retired earlier by a failed backend run also gets the short TTL once it is clean);
 --         "": it did not (only these sessions are retired)
+-- ARGV[5] idle cutoff: ISO-8601 UTC text (now_iso's format, so text order is time order):
+--         only an active session last saved at or before it, and not waiting for human input
+--         (no pending_form_id / pending_tool_call_id), is moved; "" = every active session
 -- returns {0, moved}  OK: moved = how many sessions went from active to cleaning
 local dirty, run_sessions, now, ended_ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-local closed_by, owner_ended = ARGV[3], ARGV[4] == '1'
+local closed_by, owner_ended, idle_cutoff = ARGV[3], ARGV[4] == '1', ARGV[5]
 local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
 local moved = 0
 for i = 3, #KEYS do
   local session = KEYS[i]
-  local stored = redis.call('HMGET', session, 'status', 'version', 'flushed_version')
+  local stored = redis.call('HMGET', session, 'status', 'version', 'flushed_version',
+                            'updated_at', 'pending_form_id', 'pending_tool_call_id')
   local status = stored[1]
+  if status == 'active' and idle_cutoff ~= '' and
+     ((stored[4] or '') > idle_cutoff or stored[5] or stored[6]) then
+    status = 'busy'  -- saved since the cutoff, or waiting for a human: not idle
+  end
   if status then
     if owner_ended then
       redis.call('HSET', session, 'run_ended', '1')

@@ -60,8 +60,9 @@ local dels = {}
 if stored[2] ~= 'active' then
   sets[#sets + 1] = 'status'
   sets[#sets + 1] = 'active'
-  if stored[2] then
-    dels = {'cleaned_at', 'closed_by', 'cleanup_error'}
+  if stored[2] then  -- a new life: nothing of the last retirement's cleanup carries over
+    dels = {'cleaned_at', 'closed_by', 'cleanup_error', 'cleanup_run_id', 'cleanup_attempt',
+            'run_ended'}
   end
 end
 if version == 1 then

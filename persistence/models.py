@@ -47,6 +47,7 @@ CONVERSATION_UNIQUE: Final = "agent_runtime_session_conversation_scope_unique"
 RUN_STATUS_INDEX: Final = "agent_runtime_session_workflow_lookup_idx"
 CONVERSATION_STATUS_INDEX: Final = "agent_runtime_session_conversation_lookup_idx"
 CONVERSATION_IDLE_INDEX: Final = "agent_runtime_session_conversation_idle_idx"
+CONVERSATION_CLEANING_INDEX: Final = "agent_runtime_session_conversation_cleaning_idx"
 BACKEND_RUN_INDEX: Final = "agent_runtime_session_backend_run_idx"
 STATUS_CHECK: Final = "status"
 OWNER_CHECK: Final = "owner"
@@ -152,6 +153,11 @@ sessions = Table(
         CONVERSATION_IDLE_INDEX,
         "updated_at",
         postgresql_where=text("owner_type = 'conversation' AND status = 'active'"),
+    ),
+    Index(
+        CONVERSATION_CLEANING_INDEX,
+        "updated_at",
+        postgresql_where=text("owner_type = 'conversation' AND status = 'cleaning'"),
     ),
     Index(BACKEND_RUN_INDEX, "backend_run_id"),
 )

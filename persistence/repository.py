@@ -41,6 +41,7 @@ from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import UserDefinedType
 
 from cache.codec import WRITE_TEXT_FIELDS, decode_snapshot
+from cache.errors import InvalidInput
 from cache.records import (
     OWNER_ENDS,
     ClosedBy,
@@ -294,13 +295,16 @@ class SessionRepository:
         return self.upsert_rows([row_of_session(session, now) for session in batch])
 
     def upsert_rows(self, batch: Sequence[SessionRow], *, direct: bool = True) -> UpsertResult:
-        """Write ``batch`` where it is newer than Postgres, all or nothing, in one statement.
+        """Write ``batch`` where it is newer than Postgres: one statement per owner type in
+        it (each all or nothing; a batch of one owner type is one statement).
 
         ``direct``: on this thread's own autocommit connection (flusher threads: few, long
         lived); otherwise on a connection of the engine's bounded pool (a durable pause from
         any of an application's threads).
-        Raises ``RowRejected`` if Postgres refuses any row (nothing is written; the caller
-        isolates the row) and ``PersistenceUnavailable`` when it cannot be reached.
+        Raises ``RowRejected`` if Postgres refuses any row (nothing of that owner type's
+        statement is written, though an earlier owner type's may be: the caller isolates the
+        row by splitting, and the rows already written come back fenced at their own version,
+        which acknowledges them) and ``PersistenceUnavailable`` when it cannot be reached.
         Duplicate keys collapse to their highest version; each key is reported once.
         """
         offered = newest_per_key(batch)
@@ -359,7 +363,12 @@ class SessionRepository:
     ) -> tuple[RunEnd, bool]:
         """Record that ``run`` ended; the stored record (the first outcome recorded is kept)
         and whether this call recorded it. The reconciler visits the run ``check_after_s``
-        from now, unless it is settled first."""
+        from now, unless it is settled first. :class:`InvalidInput` for an outcome the owner
+        type does not have (nothing written)."""
+        if outcome not in run.owner_type.outcomes:
+            raise InvalidInput(
+                f"outcome must be one of {sorted(run.owner_type.outcomes)}, got {outcome!r}"
+            )
         values = {
             "tenant_id": run.tenant_id,
             "owner_type": run.owner_type.value,
@@ -487,14 +496,18 @@ class SessionRepository:
             return [_key_of(row) for row in conn.execute(query).mappings()]
 
     def idle_conversation_keys(self, *, idle_s: float, limit: int) -> list[SessionKey]:
-        """Up to ``limit`` ``active`` conversation sessions not updated for ``idle_s`` seconds,
-        oldest first, of conversations that have not ended."""
+        """Up to ``limit`` ``active`` conversation sessions not updated for ``idle_s`` seconds
+        and not waiting for human input, oldest first, of conversations that have not ended
+        (an ended one's are the reconciler's)."""
         query = (
             sa.select(*_KEY_SELECT)
             .where(
                 sessions.c.owner_type == OwnerType.CONVERSATION.value,
                 sessions.c.status == _ACTIVE,
                 sessions.c.updated_at < sa.func.now() - _seconds(idle_s),
+                sessions.c.pending_form_id.is_(None),
+                sessions.c.pending_tool_call_id.is_(None),
+                ~_conversation_ended(),
             )
             .order_by(sessions.c.updated_at)
             .limit(limit)
@@ -505,18 +518,13 @@ class SessionRepository:
     def stalled_conversation_cleanups(self, *, older_than_s: float, limit: int) -> list[SessionKey]:
         """Up to ``limit`` conversation sessions ``cleaning`` for over ``older_than_s`` seconds
         in conversations that have not ended (an ended one's are the reconciler's)."""
-        ended = sa.exists().where(
-            runs.c.tenant_id == sessions.c.tenant_id,
-            runs.c.owner_type == OwnerType.CONVERSATION.value,
-            runs.c.owner_id == sessions.c.conversation_id,
-        )
         query = (
             sa.select(*_KEY_SELECT)
             .where(
                 sessions.c.owner_type == OwnerType.CONVERSATION.value,
                 sessions.c.status == SessionStatus.CLEANING.value,
                 sessions.c.updated_at < sa.func.now() - _seconds(older_than_s),
-                ~ended,
+                ~_conversation_ended(),
             )
             .order_by(sessions.c.updated_at)
             .limit(limit)
@@ -597,6 +605,15 @@ def _of_owner(owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
         sessions.c.owner_type == owner.owner_type.value,
         sessions.c.tenant_id == owner.tenant_id,
         _OWNER_ID[owner.owner_type] == owner.owner_id,
+    )
+
+
+def _conversation_ended() -> sa.Exists:
+    """The session row's conversation has ended (a row in the owners table)."""
+    return sa.exists().where(
+        runs.c.tenant_id == sessions.c.tenant_id,
+        runs.c.owner_type == OwnerType.CONVERSATION.value,
+        runs.c.owner_id == sessions.c.conversation_id,
     )
 
 

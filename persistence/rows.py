@@ -23,7 +23,14 @@ import msgspec
 from cache.clock import parse_iso
 from cache.codec import WRITE_TEXT_FIELDS, encode, encode_specs_json, specs_json_of
 from cache.errors import CorruptValue
-from cache.records import ClosedBy, OwnerType, SessionKey, SessionStatus, StoredSession
+from cache.records import (
+    ClosedBy,
+    OwnerType,
+    SessionKey,
+    SessionStatus,
+    StoredSession,
+    check_write_fits,
+)
 from persistence.models import OWNER_COLUMNS, sessions
 
 COLUMNS: Final = tuple(
@@ -86,10 +93,7 @@ def _to_datetime(text: str | None) -> datetime | None:
 def row_of_session(session: StoredSession, now: datetime) -> SessionRow:
     """The row of a record; a missing created/updated time becomes ``now``."""
     data = session.data
-    if session.key.config_id and data.agent_config_snapshot_id != session.key.config_id:
-        raise CorruptValue(
-            str(session.key), "agent_config_snapshot_id", "a conversation's config is its key's"
-        )
+    check_write_fits(session.key, data)
     known: dict[str, Any] = dict(zip(OWNER_COLUMNS, owner_values(session.key), strict=True))
     known |= {name: getattr(data, name) for name in WRITE_TEXT_FIELDS}
     known |= {

@@ -67,21 +67,31 @@ class CleanupResult:
     error: str | None = None
 
 
-def cleanup_idempotency_key(key: SessionKey, attempt: int = 0) -> str:
-    """Stable per session and attempt; ``attempt`` n >= 1 appends ``:retry-n``.
+def cleanup_idempotency_key(key: SessionKey, attempt: int = 0, *, retirement: str = "") -> str:
+    """Stable per session, retirement and attempt; ``attempt`` n >= 1 appends ``:retry-n``.
 
     A workflow run's: ``<run>:<node>:<binding>:<agent>:agent-session-cleanup`` (DESIGN §6
     leaves ``agent_id`` out; two agents on one node and binding would then share a key, and
-    the backend would answer the second cleanup with the first one's run). A conversation's:
-    ``conversation:<conversation>:<binding>:<agent>:<config>:agent-session-cleanup``, so a
-    session retired for another config and the new config's later one never share a key.
+    the backend would answer the second cleanup with the first one's run); it is cleaned up
+    once, at the run's end. A conversation's session can be retired again and again (idle,
+    back to a config, idle again): ``conversation:<conversation>:<binding>:<agent>:<config>:
+    <retirement>:agent-session-cleanup``, where ``retirement`` (:func:`retirement_of`) names
+    this retirement, so a deduplicating backend never answers it with an earlier one's run.
     """
     if key.owner_type is OwnerType.CONVERSATION:
-        ids = f"conversation:{':'.join(key.parts()[1:])}"
+        ids = f"conversation:{':'.join(key.parts()[1:])}:{retirement or '-'}"
     else:
         ids = f"{key.workflow_run_id}:{key.node_id}:{key.binding_id}:{key.agent_id}"
     base = f"{ids}:agent-session-cleanup"
     return f"{base}:retry-{attempt}" if attempt else base
+
+
+def retirement_of(session: StoredSession) -> str:
+    """Which retirement of a ``cleaning`` session this is: its lineage's head and the version
+    it went to ``cleaning`` at (no cleanup attempt moves it; a fill from Postgres keeps it).
+    Of a session its cleanup marked ``cleaned``: the version before that mark."""
+    version = session.version - (session.status is SessionStatus.CLEANED)
+    return f"{(session.lineage or '-')[:8]}.v{version}"
 
 
 def cleanup_request(session: StoredSession, attempt: int = 0) -> CreateRunRequest:
@@ -101,7 +111,7 @@ def cleanup_request(session: StoredSession, attempt: int = 0) -> CreateRunReques
     return CreateRunRequest(
         composition=composition_from_specs(session.layer_specs),
         purpose=PURPOSES[key.owner_type],
-        idempotency_key=cleanup_idempotency_key(key, attempt),
+        idempotency_key=cleanup_idempotency_key(key, attempt, retirement=retirement_of(session)),
         session_snapshot=session.snapshot.aligned_to(names),
         on_exit=LayerExitSignals(default="delete"),
         metadata={

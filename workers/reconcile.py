@@ -29,7 +29,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cache.clock import parse_iso
 from cache.records import ClosedBy, RunRef, SessionKey, SessionStatus, StoredSession
 from workers.cleanup import request_cleanup
 from workers.context import WorkerContext
@@ -104,14 +103,20 @@ class Retired:
 
 
 def retire_sessions(
-    ctx: WorkerContext, owner: RunRef, keys: Sequence[SessionKey], closed_by: ClosedBy
+    ctx: WorkerContext,
+    owner: RunRef,
+    keys: Sequence[SessionKey],
+    closed_by: ClosedBy,
+    *,
+    idle_cutoff: str = "",
 ) -> Retired:
     """Retire some sessions of an owner that goes on (a conversation's ``config_change`` or
     ``idle``): ``active`` → ``cleaning`` and a cleanup job each, as an owner's end does for
-    all of them. Sessions Redis lost are filled back from Postgres first. Idempotent."""
+    all of them. Sessions Redis lost are filled back from Postgres first. Idempotent. With
+    ``idle_cutoff``, only sessions idle by Redis's own ``updated_at`` (in the script)."""
     keys = sorted(set(keys), key=SessionKey.sort_key)
     _fill_missing(ctx, keys)
-    moved = ctx.cache.begin_cleanup(owner, keys, closed_by=closed_by)
+    moved = ctx.cache.begin_cleanup(owner, keys, closed_by=closed_by, idle_cutoff=idle_cutoff)
     requested = _request_cleanups(ctx, keys)
     if moved:
         _flush_now(ctx, owner)
@@ -119,14 +124,19 @@ def retire_sessions(
 
 
 def sweep_conversations(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> SweptConversations:
-    """Retire conversation sessions idle for ``conversation_idle_s`` (Postgres says which;
-    Redis, which may hold a newer save, has the last word), and request the cleanup again
-    of retired sessions whose cleanup has not finished within ``reconcile_grace_s``."""
+    """Retire conversation sessions idle for ``conversation_idle_s`` (Postgres names the
+    candidates; Redis, which may hold a newer save, decides in ``begin_cleanup`` itself, so a
+    save racing the sweep wins; a session waiting for human input is never idle), and request
+    the cleanup again of retired sessions whose cleanup has not finished within
+    ``reconcile_grace_s``."""
     settings = ctx.settings
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.conversation_idle_s)
     idle = ctx.repo.idle_conversation_keys(idle_s=settings.conversation_idle_s, limit=limit)
     retired = requested = 0
-    for owner, keys in _by_owner(_still_idle(ctx, idle)).items():
-        done = retire_sessions(ctx, owner, keys, ClosedBy.IDLE)
+    for owner, keys in _by_owner(idle).items():
+        done = retire_sessions(
+            ctx, owner, keys, ClosedBy.IDLE, idle_cutoff=cutoff.isoformat(timespec="milliseconds")
+        )
         retired += done.moved_to_cleaning
         requested += done.cleanups_requested
     stalled = ctx.repo.stalled_conversation_cleanups(
@@ -145,26 +155,6 @@ class SweptConversations:
     """Idle sessions that went from ``active`` to ``cleaning``."""
     cleanups_requested: int
     """Cleanup jobs requested (for those, and for stalled ones)."""
-
-
-def _still_idle(ctx: WorkerContext, keys: list[SessionKey]) -> list[SessionKey]:
-    """The keys whose Redis copy (if any) was not saved since the idle cutoff either."""
-    if not keys:
-        return []
-    cutoff = datetime.now(UTC) - timedelta(seconds=ctx.settings.conversation_idle_s)
-    records = ctx.cache.read_many([ctx.cache.keys.session(key) for key in keys])
-    idle = []
-    for key, record in zip(keys, records, strict=True):
-        if isinstance(record, StoredSession):
-            stamp = parse_iso(record.updated_at) if record.updated_at else None
-            if record.status is not SessionStatus.ACTIVE or (stamp and _utc(stamp) > cutoff):
-                continue
-        idle.append(key)
-    return idle
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _by_owner(keys: Iterable[SessionKey]) -> dict[RunRef, list[SessionKey]]:

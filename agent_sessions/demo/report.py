@@ -30,7 +30,7 @@ from cache.records import (
 from cache.store import RedisSessionCache, SessionRead
 from persistence.models import sessions
 from persistence.repository import SessionRepository
-from workers.cleanup import cleanup_idempotency_key
+from workers.cleanup import cleanup_idempotency_key, retirement_of
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -264,10 +264,12 @@ def _cleanup_problems(
         return [f"cleanup did not finish: {row.cleanup_error}"]
     if run_id is None:
         return ["no cleanup backend_run_id"]
-    return _fake_cleanup_problems(key, run_id, fake)
+    return _fake_cleanup_problems(key, row, run_id, fake)
 
 
-def _fake_cleanup_problems(key: SessionKey, run_id: str, fake: FakeAgentBackend) -> list[str]:
+def _fake_cleanup_problems(
+    key: SessionKey, row: StoredSession, run_id: str, fake: FakeAgentBackend
+) -> list[str]:
     try:
         run = fake.run(run_id)
     except KeyError:
@@ -276,7 +278,8 @@ def _fake_cleanup_problems(key: SessionKey, run_id: str, fake: FakeAgentBackend)
         (run.is_cleanup, f"backend run {run_id} is not a cleanup run"),
         (run.status == "succeeded", f"cleanup run {run_id} ended {run.status}"),
         (
-            run.request.idempotency_key == cleanup_idempotency_key(key),
+            run.request.idempotency_key
+            == cleanup_idempotency_key(key, retirement=retirement_of(row)),
             f"cleanup run {run_id} has idempotency key {run.request.idempotency_key!r}",
         ),
     ]

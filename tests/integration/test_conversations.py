@@ -20,6 +20,7 @@ import redis
 
 from agent_sessions.lifecycle import EndReport, SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
+from cache.errors import InvalidInput
 from cache.records import (
     ClosedBy,
     ConversationScope,
@@ -41,7 +42,7 @@ from tests.integration.support import (
 )
 from tests.servers import Database, RedisCluster
 from workers.backend import AgentBackendClient
-from workers.cleanup import Cleaner, cleanup_idempotency_key
+from workers.cleanup import Cleaner, cleanup_idempotency_key, retirement_of
 from workers.context import WorkerContext
 from workers.drain import drain
 from workers.reconcile import reconcile_once, sweep_conversations
@@ -234,7 +235,7 @@ def test_postgres_ahead_of_redis_is_parked_in_poison_never_acked(
     assert report.poisoned == 1
     shard = ctx.cache.keys.shard_of_key(owner.key())
     (reason,) = ctx.cache.poison(shard).values()
-    assert "ahead" in reason or "v2" in reason
+    assert reason.startswith("v2: ") and "ahead" in reason
     assert row(ctx, owner.key()).version == 9
 
 
@@ -254,12 +255,16 @@ def test_the_owners_end_cleans_every_session_on_the_backend_and_refuses_later_sa
     last = run_node(lc, backend, owner.scope(1))
     report = owner.end(lc)
     assert (report.sessions, report.moved_to_cleaning, report.cleanups_enqueued) == (1, 1, 1)
-    assert redis_status(ctx, owner.key()) is SessionStatus.CLEANING
+    cleaning = stored(ctx, owner.key())
+    assert cleaning.status is SessionStatus.CLEANING
     assert not lc.enter(owner.scope(2)).resumable
     assert clean(ctx, backend, owner.key()) == "cleaned"
 
     (cleanup,) = [r for r in fake.runs() if r.is_cleanup]
-    assert cleanup.request.idempotency_key == cleanup_idempotency_key(owner.key())
+    retirement = retirement_of(cleaning)
+    assert cleanup.request.idempotency_key == cleanup_idempotency_key(
+        owner.key(), retirement=retirement
+    )
     assert cleanup.request.on_exit.default == "delete"
     assert cleanup.request.metadata["previous_agent_backend_run_id"] == last.status.run_id
     assert cleanup.request.metadata["owner_type"] == owner.kind.value
@@ -414,6 +419,7 @@ def test_a_save_after_the_idle_cutoff_in_redis_keeps_the_session(
     flushed(ctx)
     time.sleep(1.2)
     run_node(lc, backend, CONVERSATION.scope(2))  # saved in Redis, not flushed yet
+    assert ctx.repo.idle_conversation_keys(idle_s=1.0, limit=10) == [CONVERSATION.key()]
     assert sweep_conversations(ctx).retired == 0
     assert redis_status(ctx, CONVERSATION.key()) is SessionStatus.ACTIVE
 
@@ -436,6 +442,66 @@ def test_a_stalled_retirement_gets_its_cleanup_requested_again(
     assert pg_status(ctx, old) is SessionStatus.CLEANING
     assert sweep_conversations(ctx).cleanups_requested == 1
     assert len(ctx.cleanup_queue) == 1
+
+
+def test_a_session_retired_twice_is_cleaned_up_twice_on_a_deduplicating_backend(
+    redis_client: redis.Redis,
+    redis_url: str,
+    migrated: Database,
+    backend: AgentBackendClient,
+) -> None:
+    """Idle, back again, idle again: each retirement has a cleanup key of its own, so a
+    backend that dedupes keys never answers the second with the first one's run (whose
+    layers are long gone) while the second life's layers stay alive."""
+    with FakeAgentBackend(dedupe_failed=True) as fake, AgentBackendClient(fake.url) as client:
+        ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
+        lc = SessionLifecycle(ctx)
+        key = CONVERSATION.key()
+        runs = []
+        for life in (1, 2):
+            run_node(lc, client, CONVERSATION.scope(life))
+            flushed(ctx)
+            time.sleep(1.2)
+            assert sweep_conversations(ctx).retired == 1
+            assert clean(ctx, client, key) == "cleaned"
+            runs.append(stored(ctx, key).data.backend_run_id)
+        cleanups = [r for r in fake.runs() if r.is_cleanup]
+        assert len(cleanups) == 2 and runs == [r.run_id for r in cleanups]
+        first, second = (r.request.idempotency_key for r in cleanups)
+        assert first != second
+        assert all(r.status == "succeeded" for r in cleanups)
+        assert stored(ctx, key).cleanup_error is None
+
+
+def test_idle_expiry_leaves_a_session_saved_after_the_cutoff_or_waiting_for_a_human(
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient
+) -> None:
+    """The cutoff is checked inside ``begin_cleanup``: a save that lands between the sweep's
+    reading and its retiring wins; a turn paused for human input is never idle."""
+    key = CONVERSATION.key()
+    run_node(lc, backend, CONVERSATION.scope(1))
+    past = "2000-01-01T00:00:00.000+00:00"
+    assert ctx.cache.begin_cleanup(key.owner, [key], closed_by=ClosedBy.IDLE, idle_cutoff=past) == 0
+    assert redis_status(ctx, key) is SessionStatus.ACTIVE
+    run_node(lc, backend, CONVERSATION.scope(2), behaviour="human_input", pending_form_id="f-1")
+    future = "2999-01-01T00:00:00.000+00:00"
+    assert (
+        ctx.cache.begin_cleanup(key.owner, [key], closed_by=ClosedBy.IDLE, idle_cutoff=future) == 0
+    )
+    assert redis_status(ctx, key) is SessionStatus.ACTIVE
+    flushed(ctx)
+    assert ctx.repo.idle_conversation_keys(idle_s=0.001, limit=10) == []  # nor in Postgres
+
+
+def test_an_owner_end_takes_only_its_owners_outcomes(
+    ctx: WorkerContext, lc: SessionLifecycle
+) -> None:
+    with pytest.raises(InvalidInput, match="outcome"):
+        ctx.repo.record_run_end(CONVERSATION.ref, "succeeded", check_after_s=60)
+    with pytest.raises(InvalidInput, match="outcome"):
+        lc.workflow_ended(TENANT, OWNER_ID, "ended")
+    assert ctx.repo.run_end(CONVERSATION.ref) is None
+    assert ctx.repo.run_end(RunRef(TENANT, OWNER_ID)) is None
 
 
 def test_conversations_and_workflow_runs_with_the_same_ids_never_meet(

@@ -5,6 +5,7 @@ The ``client`` fixture is parametrized, so every test body runs against both.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -222,6 +223,23 @@ def test_a_conversation_save_records_its_config_and_member_and_refuses_another_c
     assert cache.end_run(key.owner, "ended").keys == (key,)
     with pytest.raises(InvalidInput, match="outcome"):
         cache.end_run(key.owner, "succeeded")  # a workflow's outcome, not a conversation's
+
+
+def test_a_workflow_runs_save_without_its_workflow_ids_is_refused_with_nothing_written(
+    cache: RedisSessionCache, client: RedisClient
+) -> None:
+    """A workflow run's session names its workflow and node execution (Postgres's CHECK
+    requires them): a write without them is InvalidInput at the door, not a session the next
+    entry cannot read."""
+    before = f.redis_state(client)
+    for field in ("workflow_id", "node_execution_id"):
+        write = dataclasses.replace(f.session_write(), **{field: None})
+        with pytest.raises(InvalidInput, match=field):
+            cache.save(f.session_key(), write)
+    assert f.redis_state(client) == before
+    chat = f.conversation_scope()
+    assert f.session_write(of=chat).workflow_id is None  # a conversation's has none
+    assert cache.save(chat.key, f.session_write(of=chat)) == 1
 
 
 def test_end_run_of_a_run_that_never_saved_still_refuses_later_saves(

@@ -96,6 +96,12 @@ def upgrade() -> None:
         ["updated_at"],
         postgresql_where=sa.text("owner_type = 'conversation' AND status = 'active'"),
     )
+    op.create_index(
+        op.f("agent_runtime_session_conversation_cleaning_idx"),
+        SESSIONS,
+        ["updated_at"],
+        postgresql_where=sa.text("owner_type = 'conversation' AND status = 'cleaning'"),
+    )
 
     op.rename_table(OLD_RUNS, RUNS)
     op.alter_column(RUNS, "workflow_run_id", new_column_name="owner_id")
@@ -127,6 +133,7 @@ def downgrade() -> None:
     op.rename_table(RUNS, OLD_RUNS)
 
     op.execute(f"DELETE FROM {SESSIONS} WHERE owner_type <> 'workflow_run'")  # noqa: S608
+    op.drop_index(op.f("agent_runtime_session_conversation_cleaning_idx"), SESSIONS)
     op.drop_index(op.f("agent_runtime_session_conversation_idle_idx"), SESSIONS)
     op.drop_index(op.f("agent_runtime_session_conversation_lookup_idx"), SESSIONS)
     op.drop_constraint(

@@ -55,7 +55,7 @@ from bench.stack import (
     worker_pool,
 )
 from cache.clock import now_iso
-from cache.records import SessionKey, SessionStatus, StoredSession
+from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
 from persistence.models import KEY_COLUMNS, TABLE_NAME, sessions
 from persistence.rows import HASH_FIELDS, as_dict, row_of_hash, row_of_session
 from workers.context import WorkerContext
@@ -101,7 +101,7 @@ def _array_type(column: str) -> str:
 
 
 def _unnest_sql() -> str:
-    keys = ", ".join(KEY_COLUMNS)
+    keys = ", ".join(KEY_COLUMNS[OwnerType.WORKFLOW_RUN])
     columns = ", ".join(_COLUMNS)
     arrays = ", ".join(f"%b::{_array_type(c)}[]" for c in _COLUMNS)
     updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS)

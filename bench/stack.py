@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent_sessions.testing.worker_process import WorkerProcess
 from bench.harness import HarnessError, fresh_database
+from persistence.models import TABLE_NAME
 
 if TYPE_CHECKING:
     from cache.records import SessionKey, SessionWrite
@@ -149,7 +150,7 @@ def bulk_save(
     return accepted
 
 
-def install_write_counter(db_url: str, table: str = "workflow_agent_runtime_sessions") -> None:
+def install_write_counter(db_url: str, table: str = TABLE_NAME) -> None:
     """A trigger on ``table`` that counts every row INSERT and UPDATE (read it with
     :func:`counted_writes`); the independent cross-check of the store's own counters."""
     import psycopg

@@ -18,6 +18,16 @@
 --         only an active session last saved at or before it, and not waiting for human input
 --         (no pending_form_id / pending_tool_call_id), is moved; "" = every active session
 -- returns {0, moved}  OK: moved = how many sessions went from active to cleaning
+
+-- A session's member of its owner's set: the name after its fifth ':' (the key prefix
+-- and the {sNNN} tag hold none, and IDs are percent-encoded), i.e. its last three parts.
+local function member_of(name)
+  local at = 0
+  for _ = 1, 5 do
+    at = name:find(':', at + 1, true)
+  end
+  return name:sub(at + 1)
+end
 local dirty, run_sessions, now, ended_ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local closed_by, owner_ended, idle_cutoff = ARGV[3], ARGV[4] == '1', ARGV[5]
 local t = redis.call('TIME')
@@ -36,8 +46,7 @@ for i = 3, #KEYS do
     if owner_ended then
       redis.call('HSET', session, 'run_ended', '1')
     end
-    -- the member is the session name's last three parts (IDs are percent-encoded: no ':')
-    redis.call('SADD', run_sessions, session:sub(session:find(':[^:]+:[^:]+:[^:]+$') + 1))
+        redis.call('SADD', run_sessions, member_of(session))
   end
   if status == 'active' then
     redis.call('HSET', session, 'status', 'cleaning', 'updated_at', now,

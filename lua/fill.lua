@@ -9,6 +9,16 @@
 -- ARGV[2..] field, value pairs (version and flushed_version included); "" = no field
 -- returns {0}  OK: filled
 --         {5}  EXISTS: the key is present (it may be newer); nothing written
+
+-- A session's member of its owner's set: the name after its fifth ':' (the key prefix
+-- and the {sNNN} tag hold none, and IDs are percent-encoded), i.e. its last three parts.
+local function member_of(name)
+  local at = 0
+  for _ = 1, 5 do
+    at = name:find(':', at + 1, true)
+  end
+  return name:sub(at + 1)
+end
 local session, run_sessions, ttl = KEYS[1], KEYS[2], ARGV[1]
 if redis.call('EXISTS', session) == 1 then
   return {5}
@@ -24,8 +34,7 @@ redis.call('HSET', session, unpack(sets))
 redis.call('PEXPIRE', session, ttl)
 -- a new set gets the TTL; an existing one keeps its own (none while its run is ended)
 local fresh = redis.call('EXISTS', run_sessions) == 0
--- the member: the last three parts of the name (IDs are percent-encoded: no ':')
-redis.call('SADD', run_sessions, session:sub(session:find(':[^:]+:[^:]+:[^:]+$') + 1))
+redis.call('SADD', run_sessions, member_of(session))
 if fresh then
   redis.call('PEXPIRE', run_sessions, ttl)
 end

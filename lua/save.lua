@@ -26,6 +26,16 @@
 --         {2, version}  VERSION_CONFLICT: the stored version is not ARGV[1]; nothing written
 --         {3, backlog}  BACKLOG_FULL: the shard holds ARGV[2] dirty sessions; nothing written
 --         {6}           RUN_UNKNOWN: no run hash (lost or evicted); ask Postgres; nothing written
+
+-- A session's member of its owner's set: the name after its fifth ':' (the key prefix
+-- and the {sNNN} tag hold none, and IDs are percent-encoded), i.e. its last three parts.
+local function member_of(name)
+  local at = 0
+  for _ = 1, 5 do
+    at = name:find(':', at + 1, true)
+  end
+  return name:sub(at + 1)
+end
 local FIELDS = {'snapshot', 'layer_specs', 'app_id', 'workflow_id', 'node_execution_id',
                 'agent_config_snapshot_id', 'backend_run_id', 'pending_form_id',
                 'pending_tool_call_id'}
@@ -92,8 +102,7 @@ if not was_dirty then
   local t = redis.call('TIME')
   redis.call('ZADD', dirty, t[1] * 1000 + math.floor(t[2] / 1000), session)
 end
--- the member is the session name's last three parts (IDs are percent-encoded: no ':')
-local member = session:sub(session:find(':[^:]+:[^:]+:[^:]+$') + 1)
+local member = member_of(session)
 if redis.call('SADD', run_sessions, member) == 1 or not was_dirty then
   redis.call('PEXPIRE', run_sessions, run_ttl)
 end

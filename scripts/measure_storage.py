@@ -46,6 +46,7 @@ from cache.codec import pack
 from cache.records import (
     LayerSpec,
     LifecycleState,
+    OwnerType,
     SessionKey,
     SessionStatus,
     SessionWrite,
@@ -63,8 +64,20 @@ BATCHES = 20
 WORDS = [f"{a}{b}" for a in ("lo", "ra", "mi", "ten", "sul", "pra", "ke") for b in range(70)]
 COLUMNS = [c.name for c in sessions.columns if c.name not in {"id", "flushed_at"}]
 """Every column the flush writes, in table order (as ``SessionRepository`` derives it)."""
-ARRAY_TYPES = ["text"] * 10 + ["bigint", "bytea", "jsonb"] + ["text"] * 5 + ["timestamptz"] * 3
-KEYS = ", ".join(KEY_COLUMNS)
+_ARRAY_TYPES: dict[type[Any], str] = {
+    sa.BigInteger: "bigint",
+    sa.LargeBinary: "bytea",
+    sa.JSON: "jsonb",
+    sa.DateTime: "timestamptz",
+    sa.String: "text",
+}
+ARRAY_TYPES = [
+    next(name for kind, name in _ARRAY_TYPES.items() if isinstance(sessions.c[c].type, kind))
+    for c in COLUMNS
+]
+"""Each column's array type, in ``COLUMNS`` order (derived, so it follows the table)."""
+WORKFLOW_KEYS = KEY_COLUMNS[OwnerType.WORKFLOW_RUN]
+KEYS = ", ".join(WORKFLOW_KEYS)
 UPDATE_SET = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS) + ", flushed_at = now()"
 TAIL = (
     f"ON CONFLICT ({KEYS}) DO UPDATE SET {UPDATE_SET} "
@@ -132,10 +145,10 @@ def shape_values(engine: Engine) -> Callable[[list[StoredSession]], int]:
         now = datetime.now(UTC)
         insert = pg_insert(sessions).values([as_dict(row_of_session(s, now)) for s in batch])
         stmt = insert.on_conflict_do_update(
-            index_elements=list(KEY_COLUMNS),
+            index_elements=list(WORKFLOW_KEYS),
             set_={**{c: insert.excluded[c] for c in COLUMNS}, "flushed_at": sa.func.now()},
             where=sessions.c.version < insert.excluded.version,
-        ).returning(*(sessions.c[k] for k in KEY_COLUMNS), sessions.c.version)
+        ).returning(*(sessions.c[k] for k in WORKFLOW_KEYS), sessions.c.version)
         with engine.begin() as conn:
             return len(conn.execute(stmt).all())
 

@@ -175,13 +175,14 @@ def test_parse_session_rejects_percent_escapes_that_are_not_utf8() -> None:
 def test_run_member_is_the_end_of_the_session_name_the_scripts_cut(
     raw: str, owner: OwnerType
 ) -> None:
-    """save/fill/begin_cleanup/drop_poisoned derive the member as the session name's last
-    three ``:``-separated parts (``find(':[^:]+:[^:]+:[^:]+$')``), whatever the IDs and the
-    owner."""
-    space = KeySpace("asc", 256)
+    """save/fill/begin_cleanup/drop_poisoned derive the member as the session name after its
+    fifth ``:`` (``member_of``), which is its last three parts whatever the IDs and the owner:
+    the prefix (Settings allows no ``:``) and the shard tag hold none."""
+    space = KeySpace("my.prefix-1", 256)
     key = SessionKey.of_parts(owner, raw, raw, raw, raw, raw)
     member = space.run_member(key)
     name = space.session(key)
+    assert name.split(":", 5)[5] == member
     assert re.search(r":([^:]+:[^:]+:[^:]+)$", name)[1] == member  # type: ignore[index]
     assert member.count(":") == 2
     assert space.parse_run_member(key.owner, member) == key

@@ -41,17 +41,9 @@ def inspect_session(
     as_json: bool,
 ) -> None:
     """One session, by its five key IDs; the snapshot decoded (layer names, states, sizes)."""
-    from agent_sessions.inspection import inspect_session as gather
-
-    key = SessionKey(tenant_id, workflow_run_id, node_id, binding_id, agent_id)
-    ctx = context()
-    try:
-        result = gather(ctx, key, full=full)
-    finally:
-        ctx.close()
-    if result["redis"] is None and result["postgres"] is None:
-        raise click.ClickException(f"no session {result['key']} in Redis or Postgres")
-    emit(result, as_json)
+    _show_session(
+        SessionKey(tenant_id, workflow_run_id, node_id, binding_id, agent_id), full, as_json
+    )
 
 
 @inspect.command("conversation-session")
@@ -73,11 +65,15 @@ def inspect_conversation_session(
     as_json: bool,
 ) -> None:
     """One session of a conversation, by its five key IDs (the config snapshot id last)."""
-    from agent_sessions.inspection import inspect_session as gather
-
     key = SessionKey.conversation(
         tenant_id, conversation_id, binding_id, agent_id, agent_config_snapshot_id
     )
+    _show_session(key, full, as_json)
+
+
+def _show_session(key: SessionKey, full: bool, as_json: bool) -> None:
+    from agent_sessions.inspection import inspect_session as gather
+
     ctx = context()
     try:
         result = gather(ctx, key, full=full)
@@ -95,18 +91,7 @@ def inspect_conversation_session(
 def inspect_conversation(tenant_id: str, conversation_id: str, as_json: bool) -> None:
     """A conversation: its state (the config each agent last saved with, its end), and each
     session's status and version in Redis and Postgres."""
-    from agent_sessions.inspection import inspect_run as gather
-
-    ctx = context()
-    try:
-        result = gather(ctx, RunRef.conversation(tenant_id, conversation_id))
-    finally:
-        ctx.close()
-    if not result["run"] and not result["sessions"] and not result["ended_in_postgres"]:
-        raise click.ClickException(
-            f"no conversation {tenant_id}/{conversation_id} in Redis or Postgres"
-        )
-    emit(result, as_json)
+    _show_owner(RunRef.conversation(tenant_id, conversation_id), "conversation", as_json)
 
 
 @inspect.command("run")
@@ -115,15 +100,21 @@ def inspect_conversation(tenant_id: str, conversation_id: str, as_json: bool) ->
 @json_option
 def inspect_run(tenant_id: str, workflow_run_id: str, as_json: bool) -> None:
     """A workflow run: its state, and each session's status and version in Redis and Postgres."""
+    _show_owner(RunRef(tenant_id, workflow_run_id), "run", as_json)
+
+
+def _show_owner(owner: RunRef, what: str, as_json: bool) -> None:
     from agent_sessions.inspection import inspect_run as gather
 
     ctx = context()
     try:
-        result = gather(ctx, RunRef(tenant_id, workflow_run_id))
+        result = gather(ctx, owner)
     finally:
         ctx.close()
     if not result["run"] and not result["sessions"] and not result["ended_in_postgres"]:
-        raise click.ClickException(f"no run {tenant_id}/{workflow_run_id} in Redis or Postgres")
+        raise click.ClickException(
+            f"no {what} {owner.tenant_id}/{owner.owner_id} in Redis or Postgres"
+        )
     emit(result, as_json)
 
 

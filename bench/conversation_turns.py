@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
@@ -33,12 +33,10 @@ import redis
 from bench.harness import (
     Result,
     make_result,
-    median,
-    ns_to_us,
+    ours_vs_original_facts,
+    ours_vs_original_progress,
     private_redis,
-    ratio,
     run_interleaved,
-    summarize,
 )
 from bench.hot_path import RawLoop, build_snapshot
 from bench.loop_vs_postgres import build_answer, build_composition
@@ -151,18 +149,6 @@ def original_turn(
     return turn
 
 
-def _progress(plan: Plan) -> Callable[[int, Mapping[str, list[int]]], None]:
-    def report(index: int, block: Mapping[str, list[int]]) -> None:
-        ours, original = median(block["ours"]) / 1000, median(block["original"]) / 1000
-        print(
-            f"  block {index + 1:>2}/{plan.blocks}: ours {ours:7.1f} us  original "
-            f"{original:7.1f} us  ratio {ours / original:.3f}",
-            flush=True,
-        )
-
-    return report
-
-
 def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
     from agent_sessions.lifecycle import SessionLifecycle
 
@@ -197,37 +183,15 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
             blocks=plan.blocks,
             per_block=plan.per_block,
             warmup=plan.warmup,
-            on_block=_progress(plan),
+            on_block=ours_vs_original_progress(plan.blocks),
         )
         flushed = ctx.cache.counters().get("rows_flushed", 0) - before
     return samples, {"rows_flushed_meanwhile": flushed, "flush_workers": WORKERS}
 
 
-def _block_ratios(samples: Mapping[str, Sequence[Sequence[int]]]) -> list[float]:
-    pairs = zip(samples["ours"], samples["original"], strict=True)
-    return [round(ratio(median(a), median(b)), 3) for a, b in pairs]
-
-
-def _p50(samples: Mapping[str, list[list[int]]], arm: str) -> float:
-    return median(ns_to_us([s for block in samples[arm] for s in block]))
-
-
 def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str, Any]) -> Result:
-    ours = summarize(ns_to_us([s for block in samples["ours"] for s in block]))
-    original = summarize(ns_to_us([s for block in samples["original"] for s in block]))
-    raw = _p50(samples, "raw")
-    blocks = _block_ratios(samples)
-    extra = {
-        "spread": f"block ratios {min(blocks):.3f}-{max(blocks):.3f} over {len(blocks)} blocks",
-        "ours_p50_us": round(ours.median, 1),
-        "ours_p99_us": round(ours.p99, 1),
-        "original_p50_us": round(original.median, 1),
-        "original_p99_us": round(original.p99, 1),
-        "speedup": round(original.median / ours.median, 1),
-        "raw_p50_us": round(raw, 1),
-        "floor_ratio": round(raw / original.median, 3),
-        "ours_vs_raw": round(ours.median / raw, 3),
-        "block_ratios": blocks,
+    ours, original, extra = ours_vs_original_facts(samples)
+    extra |= {
         "turns_per_arm": ours.count,
         "conversations": plan.conversations,
         "blocks": plan.blocks,
@@ -238,7 +202,8 @@ def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str,
             "flushing in the background; original = AgentAppRuntimeSessionStore's ORM load "
             "(select key+active, pydantic JSON) + save (select key, update, commit), "
             "pg_original.py (its request building and answer parsing are not counted, which "
-            "favours it); same Postgres server and database"
+            "favours it); raw = redis-py HGETALL + EVALSHA on copies of ours' hashes; same "
+            "Postgres server and database"
         ),
         **facts,
     }

@@ -375,3 +375,56 @@ def spread_text(values: Sequence[float], unit: str = "", digits: int = 2) -> str
         return "-"
     low, high = min(values), max(values)
     return f"{low:.{digits}f}-{high:.{digits}f}{unit} over {len(values)} reps"
+
+
+# ------------------------------------------------------------ ours vs the original, per block
+
+Blocks = Mapping[str, Sequence[Sequence[int]]]
+"""Interleaved samples (ns) per arm, block by block (what :func:`run_interleaved` returns)."""
+
+
+def arm_p50_us(samples: Blocks, arm: str) -> float:
+    """The median of every sample of ``arm``, in µs."""
+    return median(ns_to_us([s for block in samples[arm] for s in block]))
+
+
+def block_ratios(samples: Blocks, arm: str = "ours", baseline: str = "original") -> list[float]:
+    """Per block, ``arm``'s median over ``baseline``'s."""
+    pairs = zip(samples[arm], samples[baseline], strict=True)
+    return [round(ratio(median(a), median(b)), 3) for a, b in pairs]
+
+
+def ours_vs_original_progress(blocks: int) -> Callable[[int, Mapping[str, list[int]]], None]:
+    """An ``on_block`` printer of the ``ours`` and ``original`` medians and their ratio."""
+
+    def report(index: int, block: Mapping[str, list[int]]) -> None:
+        ours, original = median(block["ours"]) / 1000, median(block["original"]) / 1000
+        print(
+            f"  block {index + 1:>2}/{blocks}: ours {ours:7.1f} us  original "
+            f"{original:7.1f} us  ratio {ours / original:.3f}",
+            flush=True,
+        )
+
+    return report
+
+
+def ours_vs_original_facts(samples: Blocks) -> tuple[Summary, Summary, dict[str, Any]]:
+    """Summaries of ``ours`` and ``original`` (µs) and the ``extra`` facts both loop-shaped
+    benchmarks report: spread, p50/p99, speedup, block ratios, and the ``raw`` floor."""
+    ours = summarize(ns_to_us([s for block in samples["ours"] for s in block]))
+    original = summarize(ns_to_us([s for block in samples["original"] for s in block]))
+    raw = arm_p50_us(samples, "raw")
+    blocks = block_ratios(samples)
+    facts = {
+        "spread": f"block ratios {min(blocks):.3f}-{max(blocks):.3f} over {len(blocks)} blocks",
+        "ours_p50_us": round(ours.median, 1),
+        "ours_p99_us": round(ours.p99, 1),
+        "original_p50_us": round(original.median, 1),
+        "original_p99_us": round(original.p99, 1),
+        "speedup": round(original.median / ours.median, 1),
+        "raw_p50_us": round(raw, 1),
+        "floor_ratio": round(raw / original.median, 3),
+        "ours_vs_raw": round(ours.median / raw, 3),
+        "block_ratios": blocks,
+    }
+    return ours, original, facts

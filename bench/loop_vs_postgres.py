@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,14 +34,14 @@ import redis
 
 from bench.harness import (
     Result,
+    arm_p50_us,
+    block_ratios,
     cpu_warm,
     make_result,
-    median,
-    ns_to_us,
+    ours_vs_original_facts,
+    ours_vs_original_progress,
     private_redis,
-    ratio,
     run_interleaved,
-    summarize,
 )
 from bench.hot_path import RawLoop, build_snapshot, build_specs
 from bench.pg_original import (
@@ -250,18 +250,6 @@ def loop_arms(settings: Settings, workload: LoopWorkload) -> Iterator[LoopArms]:
 # --------------------------------------------------------------------------------- running
 
 
-def _progress(plan: Plan) -> Callable[[int, Mapping[str, list[int]]], None]:
-    def report(index: int, block: Mapping[str, list[int]]) -> None:
-        ours, original = median(block["ours"]) / 1000, median(block["original"]) / 1000
-        print(
-            f"  block {index + 1:>2}/{plan.blocks}: ours {ours:7.1f} us  original "
-            f"{original:7.1f} us  ratio {ours / original:.3f}",
-            flush=True,
-        )
-
-    return report
-
-
 def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
     workload = LoopWorkload.build(plan.runs, plan.nodes, seed=23)
     with ExitStack() as stack:
@@ -284,13 +272,16 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
             blocks=plan.blocks,
             per_block=plan.per_block,
             warmup=plan.warmup,
-            on_block=_progress(plan),
+            on_block=ours_vs_original_progress(plan.blocks),
         )
         flushed = ctx.cache.counters().get("rows_flushed", 0) - before
         print("  again with a busy-loop process (CPU-warm):", flush=True)
         with cpu_warm():
             warm = run_interleaved(
-                both, blocks=plan.warm_blocks, per_block=plan.per_block, on_block=_progress(plan)
+                both,
+                blocks=plan.warm_blocks,
+                per_block=plan.per_block,
+                on_block=ours_vs_original_progress(plan.blocks),
             )
     facts = {"rows_flushed_meanwhile": flushed, "flush_workers": WORKERS, **_warm_facts(warm)}
     return samples, facts
@@ -304,46 +295,25 @@ def raw_arm(ctx: WorkerContext, workload: LoopWorkload) -> RawLoop:
     return raw
 
 
-def _p50(samples: Mapping[str, list[list[int]]], arm: str) -> float:
-    return median(ns_to_us([s for block in samples[arm] for s in block]))
-
-
 def _warm_facts(warm: Mapping[str, list[list[int]]]) -> dict[str, Any]:
-    ours, original, raw = (_p50(warm, arm) for arm in ("ours", "original", "raw"))
+    ours, original, raw = (arm_p50_us(warm, arm) for arm in ("ours", "original", "raw"))
     return {
         "cpu_warm_ours_p50_us": round(ours, 1),
         "cpu_warm_original_p50_us": round(original, 1),
         "cpu_warm_raw_p50_us": round(raw, 1),
         "cpu_warm_ratio": round(ours / original, 3),
         "cpu_warm_floor_ratio": round(raw / original, 3),
-        "cpu_warm_block_ratios": _block_ratios(warm),
+        "cpu_warm_block_ratios": block_ratios(warm),
     }
 
 
-def _block_ratios(samples: Mapping[str, Sequence[Sequence[int]]]) -> list[float]:
-    pairs = zip(samples["ours"], samples["original"], strict=True)
-    return [round(ratio(median(a), median(b)), 3) for a, b in pairs]
-
-
 def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str, Any]) -> Result:
-    ours = summarize(ns_to_us([s for block in samples["ours"] for s in block]))
-    original = summarize(ns_to_us([s for block in samples["original"] for s in block]))
-    blocks = _block_ratios(samples)
-    extra = {
-        "spread": f"block ratios {min(blocks):.3f}-{max(blocks):.3f} over {len(blocks)} blocks",
-        "ours_p50_us": round(ours.median, 1),
-        "ours_p99_us": round(ours.p99, 1),
-        "original_p50_us": round(original.median, 1),
-        "original_p99_us": round(original.p99, 1),
-        "speedup": round(original.median / ours.median, 1),
-        "raw_p50_us": round(_p50(samples, "raw"), 1),
-        "floor_ratio": round(_p50(samples, "raw") / original.median, 3),
-        "ours_vs_raw": round(ours.median / _p50(samples, "raw"), 3),
+    ours, original, extra = ours_vs_original_facts(samples)
+    extra |= {
         "note": (
             "cpu_warm_*: the same blocks with a 1-core busy loop running, which keeps the "
             "vCPUs out of idle (baselines.md idle-vCPU caveat); the headline is the plain run"
         ),
-        "block_ratios": blocks,
         "iterations_per_arm": ours.count,
         "sessions": plan.runs * plan.nodes,
         "blocks": plan.blocks,

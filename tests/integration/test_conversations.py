@@ -112,6 +112,14 @@ def ctx(
 
 
 @pytest.fixture
+def idle_ctx(
+    redis_client: redis.Redis, redis_url: str, migrated: Database, fake: FakeAgentBackend
+) -> WorkerContext:
+    """A standalone context whose conversations go idle after one second."""
+    return make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
+
+
+@pytest.fixture
 def lc(ctx: WorkerContext) -> Iterator[SessionLifecycle]:
     yield SessionLifecycle(ctx)
 
@@ -356,14 +364,9 @@ def test_a_config_change_after_redis_lost_everything_still_retires_the_old_sessi
 
 
 def test_an_idle_conversation_is_retired_and_cleaned_and_its_next_turn_starts_fresh(
-    redis_client: redis.Redis,
-    redis_url: str,
-    migrated: Database,
-    fake: FakeAgentBackend,
-    backend: AgentBackendClient,
+    idle_ctx: WorkerContext, backend: AgentBackendClient
 ) -> None:
-    ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
-    lc = SessionLifecycle(ctx)
+    ctx, lc = idle_ctx, SessionLifecycle(idle_ctx)
     key = CONVERSATION.key()
     busy = Owner(OwnerType.CONVERSATION)
     run_node(lc, backend, busy.scope(1))
@@ -384,14 +387,9 @@ def test_an_idle_conversation_is_retired_and_cleaned_and_its_next_turn_starts_fr
 
 
 def test_idle_expiry_after_redis_lost_everything_still_retires_and_cleans(
-    redis_client: redis.Redis,
-    redis_url: str,
-    migrated: Database,
-    fake: FakeAgentBackend,
-    backend: AgentBackendClient,
+    idle_ctx: WorkerContext, backend: AgentBackendClient
 ) -> None:
-    ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
-    lc = SessionLifecycle(ctx)
+    ctx, lc = idle_ctx, SessionLifecycle(idle_ctx)
     key = CONVERSATION.key()
     run_node(lc, backend, CONVERSATION.scope(1))
     flushed(ctx)
@@ -406,15 +404,10 @@ def test_idle_expiry_after_redis_lost_everything_still_retires_and_cleans(
 
 
 def test_a_save_after_the_idle_cutoff_in_redis_keeps_the_session(
-    redis_client: redis.Redis,
-    redis_url: str,
-    migrated: Database,
-    fake: FakeAgentBackend,
-    backend: AgentBackendClient,
+    idle_ctx: WorkerContext, backend: AgentBackendClient
 ) -> None:
     """Postgres's ``updated_at`` may lag Redis by a flush: Redis has the last word."""
-    ctx = make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
-    lc = SessionLifecycle(ctx)
+    ctx, lc = idle_ctx, SessionLifecycle(idle_ctx)
     run_node(lc, backend, CONVERSATION.scope(1))
     flushed(ctx)
     time.sleep(1.2)

@@ -276,3 +276,16 @@ def test_save_script_fields_are_the_codec_write_fields_in_order() -> None:
     match = re.search(r"local FIELDS = \{(.*?)\}", source("save"), re.DOTALL)
     assert match is not None
     assert tuple(re.findall(r"'([a-z_]+)'", match.group(1))) == WRITE_FIELDS
+
+
+def test_every_copy_of_member_of_is_the_same() -> None:
+    """Scripts cannot share code, so each that adds to an owner's set carries ``member_of``;
+    the copies must not drift apart (the unit test of ``KeySpace.run_member`` pins what it
+    computes)."""
+    copies = {}
+    for name in SCRIPT_NAMES:
+        found = re.search(r"local function member_of\(name\)\n.*?\nend\n", source(name), re.S)
+        if found:
+            copies[name] = found.group(0)
+    assert set(copies) == {"begin_cleanup", "drop_poisoned", "fill", "save"}
+    assert len(set(copies.values())) == 1

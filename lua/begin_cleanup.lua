@@ -46,7 +46,7 @@ for i = 3, #KEYS do
     if owner_ended then
       redis.call('HSET', session, 'run_ended', '1')
     end
-        redis.call('SADD', run_sessions, member_of(session))
+    redis.call('SADD', run_sessions, member_of(session))
   end
   if status == 'active' then
     redis.call('HSET', session, 'status', 'cleaning', 'updated_at', now,

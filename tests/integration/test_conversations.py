@@ -93,6 +93,25 @@ def owner(request: pytest.FixtureRequest) -> Owner:
     return Owner(request.param)
 
 
+def _context(
+    request: pytest.FixtureRequest,
+    redis_url: str,
+    database_url: str,
+    fake: FakeAgentBackend,
+    **overrides: object,
+) -> WorkerContext:
+    """A context on the Redis ``request.param`` names: standalone, or the private cluster
+    (flushed for the test) with RQ on the standalone server."""
+    options: dict[str, object] = {"agent_backend_url": fake.url, "cleanup_wait_s": 10}
+    options |= overrides
+    if request.param == "standalone":
+        return make_ctx(redis_url, database_url, **options)
+    cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+    request.getfixturevalue("cluster_client")
+    options |= {"redis_cluster": True, "rq_redis_url": redis_url}
+    return make_ctx(cluster.url, database_url, **options)
+
+
 @pytest.fixture(params=["standalone", "cluster"])
 def ctx(
     request: pytest.FixtureRequest,
@@ -101,22 +120,19 @@ def ctx(
     migrated: Database,
     fake: FakeAgentBackend,
 ) -> WorkerContext:
-    options: dict[str, object] = {"agent_backend_url": fake.url, "cleanup_wait_s": 10}
-    if request.param == "standalone":
-        return make_ctx(redis_url, migrated.url, **options)
-    cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-    request.getfixturevalue("cluster_client")  # flushed for this test
-    return make_ctx(
-        cluster.url, migrated.url, redis_cluster=True, rq_redis_url=redis_url, **options
-    )
+    return _context(request, redis_url, migrated.url, fake)
 
 
-@pytest.fixture
+@pytest.fixture(params=["standalone", "cluster"])
 def idle_ctx(
-    redis_client: redis.Redis, redis_url: str, migrated: Database, fake: FakeAgentBackend
+    request: pytest.FixtureRequest,
+    redis_client: redis.Redis,
+    redis_url: str,
+    migrated: Database,
+    fake: FakeAgentBackend,
 ) -> WorkerContext:
-    """A standalone context whose conversations go idle after one second."""
-    return make_ctx(redis_url, migrated.url, agent_backend_url=fake.url, conversation_idle_s=1.0)
+    """A context whose conversations go idle after one second."""
+    return _context(request, redis_url, migrated.url, fake, conversation_idle_s=1.0)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from cache.codec import check_specs_once
 from cache.errors import AgentSessionsError, InvalidInput, VersionConflict
 from cache.records import (
     WORKFLOW_OUTCOMES,
+    AnyScope,
     ClosedBy,
     ConversationScope,
     LayerSpec,
@@ -179,7 +180,7 @@ def with_history(composition: RunComposition) -> RunComposition:
     return msgspec.structs.replace(composition, layers=[*layers[:at], HISTORY_LAYER, *layers[at:]])
 
 
-def idempotency_key(scope: Scope | ConversationScope, attempt: int) -> str:
+def idempotency_key(scope: AnyScope, attempt: int) -> str:
     """``<run>:<node execution>`` or ``<conversation>:<message>``, ``:retry-n`` for n >= 1."""
     if isinstance(scope, ConversationScope):
         base = f"{scope.conversation_id}:{scope.message_id}"
@@ -190,7 +191,7 @@ def idempotency_key(scope: Scope | ConversationScope, attempt: int) -> str:
     return f"{base}:retry-{attempt}" if attempt >= 1 else base
 
 
-def scope_metadata(scope: Scope | ConversationScope) -> dict[str, object]:
+def scope_metadata(scope: AnyScope) -> dict[str, object]:
     if isinstance(scope, ConversationScope):
         return {
             "tenant_id": scope.tenant_id,
@@ -230,7 +231,7 @@ class SessionLifecycle:
 
     # --- entry ---------------------------------------------------------------------------
 
-    def enter(self, scope: Scope | ConversationScope) -> Entry:
+    def enter(self, scope: AnyScope) -> Entry:
         """The resumable snapshot of the scope's session, or a fresh entry.
 
         Fresh means: no ``workflow_run_id``, no session, or a ``cleaned``/``cleaning`` one.
@@ -284,7 +285,7 @@ class SessionLifecycle:
 
     def build_request(
         self,
-        scope: Scope | ConversationScope,
+        scope: AnyScope,
         entry: Entry,
         composition: RunComposition,
         attempt: int = 0,
@@ -325,7 +326,7 @@ class SessionLifecycle:
 
     def finish(
         self,
-        scope: Scope | ConversationScope,
+        scope: AnyScope,
         entry: Entry,
         outcome: RunOutcome,
         *,
@@ -364,7 +365,7 @@ class SessionLifecycle:
         )
 
     def _save(
-        self, scope: Scope | ConversationScope, entry: Entry, outcome: RunOutcome, *, durable: bool
+        self, scope: AnyScope, entry: Entry, outcome: RunOutcome, *, durable: bool
     ) -> NodeResult:
         key = scope.key
         if key is None or outcome.snapshot is None:
@@ -392,7 +393,7 @@ class SessionLifecycle:
             metadata |= self._durable_flush(key) if durable else self._urgent_flush(key)
         return NodeResult("completed", version=version, metadata=metadata)
 
-    def _retire(self, scope: Scope | ConversationScope, outcome: RunOutcome) -> NodeResult:
+    def _retire(self, scope: AnyScope, outcome: RunOutcome) -> NodeResult:
         error = outcome.error or f"agent backend run {outcome.status}"
         key = scope.key
         if key is None:
@@ -498,7 +499,7 @@ def _check(value: object, kind: type[_T], name: str) -> _T:
     return value
 
 
-def _check_scope(scope: Scope | ConversationScope) -> Scope | ConversationScope:
+def _check_scope(scope: AnyScope) -> AnyScope:
     if not isinstance(scope, Scope | ConversationScope):
         raise InvalidInput(
             f"scope must be a Scope or a ConversationScope, got {type(scope).__name__}"
@@ -506,7 +507,7 @@ def _check_scope(scope: Scope | ConversationScope) -> Scope | ConversationScope:
     return scope
 
 
-def _check_finish(scope: Scope | ConversationScope, entry: Entry, outcome: RunOutcome) -> None:
+def _check_finish(scope: AnyScope, entry: Entry, outcome: RunOutcome) -> None:
     _check_scope(scope)
     _check(entry, Entry, "entry")
     _check(outcome, RunOutcome, "outcome")

@@ -192,14 +192,6 @@ class RunRef:
         """The owner id (a workflow run's id for a workflow run)."""
         return self.owner_id
 
-    @property
-    def is_conversation(self) -> bool:
-        return self.owner_type is _CONVERSATION
-
-
-OwnerRef = RunRef
-"""The general name: a session's owner is a workflow run or a conversation."""
-
 
 @dataclass(frozen=True, slots=True)
 class Scope:
@@ -233,17 +225,6 @@ class Scope:
         return SessionKey(
             self.tenant_id, self.workflow_run_id, self.node_id, self.binding_id, self.agent_id
         )
-
-    @property
-    def owner(self) -> RunRef | None:
-        if self.workflow_run_id is None:
-            return None
-        return RunRef(self.tenant_id, self.workflow_run_id)
-
-    @property
-    def execution_id(self) -> str:
-        """What one entry is (the node execution): the base of the backend idempotency key."""
-        return self.node_execution_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,16 +261,9 @@ class ConversationScope:
             self.agent_config_snapshot_id,
         )
 
-    @property
-    def owner(self) -> RunRef:
-        return RunRef.conversation(self.tenant_id, self.conversation_id)
-
-    @property
-    def execution_id(self) -> str:
-        return self.message_id
-
 
 AnyScope: TypeAlias = Scope | ConversationScope
+"""Whose session: a workflow node entry's or a conversation turn's."""
 
 
 def unchecked(cls: type[T], **fields: object) -> T:
@@ -417,7 +391,7 @@ class SessionWrite:
     @classmethod
     def for_scope(
         cls,
-        scope: Scope | ConversationScope,
+        scope: AnyScope,
         snapshot: Snapshot,
         layer_specs: Sequence[LayerSpec] = (),
         *,

@@ -77,7 +77,7 @@ _KEY_ORDER: Final = (
     sessions.c.agent_id,
     sessions.c.agent_config_snapshot_id,
 )
-_KEY_SELECT: Final = _KEY_ORDER
+"""What a key is read back from (``_key_of``), in the order sessions are listed."""
 _DATA_TEXT_COLUMNS: Final = WRITE_TEXT_FIELDS  # SessionWrite fields stored as-is, same names
 
 Fenced = tuple[SessionKey, int, int]
@@ -348,7 +348,7 @@ class SessionRepository:
             if not parts:
                 continue
             query = sa.select(
-                *_KEY_SELECT, sessions.c.version, sessions.c.lineage, sessions.c.closed_by
+                *_KEY_ORDER, sessions.c.version, sessions.c.lineage, sessions.c.closed_by
             ).where(sessions.c.owner_type == owner.value, sa.tuple_(*_KEYS[owner]).in_(parts))
             stored |= {_key_of(row): row for row in conn.execute(query).mappings()}
         owner_ids = sorted({_owner_row(row.key.owner) for row in refused})
@@ -435,7 +435,7 @@ class SessionRepository:
     def unsettled_keys(self, run: RunRef) -> list[SessionKey]:
         """Keys of the owner's rows that are not ``cleaned`` yet (no snapshots are read)."""
         query = (
-            sa.select(*_KEY_SELECT)
+            sa.select(*_KEY_ORDER)
             .where(*_of_owner(run), sessions.c.status != SessionStatus.CLEANED.value)
             .order_by(*_KEY_ORDER)
         )
@@ -473,7 +473,7 @@ class SessionRepository:
     def list_keys(self, owner: RunRef, status: SessionStatus) -> list[SessionKey]:
         """The keys (only) of one owner's sessions of one status: no snapshots are read."""
         query = (
-            sa.select(*_KEY_SELECT)
+            sa.select(*_KEY_ORDER)
             .where(*_of_owner(owner), sessions.c.status == SessionStatus(status).value)
             .order_by(*_KEY_ORDER)
         )
@@ -485,7 +485,7 @@ class SessionRepository:
         config snapshot (a turn with ``key``'s config retires them)."""
         if key.owner_type is not OwnerType.CONVERSATION:
             return []
-        query = sa.select(*_KEY_SELECT).where(
+        query = sa.select(*_KEY_ORDER).where(
             *_of_owner(key.owner),
             sessions.c.binding_id == key.binding_id,
             sessions.c.agent_id == key.agent_id,
@@ -500,7 +500,7 @@ class SessionRepository:
         and not waiting for human input, oldest first, of conversations that have not ended
         (an ended one's are the reconciler's)."""
         query = (
-            sa.select(*_KEY_SELECT)
+            sa.select(*_KEY_ORDER)
             .where(
                 sessions.c.owner_type == OwnerType.CONVERSATION.value,
                 sessions.c.status == _ACTIVE,
@@ -519,7 +519,7 @@ class SessionRepository:
         """Up to ``limit`` conversation sessions ``cleaning`` for over ``older_than_s`` seconds
         in conversations that have not ended (an ended one's are the reconciler's)."""
         query = (
-            sa.select(*_KEY_SELECT)
+            sa.select(*_KEY_ORDER)
             .where(
                 sessions.c.owner_type == OwnerType.CONVERSATION.value,
                 sessions.c.status == SessionStatus.CLEANING.value,

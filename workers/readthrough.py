@@ -18,10 +18,6 @@ from persistence.repository import RunEnd, SessionRepository
 _LOADED_FROM_POSTGRES = LOADS.labels("postgres")
 
 
-def run_of(key: SessionKey) -> RunRef:
-    return key.owner
-
-
 def restore_run(cache: RedisSessionCache, run: RunRef, end: RunEnd | None) -> bool:
     """Put the run's marker back as Postgres knows it; whether the run has ended."""
     if end is None:
@@ -43,7 +39,7 @@ def load_through(cache: RedisSessionCache, repo: SessionRepository, key: Session
     if loaded.record is not None and loaded.run_known:
         return loaded
     row, end = repo.get_with_run(key)
-    ended = loaded.run_ended or restore_run(cache, run_of(key), end)
+    ended = loaded.run_ended or restore_run(cache, key.owner, end)
     current = loaded.current_config
     if loaded.record is not None or row is None:
         return Loaded(loaded.record, ended, current_config=current)
@@ -75,7 +71,7 @@ def save_through(
         except RunUnknown:
             if attempt == 2:
                 raise
-            restore_run(cache, run_of(key), repo.run_end(run_of(key)))
+            restore_run(cache, key.owner, repo.run_end(key.owner))
         except VersionConflict as conflict:
             if attempt == 2 or conflict.actual != 0 or not expected_version:
                 raise

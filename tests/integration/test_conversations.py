@@ -185,7 +185,8 @@ def test_an_entry_resumes_the_last_one_and_postgres_gets_the_owners_columns(
     assert second.request.session_snapshot == first.status.session_snapshot
     purpose = "agent_app" if owner.kind is OwnerType.CONVERSATION else "workflow_node"
     assert second.request.purpose == purpose
-    assert second.request.idempotency_key == f"{OWNER_ID}:{owner.scope(2).execution_id}"
+    turn = "message-2" if owner.kind is OwnerType.CONVERSATION else "exec-2"
+    assert second.request.idempotency_key == f"{OWNER_ID}:{turn}"
 
     name = ctx.cache.keys.session(owner.key())
     word = "conversation-session" if owner.kind is OwnerType.CONVERSATION else "session"

@@ -16,9 +16,12 @@ from bench.harness import (
     Benchmark,
     HarnessError,
     Result,
+    arm_p50_us,
+    block_ratios,
     goal_met,
     make_result,
     median,
+    ours_vs_original_facts,
     parse_goal,
     percentile,
     ratio,
@@ -274,3 +277,19 @@ def test_report_page_from_saved_results(tmp_path: Path) -> None:
     assert "| `hot_path` | t | 1,300 µs | 1,000 µs | 1.30 | ratio <= 1.2 | **no** | a\\|b |" in page
     assert "No saved result for: `flush_lag`" in page
     assert "- nproc: 2" in page
+
+
+def test_ours_vs_original_facts_and_block_ratios() -> None:
+    """The loop-shaped benchmarks' shared facts: medians in µs, per-block ratios, the floor."""
+    us = 1000
+    samples = {
+        "ours": [[2 * us, 2 * us], [4 * us, 4 * us]],
+        "original": [[10 * us, 10 * us], [10 * us, 10 * us]],
+        "raw": [[1 * us], [1 * us]],
+    }
+    assert block_ratios(samples) == [0.2, 0.4]
+    assert arm_p50_us(samples, "raw") == 1.0
+    ours, original, facts = ours_vs_original_facts(samples)
+    assert (ours.median, original.median) == (3.0, 10.0)
+    assert facts["floor_ratio"] == 0.1 and facts["ours_vs_raw"] == 3.0
+    assert facts["speedup"] == 3.3 and facts["spread"] == "block ratios 0.200-0.400 over 2 blocks"

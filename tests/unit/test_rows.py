@@ -12,7 +12,7 @@ from cache.codec import Codec
 from cache.errors import CorruptValue
 from cache.records import ClosedBy, SessionStatus, StoredSession
 from persistence.rows import COLUMNS, HASH_FIELDS, as_dict, row_of_hash, row_of_session
-from tests.factories import session_key, session_write, stored_session
+from tests.factories import conversation_scope, session_key, session_write, stored_session
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 NAME = "asc:{s001}:session:t:r:n:b:a"
@@ -78,3 +78,20 @@ def test_a_foreign_value_is_corrupt_naming_the_field(
         row_of_hash(NAME, session.key, values, NOW)
     assert (caught.value.key, caught.value.field) == (NAME, field)
     assert reason in caught.value.reason
+
+
+def test_a_conversations_row_has_its_owner_columns_and_its_keys_config() -> None:
+    """The owner columns come from the key (a conversation's: no run, no node); a hash whose
+    config is not the key's is refused naming the field, never written under another key."""
+    turn = conversation_scope(config="config-1")
+    session = stored_session(turn.key, write=session_write(of=turn))
+    name = "asc:{s001}:conversation-session:t:c:b:a:config-1"
+    row = as_dict(row_of_hash(name, session.key, hash_values(session), NOW))
+    assert row == as_dict(row_of_session(session, NOW))
+    owner = ("owner_type", "workflow_run_id", "conversation_id", "node_id", "workflow_id")
+    assert tuple(row[c] for c in owner) == ("conversation", None, "conversation-1", None, None)
+    assert row["agent_config_snapshot_id"] == "config-1"
+    other = conversation_scope(config="config-2").key
+    with pytest.raises(CorruptValue) as info:
+        row_of_hash(name, other, hash_values(session), NOW)
+    assert info.value.field == "agent_config_snapshot_id"

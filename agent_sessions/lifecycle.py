@@ -302,12 +302,13 @@ class SessionLifecycle:
         _check(composition, RunComposition, "composition")
         check_version("attempt", attempt)
         check_specs_once(composition.layers)
+        if metadata:  # the scope's part is IDs its constructor checked
+            check_json("request metadata", metadata)
+            try:  # what check_json leaves to encoding: text JSON cannot hold (lone surrogates)
+                encode_json(metadata)
+            except ValueError as exc:
+                raise InvalidInput(f"request metadata cannot be sent as JSON: {exc}") from exc
         extra = {**(metadata or {}), **scope_metadata(scope)}
-        check_json("request metadata", extra)
-        try:  # what check_json leaves to encoding: text JSON cannot hold (lone surrogates)
-            encode_json(extra)
-        except ValueError as exc:
-            raise InvalidInput(f"request metadata cannot be sent as JSON: {exc}") from exc
         sent = with_history(composition) if include_history else composition
         snapshot = None
         if entry.snapshot is not None:

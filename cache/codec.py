@@ -249,61 +249,68 @@ class Codec:
         """
         fields = _Fields(name, raw)
         snapshot_raw = fields.binary(SNAPSHOT)
+        text = fields.texts.get
         write = unchecked(
             SessionWrite,
             snapshot=fields.decoded(SNAPSHOT, snapshot_raw, _SNAPSHOT_DECODER),
             layer_specs=fields.decoded(LAYER_SPECS, fields.binary(LAYER_SPECS), _SPECS_DECODER),
             snapshot_from_wire=True,
             **{f: fields.required(f) for f in REQUIRED_ID_FIELDS},
-            **{f: fields.text(f) for f in OPTIONAL_ID_FIELDS},
+            **{f: text(f) for f in OPTIONAL_ID_FIELDS},
         )
         if key.owner_type is OwnerType.WORKFLOW_RUN:
             for field in WORKFLOW_ID_FIELDS:
                 fields.required(field)
-        closed_by = fields.text("closed_by")
         return StoredSession(
             key=key,
             status=fields.enum("status", SessionStatus),
             version=fields.integer("version"),
             flushed_version=fields.integer("flushed_version", default=0),
             data=write,
-            created_at=fields.text("created_at"),
-            updated_at=fields.text("updated_at"),
-            cleaned_at=fields.text("cleaned_at"),
-            closed_by=fields.enum("closed_by", ClosedBy) if closed_by else None,
-            cleanup_error=fields.text("cleanup_error"),
-            lineage=fields.text("lineage"),
+            created_at=text("created_at"),
+            updated_at=text("updated_at"),
+            cleaned_at=text("cleaned_at"),
+            closed_by=fields.enum("closed_by", ClosedBy) if text("closed_by") else None,
+            cleanup_error=text("cleanup_error"),
+            lineage=text("lineage"),
             snapshot_raw=snapshot_raw,
         )
 
 
+_BINARY_FIELDS: Final = frozenset({SNAPSHOT.encode(), LAYER_SPECS.encode()})
+
+
 class _Fields:
-    """Typed access to one hash reply, raising :class:`CorruptValue` for the field at fault."""
+    """Typed access to one hash reply, raising :class:`CorruptValue` for the field at fault.
+
+    Every text field is decoded up front, in one pass (a reply holds a dozen of them)."""
+
+    __slots__ = ("name", "raw", "texts")
 
     def __init__(self, name: str, raw: Mapping[bytes, bytes]) -> None:
         self.name = name
-        self.raw = {key.decode(errors="replace"): value for key, value in raw.items()}
+        self.raw = raw
+        try:
+            self.texts = {
+                k.decode(errors="replace"): v.decode()
+                for k, v in raw.items()
+                if k not in _BINARY_FIELDS
+            }
+        except UnicodeDecodeError as exc:
+            field = next(k for k, v in raw.items() if k not in _BINARY_FIELDS and not _utf8(v))
+            raise self._fail(field.decode(errors="replace"), "not UTF-8 text") from exc
 
     def _fail(self, field: str, reason: str) -> CorruptValue:
         return CorruptValue(self.name, field, reason)
 
-    def text(self, field: str) -> str | None:
-        value = self.raw.get(field)
-        if value is None:
-            return None
-        try:
-            return value.decode()
-        except UnicodeDecodeError as exc:
-            raise self._fail(field, "not UTF-8 text") from exc
-
     def required(self, field: str) -> str:
-        value = self.text(field)
+        value = self.texts.get(field)
         if not value:
             raise self._fail(field, "missing")
         return value
 
     def integer(self, field: str, default: int | None = None) -> int:
-        value = self.text(field)
+        value = self.texts.get(field)
         if value is None and default is not None:
             return default
         try:
@@ -319,7 +326,7 @@ class _Fields:
             raise self._fail(field, f"unknown {kind.__name__}: {value!r}") from exc
 
     def binary(self, field: str) -> bytes:
-        value = self.raw.get(field)
+        value = self.raw.get(field.encode())
         if value is None:
             raise self._fail(field, "missing")
         return value
@@ -329,3 +336,11 @@ class _Fields:
             return decoder.decode(value)
         except (msgspec.DecodeError, ValueError) as exc:
             raise self._fail(field, f"not a msgpack {field}: {exc}") from exc
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

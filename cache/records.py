@@ -222,8 +222,15 @@ class Scope:
     def key(self) -> SessionKey | None:
         if self.workflow_run_id is None:
             return None
-        return SessionKey(
-            self.tenant_id, self.workflow_run_id, self.node_id, self.binding_id, self.agent_id
+        return unchecked(  # the IDs were checked when this scope was made
+            SessionKey,
+            tenant_id=self.tenant_id,
+            owner_id=self.workflow_run_id,
+            node_id=self.node_id,
+            binding_id=self.binding_id,
+            agent_id=self.agent_id,
+            owner_type=_WORKFLOW,
+            config_id="",
         )
 
 
@@ -253,12 +260,15 @@ class ConversationScope:
 
     @property
     def key(self) -> SessionKey:
-        return SessionKey.conversation(
-            self.tenant_id,
-            self.conversation_id,
-            self.binding_id,
-            self.agent_id,
-            self.agent_config_snapshot_id,
+        return unchecked(  # the IDs were checked when this scope was made
+            SessionKey,
+            tenant_id=self.tenant_id,
+            owner_id=self.conversation_id,
+            node_id="",
+            binding_id=self.binding_id,
+            agent_id=self.agent_id,
+            owner_type=_CONVERSATION,
+            config_id=self.agent_config_snapshot_id,
         )
 
 

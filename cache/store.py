@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
 import redis
 from redis.cluster import RedisCluster
@@ -54,6 +54,10 @@ _FILL = frozenset({Code.OK, Code.EXISTS})
 _OPEN = _FILL
 _CLEANUP_CHUNK = 500
 _POLICY = "maxmemory-policy"
+_LISTPACK_VALUE = "hash-max-listpack-value"
+LISTPACK_ADVICE: Final = 16384
+"""The ``hash-max-listpack-value`` the README recommends: an ~8 KB snapshot's hash stays a
+listpack."""
 _LOADED_FROM_REDIS = LOADS.labels("redis")
 _LOAD_MISSED = LOADS.labels("miss")
 
@@ -140,7 +144,7 @@ class RedisSessionCache:
         self.scripts = Scripts.register(client)
         self.wire = Wire(client) if isinstance(client, redis.Redis) else None
         self._check_layout()
-        self._check_eviction_policy()
+        self._check_server_config()
 
     def close(self) -> None:
         """Close the client and the wire's pinned connections."""
@@ -165,15 +169,16 @@ class RedisSessionCache:
                 f"shards={self.settings.shards}; keys would land in the wrong shards"
             )
 
-    def _check_eviction_policy(self) -> None:
-        """Refuse ``allkeys-*`` eviction, warn about ``volatile-*`` (README, Durability).
+    def _check_server_config(self) -> None:
+        """Refuse ``allkeys-*`` eviction, warn about ``volatile-*`` (README, Durability), and
+        say when session hashes will take Redis' costlier encoding (README, Memory).
 
         ``allkeys-*`` may evict a dirty session, a dirty set or a run marker: acknowledged
         saves would vanish before reaching Postgres. ``volatile-*`` only evicts keys with a
         TTL (flushed sessions, which read-through brings back). A Redis that refuses CONFIG
         (managed services, ACLs) is trusted, and said so in the log.
         """
-        for node, policy in self._eviction_policies().items():
+        for node, policy in self._server_config(_POLICY, "noeviction").items():
             if policy.startswith("allkeys-"):
                 raise ConfigurationError(
                     f"Redis {node} runs maxmemory-policy {policy}, which evicts sessions that "
@@ -186,24 +191,37 @@ class RedisSessionCache:
                     node,
                     policy,
                 )
+        for node, value in self._server_config(_LISTPACK_VALUE, "").items():
+            if value.isdigit() and int(value) < LISTPACK_ADVICE:
+                log.info(
+                    "Redis %s runs %s %s: a session hash holding a larger snapshot is a "
+                    "hashtable, about 800 B more per session than a listpack; %s %d halves "
+                    "that (README, Memory)",
+                    node,
+                    _LISTPACK_VALUE,
+                    value,
+                    _LISTPACK_VALUE,
+                    LISTPACK_ADVICE,
+                )
 
-    def _eviction_policies(self) -> dict[str, str]:
-        """``{node: maxmemory-policy}`` of every primary; empty if CONFIG is refused."""
+    def _server_config(self, name: str, default: str) -> dict[str, str]:
+        """``{node: value}`` of a CONFIG parameter on every primary; empty if CONFIG is
+        refused."""
         try:
-            with translate_errors("reading maxmemory-policy"):
+            with translate_errors(f"reading {name}"):
                 if isinstance(self.client, RedisCluster):
                     nodes = RedisCluster.PRIMARIES
                     replies: dict[str, dict[str, str]] = self.client.config_get(  # type: ignore[assignment]
-                        _POLICY, target_nodes=nodes
+                        name, target_nodes=nodes
                     )
-                    return {node: str(reply[_POLICY]) for node, reply in replies.items()}
-                reply = self.client.config_get(_POLICY)
+                    return {node: str(reply.get(name, default)) for node, reply in replies.items()}
+                reply = self.client.config_get(name)
         except StoreUnavailable as exc:
             if not isinstance(exc.__cause__, redis.ResponseError):
                 raise
-            log.info("cannot read maxmemory-policy (%s); assuming it is safe", exc.__cause__)
+            log.info("cannot read %s (%s); not checked", name, exc.__cause__)
             return {}
-        return {self.settings.redis_url: str(reply.get(_POLICY, "noeviction"))}
+        return {self.settings.redis_url: str(reply.get(name, default))}
 
     def _ms(self, seconds: float) -> int:
         return int(seconds * 1000)

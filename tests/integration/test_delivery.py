@@ -27,7 +27,7 @@ from agent_sessions.testing.worker_process import WorkerProcess
 from cache.errors import ConfigurationError, StoreOutOfMemory
 from cache.records import SessionKey
 from cache.settings import Settings
-from cache.store import RedisSessionCache
+from cache.store import LISTPACK_ADVICE, RedisSessionCache
 from tests import factories as f
 from tests.integration.support import make_ctx, node_composition, wait_for
 from tests.servers import Database, RedisServer
@@ -356,6 +356,52 @@ def test_a_volatile_eviction_policy_starts_with_a_warning(
         RedisSessionCache(client, Settings(redis_url=server.url))
         client.close()
     assert any("volatile-lru" in record.getMessage() for record in caplog.records)
+
+
+def _listpack_advice(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "hash-max-listpack-value" in r.getMessage()]
+
+
+def test_the_default_hash_encoding_limit_is_pointed_out_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="cache.store")
+    with RedisServer() as server:  # Redis' default: hash-max-listpack-value 64
+        client = server.client()
+        RedisSessionCache(client, Settings(redis_url=server.url))
+        (advice,) = _listpack_advice(caplog)
+        assert "hash-max-listpack-value 64" in advice and str(LISTPACK_ADVICE) in advice
+        client.config_set("hash-max-listpack-value", LISTPACK_ADVICE)
+        caplog.clear()
+        RedisSessionCache(client, Settings(redis_url=server.url))
+        assert _listpack_advice(caplog) == []
+        client.close()
+
+
+def test_a_redis_that_refuses_config_is_trusted_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="cache.store")
+    with RedisServer() as server:
+        admin = server.client()
+        admin.acl_setuser(
+            "app",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-config"],
+        )
+        client = server.client(username="app", password="pw")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.config_get("maxmemory-policy")
+        cache = RedisSessionCache(client, Settings(redis_url=server.url))
+        assert cache.save(f.session_key(), f.session_write()) == 1
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("cannot read maxmemory-policy" in m for m in messages)
+        assert any("cannot read hash-max-listpack-value" in m for m in messages)
+        client.close()
+        admin.close()
 
 
 # ------------------------------------------------------------------ 5. foreign jobs

@@ -18,6 +18,7 @@ from cache.errors import (
     StoreUnavailable,
     VersionConflict,
 )
+from cache.flush_side import DirtyEntry
 from cache.keys import KeySpace
 from cache.records import (
     ClosedBy,
@@ -35,7 +36,7 @@ from cache.records import (
     StoredSession,
 )
 from cache.settings import Settings
-from cache.store import DirtyEntry, EndedRun, Loaded, RedisSessionCache
+from cache.store import EndedRun, Loaded, RedisSessionCache
 
 __all__ = [
     "AgentSessionsError",

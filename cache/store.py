@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, cast
 
 import redis
 from redis.cluster import RedisCluster
@@ -24,9 +24,9 @@ from cache.errors import (
     CorruptValue,
     InvalidInput,
     Refused,
-    StoreOutOfMemory,
     StoreUnavailable,
 )
+from cache.flush_side import FlushSide
 from cache.keys import KeySpace
 from cache.metrics import LOADS, REFUSALS, RETIRES, SAVES
 from cache.records import (
@@ -103,25 +103,6 @@ class EndedRun:
     already_ended: bool
 
 
-@dataclass(frozen=True, slots=True)
-class DirtyEntry:
-    """A session waiting for Postgres, and when it first became dirty (Redis time, ms)."""
-
-    name: str
-    since_ms: int
-
-
-class Acked(NamedTuple):
-    """What ``ack_flush`` did."""
-
-    acked: int
-    """Sessions made clean: Postgres holds their current version."""
-    still_dirty: int
-    """Sessions saved again meanwhile: they stay dirty."""
-    released: bool
-    """The flush lock was released (only when asked to)."""
-
-
 FieldsRead = tuple[SessionKey, list[bytes | None]] | CorruptValue | None
 """One session's entry in :meth:`RedisSessionCache.read_fields`."""
 SessionRead = StoredSession | CorruptValue | None
@@ -133,7 +114,7 @@ def new_lineage() -> str:
     return secrets.token_hex(8)
 
 
-class RedisSessionCache:
+class RedisSessionCache(FlushSide):
     """Typed access to the session hashes, run markers and dirty sets of one key space."""
 
     def __init__(self, client: RedisClient, settings: Settings | None = None) -> None:
@@ -338,20 +319,6 @@ class RedisSessionCache:
             raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.run(run)))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def dirty_entries(self, shard: int, *, older_than_ms: int, limit: int) -> list[DirtyEntry]:
-        """Up to ``limit`` dirty entries of a shard that first became dirty before the cutoff."""
-        with translate_errors("reading the dirty set"):
-            rows: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
-                self.keys.dirty(shard), "-inf", older_than_ms, start=0, num=limit, withscores=True
-            )
-        return [DirtyEntry(name.decode(), int(score)) for name, score in rows]
-
-    def server_time_ms(self) -> int:
-        """Redis's clock, the one dirty scores are written with."""
-        with translate_errors("reading the server time"):
-            seconds, micros = self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
-
     # --- writes --------------------------------------------------------------------------
 
     def save(
@@ -521,41 +488,6 @@ class RedisSessionCache:
         code, values = check_code("mark_cleaned", reply, _OK_OR_NOOP, key=name)
         return int(values[0]) if code is Code.OK else None
 
-    def ack_flush(
-        self, shard: int, flushed: Sequence[tuple[str, int]], *, release: str = ""
-    ) -> Acked:
-        """Record flushed ``(key name, version)`` pairs; with ``release``, then give up the
-        shard's flush lock if that token still holds it (one round trip for both)."""
-        if not flushed and not release:
-            return Acked(0, 0, False)
-        keys = [self.keys.dirty(shard), self.keys.poison(shard), self.keys.flush_lock(shard)]
-        keys += [name for name, _ in flushed]
-        args: list[Any] = [
-            self._ms(self.settings.active_ttl_s),
-            self._ms(self.settings.cleaned_ttl_s),
-            release,
-            *(version for _, version in flushed),
-        ]
-        with translate_errors("acknowledging a flush"):
-            reply = self._call(self.scripts.ack_flush, keys, args)
-        _, values = check_code("ack_flush", reply, _OK)
-        return Acked(int(values[0]), int(values[1]), bool(values[2]))
-
-    def begin_flush(
-        self, shard: int, token: str, ttl_ms: int, *, delay_ms: int, limit: int
-    ) -> list[DirtyEntry] | None:
-        """Take the shard's flush lock for ``token`` (or extend it) and list up to ``limit``
-        entries that first became dirty at least ``delay_ms`` ago by Redis's clock, oldest
-        first; ``None`` when another holder has the lock. One round trip."""
-        keys = [self.keys.flush_lock(shard), self.keys.dirty(shard)]
-        with translate_errors("starting a flush"):
-            reply = self._call(self.scripts.begin_flush, keys, [token, ttl_ms, delay_ms, limit])
-        code, values = check_code("begin_flush", reply, _OK_OR_NOOP)
-        if code is Code.NOOP:
-            return None
-        pairs = zip(values[::2], values[1::2], strict=True)
-        return [DirtyEntry(name.decode(), int(since)) for name, since in pairs]
-
     def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """``EVALSHA`` on this thread's pinned connection when there is one (a loop's saves,
         each flusher thread's scripts), else through the client."""
@@ -572,105 +504,6 @@ class RedisSessionCache:
             reply = self.scripts.fill(keys=keys, args=args)
         code, _ = check_code("fill", reply, _FILL)
         return code is Code.OK
-
-    def quarantine(
-        self, shard: int, name: str, version: int, reason: str, *, force: bool = False
-    ) -> bool:
-        """Park a session Postgres refused in the shard's poison hash, with the reason.
-
-        Only if it is still at ``version`` (``False`` if it moved on: the next flush tries
-        the new version), unless ``force`` (for a value that cannot even be decoded).
-        """
-        keys = [self.keys.dirty(shard), self.keys.poison(shard), name]
-        args: list[Any] = [version, reason[:2000], "1" if force else ""]
-        with translate_errors("quarantining a session"):
-            reply = self.scripts.quarantine(keys=keys, args=args)
-        code, _ = check_code("quarantine", reply, _OK_OR_NOOP)
-        return code is Code.OK
-
-    def retry_poisoned(self, name: str) -> bool:
-        """Send a parked session back to the flush; ``False`` if it was not parked."""
-        key = self.keys.parse_session(name)
-        shard = self.keys.shard_of_key(key)
-        keys = [self.keys.dirty(shard), self.keys.poison(shard), name]
-        with translate_errors("retrying a parked session"):
-            reply = self.scripts.retry_poisoned(keys=keys, args=[])
-        return check_code("retry_poisoned", reply, _OK_OR_NOOP)[0] is Code.OK
-
-    def drop_poisoned(self, name: str) -> bool:
-        """Delete a parked session's Redis copy (Postgres's copy, if any, is read back on the
-        next entry); ``False`` if it was not parked."""
-        key = self.keys.parse_session(name)
-        shard = self.keys.shard_of_key(key)
-        run_set = self.keys.run_sessions(key.owner)
-        keys = [self.keys.dirty(shard), self.keys.poison(shard), name, run_set]
-        with translate_errors("dropping a parked session"):
-            reply = self.scripts.drop_poisoned(keys=keys, args=[])
-        return check_code("drop_poisoned", reply, _OK_OR_NOOP)[0] is Code.OK
-
-    def poison(self, shard: int) -> dict[str, str]:
-        """The shard's poison hash: session key name → why Postgres refused it."""
-        with translate_errors("reading the poison hash"):
-            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.poison(shard)))
-        return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
-
-    def poison_sizes(self, shards: Sequence[int]) -> dict[int, int]:
-        """How many sessions each shard's poison hash holds (only shards with some)."""
-        with translate_errors("reading poison sizes"):
-            pipe = self.client.pipeline(transaction=False)
-            for shard in shards:
-                pipe.hlen(self.keys.poison(shard))
-            sizes: list[Any] = pipe.execute()
-        return {shard: int(n) for shard, n in zip(shards, sizes, strict=True) if n}
-
-    def shard_backlog(self, shards: Sequence[int]) -> list[tuple[int, int, int | None]]:
-        """``(shard, dirty count, oldest first-dirty time in ms or None)`` in one pipeline."""
-        with translate_errors("reading shard backlogs"):
-            pipe = self.client.pipeline(transaction=False)
-            for shard in shards:
-                pipe.zcard(self.keys.dirty(shard))
-                pipe.zrange(self.keys.dirty(shard), 0, 0, withscores=True)
-            replies: list[Any] = pipe.execute()
-        return [
-            (shard, int(count), int(oldest[0][1]) if oldest else None)
-            for shard, count, oldest in zip(shards, replies[::2], replies[1::2], strict=True)
-        ]
-
-    def take_lock(self, shard: int, token: str, ttl_ms: int) -> bool:
-        """Take the shard's flush lock for ``token``, or extend it if ``token`` holds it;
-        ``False`` when another holder has it. Runs even when Redis is over ``maxmemory``."""
-        with translate_errors("taking a flush lock"):
-            reply = self.scripts.take_lock(keys=[self.keys.flush_lock(shard)], args=[token, ttl_ms])
-        return check_code("take_lock", reply, _OK_OR_NOOP)[0] is Code.OK
-
-    def release_lock(self, shard: int, token: str) -> bool:
-        """Release the shard's flush lock if ``token`` still holds it."""
-        with translate_errors("releasing a flush lock"):
-            reply = self.scripts.release_lock(keys=[self.keys.flush_lock(shard)], args=[token])
-        return check_code("release_lock", reply, _OK_OR_NOOP)[0] is Code.OK
-
-    def count(self, **increments: int) -> None:
-        """Add to the key space's counters (``<prefix>:stats``), e.g. ``rows_flushed=12``.
-
-        Best effort over ``maxmemory``: counters must never stop a flush that frees memory.
-        """
-        nonzero = {name: by for name, by in increments.items() if by}
-        if not nonzero:
-            return
-        try:
-            with translate_errors("counting"):
-                pipe = self.client.pipeline(transaction=False)
-                for name, by in nonzero.items():
-                    pipe.hincrby(self.keys.stats, name, by)
-                pipe.execute()
-        except StoreOutOfMemory:
-            log.debug("counters %s not recorded: Redis is over maxmemory", nonzero)
-
-    def counters(self) -> dict[str, int]:
-        """The key space's counters."""
-        with translate_errors("reading counters"):
-            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.stats))
-        return {k.decode(): int(v) for k, v in raw.items()}
 
     def _dirty_of(self, key: SessionKey) -> str:
         return self.keys.dirty(self.keys.shard_of_key(key))

@@ -36,9 +36,10 @@ from types import TracebackType
 from typing import Self
 
 from cache.errors import CorruptValue, StoreOutOfMemory
+from cache.flush_side import DirtyEntry
 from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROWS, FLUSH_SECONDS
 from cache.records import RunRef, SessionKey
-from cache.store import DirtyEntry, RedisSessionCache
+from cache.store import RedisSessionCache
 from persistence.errors import RowRejected, TransactionConflict
 from persistence.repository import SessionRepository, UpsertResult
 from persistence.rows import HASH_FIELDS, SessionRow, row_of_hash

@@ -22,6 +22,7 @@ concurrent entries of one session cannot silently overwrite each other.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -216,6 +217,22 @@ def scope_metadata(scope: AnyScope) -> dict[str, object]:
     }
 
 
+def _request_metadata(scope: AnyScope, metadata: object) -> dict[str, object]:
+    """The caller's ``metadata`` with the scope's IDs over it. Only the caller's part is
+    checked: the scope's is IDs its constructor checked."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidInput(f"metadata must be a mapping, got {type(metadata).__name__}")
+    ours = scope_metadata(scope)
+    theirs = {k: v for k, v in (metadata or {}).items() if k not in ours}
+    if theirs:
+        check_json("request metadata", theirs)
+        try:  # what check_json leaves to encoding: text JSON cannot hold (lone surrogates)
+            encode_json(theirs)
+        except ValueError as exc:
+            raise InvalidInput(f"request metadata cannot be sent as JSON: {exc}") from exc
+    return {**theirs, **ours}
+
+
 class SessionLifecycle:
     """The node contract over one worker context (store, repository, queues)."""
 
@@ -302,13 +319,7 @@ class SessionLifecycle:
         _check(composition, RunComposition, "composition")
         check_version("attempt", attempt)
         check_specs_once(composition.layers)
-        if metadata:  # the scope's part is IDs its constructor checked
-            check_json("request metadata", metadata)
-            try:  # what check_json leaves to encoding: text JSON cannot hold (lone surrogates)
-                encode_json(metadata)
-            except ValueError as exc:
-                raise InvalidInput(f"request metadata cannot be sent as JSON: {exc}") from exc
-        extra = {**(metadata or {}), **scope_metadata(scope)}
+        extra = _request_metadata(scope, metadata)
         sent = with_history(composition) if include_history else composition
         snapshot = None
         if entry.snapshot is not None:

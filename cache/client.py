@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeAlias
+from urllib.parse import urlsplit
 
 import redis
 from redis.cluster import RedisCluster
@@ -42,3 +44,15 @@ def translate_errors(what: str) -> Iterator[None]:
         raise StoreUnavailable(f"{what}: Redis is unavailable: {exc}") from exc
     except redis.RedisError as exc:
         raise StoreUnavailable(f"{what}: Redis refused the command: {exc}") from exc
+
+
+def safe_url(url: str) -> str:
+    """``url`` as it may be logged: a password in its user part or its query masked."""
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if at and colon and password:
+        url = url.replace(f"{userinfo}@", f"{user}:***@", 1)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")

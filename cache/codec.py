@@ -277,28 +277,41 @@ class Codec:
         )
 
 
-_BINARY_FIELDS: Final = frozenset({SNAPSHOT.encode(), LAYER_SPECS.encode()})
+_TEXT_FIELDS: Final = tuple(
+    (name, name.encode())
+    for name in (
+        *WRITE_TEXT_FIELDS,
+        *STATE_TEXT_FIELDS,
+        "status",
+        "version",
+        "flushed_version",
+        "closed_by",
+    )
+)
+"""The text fields a session record is built from, as ``(name, bytes name)``."""
 
 
 class _Fields:
     """Typed access to one hash reply, raising :class:`CorruptValue` for the field at fault.
 
-    Every text field is decoded up front, in one pass (a reply holds a dozen of them)."""
+    The text fields of a record are decoded up front, in one pass (a reply holds a dozen);
+    fields the record does not hold (cleanup bookkeeping, anything newer) are not read."""
 
     __slots__ = ("name", "raw", "texts")
 
     def __init__(self, name: str, raw: Mapping[bytes, bytes]) -> None:
         self.name = name
         self.raw = raw
+        get = raw.get
         try:
             self.texts = {
-                k.decode(errors="replace"): v.decode()
-                for k, v in raw.items()
-                if k not in _BINARY_FIELDS
+                field: value.decode()
+                for field, key in _TEXT_FIELDS
+                if (value := get(key)) is not None
             }
         except UnicodeDecodeError as exc:
-            field = next(k for k, v in raw.items() if k not in _BINARY_FIELDS and not _utf8(v))
-            raise self._fail(field.decode(errors="replace"), "not UTF-8 text") from exc
+            field = next(f for f, key in _TEXT_FIELDS if not _utf8(get(key) or b""))
+            raise self._fail(field, "not UTF-8 text") from exc
 
     def _fail(self, field: str, reason: str) -> CorruptValue:
         return CorruptValue(self.name, field, reason)

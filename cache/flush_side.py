@@ -16,11 +16,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from cache.client import RedisClient, translate_errors
 from cache.errors import StoreOutOfMemory
 from cache.keys import KeySpace
-from cache.scripts import Code, Scripts, check_code
+from cache.scripts import OK, OK_OR_NOOP, Code, Scripts, check_code
 from cache.settings import Settings
-
-_OK = frozenset({Code.OK})
-_OK_OR_NOOP = frozenset({Code.OK, Code.NOOP})
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +87,7 @@ class FlushSide:
         ]
         with translate_errors("acknowledging a flush"):
             reply = self._call(self.scripts.ack_flush, keys, args)
-        _, values = check_code("ack_flush", reply, _OK)
+        _, values = check_code("ack_flush", reply, OK)
         return Acked(int(values[0]), int(values[1]), bool(values[2]))
 
     def begin_flush(
@@ -102,7 +99,7 @@ class FlushSide:
         keys = [self.keys.flush_lock(shard), self.keys.dirty(shard)]
         with translate_errors("starting a flush"):
             reply = self._call(self.scripts.begin_flush, keys, [token, ttl_ms, delay_ms, limit])
-        code, values = check_code("begin_flush", reply, _OK_OR_NOOP)
+        code, values = check_code("begin_flush", reply, OK_OR_NOOP)
         if code is Code.NOOP:
             return None
         pairs = zip(values[::2], values[1::2], strict=True)
@@ -120,7 +117,7 @@ class FlushSide:
         args: list[Any] = [version, reason[:2000], "1" if force else ""]
         with translate_errors("quarantining a session"):
             reply = self.scripts.quarantine(keys=keys, args=args)
-        code, _ = check_code("quarantine", reply, _OK_OR_NOOP)
+        code, _ = check_code("quarantine", reply, OK_OR_NOOP)
         return code is Code.OK
 
     def retry_poisoned(self, name: str) -> bool:
@@ -130,7 +127,7 @@ class FlushSide:
         keys = [self.keys.dirty(shard), self.keys.poison(shard), name]
         with translate_errors("retrying a parked session"):
             reply = self.scripts.retry_poisoned(keys=keys, args=[])
-        return check_code("retry_poisoned", reply, _OK_OR_NOOP)[0] is Code.OK
+        return check_code("retry_poisoned", reply, OK_OR_NOOP)[0] is Code.OK
 
     def drop_poisoned(self, name: str) -> bool:
         """Delete a parked session's Redis copy (Postgres's copy, if any, is read back on the
@@ -141,7 +138,7 @@ class FlushSide:
         keys = [self.keys.dirty(shard), self.keys.poison(shard), name, run_set]
         with translate_errors("dropping a parked session"):
             reply = self.scripts.drop_poisoned(keys=keys, args=[])
-        return check_code("drop_poisoned", reply, _OK_OR_NOOP)[0] is Code.OK
+        return check_code("drop_poisoned", reply, OK_OR_NOOP)[0] is Code.OK
 
     def poison(self, shard: int) -> dict[str, str]:
         """The shard's poison hash: session key name → why Postgres refused it."""
@@ -176,13 +173,13 @@ class FlushSide:
         ``False`` when another holder has it. Runs even when Redis is over ``maxmemory``."""
         with translate_errors("taking a flush lock"):
             reply = self.scripts.take_lock(keys=[self.keys.flush_lock(shard)], args=[token, ttl_ms])
-        return check_code("take_lock", reply, _OK_OR_NOOP)[0] is Code.OK
+        return check_code("take_lock", reply, OK_OR_NOOP)[0] is Code.OK
 
     def release_lock(self, shard: int, token: str) -> bool:
         """Release the shard's flush lock if ``token`` still holds it."""
         with translate_errors("releasing a flush lock"):
             reply = self.scripts.release_lock(keys=[self.keys.flush_lock(shard)], args=[token])
-        return check_code("release_lock", reply, _OK_OR_NOOP)[0] is Code.OK
+        return check_code("release_lock", reply, OK_OR_NOOP)[0] is Code.OK
 
     def count(self, **increments: int) -> None:
         """Add to the key space's counters (``<prefix>:stats``), e.g. ``rows_flushed=12``.

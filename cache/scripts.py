@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 from redis.commands.core import Script
 
@@ -46,6 +46,11 @@ class Code(IntEnum):
     NOOP = 4
     EXISTS = 5
     RUN_UNKNOWN = 6
+
+
+OK: Final = frozenset({Code.OK})
+OK_OR_NOOP: Final = frozenset({Code.OK, Code.NOOP})
+"""The codes most store methods accept from their script (``check_code``'s ``allowed``)."""
 
 
 def source(name: str) -> str:

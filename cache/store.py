@@ -16,7 +16,7 @@ from typing import Any, Final, cast
 import redis
 from redis.cluster import RedisCluster
 
-from cache.client import RedisClient, translate_errors
+from cache.client import RedisClient, safe_url, translate_errors
 from cache.clock import now_iso
 from cache.codec import Codec
 from cache.errors import (
@@ -39,16 +39,14 @@ from cache.records import (
     StoredSession,
     check_write_fits,
 )
-from cache.scripts import Code, Scripts, check_code
+from cache.scripts import OK, OK_OR_NOOP, Code, Scripts, check_code
 from cache.settings import Settings
 from cache.validate import check_optional_id, check_version, storable_text
 from cache.wire import Wire
 
-_OK = frozenset({Code.OK})
 _SAVE = frozenset(
     {Code.OK, Code.RUN_ENDED, Code.VERSION_CONFLICT, Code.BACKLOG_FULL, Code.RUN_UNKNOWN}
 )
-_OK_OR_NOOP = frozenset({Code.OK, Code.NOOP})
 _END = frozenset({Code.OK, Code.RUN_ENDED})
 _FILL = frozenset({Code.OK, Code.EXISTS})
 _OPEN = _FILL
@@ -176,8 +174,8 @@ class RedisSessionCache(FlushSide):
             if value.isdigit() and int(value) < LISTPACK_ADVICE:
                 log.info(
                     "Redis %s runs %s %s: a session hash holding a larger snapshot is a "
-                    "hashtable, about 800 B more per session than a listpack; %s %d halves "
-                    "that (README, Memory)",
+                    "hashtable, whose overhead per session is about twice a listpack's; "
+                    "%s %d keeps an ~8 KB snapshot's hash a listpack (README, Memory)",
                     node,
                     _LISTPACK_VALUE,
                     value,
@@ -202,7 +200,7 @@ class RedisSessionCache(FlushSide):
                 raise
             log.info("cannot read %s (%s); not checked", name, exc.__cause__)
             return {}
-        return {self.settings.redis_url: str(reply.get(name, default))}
+        return {safe_url(self.settings.redis_url): str(reply.get(name, default))}
 
     def _ms(self, seconds: float) -> int:
         return int(seconds * 1000)
@@ -387,7 +385,7 @@ class RedisSessionCache(FlushSide):
             reply = self.scripts.retire(
                 keys=[name, self._dirty_of(key)], args=[failed_backend_run_id or "", now_iso()]
             )
-        code, values = check_code("retire", reply, _OK_OR_NOOP, key=name)
+        code, values = check_code("retire", reply, OK_OR_NOOP, key=name)
         if code is not Code.OK:
             return None
         RETIRES.inc()
@@ -421,7 +419,7 @@ class RedisSessionCache(FlushSide):
             reply = self.scripts.settle_run(
                 keys=keys, args=[self._ms(self.settings.ended_run_ttl_s)]
             )
-        return check_code("settle_run", reply, _OK_OR_NOOP)[0] is Code.OK
+        return check_code("settle_run", reply, OK_OR_NOOP)[0] is Code.OK
 
     def note_cleanup(self, key: SessionKey, cleanup_run_id: str, attempt: int) -> bool:
         """Remember the backend run of a cleanup attempt (only while the session is cleaning)."""
@@ -430,7 +428,7 @@ class RedisSessionCache(FlushSide):
             reply = self.scripts.note_cleanup(
                 keys=[self.keys.session(key)], args=[cleanup_run_id, attempt]
             )
-        return check_code("note_cleanup", reply, _OK_OR_NOOP)[0] is Code.OK
+        return check_code("note_cleanup", reply, OK_OR_NOOP)[0] is Code.OK
 
     def cleanup_state(self, key: SessionKey) -> tuple[str | None, int]:
         """The remembered cleanup run of a session and its attempt number (``note_cleanup``)."""
@@ -473,7 +471,7 @@ class RedisSessionCache(FlushSide):
             chunk = names[start : start + _CLEANUP_CHUNK]
             with translate_errors("beginning cleanup"):
                 reply = self.scripts.begin_cleanup(keys=[dirty, run_set, *chunk], args=args)
-            moved += int(check_code("begin_cleanup", reply, _OK)[1][0])
+            moved += int(check_code("begin_cleanup", reply, OK)[1][0])
         return moved
 
     def mark_cleaned(
@@ -485,7 +483,7 @@ class RedisSessionCache(FlushSide):
         args: list[Any] = [cleanup_run_id or "", storable_text(error or "", 2000), now_iso()]
         with translate_errors(f"marking {name} cleaned"):
             reply = self.scripts.mark_cleaned(keys=[name, self._dirty_of(key)], args=args)
-        code, values = check_code("mark_cleaned", reply, _OK_OR_NOOP, key=name)
+        code, values = check_code("mark_cleaned", reply, OK_OR_NOOP, key=name)
         return int(values[0]) if code is Code.OK else None
 
     def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:

@@ -368,9 +368,10 @@ def test_the_default_hash_encoding_limit_is_pointed_out_at_start(
     caplog.set_level("INFO", logger="cache.store")
     with RedisServer() as server:  # Redis' default: hash-max-listpack-value 64
         client = server.client()
-        RedisSessionCache(client, Settings(redis_url=server.url))
+        RedisSessionCache(client, Settings(redis_url=f"{server.url}&password=hunter2"))
         (advice,) = _listpack_advice(caplog)
         assert "hash-max-listpack-value 64" in advice and str(LISTPACK_ADVICE) in advice
+        assert "hunter2" not in advice and "password=***" in advice
         client.config_set("hash-max-listpack-value", LISTPACK_ADVICE)
         caplog.clear()
         RedisSessionCache(client, Settings(redis_url=server.url))

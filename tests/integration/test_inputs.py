@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -170,6 +171,11 @@ RAISED: list[tuple[str, type[AgentSessionsError], Call]] = [
         ),
     ),
     (
+        "a list as request metadata",
+        InvalidInput,
+        lambda lc: lc.build_request(f.scope(), Entry(), node_composition(), metadata=["x"]),  # type: ignore[arg-type]
+    ),
+    (
         "a lone surrogate in request metadata",
         InvalidInput,
         lambda lc: lc.build_request(
@@ -218,6 +224,16 @@ def test_bad_input_is_refused_typed_at_the_door_with_nothing_written(
         call(lc)
     assert isinstance(refused.value, AgentSessionsError)
     assert written(ctx) == before
+
+
+def test_request_metadata_any_mapping_is_sent_under_the_scopes_ids(lc: SessionLifecycle) -> None:
+    scope = f.scope()
+    caller = OrderedDict([("trace", "t-1"), ("tenant_id", object()), ("node_id", "spoofed")])
+    request = lc.build_request(scope, Entry(), node_composition(), metadata=caller)
+    assert request.metadata["trace"] == "t-1"
+    assert request.metadata["tenant_id"] == scope.tenant_id  # the scope's IDs win, unchecked
+    assert request.metadata["node_id"] == scope.node_id
+    assert json.loads(encode_json(request))["metadata"]["trace"] == "t-1"
 
 
 @pytest.mark.parametrize(("row", "call"), REPORTED, ids=[row for row, _ in REPORTED])

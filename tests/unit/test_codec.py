@@ -228,6 +228,13 @@ def test_bad_or_missing_field_raises_corrupt_value_naming_it(
     assert (info.value.key, info.value.field) == (NAME, field)
 
 
+def test_fields_the_record_does_not_hold_are_not_read() -> None:
+    """Cleanup bookkeeping, or a field a newer build writes, never breaks a load."""
+    raw = _stored_raw(cleanup_run_id=b"\xff\xfe", future_field=b"\x80")
+    stored = Codec().decode_session(NAME, KEY, raw)
+    assert stored.version == 4 and stored.flushed_version == 2
+
+
 def test_a_decoded_session_keeps_the_stored_snapshot_bytes_for_postgres() -> None:
     """The flush writes the stored bytes to Postgres unchanged; the record is decoded too."""
     codec = Codec()

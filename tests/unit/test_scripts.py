@@ -18,27 +18,28 @@ from cache.errors import (
     ScriptContractError,
     VersionConflict,
 )
-from cache.scripts import SCRIPT_NAMES, Code, Scripts, check_code, source
+from cache.scripts import OK, OK_OR_NOOP, SCRIPT_NAMES, Code, Scripts, check_code, source
 from cache.store import RedisSessionCache
 
-# The codes each store method accepts from its script (store.py passes these to check_code).
+# The codes each store method accepts from its script (cache/store.py and cache/flush_side.py
+# pass these to check_code).
 ALLOWED: dict[str, frozenset[Code]] = {
     "save": store._SAVE,
-    "retire": store._OK_OR_NOOP,
+    "retire": OK_OR_NOOP,
     "end_run": store._END,
-    "begin_cleanup": store._OK,
-    "mark_cleaned": store._OK_OR_NOOP,
-    "ack_flush": store._OK,
+    "begin_cleanup": OK,
+    "mark_cleaned": OK_OR_NOOP,
+    "ack_flush": OK,
     "fill": store._FILL,
-    "quarantine": store._OK_OR_NOOP,
-    "take_lock": store._OK_OR_NOOP,
-    "release_lock": store._OK_OR_NOOP,
-    "begin_flush": store._OK_OR_NOOP,
+    "quarantine": OK_OR_NOOP,
+    "take_lock": OK_OR_NOOP,
+    "release_lock": OK_OR_NOOP,
+    "begin_flush": OK_OR_NOOP,
     "open_run": store._OPEN,
-    "settle_run": store._OK_OR_NOOP,
-    "note_cleanup": store._OK_OR_NOOP,
-    "retry_poisoned": store._OK_OR_NOOP,
-    "drop_poisoned": store._OK_OR_NOOP,
+    "settle_run": OK_OR_NOOP,
+    "note_cleanup": OK_OR_NOOP,
+    "retry_poisoned": OK_OR_NOOP,
+    "drop_poisoned": OK_OR_NOOP,
 }
 # Scripts Redis may run over maxmemory: they shrink the backlog (or, load, only renew a TTL).
 ALLOW_OOM = {

@@ -293,3 +293,12 @@ def test_ours_vs_original_facts_and_block_ratios() -> None:
     assert (ours.median, original.median) == (3.0, 10.0)
     assert facts["floor_ratio"] == 0.1 and facts["ours_vs_raw"] == 3.0
     assert facts["speedup"] == 3.3 and facts["spread"] == "block ratios 0.200-0.400 over 2 blocks"
+
+
+def test_hot_path_spread_is_the_middle_eighty_percent_of_block_ratios() -> None:
+    from bench.hot_path import _deciles
+
+    ratios = [1.0 + i / 100 for i in range(101)]  # 1.00 .. 2.00
+    low, high = _deciles(ratios)
+    assert low == pytest.approx(1.10, abs=0.011) and high == pytest.approx(1.90, abs=0.011)
+    assert _deciles([1.3]) == (1.3, 1.3)

@@ -74,7 +74,7 @@ QUICK = Plan(keys=1000, blocks=20, per_block=250, warmup=300)
 FULL = Plan(keys=1000, blocks=100, per_block=300, warmup=1000)
 """Short blocks: this VM's speed drifts within a second, and arms that alternate every
 ~0.1 s see more nearly the same machine. Same code, same day: blocks of 3,000 gave ratios of
-1.27-1.46 over four runs; blocks of 300, 1.31-1.40 over six."""
+1.27-1.46 over five runs; blocks of 300, 1.31-1.40 over six."""
 PROGRESS_EVERY = 10
 
 

@@ -7,6 +7,7 @@ the four service URLs use their conventional names, everything else is ``ASC_<FI
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -124,6 +125,11 @@ class Settings(BaseSettings):
         False,
         description="Write a paused session to Postgres before finish() returns, so that a "
         "Redis crash right after cannot lose the pause (costs one Postgres commit per pause).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Level of the project's own log lines that `agent-sessions worker` "
+        "prints on stderr (its start-up checks, the flush trigger); RQ prints its own.",
     )
 
     @field_validator("redis_url", "rq_redis_url")

@@ -38,6 +38,9 @@ JOB_MONITORING_INTERVAL_S = 5
 DEQUEUE_TIMEOUT_S = 2
 TRIGGER_START_RETRY_S = 2.0
 WORKER_GC_THRESHOLDS = (50_000, 20, 20)
+_PACKAGES = ("agent_sessions", "cache", "persistence", "workers")
+_LOG_HANDLER = "agent-sessions-stderr"
+_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 
 class SessionWorker(SimpleWorker):
@@ -93,7 +96,25 @@ def foreign(job: Job) -> str | None:
     return None
 
 
+def log_to_stderr(level: str) -> None:
+    """Print the project's own log lines at ``level`` on stderr, as RQ prints its own.
+
+    For the processes ``agent-sessions worker`` runs (the CLI configures no logging, and
+    Python's last-resort handler shows warnings only). Once per process; a logger the
+    application configured keeps its handlers.
+    """
+    handler = logging.StreamHandler()
+    handler.set_name(_LOG_HANDLER)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+    for name in _PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if all(h.get_name() != _LOG_HANDLER for h in logger.handlers):
+            logger.addHandler(handler)
+
+
 def _trigger_main(settings: Settings) -> None:
+    log_to_stderr(settings.log_level)
     stop = threading.Event()
     try:
         run_trigger(_context_when_reachable(settings, stop), stop)
@@ -125,6 +146,7 @@ def run_pool(
     The context is built first, so a wrong configuration (an ``allkeys-*`` eviction policy,
     another shard count) stops the command before any process starts.
     """
+    log_to_stderr(settings.log_level)
     ctx = WorkerContext.from_settings(settings)
     if metrics_port is not None:
         serve_metrics(metrics_port, ctx.cache, metrics_host)

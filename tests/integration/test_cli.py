@@ -20,7 +20,7 @@ from tests.integration.support import (
     settings_env,
     wait_for,
 )
-from tests.servers import Database, free_port
+from tests.servers import Database, RedisServer, free_port
 from workers.context import WorkerContext
 
 COMMANDS = [
@@ -160,6 +160,29 @@ def test_flush_without_wait_queues_urgent_jobs_a_worker_runs(ctx: WorkerContext)
     assert ctx.flush_queue.count == report["enqueued"]
     cli(ctx, "worker", "-n", "1", "--burst")
     assert all(ctx.repo.get(key) is not None for key in keys)
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", True), ("WARNING", False)])
+def test_worker_prints_its_start_up_advice_at_the_configured_level(
+    ctx: WorkerContext, level: str, shown: bool
+) -> None:
+    """The store's start-up checks reach the operator: `worker` logs at ASC_LOG_LEVEL."""
+    migrate(ctx)
+    with RedisServer() as server:  # Redis' default: hash-max-listpack-value 64
+        env = settings_env(ctx) | {"ASC_LOG_LEVEL": level}
+        env |= {"REDIS_URL": server.url, "RQ_REDIS_URL": server.url}
+        result = subprocess.run(
+            [sys.executable, "-m", "agent_sessions", "worker", "-n", "1", "--burst"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+    advice = [line for line in result.stderr.splitlines() if "hash-max-listpack-value 64" in line]
+    assert bool(advice) is shown, result.stderr
+    if shown:
+        assert "cache.store INFO:" in advice[0]
 
 
 def test_worker_serves_prometheus_metrics(ctx: WorkerContext) -> None:

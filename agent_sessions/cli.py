@@ -95,7 +95,8 @@ def worker(processes: int, burst: bool, metrics_port: int | None, metrics_host: 
 
     The trigger enqueues a flush for every shard whose oldest dirty session is older than
     ASC_FLUSH_DELAY_MS; the workers write those sessions to Postgres and run the cleanup
-    jobs of ended workflows. Stop with Ctrl-C.
+    jobs of ended workflows. Start-up checks and the trigger log to stderr at ASC_LOG_LEVEL
+    (default INFO). Stop with Ctrl-C.
     """
     from workers.pool import run_pool
 

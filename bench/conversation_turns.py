@@ -38,7 +38,7 @@ from bench.harness import (
     private_redis,
     run_interleaved,
 )
-from bench.hot_path import RawLoop, build_snapshot
+from bench.hot_path import RawLoop, build_snapshot, seeded_uuid
 from bench.loop_vs_postgres import build_answer, build_composition
 from bench.pg_original import (
     CompositorSessionSnapshot,
@@ -72,10 +72,6 @@ QUICK = Plan(conversations=100, blocks=4, per_block=150, warmup=50)
 FULL = Plan(conversations=200, blocks=8, per_block=800, warmup=200)
 
 
-def _uuid(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
 @dataclass(frozen=True)
 class ChatWorkload:
     """Conversations and payloads; both arms take the same turns in the same order."""
@@ -89,9 +85,9 @@ class ChatWorkload:
     @classmethod
     def build(cls, conversations: int, seed: int) -> ChatWorkload:
         rng = random.Random(seed)
-        tenant, app, binding, agent, config = (_uuid(rng) for _ in range(5))
+        tenant, app, binding, agent, config = (seeded_uuid(rng) for _ in range(5))
         scopes = [
-            ConversationScope(tenant, app, _uuid(rng), binding, agent, config, "message-0")
+            ConversationScope(tenant, app, seeded_uuid(rng), binding, agent, config, "message-0")
             for _ in range(conversations)
         ]
         order = list(range(conversations))

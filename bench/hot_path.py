@@ -131,14 +131,15 @@ def build_specs() -> tuple[LayerSpec, ...]:
     )
 
 
-def _uuid(rng: random.Random) -> str:
+def seeded_uuid(rng: random.Random) -> str:
+    """A uuid4-shaped id drawn from ``rng`` (reproducible workloads)."""
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def build_keys(count: int, seed: int = 11) -> list[SessionKey]:
     """``count`` distinct session keys: ten nodes per run, runs spread over seven tenants."""
     rng = random.Random(seed)
-    runs = [_uuid(rng) for _ in range(max(1, count // 10))]
+    runs = [seeded_uuid(rng) for _ in range(max(1, count // 10))]
     keys = []
     for i in range(count):
         run = i % len(runs)
@@ -157,11 +158,11 @@ def build_write(seed: int = 13) -> SessionWrite:
         snapshot=snapshot,
         snapshot_from_wire=True,
         layer_specs=build_specs(),
-        app_id=_uuid(rng),
-        workflow_id=_uuid(rng),
-        node_execution_id=_uuid(rng),
-        agent_config_snapshot_id=_uuid(rng),
-        backend_run_id=_uuid(rng),
+        app_id=seeded_uuid(rng),
+        workflow_id=seeded_uuid(rng),
+        node_execution_id=seeded_uuid(rng),
+        agent_config_snapshot_id=seeded_uuid(rng),
+        backend_run_id=seeded_uuid(rng),
     )
 
 

@@ -45,7 +45,7 @@ from bench.harness import (
     run_interleaved,
     time_calls,
 )
-from bench.hot_path import RawLoop, build_snapshot, build_specs
+from bench.hot_path import RawLoop, build_snapshot, build_specs, seeded_uuid
 from bench.pg_original import (
     CompositorSessionSnapshot,
     OriginalSessionStore,
@@ -101,21 +101,27 @@ FULL = Plan(runs=10, nodes=10, blocks=8, per_block=800, warmup=200, warm_blocks=
 # --------------------------------------------------------------------------------- workload
 
 
-def _uuid(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
 def build_scopes(runs: int, nodes: int, seed: int) -> list[Scope]:
     """``runs`` workflow runs of one tenant and app, ``nodes`` Agent nodes each (uuid ids:
     the original's columns are ``uuid``)."""
     rng = random.Random(seed)
-    tenant, app, workflow = _uuid(rng), _uuid(rng), _uuid(rng)
-    binding, agent, config = _uuid(rng), _uuid(rng), _uuid(rng)
+    tenant, app, workflow = seeded_uuid(rng), seeded_uuid(rng), seeded_uuid(rng)
+    binding, agent, config = seeded_uuid(rng), seeded_uuid(rng), seeded_uuid(rng)
     scopes = []
     for _ in range(runs):
-        run = _uuid(rng)
+        run = seeded_uuid(rng)
         scopes += [
-            Scope(tenant, app, workflow, run, f"agent-node-{n}", _uuid(rng), binding, agent, config)
+            Scope(
+                tenant,
+                app,
+                workflow,
+                run,
+                f"agent-node-{n}",
+                seeded_uuid(rng),
+                binding,
+                agent,
+                config,
+            )
             for n in range(nodes)
         ]
     return scopes

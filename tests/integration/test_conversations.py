@@ -60,14 +60,8 @@ class Owner:
     def scope(self, entry: int, *, config: str = "config-1") -> Scope | ConversationScope:
         if self.kind is OwnerType.WORKFLOW_RUN:
             return f.scope(run=OWNER_ID, node_execution=f"exec-{entry}")
-        return ConversationScope(
-            tenant_id=TENANT,
-            app_id="app-1",
-            conversation_id=OWNER_ID,
-            binding_id="binding-1",
-            agent_id="agent-1",
-            agent_config_snapshot_id=config,
-            message_id=f"message-{entry}",
+        return f.conversation_scope(
+            tenant=TENANT, conversation=OWNER_ID, config=config, message=f"message-{entry}"
         )
 
     def key(self, *, config: str = "config-1") -> SessionKey:

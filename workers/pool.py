@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MAINTENANCE_INTERVAL_S = 15
 JOB_MONITORING_INTERVAL_S = 5
 DEQUEUE_TIMEOUT_S = 2
+PUBSUB_POLL_S = 1.0
 TRIGGER_START_RETRY_S = 2.0
 WORKER_GC_THRESHOLDS = (50_000, 20, 20)
 _PACKAGES = ("agent_sessions", "cache", "persistence", "workers")
@@ -78,6 +79,21 @@ class SessionWorker(SimpleWorker):
         self.connection.lrem(queue.intermediate_queue_key, 0, job.id)
         job.delete(remove_from_queue=True)
         current().cache.count(foreign_jobs_refused=1)
+
+    def subscribe(self) -> None:
+        """RQ's ``subscribe`` with a pub/sub thread that polls every :data:`PUBSUB_POLL_S`.
+
+        RQ 3.0 polls every 60 s, and its teardown joins the thread without a bound after
+        sending UNSUBSCRIBE: when the thread reads that reply before the stop flag is cleared
+        (a loaded machine, a group SIGTERM), it goes back to a 60 s wait and the worker's
+        stop waits with it. Waiting on the socket costs no Redis traffic.
+        """
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     @property
     def dequeue_timeout(self) -> int:

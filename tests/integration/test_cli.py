@@ -16,6 +16,7 @@ from cache.records import RunRef, SessionKey, SessionStatus
 from persistence.migrate import current
 from tests import factories as f
 from tests.integration.support import (
+    group_gone_within,
     make_ctx,
     settings_env,
     wait_for,
@@ -372,7 +373,8 @@ def test_an_idle_worker_pool_stops_promptly_on_sigterm(ctx: WorkerContext) -> No
                 30,
             )
             os.killpg(proc.pid, signal.SIGTERM)
-            assert proc.wait(timeout=15) is not None
+            assert proc.wait(timeout=15) == 0
+            assert group_gone_within(proc.pid, 5), "a process of the pool outlived its leader"
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from agent_sessions.cli_ops import cleanup, inspect, services, stats
+from agent_sessions.cli_ops import cleanup, health, inspect, services, stats
 from agent_sessions.cli_poison import poison
 from cache.errors import AgentSessionsError, ConfigurationError, InvalidInput
 from cache.settings import Settings
@@ -91,12 +91,20 @@ def migrate() -> None:
     help="Address the metrics endpoint listens on (0.0.0.0 for a remote Prometheus).",
 )
 def worker(processes: int, burst: bool, metrics_port: int | None, metrics_host: str) -> None:
-    """Run the RQ worker pool (flush and cleanup jobs) plus the flush trigger.
+    """Run the RQ worker pool (flush and cleanup jobs), the flush trigger and RQ's
+    scheduler, each a process the pool restarts within a second if it dies.
 
     The trigger enqueues a flush for every shard whose oldest dirty session is older than
     ASC_FLUSH_DELAY_MS; the workers write those sessions to Postgres and run the cleanup
-    jobs of ended workflows. Start-up checks and the trigger log to stderr at ASC_LOG_LEVEL
-    (default INFO). Stop with Ctrl-C.
+    jobs of ended workflows. Before anything starts, the pool checks Redis, the queue's
+    Redis, Postgres, the database's schema (`agent-sessions migrate`) and the metrics port;
+    a failed check is one line and exit status 2. Logs go to stderr at ASC_LOG_LEVEL
+    (default INFO).
+
+    Stop with SIGTERM or Ctrl-C, to the pool or its whole process group: every process
+    exits within 10 s (a running flush finishes or is abandoned unacknowledged, a cleanup
+    waiting on the backend is queued again); a second signal kills them at once. Exit
+    status 1 if a process kept dying (5 times in a minute).
     """
     from workers.pool import run_pool
 
@@ -104,13 +112,14 @@ def worker(processes: int, burst: bool, metrics_port: int | None, metrics_host: 
         raise click.BadParameter("must be at least 1", param_hint="--processes")
     if metrics_port is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _restart_in_multiprocess_mode()
-    run_pool(
+    status = run_pool(
         Settings(),
         processes=processes,
         burst=burst,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
     )
+    sys.exit(status)
 
 
 def _restart_in_multiprocess_mode() -> None:
@@ -144,6 +153,8 @@ def flush(wait: bool, timeout: float, threads: int | None, as_json: bool) -> Non
     if threads is not None and not wait:
         raise click.UsageError("--threads applies to --wait only (the workers flush otherwise)")
     ctx = WorkerContext.from_settings(Settings())
+    if not wait:
+        _warn_without_workers(ctx)
     result = _drain(ctx, timeout, threads) if wait else _enqueue_all(ctx)
     if as_json:
         click.echo(json.dumps(result))
@@ -151,6 +162,17 @@ def flush(wait: bool, timeout: float, threads: int | None, as_json: bool) -> Non
         click.echo(" ".join(f"{k}={v}" for k, v in result.items()))
     if wait and (result["left"] or result["parked"]):
         sys.exit(1)
+
+
+def _warn_without_workers(ctx: Any) -> None:
+    from rq import Worker
+
+    if not Worker.count(queue=ctx.flush_queue):
+        click.echo(
+            f"warning: no worker serves {ctx.flush_queue.name}: nothing runs these jobs until "
+            "`agent-sessions worker` starts (`flush --wait` flushes here instead)",
+            err=True,
+        )
 
 
 def _drain(ctx: Any, timeout: float, threads: int | None) -> dict[str, Any]:
@@ -189,6 +211,7 @@ def _enqueue_all(ctx: Any) -> dict[str, Any]:
 
 main.add_command(inspect)
 main.add_command(stats)
+main.add_command(health)
 main.add_command(cleanup)
 main.add_command(services)
 main.add_command(poison)

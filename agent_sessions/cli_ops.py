@@ -1,4 +1,4 @@
-"""Operator commands: ``inspect``, ``stats``, ``cleanup``, ``services``.
+"""Operator commands: ``inspect``, ``stats``, ``health``, ``cleanup``, ``services``.
 
 Each prints a readable outline, or one JSON object with ``--json``.
 """
@@ -6,6 +6,7 @@ Each prints a readable outline, or one JSON object with ``--json``.
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -122,7 +123,9 @@ def _show_owner(owner: RunRef, what: str, as_json: bool) -> None:
 @json_option
 def stats(as_json: bool) -> None:
     """Dirty backlog per shard and in total, oldest dirty age, poison entries with reasons,
-    sessions waiting for cleanup or given up, queue depths and flush counters."""
+    sessions waiting for cleanup or given up, queue depths, the worker pools (each flush
+    trigger's last pass, each RQ worker's state) and the counters (flushes, cleanups,
+    restarts of the pools' processes)."""
     from agent_sessions.inspection import stats as gather
 
     ctx = context()
@@ -130,6 +133,39 @@ def stats(as_json: bool) -> None:
         emit(gather(ctx), as_json)
     finally:
         ctx.close()
+
+
+@click.command()
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Judge only this host's pool (its flush trigger), not the backlog: a liveness probe.",
+)
+@json_option
+def health(local: bool, as_json: bool) -> None:
+    """Exit 0 when the write-behind is alive, 1 (with the reasons) when it is not.
+
+    Alive: a flush trigger passed within 3 x ASC_FLUSH_DELAY_MS (at least 1 s), and the
+    oldest dirty session is within the delivery bound (3 x ASC_FLUSH_DELAY_MS +
+    ASC_FLUSH_LOCK_TTL_S). With --local, only a trigger of this host counts and the backlog
+    is not judged (a Postgres outage grows it with every process healthy): use it as a
+    Kubernetes liveness probe, and the plain form for readiness and alerts.
+    """
+    from agent_sessions.health import health as gather
+
+    ctx = context()
+    try:
+        result = gather(ctx, local=local)
+    finally:
+        ctx.close()
+    if as_json:
+        emit(result, as_json)
+    else:
+        click.echo("healthy" if result["healthy"] else "unhealthy")
+        for problem in result["problems"]:
+            click.echo(f"  {problem}")
+    if not result["healthy"]:
+        sys.exit(1)
 
 
 @click.group()
@@ -162,15 +198,16 @@ def cleanup_list(limit: int, as_json: bool) -> None:
 @click.option(
     "--force",
     is_flag=True,
-    help="Also re-queue sessions whose cleanup counts as queued or running (its marker has "
-    "not expired yet), e.g. after a job failed for good.",
+    help="Also re-queue sessions whose cleanup counts as under way (its job waits in the "
+    "queue or for a retry, or an attempt holds its lease).",
 )
 def cleanup_retry(limit: int, force: bool) -> None:
     """Queue a cleanup job again for every session still `cleaning` in Postgres (after the
-    queue's Redis lost its jobs, or a job failed for good). Sessions whose cleanup is queued
-    or running are left alone unless --force. The reconciler does the same on its own for
-    every ended run, once a job's marker expires."""
-    from workers.cleanup import cleanup_pending, request_cleanup
+    queue's Redis lost its jobs, or a job failed for good). Sessions whose cleanup is under
+    way (queued, waiting for a retry, or running) are left alone unless --force. The
+    reconciler does the same on its own for every ended run, once no job of a session is
+    under way."""
+    from workers.cleanup import drop_marker, request_cleanup
 
     ctx = context()
     s = ctx.settings
@@ -180,7 +217,7 @@ def cleanup_retry(limit: int, force: bool) -> None:
         for session in waiting:
             name = ctx.cache.keys.session(session.key)
             if force:
-                cleanup_pending(ctx.queue_redis, s.key_prefix, name, done=True)
+                drop_marker(ctx.queue_redis, s.key_prefix, name, None)
             queued += request_cleanup(
                 ctx.cleanup_queue, s.key_prefix, name, session.key, s.cleanup_attempts
             )

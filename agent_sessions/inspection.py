@@ -9,6 +9,7 @@ from typing import Any
 
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
+from agent_sessions.health import pool_state
 from cache.codec import pack
 from cache.records import OwnerType, RunRef, SessionKey, StoredSession
 from workers.context import WorkerContext
@@ -158,6 +159,7 @@ def stats(ctx: WorkerContext) -> dict[str, Any]:
         "ended_runs_not_settled": ctx.repo.count_unsettled_runs(),
         "cleanups_given_up": ctx.repo.count_cleanup_failures(),
         "queues": queue_depths(ctx),
+        "pool": pool_state(ctx),
         "counters": cache.counters(),
     }
 

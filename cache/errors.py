@@ -9,6 +9,8 @@ subclasses say what went wrong and whether retrying can help::
     │   ├── InvalidSnapshot     a snapshot or layer spec is malformed
     │   └── PayloadTooLarge     an encoded snapshot or spec list is over its limit
     ├── ConfigurationError      the process is configured against the stored layout
+    │   └── StartupCheckFailed  a process cannot start: a service does not answer, the
+    │                           database or its schema is missing, a port is taken
     ├── CorruptValue            a value in Redis cannot be decoded (names the key)
     ├── Refused                 a script refused a write; nothing was written
     │   ├── RunEnded            the workflow run has ended; no save can land
@@ -51,6 +53,11 @@ class PayloadTooLarge(InvalidInput):
 
 class ConfigurationError(AgentSessionsError):
     """The configuration disagrees with what is stored (for example the shard count)."""
+
+
+class StartupCheckFailed(ConfigurationError):
+    """A check a long-running process makes before it starts any work failed; the message
+    says what to do (``agent-sessions migrate``, create the database, free the port)."""
 
 
 class CorruptValue(AgentSessionsError):

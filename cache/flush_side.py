@@ -1,5 +1,5 @@
 """The flush side of :class:`cache.store.RedisSessionCache`: the dirty sets, the flush lock,
-acknowledgements, the poison hash and the counters.
+acknowledgements, the poison hash, the flush triggers' records and the counters.
 
 A mixin, the way redis-py splits a client's commands by family: the store's class inherits
 it, and callers see one object. What it uses of the store (the client, the key space, the
@@ -20,6 +20,9 @@ from cache.scripts import OK, OK_OR_NOOP, Code, Scripts, check_code
 from cache.settings import Settings
 
 log = logging.getLogger(__name__)
+
+TRIGGER_RECORD_KEEP_MS = 3_600_000
+"""A flush trigger's record outlives its last pass by this long (then it is dropped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,26 @@ class FlushSide:
         with translate_errors("releasing a flush lock"):
             reply = self.scripts.release_lock(keys=[self.keys.flush_lock(shard)], args=[token])
         return check_code("release_lock", reply, OK_OR_NOOP)[0] is Code.OK
+
+    def note_trigger_pass(self, trigger: str, at_ms: int) -> None:
+        """Record that the flush trigger ``trigger`` (``host:pid``) passed at ``at_ms`` (Redis
+        time); records of triggers silent for :data:`TRIGGER_RECORD_KEEP_MS` are dropped."""
+        with translate_errors("recording a flush trigger pass"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(self.keys.triggers, {trigger: at_ms})
+            pipe.zremrangebyscore(self.keys.triggers, "-inf", at_ms - TRIGGER_RECORD_KEEP_MS)
+            pipe.execute()
+
+    def forget_trigger(self, trigger: str) -> None:
+        """A trigger that stops removes its record."""
+        with translate_errors("removing a flush trigger record"):
+            self.client.zrem(self.keys.triggers, trigger)
+
+    def trigger_passes(self) -> dict[str, int]:
+        """Each flush trigger (``host:pid``) seen within the last hour → its last pass (ms)."""
+        with translate_errors("reading flush trigger records"):
+            raw = self.client.zrange(self.keys.triggers, 0, -1, withscores=True)
+        return {member.decode(): int(score) for member, score in cast(list[Any], raw)}
 
     def count(self, **increments: int) -> None:
         """Add to the key space's counters (``<prefix>:stats``), e.g. ``rows_flushed=12``.

@@ -93,6 +93,11 @@ class KeySpace:
         """Counters of the whole key space (flushed rows, poisoned rows, cleanups)."""
         return f"{self.prefix}:stats"
 
+    @property
+    def triggers(self) -> str:
+        """Sorted set: each flush trigger (``host:pid``) → when it last passed (ms, Redis time)."""
+        return f"{self.prefix}:triggers"
+
     def shard_of(self, tenant_id: str, workflow_run_id: str) -> int:
         return zlib.crc32(f"{tenant_id}:{workflow_run_id}".encode()) % self.shards
 

@@ -24,3 +24,6 @@ FLUSH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 CLEANUPS = Counter("asc_cleanups", "Session cleanup attempts, by outcome.", ["outcome"])
+POOL_RESTARTS = Counter(
+    "asc_pool_restarts", "Processes of a worker pool restarted after they died, by role.", ["role"]
+)

@@ -4,6 +4,7 @@
 
     PersistenceError            (cache.errors) anything else: a bug or a schema mismatch
     ├── PersistenceUnavailable  the server could not be reached or gave up: retry with backoff
+    │   └── DatabaseMissing     the server answers but has no database of that name
     ├── TransactionConflict     the transaction lost a race (serialization failure, deadlock,
     │                           lock not available): retry it; if it keeps failing, split the
     │                           batch so that one row cannot hold the others
@@ -26,6 +27,7 @@ from sqlalchemy import exc as sa_exc
 from cache.errors import PersistenceError
 
 __all__ = [
+    "DatabaseMissing",
     "PersistenceError",
     "PersistenceUnavailable",
     "RowRejected",
@@ -36,6 +38,10 @@ __all__ = [
 
 class PersistenceUnavailable(PersistenceError):
     """Postgres could not be reached, lost the connection, timed out or is shutting down."""
+
+
+class DatabaseMissing(PersistenceUnavailable):
+    """The server answers, but the database ``DATABASE_URL`` names does not exist."""
 
 
 class TransactionConflict(PersistenceError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -17,9 +18,15 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 
-from persistence.errors import PersistenceError, RowRejected, translate_errors
+from persistence.errors import (
+    DatabaseMissing,
+    PersistenceError,
+    PersistenceUnavailable,
+    RowRejected,
+    translate_errors,
+)
 from persistence.repository import create_engine
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
@@ -87,3 +94,55 @@ def current(database_url: str) -> str | None:
 def head() -> str | None:
     """The newest revision this package ships (what :func:`upgrade` goes to by default)."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    """Where a database's schema is, against what this build ships."""
+
+    current: str | None
+    """The database's revision (``None``: never migrated)."""
+    head: str | None
+    """The newest revision of this build."""
+    known: bool
+    """Whether this build knows ``current`` (a newer build may have migrated further)."""
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.head
+
+
+def schema_state(database_url: str) -> SchemaState:
+    """The database's revision beside this build's head.
+
+    Raises :class:`DatabaseMissing` when the server answers but has no such database, and
+    :class:`PersistenceUnavailable` when it does not answer.
+    """
+    try:
+        revision = current(database_url)
+    except PersistenceUnavailable as exc:
+        if database_missing(database_url):
+            raise DatabaseMissing(
+                f"database {make_url(database_url).database!r} does not exist"
+            ) from exc
+        raise
+    scripts = ScriptDirectory.from_config(alembic_config())
+    known = revision is None or any(s.revision == revision for s in scripts.walk_revisions())
+    return SchemaState(revision, scripts.get_current_head(), known)
+
+
+def database_missing(database_url: str) -> bool:
+    """Whether the server of ``database_url`` answers and lacks its database (asked through
+    the ``postgres`` maintenance database; ``False`` when that cannot be asked either)."""
+    url = make_url(database_url)
+    engine = create_engine(url.set(database="postgres").render_as_string(hide_password=False))
+    try:
+        with translate_errors(), engine.connect() as conn:
+            found = conn.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": url.database}
+            ).first()
+    except PersistenceError:
+        return False
+    finally:
+        engine.dispose()
+    return found is None

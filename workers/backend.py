@@ -30,6 +30,7 @@ Every failure is one of the typed errors of :mod:`workers.backend_errors`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -51,6 +52,7 @@ from workers.backend_errors import (
     BackendTimeout,
     BackendTransportError,
     BackendValidationError,
+    WaitStopped,
 )
 from workers.backend_http import BoundedTransport, Deadline, bounded_by
 from workers.backend_models import (
@@ -73,6 +75,7 @@ __all__ = [
     "BackendTimeout",
     "BackendTransportError",
     "BackendValidationError",
+    "WaitStopped",
     "response_cap",
 ]
 
@@ -177,9 +180,15 @@ class AgentBackendClient:
         return self._get_run(run_id, Deadline.after(self._timeout_s))
 
     def wait_run(
-        self, run_id: str, *, timeout_s: float, poll_interval_s: float = 0.2
+        self,
+        run_id: str,
+        *,
+        timeout_s: float,
+        poll_interval_s: float = 0.2,
+        stop: threading.Event | None = None,
     ) -> RunStatusResponse:
-        """Poll until the run is terminal; :class:`BackendTimeout` once ``timeout_s`` passed.
+        """Poll until the run is terminal; :class:`BackendTimeout` once ``timeout_s`` passed,
+        :class:`WaitStopped` as soon as ``stop`` is set (between polls).
 
         Polls start at ``_FIRST_POLL_S`` and double up to ``poll_interval_s``: short runs (a
         cleanup) answer within milliseconds, long ones are not polled needlessly often. No
@@ -196,7 +205,10 @@ class AgentBackendClient:
                 return last
             if wait.expired():
                 raise BackendTimeout(f"run {run_id} still {last.status} after {timeout_s:.3f}s")
-            wait.sleep(interval)
+            if stop is None:
+                wait.sleep(interval)
+            elif stop.wait(max(0.0, min(interval, wait.remaining()))):
+                raise WaitStopped(f"stopped waiting for run {run_id} (still {last.status})")
             interval = min(interval * 2, poll_interval_s)
 
     def cancel_run(self, run_id: str, request: CancelRunRequest | None = None) -> CancelRunResponse:

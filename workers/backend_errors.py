@@ -4,6 +4,7 @@
     ├── BackendTransportError        refused, reset, or broken HTTP: no usable answer
     ├── BackendTimeout               the call's total deadline passed (``timeout_s``, retries
     │                                included), or ``wait_run``'s did
+    ├── WaitStopped                  ``wait_run`` gave up because its caller's ``stop`` was set
     ├── BackendValidationError       422 from the backend, or a 2xx answer that is not JSON
     │   │                            (content type, encoding, syntax) or fails the models
     │   └── BackendResponseTooLarge  an answer over the client's byte cap (nothing past the
@@ -30,11 +31,17 @@ __all__ = [
     "BackendTimeout",
     "BackendTransportError",
     "BackendValidationError",
+    "WaitStopped",
 ]
 
 
 class BackendTransportError(AgentBackendError):
     """The backend could not be reached, or the connection failed or broke HTTP mid-call."""
+
+
+class WaitStopped(AgentBackendError):
+    """``wait_run`` stopped polling because its caller asked it to (a worker shutting down);
+    the run goes on on the backend."""
 
 
 class BackendTimeout(AgentBackendError):

@@ -13,25 +13,39 @@ that run first (it may still be running, or have succeeded after all) and create
 under a derived key (``...:retry-n``), only once the remembered one failed.
 
 Each session has its own RQ job and its own retries, queued with a fresh id and a per-session
-pending marker (like flushes: ``workers.queues``). The last attempt marks the session
-``cleaned`` with the error kept, so a broken backend never leaves a session resumable; a job
-lost altogether is requested again by the reconciler once its marker expires.
+marker that names the job (like flushes: ``workers.queues``). The last attempt marks the
+session ``cleaned`` with the error kept, so a broken backend never leaves a session resumable.
+
+Whether a cleanup is alive never rests on RQ's bookkeeping of a running job (RQ declares a
+killed job abandoned only after its timeout + 60 s): a running attempt holds the session's
+*lease* (:class:`CleanupLease`, renewed by a heartbeat while it waits on the backend), and a
+request (the reconciler's, ``cleanup retry``'s) takes the marker over unless its job waits in
+the queue, waits for a retry, or the lease is held. So a cleanup killed with its worker is
+requested again by the next reconciliation of its owner, within :func:`lease_ttl_ms`. A
+worker asked to stop hands its cleanup back: it stops waiting, drops the lease and queues
+the cleanup again for the next worker, which asks the run it remembered first.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
+import threading
 from dataclasses import dataclass
 
 import redis
+from redis.commands.core import Script
 from rq import Queue, Retry
+from rq.job import Job
 
 from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
+from cache.scripts import source
+from cache.settings import Settings
 from cache.store import RedisSessionCache
 from persistence.repository import SessionRepository
-from workers.backend import AgentBackendClient, BackendNotFound
+from workers.backend import AgentBackendClient, BackendNotFound, WaitStopped
 from workers.backend_models import (
     PURPOSES,
     CreateRunRequest,
@@ -40,7 +54,8 @@ from workers.backend_models import (
     RunStatusResponse,
     composition_from_specs,
 )
-from workers.queues import claim_marker, translate_queue_errors
+from workers.heartbeat import Heartbeat
+from workers.queues import claim_marker, clear_pending, translate_queue_errors
 from workers.readthrough import load_through
 
 log = logging.getLogger(__name__)
@@ -49,7 +64,9 @@ CLEANUP_JOB = "workers.jobs.cleanup_job"
 CLEANUP_INTERVALS_S = [2, 5, 15, 30, 60, 120]
 CLEANUP_JOB_TIMEOUT_S = 300
 CLEANUP_PENDING_TTL_S = 900
-"""How long a requested cleanup counts as live without news; each attempt renews it."""
+"""The longest a marker outlives news of its job (each attempt renews it); a marker is taken
+over at once when its job is not waiting and no lease is held."""
+LEASE_TTL_BOUNDS_S = (1.0, 10.0)
 _FAILED = frozenset({"failed", "cancelled", "paused"})
 """Terminal states other than success: the run's key may be kept by the backend."""
 
@@ -136,6 +153,8 @@ class Cleaner:
     repo: SessionRepository
     backend: AgentBackendClient | None
     wait_s: float
+    stop: threading.Event | None = None
+    """Once set, a wait on the backend ends with :class:`WaitStopped` (the worker stops)."""
 
     def clean(self, key: SessionKey, *, last_attempt: bool) -> CleanupResult:
         """One attempt; raises :class:`CleanupFailed` when another attempt should follow."""
@@ -147,6 +166,8 @@ class Cleaner:
             return CleanupResult("cleaned_locally")
         try:
             run_id = _Attempt(self, self.backend, session).run()
+        except WaitStopped:
+            raise  # not a failure: the attempt is handed back, see workers.jobs
         except Exception as exc:
             if not last_attempt:
                 raise CleanupFailed(str(exc)) from exc
@@ -177,11 +198,10 @@ class _Attempt:
         created = self._create(attempt)
         if created.status in _FAILED:  # the backend handed back an earlier failed run
             created = self._create(attempt + 1)
-        return self._confirmed(self.backend.wait_run(created.run_id, timeout_s=self._wait_s))
+        return self._confirmed(self._wait(created.run_id))
 
-    @property
-    def _wait_s(self) -> float:
-        return self.cleaner.wait_s
+    def _wait(self, run_id: str) -> RunStatusResponse:
+        return self.backend.wait_run(run_id, timeout_s=self.cleaner.wait_s, stop=self.cleaner.stop)
 
     def _create(self, attempt: int) -> CreateRunResponse:
         created = self.backend.create_run(cleanup_request(self.session, attempt))
@@ -197,7 +217,7 @@ class _Attempt:
     def _confirmed(self, status: RunStatusResponse) -> str:
         """Wait for the run to end; its id if it succeeded, else :class:`CleanupFailed`."""
         if not status.terminal:
-            status = self.backend.wait_run(status.run_id, timeout_s=self._wait_s)
+            status = self._wait(status.run_id)
         if status.status != "succeeded":
             detail = status.error or f"status {status.status}"
             raise CleanupFailed(f"cleanup run {status.run_id} ended {status.status}: {detail}")
@@ -209,23 +229,93 @@ def _digest(key_name: str) -> str:
 
 
 def cleanup_marker(prefix: str, key_name: str) -> str:
-    """The queue Redis key that says a cleanup of the session is queued or running."""
+    """The queue Redis key that names the session's cleanup job while one exists."""
     return f"{prefix}:cleanup_pending:{_digest(key_name)}"
+
+
+def cleanup_lease_key(prefix: str, key_name: str) -> str:
+    """The queue Redis key a running cleanup of the session holds (its value: the job id)."""
+    return f"{prefix}:cleanup_lease:{_digest(key_name)}"
+
+
+def lease_ttl_ms(settings: Settings) -> int:
+    """How long a cleanup's lease outlives its last renewal: half the reconciler's interval,
+    1 to 10 s, so that the next reconciliation of a killed cleanup's owner finds it gone."""
+    low, high = LEASE_TTL_BOUNDS_S
+    return int(min(max(settings.reconcile_interval_s / 2, low), high) * 1000)
+
+
+class CleanupLease:
+    """A running cleanup's claim on its session, renewed every quarter of its lifetime
+    until released. At most one attempt per session holds it, so two jobs of one session
+    (a request that raced a job's start, an abandoned job RQ retried) never both ask the
+    backend for a run."""
+
+    def __init__(self, connection: redis.Redis, key: str, token: str, ttl_ms: int) -> None:
+        self.key, self.token, self.ttl_ms = key, token, ttl_ms
+        self._take = connection.register_script(source("take_lock"))
+        self._release = connection.register_script(source("release_lock"))
+        self._heart = Heartbeat(self._renew, ttl_ms / 4000, "cleanup-lease")
+        self._held = False
+
+    def take(self) -> bool:
+        """Take the lease and start renewing it; ``False`` if another job holds it."""
+        with translate_queue_errors("taking a cleanup lease"):
+            self._held = self._call(self._take, self.ttl_ms)
+        if self._held:
+            self._heart.start()
+        return self._held
+
+    def release(self) -> None:
+        """Stop renewing and give the lease up (it expires if the queue's Redis is down)."""
+        if not self._held:
+            return
+        self._held = False
+        self._heart.stop()
+        try:
+            self._call(self._release)
+        except redis.RedisError:
+            log.warning("could not release the cleanup lease %s; it expires", self.key)
+
+    def _renew(self) -> bool:
+        try:
+            if not self._call(self._take, self.ttl_ms):
+                log.warning("cleanup lease %s was lost; the attempt goes on", self.key)
+                return False
+        except redis.RedisError:
+            log.warning("could not renew the cleanup lease %s", self.key)
+        return True
+
+    def _call(self, script: Script, *args: int) -> bool:
+        (code,) = script(keys=[self.key], args=[self.token, *args])
+        return int(code) == 0
+
+
+def cleanup_alive(queue: Queue, prefix: str, key_name: str, job_id: str) -> bool:
+    """Whether a cleanup of the session is under way: its job ``job_id`` waits in the
+    queue or for a retry (RQ's ``scheduled``), or an attempt holds the lease."""
+    with queue.connection.pipeline(transaction=False) as pipe:
+        pipe.exists(cleanup_lease_key(prefix, key_name))
+        pipe.hget(Job.key_for(job_id), "status")
+        pipe.lpos(queue.key, job_id)
+        leased, status, position = pipe.execute()
+    return bool(leased) or status == b"scheduled" or (status == b"queued" and position is not None)
 
 
 def request_cleanup(
     queue: Queue, prefix: str, key_name: str, key: SessionKey, attempts: int
 ) -> bool:
-    """Queue the cleanup of one session; ``False`` if one is already queued or running.
+    """Queue the cleanup of one session; ``False`` if one is already under way.
 
-    A fresh job id every time; the session's pending marker (``SET NX``) is what prevents
-    duplicates. It lives :data:`CLEANUP_PENDING_TTL_S`, renewed by every attempt and deleted
-    when the job ends for good, and is taken over at once when RQ no longer has its job.
+    A fresh job id every time; the session's marker (``SET NX``) names the job and prevents
+    duplicates while :func:`cleanup_alive` says so; it is taken over at once otherwise (the
+    job was lost, killed or handed back).
     """
     marker = cleanup_marker(prefix, key_name)
     job_id = f"{prefix}-cleanup-{_digest(key_name)[:16]}-{secrets.token_hex(4)}"
     with translate_queue_errors("requesting a cleanup"):
-        if not claim_marker(queue.connection, marker, job_id, CLEANUP_PENDING_TTL_S * 1000):
+        alive = functools.partial(cleanup_alive, queue, prefix, key_name)
+        if not claim_marker(queue.connection, marker, job_id, CLEANUP_PENDING_TTL_S * 1000, alive):
             return False
         intervals = CLEANUP_INTERVALS_S[: max(attempts - 1, 1)]
         try:
@@ -240,16 +330,24 @@ def request_cleanup(
                 failure_ttl=7 * 86_400,
             )
         except BaseException:
-            queue.connection.delete(marker)
+            clear_pending(queue.connection, marker, job_id)
             raise
     return True
 
 
-def cleanup_pending(connection: redis.Redis, prefix: str, key_name: str, *, done: bool) -> None:
-    """Renew the session's pending marker at an attempt's start, or drop it when ``done``."""
+def renew_marker(connection: redis.Redis, prefix: str, key_name: str) -> None:
+    """An attempt starts: the marker lives :data:`CLEANUP_PENDING_TTL_S` more."""
+    with translate_queue_errors("renewing a cleanup marker"):
+        connection.expire(cleanup_marker(prefix, key_name), CLEANUP_PENDING_TTL_S)
+
+
+def drop_marker(connection: redis.Redis, prefix: str, key_name: str, job_id: str | None) -> None:
+    """The job ``job_id`` is done with the session: delete the marker if it names that job
+    (a newer request's stays); ``None`` deletes it whatever it names (``cleanup retry
+    --force``)."""
     marker = cleanup_marker(prefix, key_name)
-    with translate_queue_errors("updating a cleanup marker"):
-        if done:
+    with translate_queue_errors("dropping a cleanup marker"):
+        if job_id is None:
             connection.delete(marker)
         else:
-            connection.expire(marker, CLEANUP_PENDING_TTL_S)
+            clear_pending(connection, marker, job_id)

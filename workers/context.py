@@ -8,6 +8,7 @@ Everything else receives a :class:`WorkerContext` explicitly.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import redis
@@ -19,6 +20,10 @@ from cache.store import RedisSessionCache
 from persistence.repository import SessionRepository, create_engine
 from workers.backend import AgentBackendClient, response_cap
 from workers.queues import cleanup_queue, flush_queue, queue_connection
+
+STOP_REQUESTED = threading.Event()
+"""Set in a worker process asked to stop (``SessionWorker``): a job that would wait long
+(a cleanup waiting on the backend) gives its work back instead of holding the stop up."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from cache.store import RedisSessionCache
 from persistence.errors import RowRejected, TransactionConflict
 from persistence.repository import SessionRepository, UpsertResult
 from persistence.rows import HASH_FIELDS, SessionRow, row_of_hash
+from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ class ShardLock:
         self.ttl_ms = max(int(cache.settings.flush_lock_ttl_s * 1000), 1)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.released = False
-        self._stop = threading.Event()
-        self._heart: threading.Thread | None = None
+        self._heart = Heartbeat(self._renew, self.ttl_ms / 4000, f"flush-lock-s{shard:03d}")
 
     def acquire(self, wait_s: float, *, delay_ms: int, limit: int) -> list[DirtyEntry] | None:
         """Take the lock (waiting up to ``wait_s``) and list up to ``limit`` entries first
@@ -107,25 +106,21 @@ class ShardLock:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(_LOCK_POLL_S)
-        self._heart = threading.Thread(target=self._beat, name=f"flush-lock-s{self.shard:03d}")
-        self._heart.daemon = True
         self._heart.start()
         return entries
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl_ms / 4000):
-            try:
-                if not self.cache.take_lock(self.shard, self.token, self.ttl_ms):
-                    log.warning("flush lock of shard %s was lost; continuing", self.shard)
-                    return
-            except Exception:  # an outage: the flush itself will fail and say so
-                log.warning("could not renew the flush lock of shard %s", self.shard)
+    def _renew(self) -> bool:
+        try:
+            if not self.cache.take_lock(self.shard, self.token, self.ttl_ms):
+                log.warning("flush lock of shard %s was lost; continuing", self.shard)
+                return False
+        except Exception:  # an outage: the flush itself will fail and say so
+            log.warning("could not renew the flush lock of shard %s", self.shard)
+        return True
 
     def hand_over(self) -> str:
         """Stop renewing, so the acknowledgement can release the lock; the token."""
-        self._stop.set()
-        if self._heart is not None:
-            self._heart.join()
+        self._heart.stop()
         return self.token
 
     def release(self) -> None:

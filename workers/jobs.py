@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -19,8 +20,19 @@ from cache.errors import StoreUnavailable
 from cache.metrics import CLEANUPS
 from cache.records import OwnerType, SessionKey
 from persistence.errors import PersistenceUnavailable
-from workers.cleanup import CLEANUP_JOB, Cleaner, cleanup_pending
-from workers.context import WorkerContext, current
+from workers.backend import WaitStopped
+from workers.cleanup import (
+    CLEANUP_JOB,
+    Cleaner,
+    CleanupLease,
+    CleanupResult,
+    cleanup_lease_key,
+    drop_marker,
+    lease_ttl_ms,
+    renew_marker,
+    request_cleanup,
+)
+from workers.context import STOP_REQUESTED, WorkerContext, current
 from workers.flush import FlushReport, flush_shard
 from workers.queues import (
     FLUSH_JOB,
@@ -156,19 +168,51 @@ def cleanup_job(  # noqa: PLR0917 (RQ passes a job's JSON arguments by position)
     """Clean one ``cleaning`` session up on the backend; raise so RQ retries it on its own.
 
     The arguments are the key's ``parts()`` and its owner type (jobs queued before
-    conversations existed have no owner type: a workflow run's). On the job's last attempt a
-    failure marks the session ``cleaned`` with the error kept.
+    conversations existed have no owner type: a workflow run's). The attempt holds the
+    session's lease while it runs (another job of the session skips). On the job's last
+    attempt a failure marks the session ``cleaned`` with the error kept. A worker asked to
+    stop hands the cleanup back: queued again, for the next worker to finish.
     """
     ctx = current()
     job = get_current_job()
     last_attempt = job is None or not job.retries_left
+    job_id = job.id if job is not None else f"local-{secrets.token_hex(4)}"
     key = SessionKey.of_parts(owner_type, tenant_id, owner_id, first, second, third)
     name, prefix = ctx.cache.keys.session(key), ctx.settings.key_prefix
-    cleanup_pending(ctx.queue_redis, prefix, name, done=False)
-    cleaner = Cleaner(ctx.cache, ctx.repo, ctx.backend, ctx.settings.cleanup_wait_s)
-    result = cleaner.clean(key, last_attempt=last_attempt)
-    cleanup_pending(ctx.queue_redis, prefix, name, done=True)
+    lease = CleanupLease(
+        ctx.queue_redis, cleanup_lease_key(prefix, name), job_id, lease_ttl_ms(ctx.settings)
+    )
+    if not lease.take():
+        log.info("cleanup %s: another job of it is running; this one ends", key)
+        drop_marker(ctx.queue_redis, prefix, name, job_id)
+        return _cleanup_outcome(ctx, CleanupResult("skipped"))
+    try:
+        renew_marker(ctx.queue_redis, prefix, name)
+        cleaner = Cleaner(
+            ctx.cache, ctx.repo, ctx.backend, ctx.settings.cleanup_wait_s, stop=STOP_REQUESTED
+        )
+        result = cleaner.clean(key, last_attempt=last_attempt)
+    except WaitStopped:
+        lease.release()
+        _hand_back(ctx, key, name)
+        return _cleanup_outcome(ctx, CleanupResult("handed_back"))
+    finally:
+        lease.release()
+    drop_marker(ctx.queue_redis, prefix, name, job_id)
     log.info("cleanup %s: %s", key, result)
+    return _cleanup_outcome(ctx, result)
+
+
+def _hand_back(ctx: WorkerContext, key: SessionKey, name: str) -> None:
+    """The worker stops mid-cleanup: queue the cleanup again (the lease is gone, so the
+    request takes the marker over) for the next worker, which asks the remembered run first."""
+    queued = request_cleanup(
+        ctx.cleanup_queue, ctx.settings.key_prefix, name, key, ctx.settings.cleanup_attempts
+    )
+    log.info("cleanup %s handed back (%s)", key, "queued again" if queued else "already queued")
+
+
+def _cleanup_outcome(ctx: WorkerContext, result: CleanupResult) -> dict[str, Any]:
     ctx.cache.count(**{f"cleanups_{result.outcome}": 1})
     CLEANUPS.labels(result.outcome).inc()
     return {

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -42,9 +44,25 @@ class BacklogCollector(Collector):
 
 
 def serve_metrics(port: int, cache: RedisSessionCache, host: str = "127.0.0.1") -> None:
-    """Serve the pool's metrics on ``host:port`` from a daemon thread."""
+    """Serve the pool's metrics on ``host:port`` in this thread until the process ends
+    (the pool runs it as a process of its own)."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(BacklogCollector(cache))
-    start_http_server(port, addr=host, registry=registry)
+    app = make_wsgi_app(registry)
+    with make_server(host, port, app, server_class=_Server, handler_class=_Quiet) as server:
+        server.serve_forever()
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per scrape, so a stalled client cannot hold the others up."""
+
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        return

@@ -1,7 +1,9 @@
-"""``agent-sessions worker``: an RQ worker pool on our queues, plus the flush trigger.
+"""``agent-sessions worker``: RQ workers on our queues, the flush trigger, RQ's scheduler and
+the metrics endpoint, each a process that :mod:`workers.supervisor` keeps running.
 
-Equivalent plain RQ command for the pool part (the trigger then has to run elsewhere); the
-worker class is what refuses jobs that are not ours, so never run these queues without it::
+Equivalent plain RQ command for the workers alone (the trigger then has to run elsewhere, and
+RQ's own pool neither restarts it nor bounds its stop); the worker class is what refuses jobs
+that are not ours, so never run these queues without it::
 
     rq worker-pool asc-flush asc-cleanup -n 2 -u "$RQ_REDIS_URL" \
         -S rq.serializers.JSONSerializer -w workers.pool.SessionWorker
@@ -12,24 +14,34 @@ backend). On a busy system run a second pool on ``asc-cleanup`` alone.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
-import multiprocessing
+import os
+import signal
+import socket
 import threading
+from datetime import datetime
 from typing import Any
 
-from rq import Queue, SimpleWorker
+import redis
+from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.worker_pool import WorkerPool
 
+from cache.client import connect
 from cache.errors import AgentSessionsError
+from cache.metrics import POOL_RESTARTS
 from cache.settings import Settings
-from workers.context import WorkerContext, current
+from cache.store import RedisSessionCache
+from workers.context import STOP_REQUESTED, WorkerContext, current
 from workers.jobs import JOB_FUNCTIONS
 from workers.metrics_server import serve_metrics
+from workers.preflight import checked_context
 from workers.queues import queue_connection, queue_names
-from workers.trigger import run_trigger
+from workers.supervisor import Child, Supervisor
+from workers.trigger import run_trigger, trigger_name
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +50,15 @@ JOB_MONITORING_INTERVAL_S = 5
 DEQUEUE_TIMEOUT_S = 2
 PUBSUB_POLL_S = 1.0
 TRIGGER_START_RETRY_S = 2.0
+SCHEDULER_LOCK_RETRY_S = 15.0
 WORKER_GC_THRESHOLDS = (50_000, 20, 20)
+RQ_LOG_LEVEL = "INFO"
 _PACKAGES = ("agent_sessions", "cache", "persistence", "workers")
 _LOG_HANDLER = "agent-sessions-stderr"
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+
+WORKER, TRIGGER, SCHEDULER, METRICS = "worker", "flush-trigger", "scheduler", "metrics"
+"""The roles of the pool's processes (logs, ``restarts_*`` counters, metric labels)."""
 
 
 class SessionWorker(SimpleWorker):
@@ -95,6 +112,12 @@ class SessionWorker(SimpleWorker):
             sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
         )
 
+    def handle_warm_shutdown_request(self) -> None:
+        """A stop signal: a job that waits long (a cleanup on the backend) hands its work
+        back now instead of holding the stop up (``STOP_REQUESTED``)."""
+        STOP_REQUESTED.set()
+        super().handle_warm_shutdown_request()  # type: ignore[no-untyped-call]
+
     @property
     def dequeue_timeout(self) -> int:
         """RQ waits up to 405 s per dequeue and a stop signal can land on its pubsub thread;
@@ -129,26 +152,6 @@ def log_to_stderr(level: str) -> None:
             logger.addHandler(handler)
 
 
-def _trigger_main(settings: Settings) -> None:
-    log_to_stderr(settings.log_level)
-    stop = threading.Event()
-    try:
-        run_trigger(_context_when_reachable(settings, stop), stop)
-    except KeyboardInterrupt:
-        stop.set()
-
-
-def _context_when_reachable(settings: Settings, stop: threading.Event) -> WorkerContext:
-    """Build the trigger's context, waiting out an outage at start instead of dying."""
-    while True:
-        try:
-            return WorkerContext.from_settings(settings)
-        except AgentSessionsError as exc:
-            log.warning("flush trigger cannot start yet: %s", exc)
-            if stop.wait(TRIGGER_START_RETRY_S):
-                raise KeyboardInterrupt from exc
-
-
 def run_pool(
     settings: Settings,
     *,
@@ -156,31 +159,138 @@ def run_pool(
     burst: bool = False,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
-) -> None:
-    """Run ``processes`` RQ workers and one trigger process until interrupted.
+) -> int:
+    """Run ``processes`` RQ workers, the flush trigger, RQ's scheduler and (with a port) the
+    metrics endpoint until stopped; the exit status (1 after a crash loop).
 
-    The context is built first, so a wrong configuration (an ``allkeys-*`` eviction policy,
-    another shard count) stops the command before any process starts.
+    Every start-up check runs first (:mod:`workers.preflight`): a wrong configuration, a
+    service that does not answer, a database without this build's schema or a taken port
+    stops the command before any process starts. With ``burst``, the workers exit once the
+    queues are empty and the pool with them.
     """
     log_to_stderr(settings.log_level)
-    ctx = WorkerContext.from_settings(settings)
-    if metrics_port is not None:
-        serve_metrics(metrics_port, ctx.cache, metrics_host)
-    else:
-        ctx.close()
-    trigger = multiprocessing.get_context("spawn").Process(
-        target=_trigger_main, args=(settings,), name="asc-flush-trigger", daemon=True
-    )
-    trigger.start()
+    metrics = (metrics_host, metrics_port) if metrics_port is not None else None
+    ctx = checked_context(settings, metrics)
+    ctx.repo.close()  # the supervisor forks: no Postgres connection may be shared
+    children = pool_children(settings, processes, burst=burst, metrics=metrics)
     try:
-        pool = WorkerPool(
-            queue_names(settings.key_prefix),
-            connection=queue_connection(settings),
-            num_workers=processes,
-            worker_class=SessionWorker,
-            serializer=JSONSerializer,
-        )
-        pool.start(burst=burst, logging_level="INFO")
+        return Supervisor(children, on_restart=functools.partial(_restarted, ctx)).run()
     finally:
-        trigger.terminate()
-        trigger.join(timeout=5)
+        ctx.close()
+
+
+def pool_children(
+    settings: Settings, processes: int, *, burst: bool, metrics: tuple[str, int] | None
+) -> list[Child]:
+    """The pool's processes. A burst's workers are not restarted, and it needs no scheduler
+    (each worker enqueues the due retries once before it starts)."""
+    pool = os.getpid()
+    children = [
+        Child(WORKER, functools.partial(_worker_main, settings, slot, burst), slot, not burst)
+        for slot in range(1, processes + 1)
+    ]
+    children.append(Child(TRIGGER, functools.partial(_trigger_main, settings)))
+    if not burst:
+        name = f"{socket.gethostname()}:{pool}:scheduler"
+        children.append(Child(SCHEDULER, functools.partial(_scheduler_main, settings, name)))
+    if metrics is not None:
+        children.append(Child(METRICS, functools.partial(_metrics_main, settings, *metrics)))
+    return children
+
+
+def worker_name(pid: int, slot: int) -> str:
+    """An RQ worker's name, ``host:pid:slot``: ``rq info`` says where each one runs."""
+    return f"{socket.gethostname()}:{pid}:{slot}"
+
+
+def _restarted(ctx: WorkerContext, child: Child, pid: int, how: str) -> None:
+    """Count a restart (``stats``: ``restarts_<role>``; ``asc_pool_restarts_total``), and
+    forget a dead worker's or trigger's registration at once rather than when it expires."""
+    POOL_RESTARTS.labels(child.role).inc()
+    ctx.cache.count(**{f"restarts_{child.role.replace('-', '_')}": 1})
+    if child.role == WORKER:
+        _forget_worker(ctx.queue_redis, worker_name(pid, child.slot))
+    elif child.role == TRIGGER:
+        ctx.cache.forget_trigger(trigger_name(pid))
+
+
+def _forget_worker(connection: redis.Redis, name: str) -> None:
+    """Register the death of the RQ worker ``name`` if its registration is still there."""
+    key = Worker.redis_worker_namespace_prefix + name
+    if connection.exists(key) and not connection.hexists(key, "death"):
+        dead = Worker.find_by_key(key, connection=connection, serializer=JSONSerializer)
+        if dead is not None:
+            dead.register_death()  # type: ignore[no-untyped-call]
+
+
+def _worker_main(settings: Settings, slot: int, burst: bool) -> None:
+    log_to_stderr(settings.log_level)
+    connection = queue_connection(settings)
+    queues = [
+        Queue(name, connection=connection, serializer=JSONSerializer)
+        for name in queue_names(settings.key_prefix)
+    ]
+    name = worker_name(os.getpid(), slot)
+    _forget_worker(connection, name)  # a namesake of an earlier container's pid is dead
+    worker = SessionWorker(queues, name=name, connection=connection)
+    worker.work(burst=burst, with_scheduler=burst, logging_level=RQ_LOG_LEVEL)
+
+
+def _trigger_main(settings: Settings) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    log_to_stderr(settings.log_level)
+    ctx = _context_when_reachable(settings, stop)
+    if ctx is None:
+        return
+    try:
+        run_trigger(ctx, stop)
+    finally:
+        ctx.close()
+
+
+def _context_when_reachable(settings: Settings, stop: threading.Event) -> WorkerContext | None:
+    """Build the trigger's context, waiting out an outage instead of dying (``None``: it was
+    told to stop first)."""
+    while True:
+        try:
+            return WorkerContext.from_settings(settings)
+        except AgentSessionsError as exc:
+            log.warning("flush trigger cannot start yet: %s", exc)
+            if stop.wait(TRIGGER_START_RETRY_S):
+                return None
+
+
+class PoolScheduler(RQScheduler):
+    """RQ's scheduler (it queues the cleanups' retries when their backoff is over), asking
+    for the queues' scheduler locks every :data:`SCHEDULER_LOCK_RETRY_S` while another
+    scheduler holds them, where RQ waits two minutes: a pool whose scheduler died takes the
+    duty over once that scheduler's lock expires (61 s)."""
+
+    @property
+    def should_reacquire_locks(self) -> bool:
+        if self._queue_names == self.acquired_locks:
+            return False
+        since = self.lock_acquisition_time
+        return since is None or (datetime.now() - since).total_seconds() > SCHEDULER_LOCK_RETRY_S
+
+
+def _scheduler_main(settings: Settings, name: str) -> None:
+    """One scheduler per pool, named after the pool: a restarted one refreshes its own lock."""
+    scheduler = PoolScheduler(
+        queue_names(settings.key_prefix),
+        connection=queue_connection(settings),
+        serializer=JSONSerializer,
+        name=name,
+    )
+    scheduler.work()  # type: ignore[no-untyped-call]
+
+
+def _metrics_main(settings: Settings, host: str, port: int) -> None:
+    log_to_stderr(settings.log_level)
+    cache = RedisSessionCache(connect(settings), settings)
+    try:
+        serve_metrics(port, cache, host)
+    finally:
+        cache.close()

@@ -13,11 +13,15 @@ previous one (or is flushed by the waiting job when a worker takes it), and with
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cache.errors import AgentSessionsError
 from cache.settings import Settings
 from workers.context import WorkerContext
 from workers.queues import FlushRequest, backing_off, pending_ttl_ms, request_flush
@@ -26,6 +30,29 @@ from workers.reconcile import reconcile_once, sweep_conversations
 log = logging.getLogger(__name__)
 
 SHARDS_PER_PIPELINE = 512
+RECONCILER_JOIN_S = 5.0
+"""On a stop, how long the trigger waits for a reconciliation pass to end (the pool kills
+it after its stop bound anyway; every step of a pass is safe to interrupt)."""
+
+
+def trigger_stale_after_ms(settings: Settings) -> int:
+    """A trigger that has not passed for this long is not alive (it passes every
+    ``flush_delay_ms / 2``): 3 x ``flush_delay_ms``, at least one second."""
+    return max(3 * settings.flush_delay_ms, 1000)
+
+
+def delivery_bound_ms(settings: Settings) -> int:
+    """How old the oldest dirty session of a healthy system can be: a flush is requested
+    within ``1.5 x flush_delay_ms`` of a session becoming dirty, a killed flusher holds its
+    shard ``flush_lock_ttl_s`` more, and the rest of ``3 x flush_delay_ms`` is for the
+    flush itself and a worker to take it (README, Delivery bound)."""
+    return 3 * settings.flush_delay_ms + int(settings.flush_lock_ttl_s * 1000)
+
+
+def trigger_name(pid: int | None = None) -> str:
+    """How the trigger of process ``pid`` (default: this one) is recorded in
+    ``<prefix>:triggers``: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +62,14 @@ class TriggerPass:
     dirty: int
     due_shards: tuple[int, ...]
     enqueued: tuple[int, ...]
+    at_ms: int
+    """When the pass read the backlog (Redis time, ms)."""
     backing_off: bool = False
 
 
-def due_shards(ctx: WorkerContext) -> tuple[int, tuple[int, ...]]:
+def due_shards(ctx: WorkerContext, now_ms: int) -> tuple[int, tuple[int, ...]]:
     """``(dirty sessions in all shards, shards whose oldest entry is older than the delay)``."""
-    cutoff = ctx.cache.server_time_ms() - ctx.settings.flush_delay_ms
+    cutoff = now_ms - ctx.settings.flush_delay_ms
     shards = list(ctx.cache.keys.all_shards())
     dirty, due = 0, []
     for start in range(0, len(shards), SHARDS_PER_PIPELINE):
@@ -55,10 +84,11 @@ def due_shards(ctx: WorkerContext) -> tuple[int, tuple[int, ...]]:
 
 def trigger_once(ctx: WorkerContext) -> TriggerPass:
     """Request a flush for every due shard (none while Postgres is in backoff)."""
-    dirty, due = due_shards(ctx)
+    now_ms = ctx.cache.server_time_ms()
+    dirty, due = due_shards(ctx, now_ms)
     prefix = ctx.settings.key_prefix
     if due and backing_off(ctx.queue_redis, prefix):
-        return TriggerPass(dirty, due, (), backing_off=True)
+        return TriggerPass(dirty, due, (), now_ms, backing_off=True)
     pending_ms = pending_ttl_ms(ctx.settings)
     enqueued = tuple(
         shard
@@ -66,7 +96,7 @@ def trigger_once(ctx: WorkerContext) -> TriggerPass:
         if request_flush(ctx.flush_queue, prefix, shard, pending_ms=pending_ms)
         is FlushRequest.ENQUEUED
     )
-    return TriggerPass(dirty, due, enqueued)
+    return TriggerPass(dirty, due, enqueued, now_ms)
 
 
 def reconcile_period_s(settings: Settings) -> float:
@@ -82,21 +112,32 @@ def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:
     :func:`reconcile_period_s`, on a thread of their own:
     a pass after a Redis loss reads and fills many sessions, and the flush passes must not
     wait for it (the delivery bound in the README).
+
+    Every pass that succeeded is recorded in ``<prefix>:triggers`` (``agent-sessions stats``
+    and ``health`` read it); the record goes when the trigger stops.
     """
     reconciler = threading.Thread(
         target=_reconcile_loop, args=(ctx, stop), name="asc-reconciler", daemon=True
     )
     reconciler.start()
     interval = max(ctx.settings.flush_delay_ms / 2000, 0.05)
+    name = trigger_name()
     try:
         while not stop.is_set():
-            _logged(trigger_once, ctx, "flush trigger pass")
+            _logged(lambda ctx: _pass_and_record(ctx, name), ctx, "flush trigger pass")
             stop.wait(interval)
     except BaseException:  # a signal (KeyboardInterrupt): stop the reconciler too
         stop.set()
         raise
     finally:
-        reconciler.join(timeout=60)
+        reconciler.join(timeout=RECONCILER_JOIN_S)
+        with contextlib.suppress(AgentSessionsError):
+            ctx.cache.forget_trigger(name)
+
+
+def _pass_and_record(ctx: WorkerContext, name: str) -> None:
+    done = trigger_once(ctx)
+    ctx.cache.note_trigger_pass(name, done.at_ms)
 
 
 def _reconcile_loop(ctx: WorkerContext, stop: threading.Event) -> None:

@@ -8,6 +8,7 @@ for the whole folder by ``conftest.py``.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,12 +48,14 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) ->
         time.sleep(0.05)
 
 
-def group_gone_within(pgid: int, timeout: float) -> bool:
-    """Whether every process of the group ``pgid`` is gone within ``timeout`` seconds."""
+def group_gone_within(leader: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether every process of the group ``leader`` leads is gone within ``timeout``
+    seconds (the leader is reaped as it exits: a zombie would still count)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        leader.poll()
         try:
-            os.killpg(pgid, 0)
+            os.killpg(leader.pid, 0)
         except ProcessLookupError:
             return True
         time.sleep(0.05)

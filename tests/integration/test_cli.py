@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.testing.worker_process import WorkerProcess
 from cache.records import RunRef, SessionKey, SessionStatus
 from persistence.migrate import current
 from tests import factories as f
@@ -31,6 +35,7 @@ COMMANDS = [
     "migrate",
     "inspect",
     "stats",
+    "health",
     "cleanup",
     "services",
     "poison",
@@ -352,6 +357,7 @@ def test_an_idle_worker_pool_stops_promptly_on_sigterm(ctx: WorkerContext) -> No
     from rq import Worker
     from rq.serializers import JSONSerializer
 
+    migrate(ctx)  # the pool refuses to start on an unmigrated database
     for _ in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent_sessions", "worker", "-n", "2"],
@@ -374,7 +380,7 @@ def test_an_idle_worker_pool_stops_promptly_on_sigterm(ctx: WorkerContext) -> No
             )
             os.killpg(proc.pid, signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
-            assert group_gone_within(proc.pid, 5), "a process of the pool outlived its leader"
+            assert group_gone_within(proc, 5), "a process of the pool outlived its leader"
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -387,8 +393,8 @@ def test_an_idle_worker_pool_stops_promptly_on_sigterm(ctx: WorkerContext) -> No
 
 
 def test_cleanup_retry_requeues_a_session_whose_cleanup_job_failed(ctx: WorkerContext) -> None:
-    """A cleanup job that failed for good (its marker still fresh) is re-queued by
-    `cleanup retry --force`; without --force the session counts as being cleaned."""
+    """A cleanup job that failed for good (its marker still fresh) no longer counts as under
+    way: `cleanup retry` re-queues it; once a job waits, only `--force` queues another."""
     from rq.job import JobStatus
     from rq.registry import FailedJobRegistry
 
@@ -402,7 +408,8 @@ def test_cleanup_retry_requeues_a_session_whose_cleanup_job_failed(ctx: WorkerCo
     ctx.cleanup_queue.remove(job)  # it failed for good instead of running
     job.set_status(JobStatus.FAILED)
     FailedJobRegistry(queue=ctx.cleanup_queue).add(job, ttl=3600)
-    assert "cleanup jobs queued: 0" in cli(ctx, "cleanup", "retry").stdout
+    assert "cleanup jobs queued: 1" in cli(ctx, "cleanup", "retry").stdout  # no longer alive
+    assert "cleanup jobs queued: 0" in cli(ctx, "cleanup", "retry").stdout  # now it waits
     assert "cleanup jobs queued: 1" in cli(ctx, "cleanup", "retry", "--force").stdout
     cli(ctx, "worker", "-n", "1", "--burst")
     cli(ctx, "flush", "--wait")
@@ -446,3 +453,42 @@ def test_poison_list_show_retry_and_drop(ctx: WorkerContext) -> None:
     assert nope.returncode == 1 and "not parked" in nope.stderr
     garbage = cli(ctx, "poison", "show", "not-a-key", check=False)
     assert garbage.returncode == 2 and len(garbage.stderr.strip().splitlines()) == 1
+
+
+def test_health_and_stats_tell_whether_a_pool_flushes(ctx: WorkerContext, tmp_path: Path) -> None:
+    """`health` exits 0 only while a pool's trigger passes and the backlog is within the
+    delivery bound (`--local`: this host's trigger, backlog not judged); `stats` shows the
+    pool's workers and its trigger's last pass."""
+    migrate(ctx)
+    down = cli(ctx, "health", check=False)
+    assert down.returncode == 1 and "no flush trigger has passed" in down.stdout
+    with WorkerProcess(ctx.settings, 2, log=tmp_path / "pool.log"):
+        wait_for(lambda: cli(ctx, "health", check=False).returncode == 0, "a healthy pool", 30)
+        report = json_out(ctx, "health")
+        assert report["healthy"] is True and report["problems"] == []
+        assert report["delivery_bound_s"] == 0.3 + ctx.settings.flush_lock_ttl_s
+        assert cli(ctx, "health", "--local", check=False).returncode == 0
+        pool = json_out(ctx, "stats")["pool"]
+        (trigger,) = pool["trigger_last_pass_age_s"]  # type: ignore[index]
+        assert trigger.startswith(f"{socket.gethostname()}:")
+        workers = pool["workers"]  # type: ignore[index]
+        assert [w["name"].rsplit(":", 1)[1] for w in workers] == ["1", "2"]
+        with ctx.repo.engine.connect() as conn:  # every flush now blocks in Postgres
+            conn.execute(sa.text("LOCK TABLE agent_runtime_sessions IN ACCESS EXCLUSIVE MODE"))
+            saved(ctx, 1)
+            wait_for(
+                lambda: "over the delivery bound" in cli(ctx, "health", check=False).stdout,
+                "the backlog to pass the delivery bound",
+                30,
+            )
+            assert cli(ctx, "health", "--local", check=False).returncode == 0
+            conn.rollback()
+    gone = cli(ctx, "health", check=False)
+    assert gone.returncode == 1 and "no flush trigger has passed" in gone.stdout
+
+
+def test_flush_without_a_worker_says_nothing_will_run_the_jobs(ctx: WorkerContext) -> None:
+    migrate(ctx)
+    saved(ctx, 2)
+    result = cli(ctx, "flush")
+    assert "no worker serves asc-flush: nothing runs these jobs" in result.stderr

@@ -57,7 +57,8 @@ from bench.stack import (
 from cache.clock import now_iso
 from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
 from persistence.models import KEY_COLUMNS, TABLE_NAME, sessions
-from persistence.rows import HASH_FIELDS, as_dict, row_of_hash, row_of_session
+from persistence.rows import COLUMNS as ROW_COLUMNS
+from persistence.rows import HASH_FIELDS, row_of_hash, row_of_session
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
 from workers.flush import flush_shard
@@ -139,7 +140,10 @@ def _batches(ctx: WorkerContext, keys: Sequence[SessionKey]) -> list[list[Sessio
 def _arrays(keys: Sequence[SessionKey], version: int) -> list[list[Any]]:
     """One batch as column arrays of encoded values (what the raw arm sends)."""
     now = datetime.now(UTC)
-    rows = [as_dict(row_of_session(_session(key, version), now)) for key in keys]
+    rows = [
+        dict(zip(ROW_COLUMNS, row_of_session(_session(key, version), now).values, strict=True))
+        for key in keys
+    ]
     for row in rows:
         row["layer_specs"] = Jsonb(row["layer_specs"])
     return [[row[c] for row in rows] for c in _COLUMNS]

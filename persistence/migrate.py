@@ -20,6 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
 
+from persistence.engine import create_engine
 from persistence.errors import (
     DatabaseMissing,
     PersistenceError,
@@ -27,7 +28,6 @@ from persistence.errors import (
     RowRejected,
     translate_errors,
 )
-from persistence.repository import create_engine
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK: Final = 0x61736373_6D696772  # "ascsmigr": one advisory lock key per database

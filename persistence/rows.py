@@ -57,11 +57,6 @@ class SessionRow:
     """Column values in :data:`COLUMNS` order."""
 
 
-def as_dict(row: SessionRow) -> dict[str, Any]:
-    """``{column: value}`` of a row (for tools that build their own statements)."""
-    return dict(zip(COLUMNS, row.values, strict=True))
-
-
 def owner_values(key: SessionKey) -> tuple[str | None, ...]:
     """The values of :data:`~persistence.models.OWNER_COLUMNS` for ``key``."""
     if key.owner_type is OwnerType.WORKFLOW_RUN:

@@ -16,7 +16,7 @@ every shape keeps the fence and reports what it wrote:
   executemany  psycopg ``executemany(..., returning=True)`` of the one-row statement
                (pipelined by psycopg 3: 500 statements in one round trip, not one statement)
   unnest       one INSERT ... SELECT FROM unnest(<21 array parameters>) ON CONFLICT ...
-               (``SessionRepository.upsert_fenced``, the shipped code path)
+               (``SessionRepository.upsert_rows``, the shipped code path)
   unnest-raw   the same via psycopg with binary (%b) parameters, no SQLAlchemy
 
 Run:  .venv/bin/python scripts/measure_storage.py [--reps 3] [--url postgresql://...]
@@ -55,9 +55,11 @@ from cache.records import (
     StoredSession,
 )
 from persistence import migrate
+from persistence.engine import create_engine
 from persistence.models import KEY_COLUMNS, TABLE_NAME, sessions
-from persistence.repository import SessionRepository, create_engine
-from persistence.rows import as_dict, row_of_session
+from persistence.repository import SessionRepository
+from persistence.rows import COLUMNS as ROW_COLUMNS
+from persistence.rows import SessionRow, row_of_session
 
 BATCH = 500
 BATCHES = 20
@@ -135,7 +137,7 @@ def batches(rng: random.Random) -> tuple[list[StoredSession], list[list[StoredSe
 
 
 def raw_row(s: StoredSession, now: datetime) -> dict[str, Any]:
-    row = as_dict(row_of_session(s, now))
+    row = dict(zip(ROW_COLUMNS, row_of_session(s, now).values, strict=True))
     row["layer_specs"] = Jsonb(row["layer_specs"])
     return row
 
@@ -143,7 +145,9 @@ def raw_row(s: StoredSession, now: datetime) -> dict[str, Any]:
 def shape_values(engine: Engine) -> Callable[[list[StoredSession]], int]:
     def run(batch: list[StoredSession]) -> int:
         now = datetime.now(UTC)
-        insert = pg_insert(sessions).values([as_dict(row_of_session(s, now)) for s in batch])
+        insert = pg_insert(sessions).values(
+            [dict(zip(ROW_COLUMNS, row_of_session(s, now).values, strict=True)) for s in batch]
+        )
         stmt = insert.on_conflict_do_update(
             index_elements=list(WORKFLOW_KEYS),
             set_={**{c: insert.excluded[c] for c in COLUMNS}, "flushed_at": sa.func.now()},
@@ -173,9 +177,14 @@ def shape_values_raw(engine: Engine) -> Callable[[list[StoredSession]], int]:
     return run
 
 
+def rows_of(batch: list[StoredSession]) -> list[SessionRow]:
+    now = datetime.now(UTC)
+    return [row_of_session(session, now) for session in batch]
+
+
 def shape_repository(engine: Engine) -> Callable[[list[StoredSession]], int]:
     repo = SessionRepository(engine)
-    return lambda batch: len(repo.upsert_fenced(batch).written)
+    return lambda batch: len(repo.upsert_rows(rows_of(batch)).written)
 
 
 def shape_executemany(engine: Engine) -> Callable[[list[StoredSession]], int]:
@@ -211,7 +220,7 @@ def reset(engine: Engine, compression: str, seed: list[StoredSession]) -> None:
         conn.exec_driver_sql(
             f"ALTER TABLE {TABLE_NAME} ALTER COLUMN snapshot SET COMPRESSION {compression}"
         )
-    SessionRepository(engine).upsert_fenced(seed)
+    SessionRepository(engine).upsert_rows(rows_of(seed))
     with engine.connect() as conn:
         conn.exec_driver_sql("CHECKPOINT")
 

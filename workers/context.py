@@ -17,7 +17,8 @@ from rq import Queue
 from cache.client import connect
 from cache.settings import Settings
 from cache.store import RedisSessionCache
-from persistence.repository import SessionRepository, create_engine
+from persistence.engine import create_engine
+from persistence.repository import SessionRepository
 from workers.backend import AgentBackendClient, response_cap
 from workers.queues import cleanup_queue, flush_queue, queue_connection
 

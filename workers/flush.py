@@ -40,8 +40,9 @@ from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROW
 from cache.records import RunRef, SessionKey
 from cache.store import RedisSessionCache
 from persistence.errors import RowRejected, TransactionConflict
-from persistence.repository import SessionRepository, UpsertResult
+from persistence.repository import SessionRepository
 from persistence.rows import HASH_FIELDS, SessionRow, row_of_hash
+from persistence.upsert import UpsertResult
 from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from cache.errors import RunUnknown, VersionConflict
 from cache.metrics import LOADS
 from cache.records import RunRef, SessionKey, SessionWrite
 from cache.store import Loaded, RedisSessionCache
-from persistence.repository import RunEnd, SessionRepository
+from persistence.owners import RunEnd
+from persistence.repository import SessionRepository
 
 _LOADED_FROM_POSTGRES = LOADS.labels("postgres")
 

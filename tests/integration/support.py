@@ -10,19 +10,25 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from agent_sessions.testing.worker_process import WorkerProcess
 from agent_sessions.testing.worker_process import settings_env as product_settings_env
-from cache.records import Scope, SessionKey, SessionStatus, Snapshot, StoredSession
+from cache.records import RunRef, Scope, SessionKey, SessionStatus, Snapshot, StoredSession
 from cache.settings import Settings
 from persistence.migrate import upgrade
+from persistence.models import sessions
+from persistence.repository import SessionRepository
+from persistence.rows import row_of_session
+from persistence.upsert import UpsertResult
 from tests.servers import Database
 from workers.backend import AgentBackendClient
 from workers.backend_models import (
@@ -222,6 +228,25 @@ def history_of(snapshot: Snapshot | CompositorSessionSnapshot | None) -> list[ob
             assert isinstance(messages, list)
             return list(messages)
     raise AssertionError(f"the snapshot has no history layer: {snapshot.layer_names()}")
+
+
+def upsert(repo: SessionRepository, batch: Sequence[StoredSession]) -> UpsertResult:
+    """The flush's fenced upsert of whole records (the flush builds its rows from hashes)."""
+    now = datetime.now(UTC)
+    return repo.upsert_rows([row_of_session(session, now) for session in batch])
+
+
+def rows_of(
+    repo: SessionRepository, tenant_id: str, run: str, status: SessionStatus | None = None
+) -> list[StoredSession]:
+    """A workflow run's rows in Postgres, optionally of one status, in key order."""
+    return repo.list_owner(RunRef(tenant_id, run), status)
+
+
+def row_count(repo: SessionRepository) -> int:
+    """How many session rows Postgres holds."""
+    with repo.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(sessions)).scalar_one())
 
 
 def redis_status(ctx: WorkerContext, key: SessionKey) -> SessionStatus | None:

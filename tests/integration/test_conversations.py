@@ -38,6 +38,7 @@ from tests.integration.support import (
     row,
     run_node,
     stored,
+    upsert,
     wait_for,
 )
 from tests.servers import Database, RedisCluster
@@ -248,7 +249,7 @@ def test_postgres_ahead_of_redis_is_parked_in_poison_never_acked(
     run_node(lc, backend, owner.scope(1))
     flushed(ctx)
     ahead = stored(ctx, owner.key())
-    ctx.repo.upsert_fenced([_with_version(ahead, 9)])
+    upsert(ctx.repo, [_with_version(ahead, 9)])
     run_node(lc, backend, owner.scope(2))  # Redis: version 2; Postgres holds 9
     report = drain(ctx, timeout_s=30)
     assert report.poisoned == 1

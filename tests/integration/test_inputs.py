@@ -27,7 +27,7 @@ from cache.errors import AgentSessionsError, InvalidId, InvalidInput, InvalidSna
 from cache.records import LayerSpec, LifecycleState, Scope, Snapshot, SnapshotLayer
 from cache.validate import MAX_JSON_DEPTH
 from tests import factories as f
-from tests.integration.support import make_ctx, node_composition
+from tests.integration.support import make_ctx, node_composition, row_count
 from tests.servers import Database
 from workers.backend_answer import Answer, decode
 from workers.backend_errors import BackendValidationError
@@ -74,7 +74,7 @@ def lc(ctx: WorkerContext) -> SessionLifecycle:
 def written(ctx: WorkerContext) -> tuple[set[bytes], int]:
     """Every Redis key but the layout marker, and the number of Postgres rows."""
     keys = {k for k in ctx.cache.client.keys("*") if k != b"asc:meta"}  # type: ignore[union-attr]
-    return keys, ctx.repo.count_rows()
+    return keys, row_count(ctx.repo)
 
 
 def save_state(lc: SessionLifecycle, state: object) -> NodeResult:

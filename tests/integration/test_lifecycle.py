@@ -36,6 +36,8 @@ from tests.integration.support import (
     pg_status,
     redis_status,
     row,
+    row_count,
+    rows_of,
     run_node,
     stored,
     urgent_flush_queued,
@@ -136,14 +138,14 @@ def test_success_saves_snapshot_and_credential_free_specs_and_the_next_entry_res
 
     flushed(ctx)
     saved = row(ctx, KEY)
-    assert ctx.repo.count_rows() == 1
+    assert row_count(ctx.repo) == 1
     assert saved.status is SessionStatus.ACTIVE and saved.version == 2
     assert saved.cleaned_at is None and saved.closed_by is None
     assert saved.snapshot == resumed.snapshot
     assert saved.layer_specs == expected_specs
     assert saved.data.backend_run_id == second.status.run_id
     assert saved.data.node_execution_id == "exec-2"
-    assert ctx.repo.list_run("tenant-1", "run-1", SessionStatus.ACTIVE) == [saved]
+    assert rows_of(ctx.repo, "tenant-1", "run-1", SessionStatus.ACTIVE) == [saved]
 
 
 def test_build_request_threads_the_snapshot_suspends_on_exit_and_names_every_scope_id(
@@ -213,8 +215,8 @@ def test_a_failed_or_cancelled_run_retires_the_session_and_the_next_entry_starts
     assert retired_row.status is SessionStatus.CLEANED and retired_row.version == 2
     assert retired_row.data.backend_run_id == bad.status.run_id
     assert retired_row.cleaned_at is not None
-    assert ctx.repo.list_run("tenant-1", "run-1", SessionStatus.ACTIVE) == []
-    assert ctx.repo.list_run("tenant-1", "run-1") == [retired_row]
+    assert rows_of(ctx.repo, "tenant-1", "run-1", SessionStatus.ACTIVE) == []
+    assert rows_of(ctx.repo, "tenant-1", "run-1") == [retired_row]
 
     fresh = run_node(lc, backend, at(3))
     assert fresh.entry.snapshot is None and fresh.entry.version == 2
@@ -229,7 +231,7 @@ def test_a_failed_or_cancelled_run_retires_the_session_and_the_next_entry_starts
     flushed(ctx)
     assert row(ctx, KEY).status is SessionStatus.ACTIVE
     assert row(ctx, KEY).version == 3
-    assert ctx.repo.count_rows() == 1
+    assert row_count(ctx.repo) == 1
 
 
 def test_nothing_to_store_writes_nothing(
@@ -248,7 +250,7 @@ def test_nothing_to_store_writes_nothing(
     run = ctx.cache.keys.run(f.run_ref()).encode()  # enter's read-through: "open", per Postgres
     assert set(redis_client.keys("*")) == {b"asc:meta", run}
     assert redis_client.hget(run, "state") == b"open" and int(redis_client.pttl(run)) > 0
-    assert ctx.repo.count_rows() == 0
+    assert row_count(ctx.repo) == 0
 
 
 # ------------------------------------------------------------------ 3. pause, human input
@@ -438,7 +440,7 @@ def test_without_a_workflow_run_id_the_lifecycle_is_a_complete_no_op(
         assert done.result.version is None and not done.result.conflict
         assert not [k for k in done.result.metadata if k.startswith("session_")], behaviour
     assert set(redis_client.keys("*")) == {b"asc:meta"}
-    assert ctx.repo.count_rows() == 0
+    assert row_count(ctx.repo) == 0
 
 
 # ------------------------------------------------------------------ 12. racing the end
@@ -528,8 +530,8 @@ def _race_once(ctx: WorkerContext, lc: SessionLifecycle, run: str) -> None:
         in_redis, in_pg = redis_status(ctx, key), pg_status(ctx, key)
         assert in_redis in (None, SessionStatus.CLEANED), key
         assert in_pg == in_redis, key
-    assert not ctx.repo.list_run("tenant-1", run, SessionStatus.ACTIVE)
-    assert not ctx.repo.list_run("tenant-1", run, SessionStatus.CLEANING)
+    assert not rows_of(ctx.repo, "tenant-1", run, SessionStatus.ACTIVE)
+    assert not rows_of(ctx.repo, "tenant-1", run, SessionStatus.CLEANING)
 
 
 def test_saves_racing_workflow_ended_never_leave_an_active_session_anywhere(
@@ -566,10 +568,10 @@ def test_tenants_with_identical_ids_never_see_each_others_sessions(
     assert run_node(lc, backend, b2).result.metadata["session_snapshot_persisted"] is True
 
     flushed(ctx)
-    assert [s.key for s in ctx.repo.list_run("tenant-a", "run-1")] == [key_a]
-    assert [s.key for s in ctx.repo.list_run("tenant-b", "run-1")] == [key_b]
-    assert ctx.repo.list_run("tenant-b", "run-1")[0].status is SessionStatus.ACTIVE
-    assert ctx.repo.list_run("tenant-a", "run-1")[0].status is SessionStatus.CLEANING
+    assert [s.key for s in rows_of(ctx.repo, "tenant-a", "run-1")] == [key_a]
+    assert [s.key for s in rows_of(ctx.repo, "tenant-b", "run-1")] == [key_b]
+    assert rows_of(ctx.repo, "tenant-b", "run-1")[0].status is SessionStatus.ACTIVE
+    assert rows_of(ctx.repo, "tenant-a", "run-1")[0].status is SessionStatus.CLEANING
 
 
 def test_ids_that_join_to_the_same_text_stay_separate_sessions(
@@ -586,8 +588,8 @@ def test_ids_that_join_to_the_same_text_stay_separate_sessions(
     assert lc.workflow_ended("t", "x:y", "succeeded").sessions == 1
     assert redis_status(ctx, right.key) is SessionStatus.ACTIVE
     flushed(ctx)
-    assert [s.key for s in ctx.repo.list_run("t", "x:y")] == [left.key]
-    assert [s.key for s in ctx.repo.list_run("t:x", "y")] == [right.key]
+    assert [s.key for s in rows_of(ctx.repo, "t", "x:y")] == [left.key]
+    assert [s.key for s in rows_of(ctx.repo, "t:x", "y")] == [right.key]
 
 
 # ----------------------------------------------------------------- 14. version conflict

@@ -23,9 +23,11 @@ from sqlalchemy.engine import Connection, Engine
 from cache.codec import encode
 from cache.records import RunRef, SessionKey, SessionWrite, StoredSession
 from persistence import migrate
+from persistence.engine import create_engine
 from persistence.models import TABLE_NAME, metadata, runs, sessions
-from persistence.repository import SessionRepository, create_engine
+from persistence.repository import SessionRepository
 from tests import factories as f
+from tests.integration.support import upsert
 from tests.servers import Database
 
 HEAD = "0004"
@@ -286,12 +288,12 @@ def test_upgrading_0003_to_head_keeps_sessions_and_ended_runs_as_workflow_owned(
     assert repo.claim_due_runs(limit=10, recheck_after_s=60) == [RunRef("t", "ended-run")]
 
     stale = dataclasses.replace(found, version=6)
-    assert repo.upsert_fenced([stale]).fenced  # the fence holds on the old row
+    assert upsert(repo, [stale]).fenced  # the fence holds on the old row
     newer = dataclasses.replace(found, version=8)
-    assert repo.upsert_fenced([newer]).written == [(key, 8)]
+    assert upsert(repo, [newer]).written == [(key, 8)]
     chat = SessionKey.conversation("t", "r", "b", "g", "c")  # the same IDs, another owner
     chat_row = dataclasses.replace(found, key=chat, data=_conversation_write(found))
-    assert repo.upsert_fenced([chat_row]).written == [(chat, 7)]
+    assert upsert(repo, [chat_row]).written == [(chat, 7)]
     assert {s.key for s in repo.list_owner(chat.owner)} == {chat}
 
     migrate.downgrade(database_url.url, "0003")

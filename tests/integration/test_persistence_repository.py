@@ -24,12 +24,15 @@ from cache.records import (
     StoredSession,
 )
 from persistence import migrate
+from persistence.engine import create_engine
 from persistence.errors import PersistenceUnavailable, RowRejected
 from persistence.models import TABLE_NAME
-from persistence.repository import SessionRepository, UpsertResult, create_engine
+from persistence.repository import SessionRepository
 from persistence.rows import row_of_session
+from persistence.upsert import UpsertResult
 from tests import factories as f
 from tests.factories import scope, session_key, session_write, snapshot, specs, stored_session
+from tests.integration.support import row_count, rows_of, upsert
 from tests.servers import Database, PostgresServer
 
 
@@ -115,19 +118,19 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 def test_insert_then_update_mirrors_the_newer_session(repo: SessionRepository) -> None:
     key = session_key()
     first, second = session(key, 1), session(key, 2, status=SessionStatus.CLEANING)
-    assert repo.upsert_fenced([first]) == UpsertResult(written=[(key, 1)])
-    assert repo.upsert_fenced([second]) == UpsertResult(written=[(key, 2)])
+    assert upsert(repo, [first]) == UpsertResult(written=[(key, 1)])
+    assert upsert(repo, [second]) == UpsertResult(written=[(key, 2)])
     assert repo.get(key) == flushed(second)
-    assert repo.count_rows() == 1
+    assert row_count(repo) == 1
 
 
 def test_lower_version_never_changes_the_row_and_is_reported_ahead(
     repo: SessionRepository, engine: Engine
 ) -> None:
     key = session_key()
-    repo.upsert_fenced([session(key, 5)])
+    upsert(repo, [session(key, 5)])
     before = raw_row(engine, key)
-    result = repo.upsert_fenced([session(key, 3, note="stale")])
+    result = upsert(repo, [session(key, 3, note="stale")])
     assert result.written == []
     assert result.fenced == result.ahead == [(key, 5, 3)]
     assert result.stale_equal == []
@@ -138,9 +141,9 @@ def test_equal_version_never_changes_the_row_and_is_reported_stale_equal(
     repo: SessionRepository, engine: Engine
 ) -> None:
     key = session_key()
-    repo.upsert_fenced([session(key, 4)])
+    upsert(repo, [session(key, 4)])
     before = raw_row(engine, key)
-    result = repo.upsert_fenced([session(key, 4, note="retried with other bytes")])
+    result = upsert(repo, [session(key, 4, note="retried with other bytes")])
     assert result.written == []
     assert result.fenced == result.stale_equal == [(key, 4, 4)]
     assert result.ahead == []
@@ -149,9 +152,9 @@ def test_equal_version_never_changes_the_row_and_is_reported_stale_equal(
 
 def test_one_batch_writes_the_newer_rows_and_fences_the_others(repo: SessionRepository) -> None:
     newer, equal, behind, fresh = (session_key(node=f"node-{i}") for i in range(4))
-    repo.upsert_fenced([session(newer, 1), session(equal, 2), session(behind, 9)])
-    result = repo.upsert_fenced(
-        [session(fresh, 1), session(behind, 8), session(equal, 2), session(newer, 2)]
+    upsert(repo, [session(newer, 1), session(equal, 2), session(behind, 9)])
+    result = upsert(
+        repo, [session(fresh, 1), session(behind, 8), session(equal, 2), session(newer, 2)]
     )
     assert sorted(result.written, key=str) == sorted([(newer, 2), (fresh, 1)], key=str)
     assert result.stale_equal == [(equal, 2, 2)]
@@ -165,7 +168,7 @@ def test_the_pooled_upsert_fences_alike_and_opens_no_thread_connection(
     """``direct=False`` (durable pauses from application threads): the same statement and
     fence on the engine's bounded pool, and no per-thread connection left behind."""
     newer, behind = session_key(node="newer"), session_key(node="behind")
-    repo.upsert_fenced([session(behind, 9)])
+    upsert(repo, [session(behind, 9)])
     made = len(repo._direct._made)
     rows = [row_of_session(session(k, v), NOW) for k, v in ((newer, 1), (behind, 8))]
     result = repo.upsert_rows(rows, direct=False)
@@ -180,15 +183,15 @@ def test_duplicate_keys_in_one_batch_collapse_to_the_highest_version(
 ) -> None:
     key, other = session_key(), session_key(node="node-2")
     batch = [session(key, 2), session(key, 5), session(other, 1), session(key, 3)]
-    result = repo.upsert_fenced(batch)
+    result = upsert(repo, batch)
     assert sorted(result.written, key=str) == sorted([(key, 5), (other, 1)], key=str)
     assert result.fenced == []
     assert repo.get(key) == flushed(session(key, 5))
 
 
 def test_an_empty_batch_touches_nothing(repo: SessionRepository) -> None:
-    assert repo.upsert_fenced([]) == UpsertResult()
-    assert repo.count_rows() == 0
+    assert upsert(repo, []) == UpsertResult()
+    assert row_count(repo) == 0
 
 
 def test_a_batch_larger_than_the_bind_parameter_limit_is_written(
@@ -196,8 +199,8 @@ def test_a_batch_larger_than_the_bind_parameter_limit_is_written(
 ) -> None:
     """4,000 rows x 21 columns would be 84,000 parameters as VALUES; the limit is 65,535."""
     batch = [session(session_key(node=f"node-{i}"), 1) for i in range(4000)]
-    assert len(repo.upsert_fenced(batch).written) == 4000
-    assert repo.count_rows() == 4000
+    assert len(upsert(repo, batch).written) == 4000
+    assert row_count(repo) == 4000
 
 
 def test_stored_snapshot_is_the_codec_bytes_compressed_with_lz4(
@@ -207,7 +210,7 @@ def test_stored_snapshot_is_the_codec_bytes_compressed_with_lz4(
     big = Snapshot(
         layers=(SnapshotLayer("history", LifecycleState.SUSPENDED, {"m": ["same words"] * 900}),)
     )
-    repo.upsert_fenced([stored_session(key, write=session_write(big))])
+    upsert(repo, [stored_session(key, write=session_write(big))])
     row = raw_row(engine, key)
     assert row["snapshot"] == Codec().encode_snapshot(big)
     with engine.connect() as conn:
@@ -221,9 +224,9 @@ def test_flushed_at_is_set_by_the_server_on_every_write(
     repo: SessionRepository, engine: Engine
 ) -> None:
     key = session_key()
-    repo.upsert_fenced([session(key, 1)])
+    upsert(repo, [session(key, 1)])
     first = raw_row(engine, key)["flushed_at"]
-    repo.upsert_fenced([session(key, 2)])
+    upsert(repo, [session(key, 2)])
     assert raw_row(engine, key)["flushed_at"] > first
 
 
@@ -235,27 +238,27 @@ def test_a_row_postgres_refuses_rejects_the_whole_batch(
 ) -> None:
     good, existing = (session_key(node=f"node-{i}") for i in range(2))
     bad = f.bypassing_checks_key(node_id="node\x00")  # Postgres text refuses NUL
-    repo.upsert_fenced([session(existing, 1)])
+    upsert(repo, [session(existing, 1)])
     before = raw_row(engine, existing)
     batch = [session(good, 1), session(existing, 2), session(bad, 1)]
     with pytest.raises(RowRejected) as caught:
-        repo.upsert_fenced(batch)
+        upsert(repo, batch)
     assert isinstance(caught.value.__cause__, psycopg.DataError)
-    assert repo.count_rows() == 1
+    assert row_count(repo) == 1
     assert repo.get(good) is None
     assert raw_row(engine, existing) == before
 
 
 def test_nul_byte_in_a_text_column_is_rejected(repo: SessionRepository) -> None:
     with pytest.raises(RowRejected):
-        repo.upsert_fenced([session(f.bypassing_checks_key(node_id="node\x00"), 1)])
-    assert repo.count_rows() == 0
+        upsert(repo, [session(f.bypassing_checks_key(node_id="node\x00"), 1)])
+    assert row_count(repo) == 0
 
 
 def test_a_rejected_batch_leaves_the_repository_usable(repo: SessionRepository) -> None:
     with pytest.raises(RowRejected):
-        repo.upsert_fenced([session(f.bypassing_checks_key(node_id="node\x00"), 1)])
-    assert repo.upsert_fenced([session(session_key(), 1)]).written == [(session_key(), 1)]
+        upsert(repo, [session(f.bypassing_checks_key(node_id="node\x00"), 1)])
+    assert upsert(repo, [session(session_key(), 1)]).written == [(session_key(), 1)]
 
 
 # ----------------------------------------------------------------------------- outages
@@ -268,15 +271,15 @@ def test_a_stopped_server_raises_persistence_unavailable(
     engine = create_engine(private_postgres.url)
     repo = SessionRepository(engine)
     key = session_key()
-    repo.upsert_fenced([session(key, 1)])  # leaves a pooled connection to go stale
+    upsert(repo, [session(key, 1)])  # leaves a pooled connection to go stale
     private_postgres.stop()
     try:
         with pytest.raises(PersistenceUnavailable):
-            repo.upsert_fenced([session(key, 2)])
+            upsert(repo, [session(key, 2)])
         with pytest.raises(PersistenceUnavailable):
             repo.get(key)
         private_postgres.start()
-        assert repo.upsert_fenced([session(key, 2)]).written == [(key, 2)]
+        assert upsert(repo, [session(key, 2)]).written == [(key, 2)]
     finally:
         repo.close()
 
@@ -295,37 +298,37 @@ def test_an_unreachable_server_raises_persistence_unavailable_when_migrating(
 def test_get_round_trips_every_field_exactly(repo: SessionRepository) -> None:
     key = session_key()
     written = rich_session(key)
-    repo.upsert_fenced([written])
+    upsert(repo, [written])
     assert repo.get(key) == flushed(written)
 
 
 def test_get_of_a_missing_key_is_none(repo: SessionRepository) -> None:
-    repo.upsert_fenced([session(session_key(), 1)])
+    upsert(repo, [session(session_key(), 1)])
     assert repo.get(session_key(agent="agent-other")) is None
 
 
 def test_list_run_returns_that_runs_sessions_in_key_order(repo: SessionRepository) -> None:
     mine = [session_key(node=f"node-{i}") for i in (2, 0, 1)]
     other_run = session_key(run="run-2")
-    repo.upsert_fenced([session(k, 1) for k in [*mine, other_run]])
-    listed = repo.list_run("tenant-1", "run-1")
+    upsert(repo, [session(k, 1) for k in [*mine, other_run]])
+    listed = rows_of(repo, "tenant-1", "run-1")
     assert listed == [flushed(session(k, 1)) for k in sorted(mine, key=SessionKey.parts)]
 
 
 def test_list_run_filters_by_status(repo: SessionRepository) -> None:
     active, cleaning = session_key(node="a"), session_key(node="b")
-    repo.upsert_fenced([session(active, 1), session(cleaning, 2, status=SessionStatus.CLEANING)])
-    assert [s.key for s in repo.list_run("tenant-1", "run-1", SessionStatus.CLEANING)] == [cleaning]
-    assert [s.key for s in repo.list_run("tenant-1", "run-1", SessionStatus.ACTIVE)] == [active]
-    assert repo.list_run("tenant-1", "run-1", SessionStatus.CLEANED) == []
+    upsert(repo, [session(active, 1), session(cleaning, 2, status=SessionStatus.CLEANING)])
+    assert [s.key for s in rows_of(repo, "tenant-1", "run-1", SessionStatus.CLEANING)] == [cleaning]
+    assert [s.key for s in rows_of(repo, "tenant-1", "run-1", SessionStatus.ACTIVE)] == [active]
+    assert rows_of(repo, "tenant-1", "run-1", SessionStatus.CLEANED) == []
 
 
 def test_list_run_never_returns_another_tenants_sessions(repo: SessionRepository) -> None:
     theirs = session_key(tenant="tenant-2")
-    repo.upsert_fenced([session(theirs, 1)])
-    assert repo.list_run("tenant-1", "run-1") == []
+    upsert(repo, [session(theirs, 1)])
+    assert rows_of(repo, "tenant-1", "run-1") == []
     assert repo.get(session_key()) is None
-    assert [s.key for s in repo.list_run("tenant-2", "run-1")] == [theirs]
+    assert [s.key for s in rows_of(repo, "tenant-2", "run-1")] == [theirs]
 
 
 def test_create_engine_gives_plain_urls_the_psycopg_driver(database_url: Database) -> None:
@@ -341,12 +344,13 @@ def test_create_engine_gives_plain_urls_the_psycopg_driver(database_url: Databas
 
 
 def test_count_by_status_counts_rows_of_every_tenant(repo: SessionRepository) -> None:
-    repo.upsert_fenced(
+    upsert(
+        repo,
         [
             session(session_key(node="a"), 1),
             session(session_key(tenant="tenant-2"), 1),
             session(session_key(node="b"), 1, status=SessionStatus.CLEANING),
-        ]
+        ],
     )
     assert repo.count_by_status() == {"active": 2, "cleaning": 1}
 
@@ -358,13 +362,14 @@ def test_list_status_returns_the_oldest_updates_first_up_to_the_limit(
         s = session(session_key(node=node), 1, status=SessionStatus.CLEANING)
         return dataclasses.replace(s, updated_at=updated)
 
-    repo.upsert_fenced(
+    upsert(
+        repo,
         [
             cleaning("new", "2024-03-01T00:00:00.000+00:00"),
             cleaning("old", "2024-01-01T00:00:00.000+00:00"),
             cleaning("mid", "2024-02-01T00:00:00.000+00:00"),
             session(session_key(node="active"), 1),
-        ]
+        ],
     )
     listed = repo.list_status(SessionStatus.CLEANING, limit=2)
     assert [s.key.node_id for s in listed] == ["old", "mid"]
@@ -378,5 +383,5 @@ def test_cleanup_failures_are_cleaned_sessions_that_kept_an_error(
         cleanup_error="backend unreachable after 5 attempts",
     )
     clean = session(session_key(node="clean"), 3, status=SessionStatus.CLEANED)
-    repo.upsert_fenced([failed, clean, session(session_key(node="active"), 1)])
+    upsert(repo, [failed, clean, session(session_key(node="active"), 1)])
     assert repo.cleanup_failures(limit=10) == [flushed(failed)]

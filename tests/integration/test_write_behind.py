@@ -15,6 +15,7 @@ from tests import factories as f
 from tests.integration.support import (
     WorkerProcess,
     make_ctx,
+    upsert,
     urgent_flush_queued,
     wait_for,
 )
@@ -122,7 +123,7 @@ def test_replayed_older_flush_never_moves_a_row_backwards(ctx: WorkerContext) ->
     report = flush_shard(ctx.cache, ctx.repo, shard, delay_ms=0, limit=10)
     assert report.written == 1 and report.acked == 1
     assert not isinstance(old, Exception) and old is not None
-    replay = ctx.repo.upsert_fenced([old])
+    replay = upsert(ctx.repo, [old])
     assert replay.written == []
     row = ctx.repo.get(key)
     assert row is not None and row.version == 3

@@ -6,9 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from persistence.repository import UpsertResult, _to_iso, create_engine
+from persistence.engine import create_engine
 from persistence.rows import _to_datetime as to_datetime
 from persistence.rows import newest_per_key, row_of_session
+from persistence.selects import to_iso
+from persistence.upsert import UpsertResult
 from tests.factories import session_key, stored_session
 
 
@@ -36,12 +38,12 @@ def test_a_batch_collapses_to_one_session_per_key_in_key_order() -> None:
     ["2024-01-02T03:04:05.123+00:00", "2024-01-02T03:04:05.123456+00:00"],
 )
 def test_utc_timestamps_survive_the_round_trip_through_datetime(text: str) -> None:
-    assert _to_iso(to_datetime(text)) == text
+    assert to_iso(to_datetime(text)) == text
 
 
 def test_offset_and_naive_timestamps_come_back_as_utc() -> None:
-    assert _to_iso(to_datetime("2024-01-02T05:04:05.123+02:00")) == "2024-01-02T03:04:05.123+00:00"
-    assert _to_iso(to_datetime("2024-01-02T03:04:05.123")) == "2024-01-02T03:04:05.123+00:00"
+    assert to_iso(to_datetime("2024-01-02T05:04:05.123+02:00")) == "2024-01-02T03:04:05.123+00:00"
+    assert to_iso(to_datetime("2024-01-02T03:04:05.123")) == "2024-01-02T03:04:05.123+00:00"
     assert to_datetime(None) is None
 
 

@@ -11,11 +11,15 @@ import pytest
 from cache.codec import Codec
 from cache.errors import CorruptValue
 from cache.records import ClosedBy, SessionStatus, StoredSession
-from persistence.rows import COLUMNS, HASH_FIELDS, as_dict, row_of_hash, row_of_session
+from persistence.rows import COLUMNS, HASH_FIELDS, SessionRow, row_of_hash, row_of_session
 from tests.factories import conversation_scope, session_key, session_write, stored_session
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 NAME = "asc:{s001}:session:t:r:n:b:a"
+
+
+def as_dict(row: SessionRow) -> dict[str, object]:
+    return dict(zip(COLUMNS, row.values, strict=True))
 
 
 def hash_values(session: StoredSession) -> list[bytes | None]:

@@ -1,0 +1,314 @@
+"""The flush's fenced batch upsert (DESIGN §5.3): one statement per owner type in a batch.
+
+Up to ``flush_batch`` sessions go in ONE ``INSERT ... SELECT FROM unnest(...) ON CONFLICT
+(key) DO UPDATE ... WHERE <fence>`` statement. The fence:
+
+* ``stored.version < excluded.version``: a retried, duplicated or out-of-order flush can
+  never move a row backwards;
+* the same lineage (or either unknown): equal versions of two histories of one key are
+  never taken for each other;
+* never ``active`` again once the workflow's end closed the row, and never an ``active``
+  row for a run ``agent_session_owners`` records as ended.
+
+Rows the fence kept are reported by why, so the caller can tell an already-applied retry
+(acknowledge it) from a Postgres that is ahead of Redis or holds another lineage (poison it)
+and from a save into an ended run (leave it for the reconciler). docs/persistence.md has the
+measurements that chose this shape over multi-row VALUES. The statement runs on a plain
+autocommit psycopg connection (``persistence.direct``): one statement, one round trip.
+
+The statement SQLAlchemy compiles once per owner type, for a workflow run's rows
+(``tests/unit/test_upsert_sql.py`` checks the fence below against the compiled text)::
+
+    INSERT INTO agent_runtime_sessions (<COLUMNS>)
+    SELECT <COLUMNS> FROM unnest(CAST(%(owner_type)s AS VARCHAR[]), ...,
+                                 CAST(%(updated_at)s AS TIMESTAMP WITH TIME ZONE[])) AS batch
+     WHERE batch.status != 'active'
+        OR NOT (EXISTS (SELECT * FROM agent_session_owners
+                         WHERE agent_session_owners.tenant_id = batch.tenant_id
+                           AND agent_session_owners.owner_type = 'workflow_run'
+                           AND agent_session_owners.owner_id = batch.workflow_run_id))
+    ON CONFLICT (tenant_id, workflow_run_id, node_id, binding_id, agent_id) DO UPDATE
+       SET <every other column> = excluded.<column>, flushed_at = now()
+     WHERE agent_runtime_sessions.version < excluded.version
+       AND (agent_runtime_sessions.lineage IS NULL OR excluded.lineage IS NULL
+            OR agent_runtime_sessions.lineage = excluded.lineage)
+       AND (excluded.status != 'active' OR agent_runtime_sessions.closed_by IS NULL
+            OR agent_runtime_sessions.closed_by != 'conversation_end'
+               AND agent_runtime_sessions.closed_by != 'workflow_end')
+    RETURNING <the key columns>, agent_runtime_sessions.version
+
+``<COLUMNS>`` is ``persistence.rows.COLUMNS``; a conversation's statement names its own key
+columns (``conversation_id`` and ``agent_config_snapshot_id`` for ``workflow_run_id`` and
+``node_id``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import psycopg
+import sqlalchemy as sa
+from psycopg.types.array import ListBinaryDumper
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
+from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.types import UserDefinedType
+
+from cache.records import OwnerType, RunRef, SessionKey
+from persistence.direct import DirectConnections
+from persistence.errors import translate_errors
+from persistence.models import KEY_COLUMNS, runs, sessions
+from persistence.rows import COLUMNS, SessionRow, newest_per_key
+from persistence.selects import (
+    ACTIVE,
+    KEY_ORDER,
+    KEYS,
+    OWNER_CLOSERS,
+    OWNER_ID,
+    OWNER_ROW,
+    key_of,
+    owner_of,
+    owner_row,
+)
+
+Fenced = tuple[SessionKey, int, int]
+"""``(key, stored_version, offered_version)`` of a row the version fence kept as it was."""
+Diverged = tuple[SessionKey, int, str, int, str]
+"""``(key, stored_version, stored_lineage, offered_version, offered_lineage)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    """What one ``upsert_rows`` did: which versions landed and which the fence refused."""
+
+    written: list[tuple[SessionKey, int]] = field(default_factory=list)
+    fenced: list[Fenced] = field(default_factory=list)
+    diverged: list[Diverged] = field(default_factory=list)
+    """Postgres holds another lineage of the key: two histories, never merged silently."""
+    run_ended: list[SessionKey] = field(default_factory=list)
+    """``active`` rows of a run that ended: refused, left for the run's reconciliation."""
+
+    @property
+    def stale_equal(self) -> list[Fenced]:
+        """Fenced rows Postgres already holds at the offered version: a retry, safe to ack."""
+        return [entry for entry in self.fenced if entry[1] == entry[2]]
+
+    @property
+    def ahead(self) -> list[Fenced]:
+        """Fenced rows where Postgres is ahead of Redis: never ack silently (poison them)."""
+        return [entry for entry in self.fenced if entry[1] > entry[2]]
+
+
+class _BinaryArray(list[Any]):
+    """A column of a batch that psycopg sends as one binary array parameter.
+
+    psycopg's default text format quotes and escapes every element (bytea as hex, twice
+    the size); for 500 8 KB snapshots that made the flush 3x slower (docs/persistence.md).
+    The dumper is registered for this private type only, so no other list changes format.
+    """
+
+
+psycopg.adapters.register_dumper(_BinaryArray, ListBinaryDumper)
+
+
+class _ArrayParameter(UserDefinedType[list[Any]]):
+    """A bind parameter SQLAlchemy passes through untouched (no processor, no ``::`` cast).
+
+    SQLAlchemy's ``ARRAY`` type would rebuild the list and so lose :class:`_BinaryArray`;
+    the SQL ``CAST`` around the parameter gives Postgres the column's array type instead.
+    """
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "unknown[]"
+
+
+def _array_parameter(name: str) -> sa.ColumnElement[Any]:
+    """``CAST(:name AS <type>[])``; lengths are dropped, so an over-long value is refused.
+
+    An explicit cast to ``varchar(255)`` would silently truncate; casting to ``varchar``
+    leaves the check to the column, which rejects the row instead.
+    """
+    column_type = sessions.c[name].type
+    if isinstance(column_type, sa.String):
+        column_type = sa.String()
+    return sa.cast(sa.bindparam(name, type_=_ArrayParameter()), ARRAY(column_type))
+
+
+def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
+    """The fenced upsert of a whole batch: one statement, one array parameter per column.
+
+    ``INSERT ... SELECT FROM unnest(<arrays>)`` rather than ``VALUES (...) x N``: its SQL is
+    the same for every batch, so SQLAlchemy compiles it once instead of building 21 x N
+    bind parameters per flush (the cost that made ``VALUES`` the slowest shape measured),
+    and no batch size can reach Postgres' 65,535-parameter limit. It returns the key and
+    version of each row it wrote; rows the fence kept return nothing.
+
+    One statement per owner type: each owner's key has its own unique constraint, and one
+    ``ON CONFLICT`` names one of them.
+    """
+    arrays = [_array_parameter(name) for name in COLUMNS]
+    source = sa.func.unnest(*arrays).table_valued(*COLUMNS).render_derived()
+    ended = sa.exists().where(
+        runs.c.tenant_id == source.c.tenant_id,
+        runs.c.owner_type == owner.value,
+        runs.c.owner_id == source.c[OWNER_ID[owner].name],
+    )
+    rows = sa.select(*(source.c[name] for name in COLUMNS)).where(
+        sa.or_(source.c.status != ACTIVE, ~ended)
+    )
+    insert = pg_insert(sessions).from_select(list(COLUMNS), rows)
+    keys = KEY_COLUMNS[owner]
+    updated = {name: insert.excluded[name] for name in COLUMNS if name not in keys}
+    new = insert.excluded
+    return insert.on_conflict_do_update(
+        index_elements=list(KEYS[owner]),
+        set_={**updated, "flushed_at": sa.func.now()},
+        where=sa.and_(
+            sessions.c.version < new.version,
+            sa.or_(
+                sessions.c.lineage.is_(None),
+                new.lineage.is_(None),
+                sessions.c.lineage == new.lineage,
+            ),
+            sa.or_(
+                new.status != ACTIVE,
+                sessions.c.closed_by.is_(None),
+                sa.and_(*(sessions.c.closed_by != closer for closer in OWNER_CLOSERS)),
+            ),
+        ),
+    ).returning(*KEYS[owner], sessions.c.version)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """One owner's upsert as psycopg SQL and its constant parameters, compiled once."""
+
+    sql: bytes
+    constants: dict[str, Any]
+
+    @classmethod
+    def of(cls, owner: OwnerType) -> _Compiled:
+        compiled = _upsert_statement(owner).compile(dialect=postgresql_psycopg.dialect())  # type: ignore[no-untyped-call]
+        constants = {k: v for k, v in compiled.params.items() if k not in COLUMNS}
+        return cls(str(compiled).encode(), constants)
+
+    def params(self, rows: Sequence[SessionRow]) -> dict[str, Any]:
+        """One binary array per column, column-major."""
+        columns = zip(*(row.values for row in rows), strict=True)
+        arrays = dict(zip(COLUMNS, map(_BinaryArray, columns), strict=True))
+        return {**self.constants, **arrays}
+
+
+_UPSERTS: Final = {owner: _Compiled.of(owner) for owner in OwnerType}
+
+
+class FencedUpsert:
+    """The flush's side of :class:`persistence.repository.SessionRepository` (a mixin)."""
+
+    if TYPE_CHECKING:
+        engine: Engine
+        _direct: DirectConnections
+
+    def upsert_rows(self, batch: Sequence[SessionRow], *, direct: bool = True) -> UpsertResult:
+        """Write ``batch`` where it is newer than Postgres: one statement per owner type in
+        it (each all or nothing; a batch of one owner type is one statement).
+
+        ``direct``: on this thread's own autocommit connection (flusher threads: few, long
+        lived); otherwise on a connection of the engine's bounded pool (a durable pause from
+        any of an application's threads).
+        Raises ``RowRejected`` if Postgres refuses any row (nothing of that owner type's
+        statement is written, though an earlier owner type's may be: the caller isolates the
+        row by splitting, and the rows already written come back fenced at their own version,
+        which acknowledges them) and ``PersistenceUnavailable`` when it cannot be reached.
+        Duplicate keys collapse to their highest version; each key is reported once.
+        """
+        offered = newest_per_key(batch)
+        if not offered:
+            return UpsertResult()
+        written: dict[SessionKey, int] = {}
+        for owner in OwnerType:
+            rows = [row for row in offered if row.key.owner_type is owner]
+            if not rows:
+                continue
+            upsert = _UPSERTS[owner]
+            with translate_errors():
+                if direct:
+                    replies = self._direct.execute(upsert.sql, upsert.params(rows))
+                else:
+                    replies = self._pooled_upsert(upsert.sql, upsert.params(rows))
+            keys = {row.key.parts(): row.key for row in rows}
+            written |= {keys[tuple(reply[:5])]: reply[5] for reply in replies}
+        refused = [row for row in offered if row.key not in written]
+        if refused:
+            with translate_errors(), self.engine.connect() as conn:
+                result = _Refusals(refused, *self._refused_state(conn, refused)).result()
+        else:
+            result = UpsertResult()
+        return dataclasses.replace(result, written=sorted(written.items(), key=_by_key))
+
+    def _pooled_upsert(self, sql: bytes, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        with self.engine.begin() as conn:
+            result = conn.exec_driver_sql(sql.decode(), params)
+            return [tuple(row) for row in result]
+
+    @staticmethod
+    def _refused_state(
+        conn: Connection, refused: list[SessionRow]
+    ) -> tuple[dict[SessionKey, RowMapping], set[RunRef]]:
+        """What Postgres holds for the rows the fence kept: their stored version, lineage and
+        ``closed_by``, and which of their owners ended (a SELECT per owner type, and one)."""
+        stored: dict[SessionKey, RowMapping] = {}
+        for owner in OwnerType:
+            parts = [row.key.parts() for row in refused if row.key.owner_type is owner]
+            if not parts:
+                continue
+            query = sa.select(
+                *KEY_ORDER, sessions.c.version, sessions.c.lineage, sessions.c.closed_by
+            ).where(sessions.c.owner_type == owner.value, sa.tuple_(*KEYS[owner]).in_(parts))
+            stored |= {key_of(row): row for row in conn.execute(query).mappings()}
+        owner_ids = sorted({owner_row(row.key.owner) for row in refused})
+        ended_query = sa.select(*OWNER_ROW).where(sa.tuple_(*OWNER_ROW).in_(owner_ids))
+        ended = {owner_of(row) for row in conn.execute(ended_query).all()}
+        return stored, ended
+
+
+def _by_key(entry: tuple[SessionKey, int]) -> tuple[str, ...]:
+    return entry[0].sort_key()
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusals:
+    """Sorts the rows the fence kept by why it kept them."""
+
+    refused: list[SessionRow]
+    stored: Mapping[SessionKey, RowMapping]
+    ended_runs: set[RunRef]
+
+    def result(self) -> UpsertResult:
+        result = UpsertResult()
+        for offered in self.refused:
+            self._sort(offered, result)
+        return result
+
+    def _sort(self, offered: SessionRow, result: UpsertResult) -> None:
+        """A row that vanished in between (nothing in this project deletes rows) is in no
+        list, so the caller leaves it dirty and the next flush inserts it."""
+        key, row = offered.key, self.stored.get(offered.key)
+        if offered.status == ACTIVE and (
+            key.owner in self.ended_runs or (row is not None and row["closed_by"] in OWNER_CLOSERS)
+        ):
+            result.run_ended.append(key)
+        elif row is None:
+            return
+        elif row["lineage"] and offered.lineage and row["lineage"] != offered.lineage:
+            lineages = (row["lineage"], offered.version, offered.lineage)
+            result.diverged.append((key, row["version"], *lineages))
+        else:
+            result.fenced.append((key, row["version"], offered.version))

@@ -1,0 +1,44 @@
+"""The upsert SQL shown in ``persistence.upsert``'s docstring is the statement that runs."""
+
+from __future__ import annotations
+
+import re
+
+import persistence.upsert as upsert
+from cache.records import OwnerType
+
+
+def words(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def compiled(owner: OwnerType) -> str:
+    sql = upsert._UPSERTS[owner].sql.decode()
+    constants = upsert._UPSERTS[owner].constants
+    for name, value in constants.items():  # the literals the docstring shows in place
+        sql = sql.replace(f"%({name})s::VARCHAR", f"'{value}'")
+    return words(sql.replace("anon_1", "batch"))
+
+
+def documented_clause(start: str, end: str) -> str:
+    doc = upsert.__doc__ or ""
+    return words(doc[doc.index(start) : doc.index(end)])
+
+
+def test_the_documented_fence_is_the_compiled_one() -> None:
+    fence = documented_clause(
+        "WHERE agent_runtime_sessions.version < excluded.version", "RETURNING"
+    )
+    assert fence in compiled(OwnerType.WORKFLOW_RUN)
+
+
+def test_the_documented_conflict_target_and_ended_run_filter_are_the_compiled_ones() -> None:
+    sql = compiled(OwnerType.WORKFLOW_RUN)
+    assert documented_clause("ON CONFLICT (tenant_id", " DO UPDATE\n       SET") in sql
+    ended = documented_clause("WHERE batch.status", "ON CONFLICT")
+    assert ended in sql
+    conversation = compiled(OwnerType.CONVERSATION)
+    assert (
+        "ON CONFLICT (tenant_id, conversation_id, binding_id, agent_id, "
+        "agent_config_snapshot_id)" in conversation
+    )

@@ -8,6 +8,10 @@
   0 even when the goal is missed (``extra.met`` is false); non-zero only on errors.
 - ``python -m bench all [--quick]`` runs every benchmark and writes ``docs/benchmarks.md``;
   ``python -m bench report`` rewrites that page from the saved JSON files only.
+- A benchmark may have options of its own (``python -m bench fault_recovery --fault
+  trigger``): declared in the registry (:class:`bench.harness.Option`), passed to its ``run``
+  as keyword arguments, refused for any other benchmark and for ``all`` (which runs each
+  benchmark without them).
 
 Benchmarks never touch shared data: Redis benchmarks start a private ``redis-server`` on a
 unix socket (:func:`bench.harness.private_redis`); Postgres ones create a fresh database on

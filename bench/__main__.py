@@ -1,7 +1,10 @@
-"""``python -m bench NAME [--quick] [--json]`` | ``all [--quick]`` | ``report``.
+"""``python -m bench NAME [--quick] [--json] [options of NAME]`` | ``all [--quick]`` | ``report``.
 
 The registry below is the only list of benchmarks: add a line to :data:`BENCHMARKS` to plug
-one in (see the package docstring).
+one in (see the package docstring). A benchmark may declare options of its own
+(:class:`bench.harness.Option`, e.g. ``fault_recovery --fault trigger``); they reach its
+``run`` as keyword arguments, are refused for any other benchmark (and for ``all``), and a
+benchmark run without them does what ``all`` runs.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from bench.harness import Benchmark, Result, machine_facts
+from bench.harness import Benchmark, Option, Result, machine_facts
 from bench.report import DOC_PATH, RESULTS_DIR, save_result, save_run_info, stamp, write_report
 
+FAULT = Option(
+    "--fault",
+    "run one fault case alone (default: all four)",
+    choices=("worker", "trigger", "cleanup", "group-term"),
+)
 BENCHMARKS: dict[str, Benchmark] = {
     "hot_path": Benchmark("bench.hot_path", "load+save of an 8 KB snapshot vs raw redis-py"),
     "coalescing": Benchmark("bench.coalescing", "Postgres row writes per save in a hot loop"),
@@ -26,7 +34,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     ),
     "flush_lag": Benchmark("bench.flush_lag", "p99 time from first dirty to written in Postgres"),
     "fault_recovery": Benchmark(
-        "bench.fault_recovery", "longest wait for Postgres after SIGKILLs of flushing workers"
+        "bench.fault_recovery",
+        "SIGKILLed workers, trigger, cleanup; SIGTERMed pool: worst time vs its bound",
+        options=(FAULT,),
     ),
     "loop_vs_postgres": Benchmark(
         "bench.loop_vs_postgres", "loop iteration: ours vs the Postgres-only original"
@@ -58,7 +68,42 @@ def build_parser(registry: Mapping[str, Benchmark]) -> argparse.ArgumentParser:
     parser.add_argument("name", choices=[*registry, *COMMANDS], metavar="NAME")
     parser.add_argument("--quick", action="store_true", help="a short run (seconds)")
     parser.add_argument("--json", action="store_true", help="last line: the result as JSON")
+    options = benchmark_options(registry)
+    if options:
+        group = parser.add_argument_group("options of one benchmark")
+        for option, owners in options.values():
+            group.add_argument(
+                option.flag,
+                choices=option.choices or None,
+                default=None,
+                help=f"{', '.join(owners)}: {option.help}",
+            )
     return parser
+
+
+def benchmark_options(registry: Mapping[str, Benchmark]) -> dict[str, tuple[Option, list[str]]]:
+    """Every benchmark option by flag, with the benchmarks that have it."""
+    found: dict[str, tuple[Option, list[str]]] = {}
+    for name, benchmark in registry.items():
+        for option in benchmark.options:
+            found.setdefault(option.flag, (option, []))[1].append(name)
+    return found
+
+
+def chosen_options(
+    parser: argparse.ArgumentParser, registry: Mapping[str, Benchmark], args: argparse.Namespace
+) -> dict[str, str]:
+    """The benchmark options given, as ``run`` keywords; an option the named benchmark does
+    not have is a usage error (exit status 2)."""
+    chosen = {}
+    for option, owners in benchmark_options(registry).values():
+        value = getattr(args, option.dest)
+        if value is None:
+            continue
+        if args.name not in owners:
+            parser.error(f"{option.flag} is an option of {', '.join(owners)}, not of {args.name}")
+        chosen[option.dest] = str(value)
+    return chosen
 
 
 def summary_line(result: Result) -> str:
@@ -72,12 +117,20 @@ def summary_line(result: Result) -> str:
 
 
 def run_one(
-    name: str, benchmark: Benchmark, *, quick: bool, as_json: bool, command: str, results_dir: Path
+    name: str,
+    benchmark: Benchmark,
+    *,
+    quick: bool,
+    as_json: bool,
+    command: str,
+    results_dir: Path,
+    options: Mapping[str, str] | None = None,
 ) -> Result:
     """Run one benchmark, save its result, print the summary (and the JSON line last)."""
-    print(f"== {name}{' (quick)' if quick else ''}: {benchmark.description}", flush=True)
+    given = "".join(f" --{key.replace('_', '-')} {value}" for key, value in (options or {}).items())
+    print(f"== {name}{' (quick)' if quick else ''}{given}: {benchmark.description}", flush=True)
     started = time.monotonic()
-    result = benchmark.load()(quick)
+    result = benchmark.load()(quick, **(options or {}))
     seconds = round(time.monotonic() - started, 1)
     load = round(os.getloadavg()[0], 2)
     result = stamp(result, command, quick=quick, seconds=seconds, loadavg_1m=load)
@@ -131,7 +184,9 @@ def main(
     doc_path: Path = DOC_PATH,
 ) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(registry).parse_args(argv)
+    parser = build_parser(registry)
+    args = parser.parse_args(argv)
+    options = chosen_options(parser, registry, args)
     command = " ".join(["python -m bench", *argv])
     status = 0
     if args.name == "all":
@@ -144,6 +199,7 @@ def main(
             as_json=args.json,
             command=command,
             results_dir=results_dir,
+            options=options,
         )
         return 0
     path = write_report(list(registry), machine_facts(), results_dir=results_dir, doc_path=doc_path)

@@ -210,20 +210,37 @@ def run_interleaved(
 
 # --------------------------------------------------------------------------------- registry
 
-RunFn = Callable[[bool], Result]
+RunFn = Callable[..., Result]
+"""A benchmark's ``run(quick: bool, **options: str) -> Result``."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option of one benchmark (``--fault trigger``): when given, its value
+    reaches that benchmark's ``run`` as a keyword argument (``fault="trigger"``)."""
+
+    flag: str
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A registered benchmark: the module holding ``run(quick: bool) -> Result``."""
+    """A registered benchmark: the module holding ``run(quick: bool, **options) -> Result``,
+    where ``options`` are the :class:`Option` values given on the command line."""
 
     module: str
     description: str
+    options: tuple[Option, ...] = ()
 
     def load(self) -> RunFn:
         run = getattr(importlib.import_module(self.module), "run", None)
         if not callable(run):
-            raise HarnessError(f"{self.module} has no run(quick: bool) -> Result")
+            raise HarnessError(f"{self.module} has no run(quick: bool, **options) -> Result")
         return cast(RunFn, run)
 
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.__main__ import BENCHMARKS, main
+from bench.__main__ import BENCHMARKS, FAULT, main
+from bench.fault_recovery import CASES, FAULTS, Case, combine
+from bench.faults import Saves, first_held, landings, longest_wait_per_kill, waits_after
 from bench.harness import (
     RESULT_KEYS,
     Benchmark,
     HarnessError,
+    Option,
     Result,
     arm_p50_us,
     block_ratios,
@@ -174,6 +178,60 @@ def fake_benchmark() -> Iterator[Benchmark]:
     del sys.modules[FAKE_MODULE]
 
 
+@pytest.fixture
+def benchmark_with_an_option() -> Iterator[Benchmark]:
+    """A registered benchmark module with its own ``--fault`` option."""
+    module = types.ModuleType(FAKE_MODULE + "_option")
+
+    def run(quick: bool, fault: str | None = None) -> Result:
+        value = {None: 1.0, "a": 2.0, "b-c": 3.0}[fault]
+        return make_result("opt", "m", value=value, baseline=1.0, goal="<= 9", unit="s")
+
+    module.run = run  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    option = Option("--fault", "one case", choices=("a", "b-c"))
+    yield Benchmark(module.__name__, "has an option", options=(option,))
+    del sys.modules[module.__name__]
+
+
+def test_a_benchmark_option_reaches_its_run_and_the_command(
+    benchmark_with_an_option: Benchmark, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = {"opt": benchmark_with_an_option}
+    main(["opt", "--fault", "b-c", "--json"], registry=registry, results_dir=tmp_path)
+    out = capsys.readouterr().out.strip().splitlines()
+    data = json.loads(out[-1])
+    assert data["value"] == 3.0
+    assert data["extra"]["command"] == "python -m bench opt --fault b-c --json"
+    assert out[0].startswith("== opt --fault b-c: ")
+    main(["opt"], registry=registry, results_dir=tmp_path)  # without it: the default
+    assert json.loads((tmp_path / "opt.json").read_text())["value"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["fake", "all"])
+def test_a_benchmark_option_is_refused_elsewhere(
+    benchmark_with_an_option: Benchmark,
+    fake_benchmark: Benchmark,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    registry = {"opt": benchmark_with_an_option, "fake": fake_benchmark}
+    with pytest.raises(SystemExit) as exited:
+        main([name, "--fault", "a"], registry=registry, results_dir=tmp_path)
+    assert exited.value.code == 2
+    assert f"--fault is an option of opt, not of {name}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_fault_recovery_declares_the_faults_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert FAULT in BENCHMARKS["fault_recovery"].options
+    assert FAULT.choices == FAULTS == tuple(CASES)
+    with pytest.raises(SystemExit):
+        main(["fault_recovery", "--fault", "scheduler"])
+    assert "invalid choice: 'scheduler'" in capsys.readouterr().err
+
+
 def _no_machine_facts(**_: object) -> dict[str, str]:
     return {"nproc": "2", "cpu": "test CPU"}
 
@@ -302,3 +360,86 @@ def test_hot_path_spread_is_the_middle_eighty_percent_of_block_ratios() -> None:
     low, high = _deciles(ratios)
     assert low == pytest.approx(1.10, abs=0.011) and high == pytest.approx(1.90, abs=0.011)
     assert _deciles([1.3]) == (1.3, 1.3)
+
+
+# --------------------------------------------------------------------------------- fault_recovery
+
+
+def test_landings_find_each_saves_first_write_and_the_lost_ones() -> None:
+    saves = Saves({("r", "a"): {1: 10.0, 2: 10.5, 3: 11.0}, ("r", "b"): {1: 10.2}}, count=4)
+    log = {("r", "a"): ([2], [12.0])}  # v2 written at 12.0; v3 never; b never
+    found = landings(saves, log)
+    assert sorted(found.pairs) == [(10.0, 12.0), (10.5, 12.0)]
+    assert sorted(found.lost) == ["r/a v3", "r/b v1"]
+    assert found.checked == 4
+
+
+def test_waits_after_a_kill_and_per_kill_windows() -> None:
+    pairs = [(1.0, 2.0), (4.0, 7.0), (6.0, 6.5), (9.0, 9.5)]  # (saved, landed)
+    assert waits_after(pairs, 5.0) == [2.0, 0.5, 0.5]  # 7 - max(4, 5), 6.5 - 6, 9.5 - 9
+    assert waits_after(pairs, 5.0, saved_before=6.0) == [2.0]
+    # kill 1 at 3.0: saves made before 8.0 -> 4.0 (7 - 4) ; kill 2 at 8.0: 0.5
+    assert longest_wait_per_kill(pairs, [3.0, 8.0]) == [3.0, 0.5]
+    assert longest_wait_per_kill(pairs, [20.0]) == [0.0]
+
+
+def test_first_held_times_each_check_from_one_start() -> None:
+    polls = {"a": 0, "b": 0}
+
+    def after(name: str, n: int) -> Callable[[], bool]:
+        def check() -> bool:
+            polls[name] += 1
+            return polls[name] >= n
+
+        return check
+
+    start = time.time()
+    seen = first_held({"a": after("a", 1), "b": after("b", 3)}, since=start, timeout_s=5, poll_s=0)
+    assert list(seen) == ["a", "b"] and 0 <= seen["a"] <= seen["b"]
+    assert polls == {"a": 1, "b": 3}  # a check that held is not asked again
+    with pytest.raises(HarnessError, match="waiting for never"):
+        first_held({"never": lambda: False}, since=start, timeout_s=0, poll_s=0)
+
+
+def _case(
+    fault: str,
+    measured_s: float,
+    bound_s: float,
+    goal: float,
+    *,
+    lost: list[str] | None = None,
+    problems: list[str] | None = None,
+) -> Case:
+    return Case(fault, "t", measured_s, "b", bound_s, goal, 10, lost or [], problems or [])
+
+
+def test_fault_recovery_reports_the_worst_share_of_its_own_goal() -> None:
+    cases = [
+        _case("worker", 1.5, 1.0, 3.0),  # ratio 1.5 of goal 3: share 0.5
+        _case("cleanup", 9.1, 13.0, 1.0),  # share 0.7
+        _case("group-term", 2.0, 10.0, 1.0),  # share 0.2
+    ]
+    result = combine(cases)
+    assert (result.value, result.baseline, result.ratio, result.goal) == (0.7, 1.0, 0.7, "<= 1")
+    assert result.met is True
+    assert result.extra["worst_case"] == "cleanup"
+    assert result.extra["worker"]["ratio"] == 1.5 and result.extra["worker"]["goal"] == "<= 3"
+    assert result.extra["saves_checked"] == 30 and result.extra["saves_lost"] == 0
+    assert "worker 0.50, cleanup 0.70, group-term 0.20" in result.extra["spread"]
+    worker_row = result.extra["also"][0]
+    assert (worker_row["value"], worker_row["baseline"], worker_row["goal"]) == (1.5, 1.0, "<= 3")
+    assert [row["met"] for row in result.extra["also"]] == [True, True, True]
+    page = render([result], {"nproc": "2"})
+    row = "| `fault_recovery` (also) | cleanup: t | 9.10 s | 13.0 s | 0.70 | value <= 13 s | yes |"
+    assert row in page
+    assert set(result.to_dict()) == {*RESULT_KEYS, "extra"}
+
+
+def test_fault_recovery_misses_its_goal_on_a_lost_save_or_a_problem() -> None:
+    lost = _case("worker", 1.0, 1.0, 3.0, lost=["r/a v3"])
+    odd = _case("trigger", 1.0, 1.0, 3.0, problems=["restarts_flush_trigger = 1, expected 2"])
+    slow = _case("group-term", 12.0, 10.0, 1.0)
+    for case in (lost, odd, slow):
+        assert not combine([case]).met
+    assert combine([lost]).value == 0.333
+    assert combine([lost, slow]).extra["worst_case"] == "group-term"

@@ -15,7 +15,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from agent_sessions.cli_ops import cleanup, health, inspect, services, stats
+from agent_sessions.cli_ops import audit, cleanup, health, inspect, services, stats
 from agent_sessions.cli_poison import poison
 from cache.errors import AgentSessionsError, ConfigurationError, InvalidInput
 from cache.settings import Settings
@@ -74,7 +74,7 @@ def migrate() -> None:
     from persistence.migrate import current, upgrade
 
     settings = Settings()
-    upgrade(settings.database_url)
+    upgrade(settings.database_url, key_prefix=settings.key_prefix)
     click.echo(f"database schema at revision {current(settings.database_url)}")
 
 
@@ -212,6 +212,7 @@ def _enqueue_all(ctx: Any) -> dict[str, Any]:
 main.add_command(inspect)
 main.add_command(stats)
 main.add_command(health)
+main.add_command(audit)
 main.add_command(cleanup)
 main.add_command(services)
 main.add_command(poison)

@@ -1,4 +1,5 @@
-"""Operator commands: ``inspect``, ``stats``, ``health``, ``cleanup``, ``services``.
+"""Operator commands: ``inspect``, ``stats``, ``health``, ``audit``, ``cleanup``,
+``services``.
 
 Each prints a readable outline, or one JSON object with ``--json``.
 """
@@ -166,6 +167,43 @@ def health(local: bool, as_json: bool) -> None:
             click.echo(f"  {problem}")
     if not result["healthy"]:
         sys.exit(1)
+
+
+@click.command()
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Ask for what each fault needs: an urgent flush, the poison hash (an operator then "
+    "decides), or the owner's reconciliation. Nothing else is changed.",
+)
+@json_option
+def audit(repair: bool, as_json: bool) -> None:
+    """Compare every session of the key prefix in Redis with its Postgres row.
+
+    Counts each session as one of: agree, behind_within_bound (dirty, younger than the
+    delivery bound), behind_beyond_bound, missing_in_postgres, same_version_other_content,
+    postgres_ahead, active_in_ended_owner, terminal_without_ttl, poisoned. Reads in batches
+    (bounded memory; progress on a terminal). Exit status 1 when any count but the first
+    two is non-zero.
+    """
+    from agent_sessions.audit import audit as run_audit
+
+    ctx = context()
+    show = sys.stderr.isatty() and not as_json
+    try:
+        report = run_audit(ctx, repair=repair, progress=_audit_progress if show else None)
+    finally:
+        ctx.close()
+    if show:
+        click.echo(err=True)
+    result = report.as_dict()
+    emit(result, as_json)
+    if not result["ok"]:
+        sys.exit(1)
+
+
+def _audit_progress(sessions: int) -> None:
+    click.echo(f"\raudited {sessions:,} sessions", nl=False, err=True)
 
 
 @click.group()

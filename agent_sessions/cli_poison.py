@@ -107,10 +107,19 @@ def _row(ctx: WorkerContext, key: SessionKey) -> dict[str, Any] | None:
 @poison.command("retry")
 @click.argument("keys", nargs=-1, metavar="[KEY]...")
 @click.option("--all", "every", is_flag=True, help="Retry every parked session.")
+@click.option(
+    "--keep-redis",
+    is_flag=True,
+    help="Take the Redis copy over Postgres's row (a session parked because Redis went back "
+    "in time, or Postgres holds another save at its version): the row is replaced.",
+)
 @json_option
-def poison_retry(keys: tuple[str, ...], every: bool, as_json: bool) -> None:
-    """Send parked sessions back to the flush (after fixing why Postgres refused them)."""
-    _apply("retry", keys, every, as_json)
+def poison_retry(keys: tuple[str, ...], every: bool, keep_redis: bool, as_json: bool) -> None:
+    """Send parked sessions back to the flush (after fixing why Postgres refused them).
+
+    A session parked because its history diverged from Postgres's is refused again unless
+    --keep-redis says which side wins (`poison drop` lets Postgres's copy win instead)."""
+    _apply("retry-keep-redis" if keep_redis else "retry", keys, every, as_json)
 
 
 @poison.command("drop")
@@ -127,6 +136,16 @@ def poison_drop(keys: tuple[str, ...], every: bool, yes: bool, as_json: bool) ->
     _apply("drop", keys, every, as_json)
 
 
+def _act(ctx: WorkerContext, action: str, name: str) -> bool:
+    if action == "drop":
+        return ctx.cache.drop_poisoned(name)
+    if action == "retry":
+        return ctx.cache.retry_poisoned(name)
+    row = ctx.repo.get(ctx.cache.keys.parse_session(name))
+    version = None if row is None else row.version
+    return ctx.cache.retry_poisoned(name, keep_redis=True, postgres_version=version)
+
+
 def _apply(action: str, keys: tuple[str, ...], every: bool, as_json: bool) -> None:
     if bool(keys) == every:
         raise click.UsageError("give KEY arguments or --all (not both)")
@@ -135,8 +154,7 @@ def _apply(action: str, keys: tuple[str, ...], every: bool, as_json: bool) -> No
         names = list(parked(ctx, 10**9)) if every else list(keys)
         for name in names:
             _key(ctx, name)
-        act = ctx.cache.retry_poisoned if action == "retry" else ctx.cache.drop_poisoned
-        done = {name: act(name) for name in names}
+        done = {name: _act(ctx, action, name) for name in names}
     finally:
         ctx.close()
     if as_json:

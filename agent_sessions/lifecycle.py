@@ -28,8 +28,16 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from agent_sessions.ends import OpenOwners
+from cache.client import SERVER_EPOCH
 from cache.codec import check_specs_once
-from cache.errors import AgentSessionsError, InvalidInput, VersionConflict
+from cache.errors import (
+    AgentSessionsError,
+    InvalidInput,
+    RunEnded,
+    StoreUnavailable,
+    VersionConflict,
+)
 from cache.records import (
     WORKFLOW_OUTCOMES,
     AnyScope,
@@ -58,7 +66,7 @@ from workers.backend_models import (
 from workers.context import WorkerContext
 from workers.flush import flush_session
 from workers.queues import pending_ttl_ms, request_flush
-from workers.readthrough import load_through, save_through
+from workers.readthrough import load_through, retire_through, save_through
 from workers.reconcile import reconcile_run, retire_sessions
 
 log = logging.getLogger(__name__)
@@ -238,6 +246,7 @@ class SessionLifecycle:
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
+        self._open_owners = OpenOwners()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> SessionLifecycle:
@@ -262,6 +271,8 @@ class SessionLifecycle:
         if key is None:
             return Entry()
         loaded = load_through(self.ctx.cache, self.ctx.repo, key)
+        if not loaded.run_ended and self._ended_in_postgres(key.owner):
+            loaded = Loaded(self.ctx.cache.load(key).record, run_ended=True)
         if isinstance(scope, ConversationScope) and not loaded.run_ended:
             self._retire_other_configs(key, loaded)
         session = loaded.session
@@ -276,6 +287,22 @@ class SessionLifecycle:
             pending_form_id=data.pending_form_id,
             pending_tool_call_id=data.pending_tool_call_id,
         )
+
+    def _ended_in_postgres(self, owner: RunRef) -> bool:
+        """Whether Postgres records the owner as ended though Redis does not (asked once per
+        owner and Redis server: see :mod:`agent_sessions.ends`). Then Redis went back in
+        time: the end is applied again (every session stopped, its cleanup requested), so
+        nothing of the owner is resumed or saved."""
+        if self._open_owners.known_open(owner):
+            return False
+        epoch = SERVER_EPOCH.value
+        end = self.ctx.repo.run_end(owner)
+        if end is None:
+            self._open_owners.note_open(owner, epoch)
+            return False
+        log.warning("%s ended in Postgres but Redis had forgotten it: ending it again", owner)
+        reconcile_run(self.ctx, owner, end.outcome)
+        return True
 
     def _retire_other_configs(self, key: SessionKey, loaded: Loaded) -> None:
         """Retire the agent's sessions of other config snapshots: the one Redis says was
@@ -383,6 +410,8 @@ class SessionLifecycle:
         if key is None or outcome.snapshot is None:
             return NodeResult("completed")
         try:
+            if self._ended_in_postgres(key.owner):
+                raise RunEnded(f"{key}: the owner ended (Postgres)")
             write = SessionWrite.for_scope(
                 scope,
                 outcome.snapshot,
@@ -411,7 +440,7 @@ class SessionLifecycle:
         if key is None:
             return NodeResult("failed", error=error)
         try:
-            version = self._retire_through(key, outcome.backend_run_id)
+            retired = retire_through(self.ctx.cache, self.ctx.repo, key, outcome.backend_run_id)
         except AgentSessionsError as exc:
             log.warning("retiring the session of %s failed: %s", key, exc)
             failed: dict[str, object] = {
@@ -421,17 +450,10 @@ class SessionLifecycle:
             }
             return NodeResult("failed", error=error, metadata=failed)
         metadata: dict[str, object] = {"session_snapshot_cleaned_on_failure": True}
-        if version is not None:
-            metadata |= self._urgent_flush(key)
-        return NodeResult("failed", error=error, version=version, metadata=metadata)
-
-    def _retire_through(self, key: SessionKey, failed_run_id: str) -> int | None:
-        """Retire; if Redis had no active session, read Postgres first so that an active row
-        whose Redis hash expired is retired too rather than resumed by the next entry."""
-        version = self.ctx.cache.retire(key, failed_run_id)
-        if version is None and load_through(self.ctx.cache, self.ctx.repo, key).session:
-            version = self.ctx.cache.retire(key, failed_run_id)
-        return version
+        if retired is None:
+            return NodeResult("failed", error=error, metadata=metadata)
+        metadata |= {"session_status": retired.status.value, **self._urgent_flush(key)}
+        return NodeResult("failed", error=error, version=retired.version, metadata=metadata)
 
     def _urgent_flush(self, key: SessionKey) -> dict[str, object]:
         """Pauses may last days and retires must stick: flush now, not after the delay.
@@ -533,9 +555,12 @@ def _check_finish(scope: AnyScope, entry: Entry, outcome: RunOutcome) -> None:
 
 
 def _persist_failed(exc: AgentSessionsError) -> dict[str, object]:
+    """``session_snapshot_persisted`` is ``False`` when nothing was written, ``None`` when the
+    save was sent and its reply lost (it may have been applied: the next ``enter`` tells)."""
     code = "version_conflict" if isinstance(exc, VersionConflict) else STORE_ERROR
+    unknown = isinstance(exc, StoreUnavailable) and exc.outcome_unknown
     return {
-        "session_snapshot_persisted": False,
+        "session_snapshot_persisted": None if unknown else False,
         "session_snapshot_persist_error": code,
         "session_store_error_type": type(exc).__name__,
         "session_store_error_detail": str(exc),

@@ -58,7 +58,14 @@ REQUIRED_ID_FIELDS = ("app_id", "agent_config_snapshot_id")
 OPTIONAL_ID_FIELDS = tuple(name for name in WRITE_TEXT_FIELDS if name not in REQUIRED_ID_FIELDS)
 WORKFLOW_ID_FIELDS = ("workflow_id", "node_execution_id")
 """Required of a workflow run's session; a conversation's has none."""
-STATE_TEXT_FIELDS = ("created_at", "updated_at", "cleaned_at", "cleanup_error", "lineage")
+STATE_TEXT_FIELDS = (
+    "created_at",
+    "updated_at",
+    "cleaned_at",
+    "cleanup_error",
+    "lineage",
+    "content_id",
+)
 _SNAPSHOT_WRAPPERS: Final = 3
 """Containers around a layer's runtime state in a snapshot: the snapshot, its layer list,
 the layer."""
@@ -234,6 +241,7 @@ class Codec:
         pairs = self.write_fields(session.data)
         pairs += ["status", session.status.value, "version", str(session.version)]
         pairs += ["flushed_version", str(session.flushed_version)]
+        pairs += ["flushing_version", str(session.flushed_version)]
         pairs += ["closed_by", session.closed_by.value if session.closed_by else ""]
         for name in STATE_TEXT_FIELDS:
             pairs += [name, getattr(session, name) or ""]
@@ -273,6 +281,7 @@ class Codec:
             closed_by=fields.enum("closed_by", ClosedBy) if text("closed_by") else None,
             cleanup_error=text("cleanup_error"),
             lineage=text("lineage"),
+            content_id=text("content_id"),
             snapshot_raw=snapshot_raw,
         )
 

@@ -106,7 +106,16 @@ class BacklogFull(Refused):
 
 
 class StoreUnavailable(AgentSessionsError):
-    """Redis could not be reached, the call timed out, or Redis refused the command."""
+    """Redis could not be reached, the call timed out, or Redis refused the command.
+
+    ``outcome_unknown``: the command was sent and its reply was lost (a timeout, a dropped
+    connection): a write may have been applied. Nothing resends it (it could apply twice);
+    the next read tells what Redis holds.
+    """
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
 
 
 class StoreOutOfMemory(StoreUnavailable):

@@ -21,6 +21,9 @@ from cache.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MOVED_ON = -2
+"""``mark_flushing``'s answer for a session saved again (or gone) since the flush read it."""
+_UNKNOWN = -1
 TRIGGER_RECORD_KEEP_MS = 3_600_000
 """A flush trigger's record outlives its last pass by this long (then it is dropped)."""
 
@@ -93,6 +96,20 @@ class FlushSide:
         _, values = check_code("ack_flush", reply, OK)
         return Acked(int(values[0]), int(values[1]), bool(values[2]))
 
+    def mark_flushing(self, read: Sequence[tuple[str, int]]) -> list[int | None]:
+        """A flush is about to write these ``(key name, version read)`` to Postgres: per
+        session, the highest version its copy knows reached (or was being written to)
+        Postgres before now, ``None`` when it cannot tell (a hash an earlier build saved),
+        or :data:`MOVED_ON` when it changed since it was read (not to be written now: it
+        stays dirty). Runs over ``maxmemory``."""
+        if not read:
+            return []
+        keys = [name for name, _ in read]
+        with translate_errors("marking a flush"):
+            reply = self._call(self.scripts.mark_flushing, keys, [version for _, version in read])
+        _, values = check_code("mark_flushing", reply, OK)
+        return [None if int(value) == _UNKNOWN else int(value) for value in values]
+
     def begin_flush(
         self, shard: int, token: str, ttl_ms: int, *, delay_ms: int, limit: int
     ) -> list[DirtyEntry] | None:
@@ -123,13 +140,26 @@ class FlushSide:
         code, _ = check_code("quarantine", reply, OK_OR_NOOP)
         return code is Code.OK
 
-    def retry_poisoned(self, name: str) -> bool:
-        """Send a parked session back to the flush; ``False`` if it was not parked."""
+    def mark_dirty(self, name: str) -> None:
+        """Put a session back on its shard's backlog (the audit's repair): the next flush
+        writes it (or finds it written) and its acknowledgement gives it its TTL."""
+        shard = self.keys.shard_of_key(self.keys.parse_session(name))
+        now_ms = self.server_time_ms()
+        with translate_errors("marking a session dirty"):
+            self.client.zadd(self.keys.dirty(shard), {name: now_ms}, nx=True)
+
+    def retry_poisoned(
+        self, name: str, *, keep_redis: bool = False, postgres_version: int | None = None
+    ) -> bool:
+        """Send a parked session back to the flush; ``False`` if it was not parked. With
+        ``keep_redis``, this copy replaces Postgres's row (``postgres_version``, when known):
+        its version is bumped past both and counts as known, so the fence lets it through."""
         key = self.keys.parse_session(name)
         shard = self.keys.shard_of_key(key)
         keys = [self.keys.dirty(shard), self.keys.poison(shard), name]
+        args = ["1" if keep_redis else "", "" if postgres_version is None else postgres_version]
         with translate_errors("retrying a parked session"):
-            reply = self.scripts.retry_poisoned(keys=keys, args=[])
+            reply = self.scripts.retry_poisoned(keys=keys, args=args)
         return check_code("retry_poisoned", reply, OK_OR_NOOP)[0] is Code.OK
 
     def drop_poisoned(self, name: str) -> bool:

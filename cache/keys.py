@@ -98,6 +98,10 @@ class KeySpace:
         """Sorted set: each flush trigger (``host:pid``) → when it last passed (ms, Redis time)."""
         return f"{self.prefix}:triggers"
 
+    def session_patterns(self) -> tuple[str, ...]:
+        """``SCAN MATCH`` patterns of every session hash of the key space (both owners)."""
+        return tuple(f"{self.prefix}:{{s*}}:{word}:*" for word in _SESSION_WORD.values())
+
     def shard_of(self, tenant_id: str, workflow_run_id: str) -> int:
         return zlib.crc32(f"{tenant_id}:{workflow_run_id}".encode()) % self.shards
 

@@ -457,6 +457,9 @@ class StoredSession:
     """Which history this session's versions belong to: set when the session is created
     (or filled from Postgres) and kept by every later save. Equal versions of two lineages
     are two different sessions; the flush fence never takes one for the other."""
+    content_id: str | None = None
+    """The id of the save whose snapshot this is (``lua/save.lua``; kept by every other
+    change of the session): the flush fence tells two saves of one version apart by it."""
     snapshot_raw: bytes | None = field(default=None, compare=False, repr=False)
     """The snapshot's stored msgpack bytes, when it was read from Redis: written to Postgres
     as they are, never encoded again."""

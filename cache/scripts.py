@@ -7,6 +7,7 @@ one stem. :func:`check_code` is the one place where a code becomes an exception.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
@@ -33,6 +34,7 @@ SCRIPT_NAMES = (
     "note_cleanup",
     "retry_poisoned",
     "drop_poisoned",
+    "mark_flushing",
 )
 
 
@@ -53,9 +55,38 @@ OK_OR_NOOP: Final = frozenset({Code.OK, Code.NOOP})
 """The codes most store methods accept from their script (``check_code``'s ``allowed``)."""
 
 
-def source(name: str) -> str:
-    """The text of ``lua/<name>.lua``, read from the installed package."""
+PRELUDE = "prelude"
+"""``lua/prelude.lua``: helpers written once and put into every script (see :func:`source`)."""
+
+
+def _file(name: str) -> str:
     return resources.files("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+@functools.cache
+def prelude_line() -> str:
+    """The prelude joined into one line: comments and indentation dropped. Its rules (each
+    statement on lines of its own, whole-line comments, no ``--`` in a string) make the
+    join safe; a line that breaks them is refused here rather than loaded."""
+    code = []
+    for line in _file(PRELUDE).splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("--"):
+            continue
+        if "--" in stripped:
+            raise ScriptContractError(f"prelude.lua: a comment after code: {line!r}")
+        code.append(stripped)
+    return " ".join(code)
+
+
+def source(name: str) -> str:
+    """The text of ``lua/<name>.lua`` as it is loaded: the prelude's helpers put at the start
+    of its second line (after the ``#!lua`` shebang), so every line keeps its number."""
+    text = _file(name)
+    shebang, newline, rest = text.partition("\n")
+    if not shebang.startswith("#!lua"):
+        raise ScriptContractError(f"{name}.lua does not start with a #!lua shebang")
+    return f"{shebang}{newline}{prelude_line()} {rest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +109,7 @@ class Scripts:
     note_cleanup: Script
     retry_poisoned: Script
     drop_poisoned: Script
+    mark_flushing: Script
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from random import getrandbits
 from typing import Any, Final, cast
 
 import redis
 from redis.cluster import RedisCluster
 
 from cache.client import RedisClient, safe_url, translate_errors
-from cache.clock import now_iso
 from cache.codec import Codec
 from cache.errors import (
     ConfigurationError,
@@ -48,6 +47,7 @@ _SAVE = frozenset(
     {Code.OK, Code.RUN_ENDED, Code.VERSION_CONFLICT, Code.BACKLOG_FULL, Code.RUN_UNKNOWN}
 )
 _END = frozenset({Code.OK, Code.RUN_ENDED})
+_RETIRE = frozenset({Code.OK, Code.NOOP, Code.RUN_UNKNOWN})
 _FILL = frozenset({Code.OK, Code.EXISTS})
 _OPEN = _FILL
 _CLEANUP_CHUNK = 500
@@ -94,6 +94,15 @@ class Loaded:
 
 
 @dataclass(frozen=True, slots=True)
+class Retired:
+    """What ``retire`` did: the session's new version, and its status: ``cleaned``, or
+    ``cleaning`` when its owner has ended (the backend must still delete its layers)."""
+
+    version: int
+    status: SessionStatus
+
+
+@dataclass(frozen=True, slots=True)
 class EndedRun:
     """The sessions of a run that ``end_run`` found, and whether it had already ended."""
 
@@ -107,9 +116,15 @@ SessionRead = StoredSession | CorruptValue | None
 log = logging.getLogger(__name__)
 
 
-def new_lineage() -> str:
-    """A fresh lineage id (16 hex characters), for a session created by a save."""
-    return secrets.token_hex(8)
+def new_content_id() -> str:
+    """A save's content id: 64 random bits as 16 hex characters (0.2 us; an identity, not a
+    secret). The fence tells two saves of one version apart by it; the save that creates a
+    session makes it the session's lineage too."""
+    return f"{getrandbits(64):016x}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisSessionCache(FlushSide):
@@ -367,9 +382,8 @@ class RedisSessionCache(FlushSide):
         args: list[Any] = [
             "" if expected_version is None else expected_version,
             self.settings.max_dirty_per_shard,
-            now_iso(),
+            new_content_id(),
             self._ms(self.settings.active_ttl_s),
-            new_lineage(),
             "" if verify_run else "open",
             names.config_field,
             key.config_id,
@@ -377,19 +391,21 @@ class RedisSessionCache(FlushSide):
         ]
         return keys, args
 
-    def retire(self, key: SessionKey, failed_backend_run_id: str | None = None) -> int | None:
-        """``active`` → ``cleaned`` after a failed backend run; ``None`` if nothing changed."""
+    def retire(self, key: SessionKey, failed_backend_run_id: str | None = None) -> Retired | None:
+        """``active`` → ``cleaned`` after a failed backend run, or ``cleaning`` when its
+        owner has ended (its layers still need the backend's cleanup); ``None`` if nothing
+        changed. :class:`RunUnknown` when Redis has no marker of the owner."""
         check_optional_id("failed_backend_run_id", failed_backend_run_id)
-        name = self.keys.session(key)
-        with translate_errors(f"retiring {name}"):
+        names = self.keys.names(key)
+        with translate_errors(f"retiring {names.session}"):
             reply = self.scripts.retire(
-                keys=[name, self._dirty_of(key)], args=[failed_backend_run_id or "", now_iso()]
+                keys=[names.session, names.dirty, names.run], args=[failed_backend_run_id or ""]
             )
-        code, values = check_code("retire", reply, OK_OR_NOOP, key=name)
+        code, values = check_code("retire", reply, _RETIRE, key=names.session)
         if code is not Code.OK:
             return None
         RETIRES.inc()
-        return int(values[0])
+        return Retired(int(values[0]), SessionStatus(_text(values[1])))
 
     def end_run(self, run: RunRef, outcome: str) -> EndedRun:
         """Mark the owner ended (every later save is refused) and list its sessions."""
@@ -398,7 +414,7 @@ class RedisSessionCache(FlushSide):
                 f"outcome must be one of {sorted(run.owner_type.outcomes)}, got {outcome!r}"
             )
         keys = [self.keys.run(run), self.keys.run_sessions(run)]
-        args: list[Any] = [now_iso(), outcome]
+        args: list[Any] = [outcome]
         with translate_errors("ending a run"):
             reply = self.scripts.end_run(keys=keys, args=args)
         code, members = check_code("end_run", reply, _END)
@@ -407,7 +423,7 @@ class RedisSessionCache(FlushSide):
 
     def open_run(self, run: RunRef) -> bool:
         """Mark the run open if Redis has no marker of it (Postgres says it did not end)."""
-        args: list[Any] = [now_iso(), self._ms(self.settings.active_ttl_s)]
+        args: list[Any] = [self._ms(self.settings.active_ttl_s)]
         with translate_errors("opening a run"):
             reply = self.scripts.open_run(keys=[self.keys.run(run)], args=args)
         return check_code("open_run", reply, _OPEN)[0] is Code.OK
@@ -447,25 +463,25 @@ class RedisSessionCache(FlushSide):
         keys: Iterable[SessionKey],
         *,
         closed_by: ClosedBy | None = None,
-        idle_cutoff: str = "",
+        idle_s: float | None = None,
     ) -> int:
         """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``.
 
         Without ``closed_by`` the owner has ended (its end closes them); with one (a
         conversation's ``config_change`` or ``idle``) only these sessions are retired. With
-        ``idle_cutoff`` (``now_iso`` text), a session saved after it or waiting for human
-        input is left active: checked in the script, so a save racing the sweep wins."""
+        ``idle_s``, a session saved within the last ``idle_s`` seconds (by Redis's clock) or
+        waiting for human input is left active: checked in the script, so a save racing the
+        sweep wins."""
         names = [self.keys.session(self._of_run(run, key)) for key in keys]
         dirty = self.keys.dirty(self.keys.shard_of_owner(run))
         run_set = self.keys.run_sessions(run)
         moved = 0
         closer = closed_by or run.owner_type.end_closer
         args: list[Any] = [
-            now_iso(),
             self._ms(self.settings.cleaned_ttl_s),
             closer.value,
             "1" if closer in OWNER_ENDS else "",
-            idle_cutoff,
+            "" if idle_s is None else self._ms(idle_s),
         ]
         for start in range(0, len(names), _CLEANUP_CHUNK):
             chunk = names[start : start + _CLEANUP_CHUNK]
@@ -480,7 +496,7 @@ class RedisSessionCache(FlushSide):
         """``cleaning`` → ``cleaned``; ``None`` if the session was not cleaning."""
         check_optional_id("cleanup_run_id", cleanup_run_id)
         name = self.keys.session(key)
-        args: list[Any] = [cleanup_run_id or "", storable_text(error or "", 2000), now_iso()]
+        args: list[Any] = [cleanup_run_id or "", storable_text(error or "", 2000)]
         with translate_errors(f"marking {name} cleaned"):
             reply = self.scripts.mark_cleaned(keys=[name, self._dirty_of(key)], args=args)
         code, values = check_code("mark_cleaned", reply, OK_OR_NOOP, key=name)

@@ -16,8 +16,7 @@
 local dirty, poison, lock = KEYS[1], KEYS[2], KEYS[3]
 local resumable_ttl, ended_ttl, token = ARGV[1], ARGV[2], ARGV[3]
 local acked, still_dirty = 0, 0
-local t = redis.call('TIME')
-local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 for i = 4, #KEYS do
   local session, flushed = KEYS[i], tonumber(ARGV[i])
   local stored = redis.call('HMGET', session, 'version', 'flushed_version', 'status', 'run_ended')
@@ -39,7 +38,7 @@ for i = 4, #KEYS do
     else
       -- Saved again while it was being flushed: what is left is younger than this ack, so
       -- it waits a full flush delay again instead of being flushed at the next pass.
-      redis.call('ZADD', dirty, 'XX', now_ms, session)
+      redis.call('ZADD', dirty, 'XX', now, session)
       still_dirty = still_dirty + 1
     end
   end

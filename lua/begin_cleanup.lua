@@ -8,30 +8,24 @@
 --                           its name), so a set lost to eviction cannot let the owner settle
 --                           with a session left cleaning
 -- KEYS[3..] session hashes of that owner
--- ARGV[1] now: ISO-8601 UTC text
--- ARGV[2] TTL of a clean, cleaned session of an ended owner: integer milliseconds
--- ARGV[3] closed_by: text (workflow_end, conversation_end, config_change, idle)
--- ARGV[4] "1": the owner ended (every session given is marked run_ended=1, so a session
+-- ARGV[1] TTL of a clean, cleaned session of an ended owner: integer milliseconds
+-- ARGV[2] closed_by: text (workflow_end, conversation_end, config_change, idle)
+-- ARGV[3] "1": the owner ended (every session given is marked run_ended=1, so a session
 --         retired earlier by a failed backend run also gets the short TTL once it is clean);
 --         "": it did not (only these sessions are retired)
--- ARGV[5] idle cutoff: ISO-8601 UTC text (now_iso's format, so text order is time order):
---         only an active session last saved at or before it, and not waiting for human input
---         (no pending_form_id / pending_tool_call_id), is moved; "" = every active session
+-- ARGV[4] idle time: integer milliseconds: only an active session last saved at least that
+--         long ago by Redis's clock, and not waiting for human input (no pending_form_id /
+--         pending_tool_call_id), is moved; "" = every active session
 -- returns {0, moved}  OK: moved = how many sessions went from active to cleaning
 
--- A session's member of its owner's set: the name after its fifth ':' (the key prefix
--- and the {sNNN} tag hold none, and IDs are percent-encoded), i.e. its last three parts.
-local function member_of(name)
-  local at = 0
-  for _ = 1, 5 do
-    at = name:find(':', at + 1, true)
-  end
-  return name:sub(at + 1)
+local dirty, run_sessions, ended_ttl = KEYS[1], KEYS[2], ARGV[1]
+local closed_by, owner_ended = ARGV[2], ARGV[3] == '1'
+local now = now_ms()
+local now_iso = iso_of(now)
+local idle_cutoff = ''
+if ARGV[4] ~= '' then
+  idle_cutoff = iso_of(now - tonumber(ARGV[4]))
 end
-local dirty, run_sessions, now, ended_ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-local closed_by, owner_ended, idle_cutoff = ARGV[3], ARGV[4] == '1', ARGV[5]
-local t = redis.call('TIME')
-local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
 local moved = 0
 for i = 3, #KEYS do
   local session = KEYS[i]
@@ -49,11 +43,11 @@ for i = 3, #KEYS do
     redis.call('SADD', run_sessions, member_of(session))
   end
   if status == 'active' then
-    redis.call('HSET', session, 'status', 'cleaning', 'updated_at', now,
+    redis.call('HSET', session, 'status', 'cleaning', 'updated_at', now_iso,
                'closed_by', closed_by)
     redis.call('HINCRBY', session, 'version', 1)
     redis.call('PERSIST', session)
-    redis.call('ZADD', dirty, 'NX', now_ms, session)
+    redis.call('ZADD', dirty, 'NX', now, session)
     moved = moved + 1
   elseif owner_ended and status == 'cleaned' and stored[2] == stored[3] then
     redis.call('PEXPIRE', session, ended_ttl)

@@ -17,8 +17,7 @@ if holder and holder ~= token then
   return {4}
 end
 redis.call('SET', lock, token, 'PX', ttl)
-local t = redis.call('TIME')
-local cutoff = t[1] * 1000 + math.floor(t[2] / 1000) - delay
+local cutoff = now_ms() - delay
 local entries = redis.call('ZRANGEBYSCORE', dirty, '-inf', cutoff, 'WITHSCORES', 'LIMIT', 0, limit)
 local reply = {0}
 for i = 1, #entries, 2 do

@@ -11,15 +11,6 @@
 -- returns {0}  OK: the session hash, its dirty mark and its poison entry are gone
 --         {4}  NOOP: the session is not in the poison hash; nothing written
 
--- A session's member of its owner's set: the name after its fifth ':' (the key prefix
--- and the {sNNN} tag hold none, and IDs are percent-encoded), i.e. its last three parts.
-local function member_of(name)
-  local at = 0
-  for _ = 1, 5 do
-    at = name:find(':', at + 1, true)
-  end
-  return name:sub(at + 1)
-end
 local dirty, poison, session, run_sessions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('HEXISTS', poison, session) == 0 then
   return {4}

@@ -10,15 +10,6 @@
 -- returns {0}  OK: filled
 --         {5}  EXISTS: the key is present (it may be newer); nothing written
 
--- A session's member of its owner's set: the name after its fifth ':' (the key prefix
--- and the {sNNN} tag hold none, and IDs are percent-encoded), i.e. its last three parts.
-local function member_of(name)
-  local at = 0
-  for _ = 1, 5 do
-    at = name:find(':', at + 1, true)
-  end
-  return name:sub(at + 1)
-end
 local session, run_sessions, ttl = KEYS[1], KEYS[2], ARGV[1]
 if redis.call('EXISTS', session) == 1 then
   return {5}

@@ -4,16 +4,17 @@
 -- KEYS[2] shard dirty zset  <prefix>:{sNNN}:dirty
 -- ARGV[1] cleanup backend run id: text, or "" to keep the stored backend_run_id
 -- ARGV[2] error that ended the attempts: text, or "" when cleanup succeeded
--- ARGV[3] now: ISO-8601 UTC text
 -- returns {0, version}  OK: cleaning -> cleaned; version is the new version
 --         {4}           NOOP: the session is missing or not cleaning; nothing written
 local session, dirty = KEYS[1], KEYS[2]
-local cleanup_run, err, now = ARGV[1], ARGV[2], ARGV[3]
+local cleanup_run, err = ARGV[1], ARGV[2]
 
 if redis.call('HGET', session, 'status') ~= 'cleaning' then
   return {4}
 end
-local sets = {'status', 'cleaned', 'cleaned_at', now, 'updated_at', now}
+local now = now_ms()
+local now_iso = iso_of(now)
+local sets = {'status', 'cleaned', 'cleaned_at', now_iso, 'updated_at', now_iso}
 if cleanup_run ~= '' then
   sets[#sets + 1] = 'backend_run_id'
   sets[#sets + 1] = cleanup_run
@@ -27,6 +28,5 @@ redis.call('HDEL', session, 'pending_form_id', 'pending_tool_call_id', 'cleanup_
            'cleanup_attempt')
 local version = redis.call('HINCRBY', session, 'version', 1)
 redis.call('PERSIST', session)
-local t = redis.call('TIME')
-redis.call('ZADD', dirty, 'NX', t[1] * 1000 + math.floor(t[2] / 1000), session)
+redis.call('ZADD', dirty, 'NX', now, session)
 return {0, version}

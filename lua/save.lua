@@ -13,36 +13,29 @@
 -- KEYS[4] shard dirty zset  <prefix>:{sNNN}:dirty
 -- ARGV[1] expected version: integer, or "" for any version (0 = the session must not exist)
 -- ARGV[2] dirty backlog bound of the shard: integer, 0 = unbounded
--- ARGV[3] now: ISO-8601 UTC text
+-- ARGV[3] content id of this save: text, a fresh random token the flush's fence compares
+--         (also the lineage of a session this save creates)
 -- ARGV[4] TTL of an open run's hash and session set: integer milliseconds (sliding)
--- ARGV[5] lineage of the session if it has none yet: text
--- ARGV[6] when the run hash is missing: "open" opens the run, "" refuses (RUN_UNKNOWN)
--- ARGV[7] owner hash field to set to ARGV[8] (a conversation's config:<binding>:<agent>,
+-- ARGV[5] when the run hash is missing: "open" opens the run, "" refuses (RUN_UNKNOWN)
+-- ARGV[6] owner hash field to set to ARGV[7] (a conversation's config:<binding>:<agent>,
 --         which says which config snapshot the agent's session was last saved with); "" none
--- ARGV[8] its value: text
--- ARGV[9..] the values of the fields FIELDS names, in that order; "" deletes the field
+-- ARGV[7] its value: text
+-- ARGV[8..] the values of the fields FIELDS names, in that order; "" deletes the field
+-- Times (updated_at, created_at, opened_at, the dirty score) come from Redis's TIME. A new
+-- session starts with flushing_version 0 (see mark_flushing).
 -- returns {0, version}  OK: saved; version is the new version
 --         {1}           RUN_ENDED: the run has ended; nothing written
 --         {2, version}  VERSION_CONFLICT: the stored version is not ARGV[1]; nothing written
 --         {3, backlog}  BACKLOG_FULL: the shard holds ARGV[2] dirty sessions; nothing written
 --         {6}           RUN_UNKNOWN: no run hash (lost or evicted); ask Postgres; nothing written
 
--- A session's member of its owner's set: the name after its fifth ':' (the key prefix
--- and the {sNNN} tag hold none, and IDs are percent-encoded), i.e. its last three parts.
-local function member_of(name)
-  local at = 0
-  for _ = 1, 5 do
-    at = name:find(':', at + 1, true)
-  end
-  return name:sub(at + 1)
-end
 local FIELDS = {'snapshot', 'layer_specs', 'app_id', 'workflow_id', 'node_execution_id',
                 'agent_config_snapshot_id', 'backend_run_id', 'pending_form_id',
                 'pending_tool_call_id'}
 local session, run, run_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local expected, bound, now, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local lineage, unknown_run, owner_field, owner_value = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local FIRST_FIELD = 8
+local expected, bound, content_id, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local unknown_run, owner_field, owner_value = ARGV[5], ARGV[6], ARGV[7]
+local FIRST_FIELD = 7
 
 local run_state = redis.call('HGET', run, 'state')
 if run_state == 'ended' then
@@ -65,7 +58,9 @@ if bound > 0 and not was_dirty then
 end
 
 version = version + 1
-local sets = {'updated_at', now, 'version', version}
+local now = now_ms()
+local now_iso = iso_of(now)
+local sets = {'updated_at', now_iso, 'version', version, 'content_id', content_id}
 local dels = {}
 if stored[2] ~= 'active' then
   sets[#sets + 1] = 'status'
@@ -77,11 +72,13 @@ if stored[2] ~= 'active' then
 end
 if version == 1 then
   sets[#sets + 1] = 'created_at'
-  sets[#sets + 1] = now
+  sets[#sets + 1] = now_iso
+  sets[#sets + 1] = 'flushing_version'
+  sets[#sets + 1] = 0
 end
 if not stored[3] then
   sets[#sets + 1] = 'lineage'
-  sets[#sets + 1] = lineage
+  sets[#sets + 1] = content_id
 end
 for i, field in ipairs(FIELDS) do
   local value = ARGV[FIRST_FIELD + i]
@@ -99,15 +96,14 @@ redis.call('HSET', session, unpack(sets))
 
 if not was_dirty then
   redis.call('PERSIST', session)
-  local t = redis.call('TIME')
-  redis.call('ZADD', dirty, t[1] * 1000 + math.floor(t[2] / 1000), session)
+  redis.call('ZADD', dirty, now, session)
 end
 local member = member_of(session)
 if redis.call('SADD', run_sessions, member) == 1 or not was_dirty then
   redis.call('PEXPIRE', run_sessions, run_ttl)
 end
 if not run_state then
-  redis.call('HSET', run, 'state', 'open', 'opened_at', now)
+  redis.call('HSET', run, 'state', 'open', 'opened_at', now_iso)
 end
 if owner_field ~= '' then
   redis.call('HSET', run, owner_field, owner_value)

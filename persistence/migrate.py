@@ -33,11 +33,13 @@ MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK: Final = 0x61736373_6D696772  # "ascsmigr": one advisory lock key per database
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
-    """An Alembic config for this package's migrations, optionally bound to ``connection``."""
+def alembic_config(connection: Connection | None = None, key_prefix: str | None = None) -> Config:
+    """An Alembic config for this package's migrations, optionally bound to ``connection``;
+    ``key_prefix`` is the deployment a migration assigns existing rows to (0005)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
+    config.attributes["key_prefix"] = key_prefix
     return config
 
 
@@ -71,11 +73,14 @@ def _serialise(connection: Connection) -> None:
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    """Migrate the database at ``database_url`` up to ``revision``; a no-op when already there."""
+def upgrade(database_url: str, revision: str = "head", *, key_prefix: str | None = None) -> None:
+    """Migrate the database at ``database_url`` up to ``revision``; a no-op when already there.
+
+    ``key_prefix``: the deployment that migrates (``ASC_KEY_PREFIX``); rows that predate
+    deployments (revision 0005) become its rows (``asc`` when not given)."""
     with _connection(database_url) as connection:
         _serialise(connection)
-        command.upgrade(alembic_config(connection), revision)
+        command.upgrade(alembic_config(connection, key_prefix), revision)
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:

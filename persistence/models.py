@@ -6,6 +6,10 @@ One sessions table serves both owners (``owner_type``): a workflow run's session
 says which columns each owner fills. Both unique constraints are plain (not partial): the
 other owner's rows hold NULL in them, and NULLs never collide.
 
+Every row of both tables belongs to one deployment, named by its Redis key prefix
+(``key_prefix``), which leads every key and index: deployments sharing a database never see
+each other's rows.
+
 Core rather than an ORM mapping: the only writer is the flush job's batch upsert, which is
 one ``INSERT ... SELECT FROM unnest(...)`` statement, and reads convert rows to
 ``cache.records.StoredSession`` at one boundary anyway, so mapped classes would add a second
@@ -54,6 +58,9 @@ OWNER_CHECK: Final = "owner"
 RUNS_TABLE_NAME: Final = "agent_session_owners"
 RUNS_DUE_INDEX: Final = "agent_session_owners_unsettled_due_idx"
 LINEAGE_LENGTH: Final = 32
+KEY_PREFIX_LENGTH: Final = 32
+"""``Settings.key_prefix`` is 1-32 characters of ``[A-Za-z0-9._-]``."""
+CONTENT_ID_LENGTH: Final = 32
 SNAPSHOT_COMPRESSION: Final = "lz4"
 # ``layer_specs`` is ``json``, not ``jsonb``: jsonb rewrites numbers (a config's ``1e+23``
 # comes back as the integer 100000000000000000000000) and reorders keys, and the specs must
@@ -70,8 +77,10 @@ KEY_COLUMNS: Final = {
         "agent_config_snapshot_id",
     ),
 }
-"""Each owner's five session-key columns, in ``SessionKey.parts()`` order: the conflict
-target of that owner's upsert."""
+"""Each owner's five session-key columns, in ``SessionKey.parts()`` order."""
+UNIQUE_COLUMNS: Final = {owner: ("key_prefix", *names) for owner, names in KEY_COLUMNS.items()}
+"""Each owner's unique key: the deployment, then the session key (the upsert's conflict
+target)."""
 OWNER_COLUMNS: Final = (
     "owner_type",
     "tenant_id",
@@ -118,6 +127,7 @@ sessions = Table(
     TABLE_NAME,
     metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("key_prefix", String(KEY_PREFIX_LENGTH), nullable=False),
     Column("owner_type", String(32), nullable=False),
     _id_column("tenant_id"),
     _id_column("app_id"),
@@ -137,6 +147,7 @@ sessions = Table(
     _id_column("pending_form_id", nullable=True),
     _id_column("pending_tool_call_id", nullable=True),
     Column("lineage", String(LINEAGE_LENGTH), nullable=True),
+    Column("content_id", String(CONTENT_ID_LENGTH), nullable=True),
     Column("closed_by", String(32), nullable=True),
     Column("cleanup_error", Text, nullable=True),
     _time_column("cleaned_at", nullable=True),
@@ -145,17 +156,19 @@ sessions = Table(
     Column("flushed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"status IN ({_STATUS_VALUES})", name=STATUS_CHECK),
     CheckConstraint(f"owner_type IN ({_OWNER_VALUES}) AND ({_OWNER_SHAPE})", name=OWNER_CHECK),
-    UniqueConstraint(*KEY_COLUMNS[OwnerType.WORKFLOW_RUN], name=SCOPE_UNIQUE),
-    UniqueConstraint(*KEY_COLUMNS[OwnerType.CONVERSATION], name=CONVERSATION_UNIQUE),
-    Index(RUN_STATUS_INDEX, "tenant_id", "workflow_run_id", "status"),
-    Index(CONVERSATION_STATUS_INDEX, "tenant_id", "conversation_id", "status"),
+    UniqueConstraint(*UNIQUE_COLUMNS[OwnerType.WORKFLOW_RUN], name=SCOPE_UNIQUE),
+    UniqueConstraint(*UNIQUE_COLUMNS[OwnerType.CONVERSATION], name=CONVERSATION_UNIQUE),
+    Index(RUN_STATUS_INDEX, "key_prefix", "tenant_id", "workflow_run_id", "status"),
+    Index(CONVERSATION_STATUS_INDEX, "key_prefix", "tenant_id", "conversation_id", "status"),
     Index(
         CONVERSATION_IDLE_INDEX,
+        "key_prefix",
         "updated_at",
         postgresql_where=text("owner_type = 'conversation' AND status = 'active'"),
     ),
     Index(
         CONVERSATION_CLEANING_INDEX,
+        "key_prefix",
         "updated_at",
         postgresql_where=text("owner_type = 'conversation' AND status = 'cleaning'"),
     ),
@@ -166,6 +179,7 @@ sessions = Table(
 runs = Table(
     RUNS_TABLE_NAME,
     metadata,
+    Column("key_prefix", String(KEY_PREFIX_LENGTH), nullable=False),
     _id_column("tenant_id"),
     Column("owner_type", String(32), nullable=False),
     _id_column("owner_id"),
@@ -173,9 +187,13 @@ runs = Table(
     _time_column("ended_at", nullable=False),
     _time_column("settled_at", nullable=True),
     _time_column("next_check_at", nullable=False),
-    PrimaryKeyConstraint("tenant_id", "owner_type", "owner_id", name=f"{RUNS_TABLE_NAME}_pkey"),
+    PrimaryKeyConstraint(
+        "key_prefix", "tenant_id", "owner_type", "owner_id", name=f"{RUNS_TABLE_NAME}_pkey"
+    ),
     CheckConstraint(f"outcome IN ({_OUTCOME_VALUES})", name="outcome"),
-    Index(RUNS_DUE_INDEX, "next_check_at", postgresql_where=text("settled_at IS NULL")),
+    Index(
+        RUNS_DUE_INDEX, "key_prefix", "next_check_at", postgresql_where=text("settled_at IS NULL")
+    ),
 )
 """One row per ENDED owner (a workflow run or a conversation): the durable fact that nothing
 of it may be resumed.

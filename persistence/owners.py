@@ -1,6 +1,7 @@
 """The durable record of owners that ended (``agent_session_owners``): a workflow run or a
 conversation is ended once a row here says so, whatever Redis says, and the reconciler visits
-each until it is settled (every session cleaned and flushed)."""
+each until it is settled (every session cleaned and flushed). Every row belongs to the
+repository's deployment (``key_prefix``); no query reads or changes another's."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ class RunEnd:
     settled: bool
 
 
-def read_run_end(conn: Connection, run: RunRef) -> RunEnd | None:
-    """``run``'s end record on ``conn``, or ``None`` if it has not ended."""
-    query = sa.select(runs.c.outcome, runs.c.ended_at, runs.c.settled_at).where(*is_owner(run))
+def read_run_end(conn: Connection, prefix: str, run: RunRef) -> RunEnd | None:
+    """``run``'s end record in the deployment ``prefix``, or ``None`` if it has not ended."""
+    query = sa.select(runs.c.outcome, runs.c.ended_at, runs.c.settled_at).where(
+        *is_owner(prefix, run)
+    )
     row = conn.execute(query).one_or_none()
     return None if row is None else RunEnd(row.outcome, row.ended_at, row.settled_at is not None)
 
@@ -42,6 +45,7 @@ class OwnerRecords:
 
     if TYPE_CHECKING:
         engine: Engine
+        key_prefix: str
 
     def record_run_end(
         self, run: RunRef, outcome: str, *, check_after_s: float
@@ -55,6 +59,7 @@ class OwnerRecords:
                 f"outcome must be one of {sorted(run.owner_type.outcomes)}, got {outcome!r}"
             )
         values = {
+            "key_prefix": self.key_prefix,
             "tenant_id": run.tenant_id,
             "owner_type": run.owner_type.value,
             "owner_id": run.owner_id,
@@ -65,21 +70,25 @@ class OwnerRecords:
         insert = pg_insert(runs).values(values).on_conflict_do_nothing().returning(runs.c.outcome)
         with translate_errors(), self.engine.begin() as conn:
             inserted = conn.execute(insert).one_or_none() is not None
-            found = read_run_end(conn, run)
+            found = read_run_end(conn, self.key_prefix, run)
         assert found is not None, "a row this transaction inserted or found"
         return found, inserted
 
     def run_end(self, run: RunRef) -> RunEnd | None:
         """The durable record of ``run``'s end, or ``None`` if it has not ended."""
         with translate_errors(), self.engine.connect() as conn:
-            return read_run_end(conn, run)
+            return read_run_end(conn, self.key_prefix, run)
 
     def claim_due_runs(self, *, limit: int, recheck_after_s: float) -> list[RunRef]:
         """Up to ``limit`` unsettled ended runs due for a visit, pushed ``recheck_after_s``
         into the future in the same statement (so concurrent reconcilers share the work)."""
         due = (
             sa.select(*OWNER_ROW)
-            .where(runs.c.settled_at.is_(None), runs.c.next_check_at <= sa.func.now())
+            .where(
+                runs.c.key_prefix == self.key_prefix,
+                runs.c.settled_at.is_(None),
+                runs.c.next_check_at <= sa.func.now(),
+            )
             .order_by(runs.c.next_check_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -87,6 +96,7 @@ class OwnerRecords:
         claim = (
             sa.update(runs)
             .where(
+                runs.c.key_prefix == due.c.key_prefix,
                 runs.c.tenant_id == due.c.tenant_id,
                 runs.c.owner_type == due.c.owner_type,
                 runs.c.owner_id == due.c.owner_id,
@@ -107,12 +117,16 @@ class OwnerRecords:
             self._update_run(run, settled_at=None, next_check_at=sa.func.now())
 
     def _update_run(self, run: RunRef, **values: Any) -> None:
-        query = sa.update(runs).where(*is_owner(run)).values(**values)
+        query = sa.update(runs).where(*is_owner(self.key_prefix, run)).values(**values)
         with translate_errors(), self.engine.begin() as conn:
             conn.execute(query)
 
     def count_unsettled_runs(self) -> int:
         """Ended runs not settled yet (operators' ``stats``: the reconciler's backlog)."""
-        query = sa.select(sa.func.count()).select_from(runs).where(runs.c.settled_at.is_(None))
+        query = (
+            sa.select(sa.func.count())
+            .select_from(runs)
+            .where(runs.c.key_prefix == self.key_prefix, runs.c.settled_at.is_(None))
+        )
         with translate_errors(), self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())

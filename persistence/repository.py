@@ -10,6 +10,7 @@ conversation sweep's candidates. Rows become ``StoredSession`` records at one bo
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,7 +29,6 @@ from persistence.selects import (
     by_key_query,
     conversation_ended,
     from_row,
-    interval_of,
     key_of,
     of_owner,
 )
@@ -36,10 +36,14 @@ from persistence.upsert import FencedUpsert
 
 
 class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
-    """Reads and fenced writes of the sessions table; every call is one short transaction."""
+    """Reads and fenced writes of the sessions table; every call is one short transaction.
 
-    def __init__(self, engine: Engine) -> None:
+    Every call is scoped to one deployment, ``key_prefix`` (its Redis key prefix): it reads
+    and writes that deployment's rows only, in both tables."""
+
+    def __init__(self, engine: Engine, key_prefix: str) -> None:
         self.engine = engine
+        self.key_prefix = key_prefix
         self._direct = DirectConnections(engine.url, connect_timeout_s=CONNECT_TIMEOUT_S)
 
     def close(self) -> None:
@@ -51,7 +55,9 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
         """Keys of the owner's rows that are not ``cleaned`` yet (no snapshots are read)."""
         query = (
             sa.select(*KEY_ORDER)
-            .where(*of_owner(run), sessions.c.status != SessionStatus.CLEANED.value)
+            .where(
+                *of_owner(self.key_prefix, run), sessions.c.status != SessionStatus.CLEANED.value
+            )
             .order_by(*KEY_ORDER)
         )
         with translate_errors(), self.engine.connect() as conn:
@@ -61,18 +67,20 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
         """The stored session of ``key`` and its run's end record, on one connection."""
         run = key.owner
         with translate_errors(), self.engine.connect() as conn:
-            row = conn.execute(by_key_query(key)).mappings().one_or_none()
-            return (None if row is None else from_row(row)), read_run_end(conn, run)
+            row = conn.execute(by_key_query(self.key_prefix, key)).mappings().one_or_none()
+            return (None if row is None else from_row(row)), read_run_end(
+                conn, self.key_prefix, run
+            )
 
     def get(self, key: SessionKey) -> StoredSession | None:
         """The stored session of ``key`` in any status (read-through fills Redis with it)."""
         with translate_errors(), self.engine.connect() as conn:
-            row = conn.execute(by_key_query(key)).mappings().one_or_none()
+            row = conn.execute(by_key_query(self.key_prefix, key)).mappings().one_or_none()
         return None if row is None else from_row(row)
 
     def list_owner(self, owner: RunRef, status: SessionStatus | None = None) -> list[StoredSession]:
         """Every session of one owner, optionally of one status, in key order."""
-        query = sa.select(sessions).where(*of_owner(owner))
+        query = sa.select(sessions).where(*of_owner(self.key_prefix, owner))
         if status is not None:
             query = query.where(sessions.c.status == SessionStatus(status).value)
         return self._rows(query.order_by(*KEY_ORDER))
@@ -83,7 +91,7 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
         if key.owner_type is not OwnerType.CONVERSATION:
             return []
         query = sa.select(*KEY_ORDER).where(
-            *of_owner(key.owner),
+            *of_owner(self.key_prefix, key.owner),
             sessions.c.binding_id == key.binding_id,
             sessions.c.agent_id == key.agent_id,
             sessions.c.agent_config_snapshot_id != key.config_id,
@@ -92,16 +100,18 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
         with translate_errors(), self.engine.connect() as conn:
             return [key_of(row) for row in conn.execute(query).mappings()]
 
-    def idle_conversation_keys(self, *, idle_s: float, limit: int) -> list[SessionKey]:
-        """Up to ``limit`` ``active`` conversation sessions not updated for ``idle_s`` seconds
-        and not waiting for human input, oldest first, of conversations that have not ended
-        (an ended one's are the reconciler's)."""
+    def idle_conversation_keys(self, *, before: datetime, limit: int) -> list[SessionKey]:
+        """Up to ``limit`` ``active`` conversation sessions last saved before ``before`` (a
+        time of Redis's clock, which stamped ``updated_at``) and not waiting for human input,
+        oldest first, of conversations that have not ended (an ended one's are the
+        reconciler's)."""
         query = (
             sa.select(*KEY_ORDER)
             .where(
+                sessions.c.key_prefix == self.key_prefix,
                 sessions.c.owner_type == OwnerType.CONVERSATION.value,
                 sessions.c.status == ACTIVE,
-                sessions.c.updated_at < sa.func.now() - interval_of(idle_s),
+                sessions.c.updated_at < before,
                 sessions.c.pending_form_id.is_(None),
                 sessions.c.pending_tool_call_id.is_(None),
                 ~conversation_ended(),
@@ -112,15 +122,16 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
         with translate_errors(), self.engine.connect() as conn:
             return [key_of(row) for row in conn.execute(query).mappings()]
 
-    def stalled_conversation_cleanups(self, *, older_than_s: float, limit: int) -> list[SessionKey]:
-        """Up to ``limit`` conversation sessions ``cleaning`` for over ``older_than_s`` seconds
-        in conversations that have not ended (an ended one's are the reconciler's)."""
+    def stalled_conversation_cleanups(self, *, before: datetime, limit: int) -> list[SessionKey]:
+        """Up to ``limit`` conversation sessions ``cleaning`` since before ``before`` (Redis's
+        clock) in conversations that have not ended (an ended one's are the reconciler's)."""
         query = (
             sa.select(*KEY_ORDER)
             .where(
+                sessions.c.key_prefix == self.key_prefix,
                 sessions.c.owner_type == OwnerType.CONVERSATION.value,
                 sessions.c.status == SessionStatus.CLEANING.value,
-                sessions.c.updated_at < sa.func.now() - interval_of(older_than_s),
+                sessions.c.updated_at < before,
                 ~conversation_ended(),
             )
             .order_by(sessions.c.updated_at)

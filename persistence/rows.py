@@ -34,9 +34,12 @@ from cache.records import (
 from persistence.models import OWNER_COLUMNS, sessions
 
 COLUMNS: Final = tuple(
-    column.name for column in sessions.columns if column.name not in {"id", "flushed_at"}
+    column.name
+    for column in sessions.columns
+    if column.name not in {"id", "flushed_at", "key_prefix"}
 )
-"""The columns a flush writes, in table order (the upsert's array parameters)."""
+"""The columns a flush writes, in table order (the upsert's array parameters); the
+repository adds its deployment's ``key_prefix`` to every row of a statement."""
 HASH_FIELDS: Final = tuple(name for name in COLUMNS if name not in OWNER_COLUMNS)
 """The session hash fields that are columns (same names); the owner and key columns come from
 the key name."""
@@ -47,14 +50,20 @@ _SPECS_JSON_KEPT: Final = 256
 
 @dataclass(frozen=True, slots=True)
 class SessionRow:
-    """One session as the upsert writes it, plus what sorting the fence's answer needs."""
+    """One session as the upsert writes it, plus what the fence and the sorting of its
+    answer need."""
 
     key: SessionKey
     version: int
     status: str
     lineage: str | None
+    content_id: str | None
     values: tuple[Any, ...]
     """Column values in :data:`COLUMNS` order."""
+    known_version: int | None = None
+    """The highest version this Redis copy knows reached Postgres (``mark_flushing``):
+    Postgres holding a higher one means Redis went back in time, and the row is refused.
+    ``None``: not known (a record, or a hash an earlier build saved), not checked."""
 
 
 def owner_values(key: SessionKey) -> tuple[str | None, ...]:
@@ -99,12 +108,20 @@ def row_of_session(session: StoredSession, now: datetime) -> SessionRow:
         "closed_by": session.closed_by.value if session.closed_by else None,
         "cleanup_error": session.cleanup_error,
         "lineage": session.lineage,
+        "content_id": session.content_id,
         "cleaned_at": _to_datetime(session.cleaned_at),
         "created_at": _to_datetime(session.created_at) or now,
         "updated_at": _to_datetime(session.updated_at) or now,
     }
     values = tuple(known[name] for name in COLUMNS)
-    return SessionRow(session.key, session.version, session.status.value, session.lineage, values)
+    return SessionRow(
+        session.key,
+        session.version,
+        session.status.value,
+        session.lineage,
+        session.content_id,
+        values,
+    )
 
 
 # --- from the bytes of a hash ----------------------------------------------------------------
@@ -202,7 +219,11 @@ CHECK to enforce: this library always writes them)."""
 
 
 def row_of_hash(
-    name: str, key: SessionKey, values: Sequence[bytes | None], now: datetime
+    name: str,
+    key: SessionKey,
+    values: Sequence[bytes | None],
+    now: datetime,
+    known_version: int | None = None,
 ) -> SessionRow:
     """The row of session hash ``name`` from its :data:`HASH_FIELDS` values (``HMGET``);
     :class:`CorruptValue` names the field of anything this library would not have written
@@ -225,7 +246,8 @@ def row_of_hash(
         raise CorruptValue(name, "agent_config_snapshot_id", f"{config!r} is not the key's")
     row: tuple[Any, ...] = _PICK([*owner_values(key), *converted])
     version, status = converted[_AT["version"]], converted[_AT["status"]]
-    return SessionRow(key, version, status, converted[_AT["lineage"]], row)
+    lineage, content_id = converted[_AT["lineage"]], converted[_AT["content_id"]]
+    return SessionRow(key, version, status, lineage, content_id, row, known_version)
 
 
 def _corrupt(name: str, values: Sequence[bytes | None]) -> CorruptValue:

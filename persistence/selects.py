@@ -43,7 +43,7 @@ KEY_ORDER: Final = (
     sessions.c.agent_config_snapshot_id,
 )
 """What a key is read back from (``key_of``), in the order sessions are listed."""
-OWNER_ROW: Final = (runs.c.tenant_id, runs.c.owner_type, runs.c.owner_id)
+OWNER_ROW: Final = (runs.c.key_prefix, runs.c.tenant_id, runs.c.owner_type, runs.c.owner_id)
 """The owners table's key columns."""
 OWNER_CLOSERS: Final = sorted(closer.value for closer in OWNER_ENDS)
 ACTIVE: Final = SessionStatus.ACTIVE.value
@@ -79,6 +79,7 @@ def from_row(row: RowMapping) -> StoredSession:
         closed_by=ClosedBy(row["closed_by"]) if row["closed_by"] else None,
         cleanup_error=row["cleanup_error"],
         lineage=row["lineage"],
+        content_id=row["content_id"],
         snapshot_raw=row["snapshot"],
     )
 
@@ -88,17 +89,20 @@ def key_of(row: RowMapping) -> SessionKey:
     return SessionKey.of_parts(owner, *(row[name] for name in KEY_COLUMNS[owner]))
 
 
-def by_key_query(key: SessionKey) -> sa.Select[Any]:
+def by_key_query(prefix: str, key: SessionKey) -> sa.Select[Any]:
+    """The deployment's row of ``key``."""
     keys = KEYS[key.owner_type]
     return sa.select(sessions).where(
+        sessions.c.key_prefix == prefix,
         sessions.c.owner_type == key.owner_type.value,
         *(col == part for col, part in zip(keys, key.parts(), strict=True)),
     )
 
 
-def of_owner(owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
-    """The sessions table's rows of ``owner``."""
+def of_owner(prefix: str, owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
+    """The sessions table's rows of ``owner`` in the deployment ``prefix``."""
     return (
+        sessions.c.key_prefix == prefix,
         sessions.c.owner_type == owner.owner_type.value,
         sessions.c.tenant_id == owner.tenant_id,
         OWNER_ID[owner.owner_type] == owner.owner_id,
@@ -106,25 +110,29 @@ def of_owner(owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
 
 
 def conversation_ended() -> sa.Exists:
-    """The session row's conversation has ended (a row in the owners table)."""
+    """The session row's conversation has ended (a row of its deployment in the owners
+    table)."""
     return sa.exists().where(
+        runs.c.key_prefix == sessions.c.key_prefix,
         runs.c.tenant_id == sessions.c.tenant_id,
         runs.c.owner_type == OwnerType.CONVERSATION.value,
         runs.c.owner_id == sessions.c.conversation_id,
     )
 
 
-def is_owner(owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
-    """The owners table's row of ``owner``."""
-    return tuple(col == value for col, value in zip(OWNER_ROW, owner_row(owner), strict=True))
+def is_owner(prefix: str, owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
+    """The owners table's row of ``owner`` in the deployment ``prefix``."""
+    values = owner_row(prefix, owner)
+    return tuple(col == value for col, value in zip(OWNER_ROW, values, strict=True))
 
 
-def owner_row(owner: RunRef) -> tuple[str, str, str]:
-    return (owner.tenant_id, owner.owner_type.value, owner.owner_id)
+def owner_row(prefix: str, owner: RunRef) -> tuple[str, str, str, str]:
+    return (prefix, owner.tenant_id, owner.owner_type.value, owner.owner_id)
 
 
 def owner_of(row: Any) -> RunRef:
-    tenant_id, owner_type, owner_id = row
+    """The owner of an owners-table row read as :data:`OWNER_ROW`."""
+    _, tenant_id, owner_type, owner_id = row
     return RunRef(tenant_id, owner_id, OwnerType(owner_type))
 
 

@@ -8,26 +8,38 @@ Up to ``flush_batch`` sessions go in ONE ``INSERT ... SELECT FROM unnest(...) ON
 * the same lineage (or either unknown): equal versions of two histories of one key are
   never taken for each other;
 * never ``active`` again once the workflow's end closed the row, and never an ``active``
-  row for a run ``agent_session_owners`` records as ended.
+  row for a run ``agent_session_owners`` records as ended;
+* never a row whose Redis copy knows less than Postgres holds (Redis went back in time: a
+  failover, a restore): Postgres's version must not exceed the copy's ``known_version``;
+* of one deployment (``key_prefix``) only.
 
 Rows the fence kept are reported by why, so the caller can tell an already-applied retry
-(acknowledge it) from a Postgres that is ahead of Redis or holds another lineage (poison it)
-and from a save into an ended run (leave it for the reconciler). docs/persistence.md has the
+(the same version and content: acknowledge it) from a Postgres that is ahead of Redis or
+holds another history of the key (another lineage, another save at the same version, or
+more than the copy knows reached it: poison it, both sides named) and from a save into an
+ended run (leave it for the reconciler). docs/persistence.md has the
 measurements that chose this shape over multi-row VALUES. The statement runs on a plain
 autocommit psycopg connection (``persistence.direct``): one statement, one round trip.
 
 The statement SQLAlchemy compiles once per owner type, for a workflow run's rows
 (``tests/unit/test_upsert_sql.py`` checks the fence below against the compiled text)::
 
-    INSERT INTO agent_runtime_sessions (<COLUMNS>)
-    SELECT <COLUMNS> FROM unnest(CAST(%(owner_type)s AS VARCHAR[]), ...,
-                                 CAST(%(updated_at)s AS TIMESTAMP WITH TIME ZONE[])) AS batch
-     WHERE batch.status != 'active'
-        OR NOT (EXISTS (SELECT * FROM agent_session_owners
-                         WHERE agent_session_owners.tenant_id = batch.tenant_id
-                           AND agent_session_owners.owner_type = 'workflow_run'
-                           AND agent_session_owners.owner_id = batch.workflow_run_id))
-    ON CONFLICT (tenant_id, workflow_run_id, node_id, binding_id, agent_id) DO UPDATE
+    INSERT INTO agent_runtime_sessions (key_prefix, <COLUMNS>)
+    SELECT %(key_prefix)s::VARCHAR, <COLUMNS>
+      FROM unnest(CAST(%(owner_type)s AS VARCHAR[]), ..., CAST(%(known_version)s AS BIGINT[]))
+           AS batch(<COLUMNS>, known_version)
+     WHERE (batch.status != 'active' OR NOT (EXISTS (SELECT * FROM agent_session_owners
+             WHERE agent_session_owners.key_prefix = %(key_prefix)s::VARCHAR
+               AND agent_session_owners.tenant_id = batch.tenant_id
+               AND agent_session_owners.owner_type = 'workflow_run'
+               AND agent_session_owners.owner_id = batch.workflow_run_id)))
+       AND NOT (EXISTS (SELECT * FROM agent_runtime_sessions AS stored
+             WHERE stored.key_prefix = %(key_prefix)s::VARCHAR
+               AND stored.tenant_id = batch.tenant_id
+               AND stored.workflow_run_id = batch.workflow_run_id
+               AND stored.node_id = batch.node_id AND stored.binding_id = batch.binding_id
+               AND stored.agent_id = batch.agent_id AND stored.version > batch.known_version))
+    ON CONFLICT (key_prefix, tenant_id, workflow_run_id, node_id, binding_id, agent_id) DO UPDATE
        SET <every other column> = excluded.<column>, flushed_at = now()
      WHERE agent_runtime_sessions.version < excluded.version
        AND (agent_runtime_sessions.lineage IS NULL OR excluded.lineage IS NULL
@@ -39,7 +51,9 @@ The statement SQLAlchemy compiles once per owner type, for a workflow run's rows
 
 ``<COLUMNS>`` is ``persistence.rows.COLUMNS``; a conversation's statement names its own key
 columns (``conversation_id`` and ``agent_config_snapshot_id`` for ``workflow_run_id`` and
-``node_id``).
+``node_id``). The second ``NOT EXISTS`` is the fence against a Redis that went back in time:
+``known_version`` is the highest version the row's Redis copy knows reached Postgres
+(``lua/mark_flushing.lua``; NULL for a copy an earlier build saved, which is not checked).
 """
 
 from __future__ import annotations
@@ -62,7 +76,7 @@ from sqlalchemy.types import UserDefinedType
 from cache.records import OwnerType, RunRef, SessionKey
 from persistence.direct import DirectConnections
 from persistence.errors import translate_errors
-from persistence.models import KEY_COLUMNS, runs, sessions
+from persistence.models import KEY_COLUMNS, UNIQUE_COLUMNS, runs, sessions
 from persistence.rows import COLUMNS, SessionRow, newest_per_key
 from persistence.selects import (
     ACTIVE,
@@ -78,8 +92,18 @@ from persistence.selects import (
 
 Fenced = tuple[SessionKey, int, int]
 """``(key, stored_version, offered_version)`` of a row the version fence kept as it was."""
-Diverged = tuple[SessionKey, int, str, int, str]
-"""``(key, stored_version, stored_lineage, offered_version, offered_lineage)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """Postgres holds a state of the key this Redis copy does not descend from (another
+    lineage, another save at the same version, or more than this copy knows reached
+    Postgres: Redis went back in time). Never written, never acknowledged: parked in the
+    poison hash with ``why``, which names both sides."""
+
+    key: SessionKey
+    offered_version: int
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +112,8 @@ class UpsertResult:
 
     written: list[tuple[SessionKey, int]] = field(default_factory=list)
     fenced: list[Fenced] = field(default_factory=list)
-    diverged: list[Diverged] = field(default_factory=list)
-    """Postgres holds another lineage of the key: two histories, never merged silently."""
+    diverged: list[Divergence] = field(default_factory=list)
+    """Two histories of the key, never merged silently."""
     run_ended: list[SessionKey] = field(default_factory=list)
     """``active`` rows of a run that ended: refused, left for the run's reconciliation."""
 
@@ -148,27 +172,38 @@ def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
     the same for every batch, so SQLAlchemy compiles it once instead of building 21 x N
     bind parameters per flush (the cost that made ``VALUES`` the slowest shape measured),
     and no batch size can reach Postgres' 65,535-parameter limit. It returns the key and
-    version of each row it wrote; rows the fence kept return nothing.
+    version of each row it wrote; rows the fence kept return nothing. The deployment's
+    prefix is one scalar parameter; ``known_version`` (per row) only filters.
 
     One statement per owner type: each owner's key has its own unique constraint, and one
     ``ON CONFLICT`` names one of them.
     """
     arrays = [_array_parameter(name) for name in COLUMNS]
-    source = sa.func.unnest(*arrays).table_valued(*COLUMNS).render_derived()
+    known = sa.cast(sa.bindparam("known_version", type_=_ArrayParameter()), ARRAY(sa.BigInteger()))
+    source = sa.func.unnest(*arrays, known).table_valued(*COLUMNS, "known_version")
+    batch = source.render_derived(name="batch")
+    prefix = sa.bindparam("key_prefix", type_=sa.String())
     ended = sa.exists().where(
-        runs.c.tenant_id == source.c.tenant_id,
+        runs.c.key_prefix == prefix,
+        runs.c.tenant_id == batch.c.tenant_id,
         runs.c.owner_type == owner.value,
-        runs.c.owner_id == source.c[OWNER_ID[owner].name],
+        runs.c.owner_id == batch.c[OWNER_ID[owner].name],
     )
-    rows = sa.select(*(source.c[name] for name in COLUMNS)).where(
-        sa.or_(source.c.status != ACTIVE, ~ended)
+    stored = sessions.alias("stored")
+    went_back = sa.exists().where(
+        stored.c.key_prefix == prefix,
+        *(stored.c[name] == batch.c[name] for name in KEY_COLUMNS[owner]),
+        stored.c.version > batch.c.known_version,
     )
-    insert = pg_insert(sessions).from_select(list(COLUMNS), rows)
+    rows = sa.select(prefix, *(batch.c[name] for name in COLUMNS)).where(
+        sa.or_(batch.c.status != ACTIVE, ~ended), ~went_back
+    )
+    insert = pg_insert(sessions).from_select(["key_prefix", *COLUMNS], rows)
     keys = KEY_COLUMNS[owner]
     updated = {name: insert.excluded[name] for name in COLUMNS if name not in keys}
     new = insert.excluded
     return insert.on_conflict_do_update(
-        index_elements=list(KEYS[owner]),
+        index_elements=list(UNIQUE_COLUMNS[owner]),
         set_={**updated, "flushed_at": sa.func.now()},
         where=sa.and_(
             sessions.c.version < new.version,
@@ -186,6 +221,10 @@ def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
     ).returning(*KEYS[owner], sessions.c.version)
 
 
+_PER_CALL: Final = frozenset({*COLUMNS, "known_version", "key_prefix"})
+"""The statement's parameters that change with every call (the rest are constants)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     """One owner's upsert as psycopg SQL and its constant parameters, compiled once."""
@@ -196,14 +235,15 @@ class _Compiled:
     @classmethod
     def of(cls, owner: OwnerType) -> _Compiled:
         compiled = _upsert_statement(owner).compile(dialect=postgresql_psycopg.dialect())  # type: ignore[no-untyped-call]
-        constants = {k: v for k, v in compiled.params.items() if k not in COLUMNS}
+        constants = {k: v for k, v in compiled.params.items() if k not in _PER_CALL}
         return cls(str(compiled).encode(), constants)
 
-    def params(self, rows: Sequence[SessionRow]) -> dict[str, Any]:
-        """One binary array per column, column-major."""
+    def params(self, rows: Sequence[SessionRow], key_prefix: str) -> dict[str, Any]:
+        """One binary array per column, column-major, and the deployment's prefix."""
         columns = zip(*(row.values for row in rows), strict=True)
         arrays = dict(zip(COLUMNS, map(_BinaryArray, columns), strict=True))
-        return {**self.constants, **arrays}
+        known = _BinaryArray(row.known_version for row in rows)
+        return {**self.constants, **arrays, "known_version": known, "key_prefix": key_prefix}
 
 
 _UPSERTS: Final = {owner: _Compiled.of(owner) for owner in OwnerType}
@@ -214,6 +254,7 @@ class FencedUpsert:
 
     if TYPE_CHECKING:
         engine: Engine
+        key_prefix: str
         _direct: DirectConnections
 
     def upsert_rows(self, batch: Sequence[SessionRow], *, direct: bool = True) -> UpsertResult:
@@ -238,11 +279,12 @@ class FencedUpsert:
             if not rows:
                 continue
             upsert = _UPSERTS[owner]
+            params = upsert.params(rows, self.key_prefix)
             with translate_errors():
                 if direct:
-                    replies = self._direct.execute(upsert.sql, upsert.params(rows))
+                    replies = self._direct.execute(upsert.sql, params)
                 else:
-                    replies = self._pooled_upsert(upsert.sql, upsert.params(rows))
+                    replies = self._pooled_upsert(upsert.sql, params)
             keys = {row.key.parts(): row.key for row in rows}
             written |= {keys[tuple(reply[:5])]: reply[5] for reply in replies}
         refused = [row for row in offered if row.key not in written]
@@ -258,25 +300,35 @@ class FencedUpsert:
             result = conn.exec_driver_sql(sql.decode(), params)
             return [tuple(row) for row in result]
 
-    @staticmethod
     def _refused_state(
-        conn: Connection, refused: list[SessionRow]
+        self, conn: Connection, refused: list[SessionRow]
     ) -> tuple[dict[SessionKey, RowMapping], set[RunRef]]:
-        """What Postgres holds for the rows the fence kept: their stored version, lineage and
-        ``closed_by``, and which of their owners ended (a SELECT per owner type, and one)."""
+        """What Postgres holds for the rows the fence kept: their stored version, lineage,
+        content and ``closed_by``, and which of their owners ended (a SELECT per owner type,
+        and one), in this deployment."""
         stored: dict[SessionKey, RowMapping] = {}
         for owner in OwnerType:
             parts = [row.key.parts() for row in refused if row.key.owner_type is owner]
             if not parts:
                 continue
-            query = sa.select(
-                *KEY_ORDER, sessions.c.version, sessions.c.lineage, sessions.c.closed_by
-            ).where(sessions.c.owner_type == owner.value, sa.tuple_(*KEYS[owner]).in_(parts))
+            query = sa.select(*KEY_ORDER, *_STORED).where(
+                sessions.c.key_prefix == self.key_prefix,
+                sessions.c.owner_type == owner.value,
+                sa.tuple_(*KEYS[owner]).in_(parts),
+            )
             stored |= {key_of(row): row for row in conn.execute(query).mappings()}
-        owner_ids = sorted({owner_row(row.key.owner) for row in refused})
+        owner_ids = sorted({owner_row(self.key_prefix, row.key.owner) for row in refused})
         ended_query = sa.select(*OWNER_ROW).where(sa.tuple_(*OWNER_ROW).in_(owner_ids))
         ended = {owner_of(row) for row in conn.execute(ended_query).all()}
         return stored, ended
+
+
+_STORED: Final = (
+    sessions.c.version,
+    sessions.c.lineage,
+    sessions.c.content_id,
+    sessions.c.closed_by,
+)
 
 
 def _by_key(entry: tuple[SessionKey, int]) -> tuple[str, ...]:
@@ -307,8 +359,36 @@ class _Refusals:
             result.run_ended.append(key)
         elif row is None:
             return
-        elif row["lineage"] and offered.lineage and row["lineage"] != offered.lineage:
-            lineages = (row["lineage"], offered.version, offered.lineage)
-            result.diverged.append((key, row["version"], *lineages))
+        elif (why := _divergence(row, offered)) is not None:
+            result.diverged.append(Divergence(key, offered.version, why))
         else:
             result.fenced.append((key, row["version"], offered.version))
+
+
+def _divergence(row: RowMapping, offered: SessionRow) -> str | None:
+    """Why Postgres's row is not in the history of the offered one, or ``None`` (then the
+    row is fenced: already applied, or Postgres is ahead). A lineage or content id unknown
+    on either side (written by an earlier build) matches any."""
+    stored, version, known = row["version"], offered.version, offered.known_version
+    if row["lineage"] and offered.lineage and row["lineage"] != offered.lineage:
+        return (
+            f"diverged lineage: postgres holds lineage {row['lineage']} at version {stored}, "
+            f"redis holds lineage {offered.lineage} at version {version}"
+        )
+    if stored == version and _differ(row["content_id"], offered.content_id):
+        return (
+            f"same version, other content: postgres holds version {stored} as content "
+            f"{row['content_id']}, redis holds it as content {offered.content_id}"
+        )
+    if known is not None and known < stored < version:
+        return (
+            f"redis went back in time: postgres holds version {stored} "
+            f"(content {row['content_id'] or '-'}), but this redis copy knows only up to "
+            f"version {known} reached postgres; it holds version {version} "
+            f"(content {offered.content_id or '-'}), built on an older state"
+        )
+    return None
+
+
+def _differ(stored: str | None, offered: str | None) -> bool:
+    return bool(stored and offered and stored != offered)

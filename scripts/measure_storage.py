@@ -183,7 +183,7 @@ def rows_of(batch: list[StoredSession]) -> list[SessionRow]:
 
 
 def shape_repository(engine: Engine) -> Callable[[list[StoredSession]], int]:
-    repo = SessionRepository(engine)
+    repo = SessionRepository(engine, "asc")
     return lambda batch: len(repo.upsert_rows(rows_of(batch)).written)
 
 
@@ -220,7 +220,7 @@ def reset(engine: Engine, compression: str, seed: list[StoredSession]) -> None:
         conn.exec_driver_sql(
             f"ALTER TABLE {TABLE_NAME} ALTER COLUMN snapshot SET COMPRESSION {compression}"
         )
-    SessionRepository(engine).upsert_rows(rows_of(seed))
+    SessionRepository(engine, "asc").upsert_rows(rows_of(seed))
     with engine.connect() as conn:
         conn.exec_driver_sql("CHECKPOINT")
 

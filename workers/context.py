@@ -45,7 +45,7 @@ class WorkerContext:
         return cls(
             settings=settings,
             cache=RedisSessionCache(connect(settings), settings),
-            repo=SessionRepository(create_engine(settings.database_url)),
+            repo=SessionRepository(create_engine(settings.database_url), settings.key_prefix),
             queue_redis=queue_redis,
             flush_queue=flush_queue(queue_redis, settings.key_prefix),
             cleanup_queue=cleanup_queue(queue_redis, settings.key_prefix),

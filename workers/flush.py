@@ -24,6 +24,7 @@ retried.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -35,7 +36,7 @@ from types import TracebackType
 from typing import Self
 
 from cache.errors import CorruptValue, StoreOutOfMemory
-from cache.flush_side import DirtyEntry
+from cache.flush_side import MOVED_ON, DirtyEntry
 from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROWS, FLUSH_SECONDS
 from cache.records import RunRef, SessionKey
 from cache.store import RedisSessionCache
@@ -209,7 +210,8 @@ class _ShardFlush:
     """Upsert on the thread's own connection (flusher threads) or the engine's pool."""
 
     def run(self, names: list[str]) -> None:
-        """Rows straight from the hashes' bytes (no record is built), then write and ack."""
+        """Rows straight from the hashes' bytes (no record is built), marked as being
+        flushed, then written and acknowledged."""
         sessions: list[Named] = []
         acks: list[tuple[str, int]] = []
         now = datetime.now(UTC)
@@ -223,7 +225,7 @@ class _ShardFlush:
                 sessions.append((name, row_of_hash(name, *item, now)))
             except CorruptValue as exc:
                 self.poison(name, 0, f"cannot decode: {exc.reason}", force=True)
-        written = self.write(sessions)
+        written = self.write(self.marked(sessions))
         self.report.landed = len(written)
         acks += written
         token = self.lock.hand_over() if self.lock is not None else ""
@@ -231,6 +233,17 @@ class _ShardFlush:
         self.report.acked, self.report.still_dirty = acked.acked, acked.still_dirty
         if self.lock is not None:
             self.lock.released = acked.released
+
+    def marked(self, sessions: list[Named]) -> list[Named]:
+        """``mark_flushing``: each row learns the highest version its Redis copy knows reached
+        Postgres (the fence refuses a Postgres that holds more); a session saved again since
+        it was read is left for the next flush."""
+        known = self.cache.mark_flushing([(name, row.version) for name, row in sessions])
+        return [
+            (name, dataclasses.replace(row, known_version=version))
+            for (name, row), version in zip(sessions, known, strict=True)
+            if version != MOVED_ON
+        ]
 
     def write(self, sessions: list[Named]) -> list[tuple[str, int]]:
         """Upsert the batch, splitting statements Postgres refuses; the ``(name, version)``
@@ -270,12 +283,8 @@ class _ShardFlush:
         for key, stored, offered in result.ahead:
             why = f"postgres is ahead of redis: stored version {stored} > flushed {offered}"
             self.poison(names[key], offered, why)
-        for key, stored, stored_lineage, offered, lineage in result.diverged:
-            why = (
-                f"diverged lineage: postgres holds lineage {stored_lineage} at version "
-                f"{stored}, redis holds lineage {lineage} at version {offered}"
-            )
-            self.poison(names[key], offered, why)
+        for divergence in result.diverged:
+            self.poison(names[divergence.key], divergence.offered_version, divergence.why)
         if result.run_ended:
             self.stop_ended(result.run_ended, names)
         return acks

@@ -1,8 +1,8 @@
 """RQ job functions. Arguments are JSON values; the work is in plain functions they call.
 
-:data:`JOB_FUNCTIONS` is the whole list of what a worker will run: ``SessionWorker`` drops
-any other job unrun, because whoever can write to the queue's Redis could otherwise name
-any importable function.
+These two functions are the whole list of what a worker will run: ``SessionWorker`` drops
+any other job unrun (``workers.door``), because whoever can write to the queue's Redis could
+otherwise name any importable function.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from rq import get_current_job
 
@@ -22,7 +22,6 @@ from cache.records import OwnerType, SessionKey
 from persistence.errors import PersistenceUnavailable
 from workers.backend import WaitStopped
 from workers.cleanup import (
-    CLEANUP_JOB,
     Cleaner,
     CleanupLease,
     CleanupResult,
@@ -35,7 +34,6 @@ from workers.cleanup import (
 from workers.context import STOP_REQUESTED, WorkerContext, current
 from workers.flush import FlushReport, flush_shard
 from workers.queues import (
-    FLUSH_JOB,
     back_off,
     backing_off,
     clear_pending,
@@ -48,7 +46,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-JOB_FUNCTIONS: Final = frozenset({FLUSH_JOB, CLEANUP_JOB})
 MAX_BATCHES_PER_JOB = 20
 URGENT_LOCK_WAIT_S = 5.0
 RETRY_PAUSES_S = (0.1, 0.3, 1.0)

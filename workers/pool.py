@@ -36,7 +36,7 @@ from cache.metrics import POOL_RESTARTS
 from cache.settings import Settings
 from cache.store import RedisSessionCache
 from workers.context import STOP_REQUESTED, WorkerContext, current
-from workers.jobs import JOB_FUNCTIONS
+from workers.door import BoundedJob, refusal
 from workers.metrics_server import serve_metrics
 from workers.preflight import checked_context
 from workers.queues import queue_connection, queue_names
@@ -79,23 +79,22 @@ class SessionWorker(SimpleWorker):
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL_S)
         kwargs.setdefault("job_monitoring_interval", JOB_MONITORING_INTERVAL_S)
         kwargs["serializer"] = JSONSerializer
+        kwargs["job_class"] = BoundedJob
         super().__init__(*args, **kwargs)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run only the project's own job functions; drop anything else unrun.
-
-        Whoever can write to the queue's Redis can push a JSON job naming any importable
-        function (``os.system``), a callback or a webhook. Such a job is deleted before RQ
-        resolves any name in it; the refusal is logged and counted (``foreign_jobs_refused``).
-        """
-        reason = foreign(job)
-        if reason is None:
+        """Run only the project's own jobs (:mod:`workers.door`); drop anything else unrun,
+        before RQ resolves any name in it, and log and count why."""
+        settings = current().settings
+        refused = refusal(job, frozenset(queue_names(settings.key_prefix)), settings.shards)
+        if refused is None:
             super().execute_job(job, queue)
             return
-        self.log.error("Worker %s: refused job %s: %s", self.name, job.id, reason)
+        counter, why = refused
+        self.log.error("Worker %s: refused job %s: %s", self.name, job.id, why)
         self.connection.lrem(queue.intermediate_queue_key, 0, job.id)
         job.delete(remove_from_queue=True)
-        current().cache.count(foreign_jobs_refused=1)
+        current().cache.count(**{counter: 1})
 
     def subscribe(self) -> None:
         """RQ's ``subscribe`` with a pub/sub thread that polls every :data:`PUBSUB_POLL_S`.
@@ -123,16 +122,6 @@ class SessionWorker(SimpleWorker):
         """RQ waits up to 405 s per dequeue and a stop signal can land on its pubsub thread;
         short waits let an idle worker notice Ctrl-C or SIGTERM within seconds."""
         return DEQUEUE_TIMEOUT_S
-
-
-def foreign(job: Job) -> str | None:
-    """Why ``job`` is not one of ours, or ``None`` if it is."""
-    if job.func_name not in JOB_FUNCTIONS or job.instance is not None:
-        return f"function {job.func_name!r} is not a job of this project"
-    hooks = ("_success_callback_name", "_failure_callback_name", "_stopped_callback_name")
-    if any(getattr(job, hook, None) for hook in hooks) or job.webhooks:
-        return "it carries a callback or a webhook"
-    return None
 
 
 def log_to_stderr(level: str) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from cache.errors import RunUnknown, VersionConflict
 from cache.metrics import LOADS
-from cache.records import RunRef, SessionKey, SessionWrite
-from cache.store import Loaded, RedisSessionCache
+from cache.records import RunRef, SessionKey, SessionStatus, SessionWrite
+from cache.store import Loaded, RedisSessionCache, Retired
 from persistence.owners import RunEnd
 from persistence.repository import SessionRepository
 
@@ -34,20 +34,26 @@ def load_through(cache: RedisSessionCache, repo: SessionRepository, key: Session
     """The session of ``key`` and whether its run ended; Postgres answers what Redis lost.
 
     One Redis round trip when Redis has the session and its run's marker; otherwise one
-    Postgres read (the row and the run's end record), then the fills.
+    Postgres read (the row and the run's end record), then the fills. A session of an owner
+    Postgres records as ended is never handed back ``active``: it goes to ``cleaning`` (the
+    owner's reconciler is asked to visit now and has the backend clean it up).
     """
     loaded = cache.load(key)
     if loaded.record is not None and loaded.run_known:
         return loaded
     row, end = repo.get_with_run(key)
     ended = loaded.run_ended or restore_run(cache, key.owner, end)
-    current = loaded.current_config
-    if loaded.record is not None or row is None:
-        return Loaded(loaded.record, ended, current_config=current)
-    _LOADED_FROM_POSTGRES.inc()
-    if cache.fill(row):
-        return Loaded(row, ended, current_config=current)
-    return cache.load(key)
+    record = loaded.record
+    if record is None and row is not None:
+        _LOADED_FROM_POSTGRES.inc()
+        if not cache.fill(row):
+            return cache.load(key)
+        record = row
+    if ended and record is not None and record.status is SessionStatus.ACTIVE:
+        cache.begin_cleanup(key.owner, [key])
+        repo.recheck_runs([key.owner])
+        return cache.load(key)
+    return Loaded(record, ended, current_config=loaded.current_config)
 
 
 def save_through(
@@ -80,3 +86,29 @@ def save_through(
             if found != expected_version:
                 raise VersionConflict(conflict.key, expected_version, found) from conflict
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def retire_through(
+    cache: RedisSessionCache, repo: SessionRepository, key: SessionKey, failed_run_id: str | None
+) -> Retired | None:
+    """``cache.retire`` that asks Postgres what Redis lost: the owner's marker (so an ended
+    owner's session goes to ``cleaning``, never to a plain retire), and the session itself
+    (an ``active`` row whose Redis hash expired is retired too, rather than resumed by the
+    next entry). When the owner has ended, the reconciler is asked to visit it now: the
+    session's layers need the backend's cleanup."""
+    retired = _retire_knowing_the_owner(cache, repo, key, failed_run_id)
+    if retired is None and load_through(cache, repo, key).session is not None:
+        retired = _retire_knowing_the_owner(cache, repo, key, failed_run_id)
+    if retired is not None and retired.status is SessionStatus.CLEANING:
+        repo.recheck_runs([key.owner])
+    return retired
+
+
+def _retire_knowing_the_owner(
+    cache: RedisSessionCache, repo: SessionRepository, key: SessionKey, failed_run_id: str | None
+) -> Retired | None:
+    try:
+        return cache.retire(key, failed_run_id)
+    except RunUnknown:
+        restore_run(cache, key.owner, repo.run_end(key.owner))
+        return cache.retire(key, failed_run_id)

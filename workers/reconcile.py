@@ -108,15 +108,16 @@ def retire_sessions(
     keys: Sequence[SessionKey],
     closed_by: ClosedBy,
     *,
-    idle_cutoff: str = "",
+    idle_s: float | None = None,
 ) -> Retired:
     """Retire some sessions of an owner that goes on (a conversation's ``config_change`` or
     ``idle``): ``active`` → ``cleaning`` and a cleanup job each, as an owner's end does for
     all of them. Sessions Redis lost are filled back from Postgres first. Idempotent. With
-    ``idle_cutoff``, only sessions idle by Redis's own ``updated_at`` (in the script)."""
+    ``idle_s``, only sessions idle that long by Redis's own ``updated_at`` and clock (in the
+    script)."""
     keys = sorted(set(keys), key=SessionKey.sort_key)
     _fill_missing(ctx, keys)
-    moved = ctx.cache.begin_cleanup(owner, keys, closed_by=closed_by, idle_cutoff=idle_cutoff)
+    moved = ctx.cache.begin_cleanup(owner, keys, closed_by=closed_by, idle_s=idle_s)
     requested = _request_cleanups(ctx, keys)
     if moved:
         _flush_now(ctx, owner)
@@ -130,17 +131,17 @@ def sweep_conversations(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> Swept
     the cleanup again of retired sessions whose cleanup has not finished within
     ``reconcile_grace_s``."""
     settings = ctx.settings
-    cutoff = datetime.now(UTC) - timedelta(seconds=settings.conversation_idle_s)
-    idle = ctx.repo.idle_conversation_keys(idle_s=settings.conversation_idle_s, limit=limit)
+    now = redis_now(ctx)
+    idle = ctx.repo.idle_conversation_keys(
+        before=now - timedelta(seconds=settings.conversation_idle_s), limit=limit
+    )
     retired = requested = 0
     for owner, keys in _by_owner(idle).items():
-        done = retire_sessions(
-            ctx, owner, keys, ClosedBy.IDLE, idle_cutoff=cutoff.isoformat(timespec="milliseconds")
-        )
+        done = retire_sessions(ctx, owner, keys, ClosedBy.IDLE, idle_s=settings.conversation_idle_s)
         retired += done.moved_to_cleaning
         requested += done.cleanups_requested
     stalled = ctx.repo.stalled_conversation_cleanups(
-        older_than_s=settings.reconcile_grace_s, limit=limit
+        before=now - timedelta(seconds=settings.reconcile_grace_s), limit=limit
     )
     _fill_missing(ctx, stalled)
     requested += _request_cleanups(ctx, stalled)
@@ -155,6 +156,12 @@ class SweptConversations:
     """Idle sessions that went from ``active`` to ``cleaning``."""
     cleanups_requested: int
     """Cleanup jobs requested (for those, and for stalled ones)."""
+
+
+def redis_now(ctx: WorkerContext) -> datetime:
+    """Redis's clock: what every stored ``updated_at`` was stamped with, so the times the
+    sweep compares come from one clock whatever the hosts' clocks say."""
+    return datetime.fromtimestamp(ctx.cache.server_time_ms() / 1000, UTC)
 
 
 def _by_owner(keys: Iterable[SessionKey]) -> dict[RunRef, list[SessionKey]]:

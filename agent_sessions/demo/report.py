@@ -328,12 +328,23 @@ def _fact_lines(f: Mapping[str, object]) -> list[tuple[str, str]]:
             f"{f['workers']} RQ workers)",
         ),
         ("cleanups", _cleanups(f)),
+        ("audit", _audit(f)),
         (
             "wall time",
             f"{f['wall_s']:.1f} s (workload {f['workload_s']:.1f} s, "
             f"write-behind drain {f['drain_s']:.1f} s)",
         ),
     ]
+
+
+def _audit(f: Mapping[str, object]) -> str:
+    counts = f.get("audit")
+    if not isinstance(counts, Mapping):
+        return "not run"
+    shown = {finding: n for finding, n in counts.items() if n}
+    return "every session of the prefix, Redis against Postgres: " + (
+        _counts(shown) if shown else "no sessions"
+    )
 
 
 def _write_behind(f: Mapping[str, object]) -> str:

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import click
 
+from agent_sessions.audit import HEALTHY, audit
 from agent_sessions.demo.report import (
     Report,
     Tracked,
@@ -381,7 +382,7 @@ class Stack:
 def demo_stack(config: DemoConfig) -> Iterator[Stack]:
     settings = Settings().model_copy(update={"key_prefix": config.prefix})
     _say(f"migrating {_safe_url(settings.database_url)}")
-    upgrade(settings.database_url)
+    upgrade(settings.database_url, key_prefix=settings.key_prefix)
     ctx = WorkerContext.from_settings(settings)
     try:
         with FakeAgentBackend() as fake, worker_pool(settings, fake.url, config.workers) as pool:
@@ -479,7 +480,10 @@ def _check(
     sessions = sum(len(result.saved_sessions()) for result in results)
     problems += counter_problems(cache.keys.stats, counters, sessions)
     rows = tenant_rows(repo, str(setup["tenant"]))
-    return Report(build_facts(setup, results, counters, rows), problems)
+    counts = audit(stack.ctx).as_dict()["counts"]
+    problems += [f"audit: {n} {what}" for what, n in counts.items() if n and what not in HEALTHY]
+    facts = build_facts(setup, results, counters, rows) | {"audit": counts}
+    return Report(facts, problems)
 
 
 def main(config: DemoConfig, *, as_json: bool) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -46,7 +47,7 @@ from workers.backend import AgentBackendClient
 from workers.cleanup import Cleaner, cleanup_idempotency_key, retirement_of
 from workers.context import WorkerContext
 from workers.drain import drain
-from workers.reconcile import reconcile_once, sweep_conversations
+from workers.reconcile import reconcile_once, redis_now, sweep_conversations
 
 TENANT = "tenant-1"
 OWNER_ID = "owner-1"
@@ -318,13 +319,14 @@ def test_an_end_after_redis_lost_everything_still_cleans_and_stays_ended(
     assert clean(ctx, backend, owner.key()) == "cleaned"
     lose_everything(ctx)  # again, before "cleaned" reached Postgres: the end is Postgres's fact
     assert not lc.enter(owner.scope(2)).resumable
+    assert pg_status(ctx, owner.key()) is SessionStatus.ACTIVE  # what Postgres last heard
+    assert redis_status(ctx, owner.key()) is SessionStatus.CLEANING  # never active again
     late = run_node(lc, backend, owner.scope(2))
     assert late.result.metadata["session_snapshot_persisted"] is False
-    assert pg_status(ctx, owner.key()) is SessionStatus.ACTIVE  # what Postgres last heard
     with psycopg.connect(ctx.settings.database_url) as conn:
         conn.execute("UPDATE agent_session_owners SET next_check_at = now()")
-    (done,) = reconcile_once(ctx)  # the ended owner's active row is stopped again
-    assert done.moved_to_cleaning == 1  # (its cleanup job: the first one, still queued)
+    (done,) = reconcile_once(ctx)  # the reconciler has the backend clean it up again
+    assert done.moved_to_cleaning == 0 and done.cleanups_requested <= 1
     assert clean(ctx, backend, owner.key()) == "cleaned"
     flushed(ctx)
     assert pg_status(ctx, owner.key()) is SessionStatus.CLEANED
@@ -424,7 +426,8 @@ def test_a_save_after_the_idle_cutoff_in_redis_keeps_the_session(
     flushed(ctx)
     time.sleep(1.2)
     run_node(lc, backend, CONVERSATION.scope(2))  # saved in Redis, not flushed yet
-    assert ctx.repo.idle_conversation_keys(idle_s=1.0, limit=10) == [CONVERSATION.key()]
+    before = redis_now(ctx) - timedelta(seconds=1)
+    assert ctx.repo.idle_conversation_keys(before=before, limit=10) == [CONVERSATION.key()]
     assert sweep_conversations(ctx).retired == 0
     assert redis_status(ctx, CONVERSATION.key()) is SessionStatus.ACTIVE
 
@@ -485,17 +488,14 @@ def test_idle_expiry_leaves_a_session_saved_after_the_cutoff_or_waiting_for_a_hu
     reading and its retiring wins; a turn paused for human input is never idle."""
     key = CONVERSATION.key()
     run_node(lc, backend, CONVERSATION.scope(1))
-    past = "2000-01-01T00:00:00.000+00:00"
-    assert ctx.cache.begin_cleanup(key.owner, [key], closed_by=ClosedBy.IDLE, idle_cutoff=past) == 0
+    long = 10.0**9  # seconds: the session was saved since such a cutoff
+    assert ctx.cache.begin_cleanup(key.owner, [key], closed_by=ClosedBy.IDLE, idle_s=long) == 0
     assert redis_status(ctx, key) is SessionStatus.ACTIVE
     run_node(lc, backend, CONVERSATION.scope(2), behaviour="human_input", pending_form_id="f-1")
-    future = "2999-01-01T00:00:00.000+00:00"
-    assert (
-        ctx.cache.begin_cleanup(key.owner, [key], closed_by=ClosedBy.IDLE, idle_cutoff=future) == 0
-    )
+    assert ctx.cache.begin_cleanup(key.owner, [key], closed_by=ClosedBy.IDLE, idle_s=0) == 0
     assert redis_status(ctx, key) is SessionStatus.ACTIVE
     flushed(ctx)
-    assert ctx.repo.idle_conversation_keys(idle_s=0.001, limit=10) == []  # nor in Postgres
+    assert ctx.repo.idle_conversation_keys(before=redis_now(ctx), limit=10) == []  # nor in PG
 
 
 def test_an_owner_end_takes_only_its_owners_outcomes(

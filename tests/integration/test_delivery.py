@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from agent_sessions.audit import audit
 from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
 from agent_sessions.testing.worker_process import WorkerProcess
 from cache.errors import ConfigurationError, StoreOutOfMemory
@@ -29,12 +33,13 @@ from cache.records import SessionKey
 from cache.settings import Settings
 from cache.store import LISTPACK_ADVICE, RedisSessionCache
 from tests import factories as f
-from tests.integration.support import make_ctx, node_composition, wait_for
+from tests.integration.support import make_ctx, node_composition, settings_env, wait_for
 from tests.servers import Database, RedisServer
 from workers.backend_models import CreateRunRequest
+from workers.cleanup import CLEANUP_JOB
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
-from workers.queues import FlushRequest, pending_ttl_ms, request_flush
+from workers.queues import FLUSH_JOB, FlushRequest, pending_ttl_ms, request_flush
 
 TABLE = "agent_runtime_sessions"
 
@@ -250,6 +255,7 @@ def test_sigkill_mid_flush_ten_times_then_everything_lands_within_three_flush_de
         3 * delay_s,
     )
     assert time.monotonic() - killed_at <= 3 * delay_s
+    wait_for(lambda: audit(ctx).faults == 0, "Redis and Postgres to agree", 10)
 
 
 # ------------------------------------------------------------------ 3. transient row errors
@@ -428,6 +434,85 @@ def test_a_worker_refuses_a_job_that_is_not_one_of_ours(
     wait_for(lambda: job.id not in foreign.job_ids, "the foreign job to leave the queue", 20)
     assert not marker.exists()
     assert ctx.cache.counters().get("foreign_jobs_refused") == 1
+
+
+def _burst_worker(ctx: WorkerContext) -> tuple[subprocess.CompletedProcess[str], int]:
+    """``agent-sessions worker -n 1 --burst`` and the peak RSS (bytes) of its processes."""
+    probe = (
+        "import resource, subprocess, sys; "
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.stderr.write(done.stderr); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "sys.exit(done.returncode)"
+    )
+    worker = [sys.executable, "-m", "agent_sessions", "worker", "-n", "1", "--burst"]
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *worker],
+        env=settings_env(ctx),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result, int(result.stdout.strip().splitlines()[-1]) * 1024
+
+
+def _inflating_payload(inflated_bytes: int) -> bytes:
+    """A zlib stream of a flush job's JSON whose argument inflates to ``inflated_bytes``,
+    compressed in chunks (this process never holds it inflated)."""
+    deflater = zlib.compressobj(9)
+    parts = [deflater.compress(b'["workers.jobs.flush_job", null, [1, "')]
+    chunk = b"A" * (1 << 20)
+    parts += [deflater.compress(chunk) for _ in range(inflated_bytes // len(chunk))]
+    parts += [deflater.compress(b'"], {}]'), deflater.flush()]
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("inflated_mib", "says"),
+    [(400, "its stored payload is"), (16, "its payload inflates to more than 65536 bytes")],
+)
+def test_a_job_that_inflates_to_megabytes_is_refused_before_it_inflates(
+    redis_client: redis.Redis, redis_url: str, migrated: Database, inflated_mib: int, says: str
+) -> None:
+    """Before, RQ inflated a 389 KB zlib stream to ~400 MB when it fetched the job (the
+    worker reached 1.23 GB) before our code saw the job. Now the worker refuses a payload
+    over 64 KiB, stored or inflated, and its processes stay small."""
+    ctx = make_ctx(redis_url, migrated.url, shards=4)
+    job = ctx.flush_queue.enqueue(FLUSH_JOB, 1)
+    bomb = _inflating_payload(inflated_mib << 20)
+    ctx.queue_redis.hset(Job.key_for(job.id), "data", bomb)
+    result, peak = _burst_worker(ctx)
+    assert result.returncode == 0, result.stderr
+    assert says in result.stderr
+    assert ctx.cache.counters().get("jobs_refused_oversized") == 1
+    assert job.id not in ctx.flush_queue.job_ids
+    assert len(bomb) < 1 << 20 and peak < 300 << 20, f"peak RSS {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize("shard", [10**30, -1, 9999, "1", True])
+def test_a_flush_job_with_an_impossible_shard_is_refused_and_counted(
+    redis_client: redis.Redis, redis_url: str, migrated: Database, shard: object
+) -> None:
+    """Before, ``flush_job(10**30)``, ``(-1)`` and ``(9999)`` finished silently."""
+    ctx = make_ctx(redis_url, migrated.url, shards=4)
+    ctx.flush_queue.enqueue(FLUSH_JOB, shard)
+    result, _ = _burst_worker(ctx)
+    assert result.returncode == 0, result.stderr
+    assert f"shard {shard!r} is not one of 0..3" in result.stderr
+    assert ctx.cache.counters().get("jobs_refused_bad_arguments") == 1
+
+
+def test_a_cleanup_job_with_arguments_no_session_has_is_refused(
+    redis_client: redis.Redis, redis_url: str, migrated: Database
+) -> None:
+    ctx = make_ctx(redis_url, migrated.url, shards=4)
+    ctx.cleanup_queue.enqueue(CLEANUP_JOB, "t", "r", "n", "b", "x" * 300)
+    ctx.cleanup_queue.enqueue(CLEANUP_JOB, "t", "r", "n", "b", "a", "alien-owner")
+    result, _ = _burst_worker(ctx)
+    assert result.returncode == 0, result.stderr
+    assert "not a session key" in result.stderr and "owner type 'alien-owner'" in result.stderr
+    assert ctx.cache.counters().get("jobs_refused_bad_arguments") == 2
 
 
 # ------------------------------------------------------------------ 6. durable pause

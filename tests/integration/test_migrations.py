@@ -30,7 +30,7 @@ from tests import factories as f
 from tests.integration.support import upsert
 from tests.servers import Database
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 @pytest.fixture
@@ -275,11 +275,17 @@ def test_upgrading_0003_to_head_keeps_sessions_and_ended_runs_as_workflow_owned(
             conn.execute(sa.text("SELECT * FROM workflow_agent_runtime_sessions")).mappings().one()
         )
     migrate.upgrade(database_url.url)
-    repo = SessionRepository(engine)
+    repo = SessionRepository(engine, "asc")
     key = SessionKey("t", "r", "n", "b", "g")
     with engine.connect() as conn:
         after = conn.execute(sa.text(f"SELECT * FROM {TABLE_NAME}")).mappings().one()
-    assert {**after} == {**before, "owner_type": "workflow_run", "conversation_id": None}
+    assert {**after} == {
+        **before,
+        "owner_type": "workflow_run",
+        "conversation_id": None,
+        "key_prefix": "asc",
+        "content_id": None,
+    }
     found = repo.get(key)
     assert found is not None and found.version == 7 and found.lineage == "lineage-1"
     assert found.snapshot_raw == snapshot and found.data.pending_form_id == "form-1"
@@ -309,3 +315,43 @@ def test_upgrading_0003_to_head_keeps_sessions_and_ended_runs_as_workflow_owned(
 
 def _conversation_write(session: StoredSession) -> SessionWrite:
     return dataclasses.replace(session.data, workflow_id=None, node_execution_id=None)
+
+
+def test_upgrading_0004_to_head_gives_every_row_the_migrating_deployments_prefix(
+    database_url: Database, engine: Engine
+) -> None:
+    """0005 (deployments): rows written under 0004 become the rows of the deployment that
+    migrates (its ASC_KEY_PREFIX); another deployment's rows of the same keys then live
+    beside them, and neither repository sees the other's sessions or ended owners."""
+    migrate.upgrade(database_url.url, "0004")
+    snapshot = encode("snapshot", f.snapshot("history", state={"n": 1}))
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {TABLE_NAME} (owner_type, {OLD_COLUMNS}) VALUES ('workflow_run', "
+                "'t', 'a', 'w', 'r', 'n', 'e', 'b', 'g', 'c', 'active', 7, :snapshot, '[]', "
+                "NULL, NULL, NULL, NULL, NULL, NULL, now(), now())"
+            ),
+            {"snapshot": snapshot},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO agent_session_owners (tenant_id, owner_type, owner_id, outcome,"
+                " ended_at, next_check_at) VALUES ('t', 'workflow_run', 'r', 'failed', now(),"
+                " now())"
+            )
+        )
+    migrate.upgrade(database_url.url, key_prefix="prod")
+    key, owner = SessionKey("t", "r", "n", "b", "g"), RunRef("t", "r")
+    prod, other = SessionRepository(engine, "prod"), SessionRepository(engine, "asc")
+    found = prod.get(key)
+    assert found is not None and found.version == 7 and found.content_id is None
+    assert prod.run_end(owner) is not None and other.run_end(owner) is None
+    assert other.get(key) is None and other.claim_due_runs(limit=10, recheck_after_s=1) == []
+    theirs = dataclasses.replace(found, version=2, lineage="theirs")
+    assert upsert(other, [theirs]).written == [(key, 2)]  # the same key, another deployment
+    assert prod.get(key) == found and prod.claim_due_runs(limit=10, recheck_after_s=1) == [owner]
+    with engine.connect() as conn:
+        assert schema_diff(conn) == []
+    prod.close()
+    other.close()

@@ -46,7 +46,7 @@ def engine(database_url: Database) -> Iterator[Engine]:
 
 @pytest.fixture
 def repo(engine: Engine) -> Iterator[SessionRepository]:
-    repo = SessionRepository(engine)
+    repo = SessionRepository(engine, "asc")
     yield repo
     repo.close()
 
@@ -269,7 +269,7 @@ def test_a_stopped_server_raises_persistence_unavailable(
 ) -> None:
     migrate.upgrade(private_postgres.url)
     engine = create_engine(private_postgres.url)
-    repo = SessionRepository(engine)
+    repo = SessionRepository(engine, "asc")
     key = session_key()
     upsert(repo, [session(key, 1)])  # leaves a pooled connection to go stale
     private_postgres.stop()

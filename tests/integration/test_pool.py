@@ -21,10 +21,12 @@ from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from agent_sessions.audit import audit
 from agent_sessions.lifecycle import SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from agent_sessions.testing.worker_process import WorkerProcess
 from cache.records import SessionKey, SessionStatus
+from persistence.migrate import head
 from tests import factories as f
 from tests.integration.support import (
     group_gone_within,
@@ -148,6 +150,7 @@ def test_a_killed_flush_trigger_is_started_again_and_flushing_goes_on(
     assert ctx.cache.counters()["restarts_flush_trigger"] == 1
     assert f"flush-trigger (pid {first}) was killed by SIGKILL; starting it again" in pool.tail(200)
     assert [int(n.rpartition(":")[2]) for n in ctx.cache.trigger_passes()] == [second]
+    assert audit(ctx).faults == 0
 
 
 def test_a_killed_worker_is_started_again_and_rq_forgets_the_dead_one(
@@ -168,6 +171,7 @@ def test_a_killed_worker_is_started_again_and_rq_forgets_the_dead_one(
     assert f"(pid {victim}) was killed by SIGKILL; starting it again" in pool.tail(200)
     keys = saved(ctx, 3)
     wait_for(lambda: flushed(ctx, keys), "saves to reach Postgres", 30)
+    assert audit(ctx).faults == 0
 
 
 def test_a_process_that_keeps_crashing_stops_the_pool_with_one_line_and_status_1(
@@ -239,6 +243,7 @@ def test_a_pool_stuck_in_a_flush_stops_within_the_bound_and_acknowledges_nothing
     # next flush finds it applied and acknowledges it
     assert drain(ctx, timeout_s=30).drained and ctx.repo.get(key) is not None
     assert not unacknowledged(ctx, key)
+    assert audit(ctx).faults == 0
 
 
 def test_a_second_signal_kills_the_pool_at_once(
@@ -327,6 +332,7 @@ def test_a_cleanup_killed_mid_flight_is_finished_by_the_next_pool_within_the_bou
     assert took < bound + CLEANUP_ITSELF_S, f"cleaned after {took:.1f}s; bound {bound}s"
     for key in keys:  # the killed attempt's run was asked again, not duplicated
         assert cleanup_runs_of(fake, key) == ["succeeded"], cleanup_runs_of(fake, key)
+    assert audit(ctx).faults == 0
 
 
 def test_a_stopping_pool_hands_its_running_cleanup_back_and_the_next_pool_finishes_it(
@@ -355,6 +361,7 @@ def test_a_stopping_pool_hands_its_running_cleanup_back_and_the_next_pool_finish
     wait_for(lambda: all_cleaned(ctx, [key]), "the session cleaned by the next pool", 60)
     assert time.monotonic() - started < ctx.settings.reconcile_grace_s + CLEANUP_ITSELF_S
     assert cleanup_runs_of(fake, key) == ["succeeded"]
+    assert audit(ctx).faults == 0
 
 
 # ------------------------------------------------------------------------ start-up checks
@@ -386,7 +393,7 @@ def env(redis_client: redis.Redis, redis_url: str, database_url: Database) -> di
 
 def test_a_pool_on_an_unmigrated_database_says_run_migrate(env: dict[str, str]) -> None:
     """Before, the trigger logged a traceback every pass (UndefinedTable)."""
-    refused(start_pool(env), "this build needs 0004: run `agent-sessions migrate`")
+    refused(start_pool(env), f"this build needs {head()}: run `agent-sessions migrate`")
 
 
 def test_a_pool_on_a_missing_database_says_how_to_create_it(env: dict[str, str]) -> None:

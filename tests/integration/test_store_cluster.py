@@ -12,10 +12,11 @@ import redis
 from redis.cluster import ClusterNode
 
 from cache.errors import CorruptValue, RunEnded, RunUnknown
+from cache.flush_side import MOVED_ON
 from cache.records import SessionKey, SessionStatus, StoredSession
 from cache.scripts import SCRIPT_NAMES
 from cache.settings import Settings
-from cache.store import RedisSessionCache
+from cache.store import RedisSessionCache, Retired
 from tests import factories as f
 
 RUNS = 60
@@ -82,7 +83,7 @@ def _exercise_save(cache: RedisSessionCache, key: SessionKey) -> None:
 
 def _exercise_retire(cache: RedisSessionCache, key: SessionKey) -> None:
     cache.save(key, f.session_write())
-    assert cache.retire(key, "failed-run") == 2
+    assert cache.retire(key, "failed-run") == Retired(2, SessionStatus.CLEANED)
     assert cache.retire(key) is None
     record = cache.load(key).record
     assert record is not None and record.status is SessionStatus.CLEANED
@@ -127,6 +128,14 @@ def _exercise_ack_flush(cache: RedisSessionCache, key: SessionKey) -> None:
     assert cache.ack_flush(shard, [(name, 1)])[:2] == (0, 1)
     assert cache.ack_flush(shard, [(name, 2)])[:2] == (1, 0)
     assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
+
+
+def _exercise_mark_flushing(cache: RedisSessionCache, key: SessionKey) -> None:
+    cache.save(key, f.session_write())
+    name = cache.keys.session(key)
+    assert cache.mark_flushing([(name, 1)]) == [0]  # a new session knows nothing flushed
+    assert cache.mark_flushing([(name, 1)]) == [1]  # now it knows v1 was being written
+    assert cache.mark_flushing([(name, 7)]) == [MOVED_ON]
 
 
 def _exercise_fill(cache: RedisSessionCache, key: SessionKey) -> None:
@@ -198,6 +207,7 @@ EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "note_cleanup": _exercise_end_run_and_cleanup,
     "retry_poisoned": _exercise_poison_remedies,
     "drop_poisoned": _exercise_poison_remedies,
+    "mark_flushing": _exercise_mark_flushing,
     "take_lock": _exercise_locks,
     "release_lock": _exercise_locks,
     "begin_flush": _exercise_begin_flush,

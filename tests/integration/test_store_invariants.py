@@ -24,7 +24,7 @@ from cache.errors import (
 )
 from cache.records import SessionKey, SessionStatus, StoredSession
 from cache.settings import Settings
-from cache.store import RedisSessionCache
+from cache.store import RedisSessionCache, Retired
 from tests import factories as f
 
 ACTIVE_TTL_S = 5000
@@ -165,7 +165,7 @@ def test_load_never_returns_a_cleaned_or_cleaning_session_as_resumable(
     assert cache.load(retired).session is None and cache.load(retired).version == 0
     cache.save(retired, f.session_write())
     assert cache.load(retired).session is not None
-    assert cache.retire(retired, "failed-run") == 2
+    assert cache.retire(retired, "failed-run") == Retired(2, SessionStatus.CLEANED)
     loaded = cache.load(retired)
     assert loaded.session is None and loaded.version == 2
     assert loaded.record is not None and loaded.record.status is SessionStatus.CLEANED
@@ -533,7 +533,7 @@ def test_tenants_are_isolated(cache: RedisSessionCache) -> None:
     assert cache.save(b, f.session_write()) == 2
     with pytest.raises(RunEnded):
         cache.save(a, f.session_write())
-    assert cache.retire(b) == 3
+    assert cache.retire(b) == Retired(3, SessionStatus.CLEANED)
     loaded_a = cache.load(a)
     assert loaded_a.record is not None and loaded_a.record.status is SessionStatus.ACTIVE
     assert loaded_a.run_ended and loaded_a.session is None  # a's run ended; b's retire left a

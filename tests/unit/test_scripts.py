@@ -18,14 +18,24 @@ from cache.errors import (
     ScriptContractError,
     VersionConflict,
 )
-from cache.scripts import OK, OK_OR_NOOP, SCRIPT_NAMES, Code, Scripts, check_code, source
+from cache.scripts import (
+    OK,
+    OK_OR_NOOP,
+    PRELUDE,
+    SCRIPT_NAMES,
+    Code,
+    Scripts,
+    check_code,
+    prelude_line,
+    source,
+)
 from cache.store import RedisSessionCache
 
 # The codes each store method accepts from its script (cache/store.py and cache/flush_side.py
 # pass these to check_code).
 ALLOWED: dict[str, frozenset[Code]] = {
     "save": store._SAVE,
-    "retire": OK_OR_NOOP,
+    "retire": store._RETIRE,
     "end_run": store._END,
     "begin_cleanup": OK,
     "mark_cleaned": OK_OR_NOOP,
@@ -40,10 +50,12 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "note_cleanup": OK_OR_NOOP,
     "retry_poisoned": OK_OR_NOOP,
     "drop_poisoned": OK_OR_NOOP,
+    "mark_flushing": OK,
 }
 # Scripts Redis may run over maxmemory: they shrink the backlog (or, load, only renew a TTL).
 ALLOW_OOM = {
     "ack_flush",
+    "mark_flushing",
     "quarantine",
     "take_lock",
     "release_lock",
@@ -72,8 +84,13 @@ class Parsed:
         return "\n".join(self.body)
 
 
+def script_file(name: str) -> str:
+    """The script's own text, as in ``lua/`` (the loader adds the prelude's helpers)."""
+    return resources.files("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
 def parse(name: str) -> Parsed:
-    shebang, *lines = source(name).splitlines()
+    shebang, *lines = script_file(name).splitlines()
     n = 0
     while n < len(lines) and lines[n].startswith("--"):
         n += 1
@@ -118,7 +135,7 @@ def script(request: pytest.FixtureRequest) -> Parsed:
 
 def test_every_script_file_is_listed_and_named_like_its_method() -> None:
     files = {p.name for p in resources.files("lua").iterdir() if p.name.endswith(".lua")}
-    assert files == {f"{name}.lua" for name in SCRIPT_NAMES}
+    assert files == {f"{name}.lua" for name in SCRIPT_NAMES} | {f"{PRELUDE}.lua"}
     assert [field.name for field in dataclasses.fields(Scripts)] == list(SCRIPT_NAMES)
     assert all(callable(getattr(RedisSessionCache, name, None)) for name in SCRIPT_NAMES)
     assert set(ALLOWED) == set(SCRIPT_NAMES)
@@ -272,21 +289,26 @@ def test_check_code_refusal_without_its_value_is_a_contract_error(reply: list[An
 
 
 def test_save_script_fields_are_the_codec_write_fields_in_order() -> None:
-    """``save`` receives bare values (ARGV[7..]) and names them with its own FIELDS list, so
+    """``save`` receives bare values (ARGV[8..]) and names them with its own FIELDS list, so
     that list and :data:`cache.codec.WRITE_FIELDS` must agree field for field."""
     match = re.search(r"local FIELDS = \{(.*?)\}", source("save"), re.DOTALL)
     assert match is not None
     assert tuple(re.findall(r"'([a-z_]+)'", match.group(1))) == WRITE_FIELDS
 
 
-def test_every_copy_of_member_of_is_the_same() -> None:
-    """Scripts cannot share code, so each that adds to an owner's set carries ``member_of``;
-    the copies must not drift apart (the unit test of ``KeySpace.run_member`` pins what it
-    computes)."""
-    copies = {}
+def test_helpers_are_written_once_and_every_line_keeps_its_number() -> None:
+    """``member_of``, ``now_ms`` and ``iso_of`` live in lua/prelude.lua only; the loader puts
+    them on each script's second line, so an error Redis reports at line N is the file's
+    line N."""
     for name in SCRIPT_NAMES:
-        found = re.search(r"local function member_of\(name\)\n.*?\nend\n", source(name), re.S)
-        if found:
-            copies[name] = found.group(0)
-    assert set(copies) == {"begin_cleanup", "drop_poisoned", "fill", "save"}
-    assert len(set(copies.values())) == 1
+        text = script_file(name)
+        assert "local function" not in text, f"{name}.lua defines a helper of its own"
+        loaded = source(name).splitlines()
+        original = text.splitlines()
+        assert len(loaded) == len(original), name
+        assert loaded[0] == original[0] and loaded[1].startswith(prelude_line()), name
+        assert loaded[1].endswith(original[1]) and loaded[2:] == original[2:], name
+
+
+def test_the_prelude_refuses_a_comment_after_code() -> None:
+    assert "--" not in prelude_line()

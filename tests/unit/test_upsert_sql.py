@@ -32,13 +32,13 @@ def test_the_documented_fence_is_the_compiled_one() -> None:
     assert fence in compiled(OwnerType.WORKFLOW_RUN)
 
 
-def test_the_documented_conflict_target_and_ended_run_filter_are_the_compiled_ones() -> None:
+def test_the_documented_filters_and_conflict_target_are_the_compiled_ones() -> None:
+    """The ended-owner filter, the went-back-in-time filter and the conflict target."""
     sql = compiled(OwnerType.WORKFLOW_RUN)
-    assert documented_clause("ON CONFLICT (tenant_id", " DO UPDATE\n       SET") in sql
-    ended = documented_clause("WHERE batch.status", "ON CONFLICT")
-    assert ended in sql
+    assert documented_clause("ON CONFLICT (key_prefix", " DO UPDATE\n       SET") in sql
+    assert documented_clause("WHERE (batch.status", "\n    ON CONFLICT") in sql
     conversation = compiled(OwnerType.CONVERSATION)
     assert (
-        "ON CONFLICT (tenant_id, conversation_id, binding_id, agent_id, "
+        "ON CONFLICT (key_prefix, tenant_id, conversation_id, binding_id, agent_id, "
         "agent_config_snapshot_id)" in conversation
     )

@@ -5,6 +5,15 @@ protocol a node speaks (client, request and status types), so callers never impo
 
 from __future__ import annotations
 
+from agent_backend.client import AgentBackendClient
+from agent_backend.models import (
+    CreateRunRequest,
+    CreateRunResponse,
+    RunComposition,
+    RunLayerSpec,
+    RunStatusResponse,
+    WireRunStatus,
+)
 from agent_sessions.lifecycle import (
     EndReport,
     Entry,
@@ -24,15 +33,6 @@ from cache.records import (
     SnapshotLayer,
 )
 from cache.settings import Settings
-from workers.backend import AgentBackendClient
-from workers.backend_models import (
-    CreateRunRequest,
-    CreateRunResponse,
-    RunComposition,
-    RunLayerSpec,
-    RunStatusResponse,
-    WireRunStatus,
-)
 
 __all__ = [
     "AgentBackendClient",

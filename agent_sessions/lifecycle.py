@@ -28,6 +28,16 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from agent_backend.models import (
+    PURPOSES,
+    CreateRunRequest,
+    LayerExitSignals,
+    RunComposition,
+    RunLayerSpec,
+    RunStatusResponse,
+    WireRunStatus,
+    encode_json,
+)
 from agent_sessions.ends import OpenOwners
 from cache.client import SERVER_EPOCH
 from cache.codec import check_specs_once
@@ -53,16 +63,6 @@ from cache.records import (
 from cache.settings import Settings
 from cache.store import Loaded
 from cache.validate import check_json, check_version
-from workers.backend_models import (
-    PURPOSES,
-    CreateRunRequest,
-    LayerExitSignals,
-    RunComposition,
-    RunLayerSpec,
-    RunStatusResponse,
-    WireRunStatus,
-    encode_json,
-)
 from workers.context import WorkerContext
 from workers.flush import flush_session
 from workers.queues import pending_ttl_ms, request_flush

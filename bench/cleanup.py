@@ -33,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+from agent_backend.client import AgentBackendClient
 from bench.harness import (
     Result,
     make_result,
@@ -58,7 +59,6 @@ from bench.stack import (
     worker_pool,
 )
 from cache.records import Scope, SessionKey
-from workers.backend import AgentBackendClient
 from workers.context import WorkerContext
 
 NAME = "cleanup"

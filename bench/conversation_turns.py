@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
+from agent_backend.models import RunComposition, decode_status, encode_json
 from bench.harness import (
     Result,
     make_result,
@@ -49,7 +50,6 @@ from bench.pg_original import (
 )
 from bench.stack import bench_settings, migrated_database, worker_context, worker_pool
 from cache.records import ConversationScope
-from workers.backend_models import RunComposition, decode_status, encode_json
 
 if TYPE_CHECKING:
     from agent_sessions.lifecycle import SessionLifecycle

@@ -309,9 +309,9 @@ def seed_backend_sessions(
     ``build_request`` (replayable layer specs + a model layer), ``POST /runs``, wait for the
     terminal status, ``finish``. So every session has layer specs and its cleanup is a
     backend run. Flushed before returning; ``{key: version its finish saved}``."""
+    from agent_backend.client import AgentBackendClient
     from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
     from bench.loop_vs_postgres import build_composition
-    from workers.backend import AgentBackendClient
     from workers.drain import drain
 
     lifecycle, composition = SessionLifecycle(ctx), build_composition()

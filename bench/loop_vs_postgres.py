@@ -32,6 +32,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
+from agent_backend.models import (
+    RunComposition,
+    RunStatusResponse,
+    decode_status,
+    encode_json,
+)
 from bench.harness import (
     Result,
     arm_p50_us,
@@ -63,12 +69,6 @@ from bench.stack import (
 )
 from cache.records import LayerSpec, Scope, SessionKey, SessionWrite, Snapshot
 from cache.settings import Settings
-from workers.backend_models import (
-    RunComposition,
-    RunStatusResponse,
-    decode_status,
-    encode_json,
-)
 from workers.drain import drain
 
 if TYPE_CHECKING:

@@ -36,9 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from agent_backend.client import AgentBackendClient
+from agent_backend.models import CreateRunRequest, LayerExitSignals, RunComposition
 from cache.records import ConversationScope, LayerSpec, Scope, Snapshot
-from workers.backend import AgentBackendClient
-from workers.backend_models import CreateRunRequest, LayerExitSignals, RunComposition
 
 TABLE: Final = "original_agent_runtime_sessions"
 ACTIVE: Final = "active"

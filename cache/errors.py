@@ -22,7 +22,7 @@ subclasses say what went wrong and whether retrying can help::
     ├── ScriptContractError     a script returned a code we do not know (a bug)
     ├── PersistenceError        Postgres (``persistence.errors``)
     ├── QueueError              RQ / worker side: the queue's Redis failed a request
-    └── AgentBackendError       the agent backend (``workers.backend_errors``)
+    └── AgentBackendError       the agent backend (``agent_backend.errors``)
 
 Lower layers define the roots of their own branches here so that every layer can raise
 them without importing upward.
@@ -140,4 +140,4 @@ class QueueError(AgentSessionsError):
 
 
 class AgentBackendError(AgentSessionsError):
-    """The agent backend failed a call (see ``workers.backend``)."""
+    """The agent backend failed a call (see ``agent_backend.client``)."""

@@ -40,13 +40,8 @@ from redis.commands.core import Script
 from rq import Queue, Retry
 from rq.job import Job
 
-from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
-from cache.scripts import source
-from cache.settings import Settings
-from cache.store import RedisSessionCache
-from persistence.repository import SessionRepository
-from workers.backend import AgentBackendClient, BackendNotFound, WaitStopped
-from workers.backend_models import (
+from agent_backend.client import AgentBackendClient, BackendNotFound, WaitStopped
+from agent_backend.models import (
     PURPOSES,
     CreateRunRequest,
     CreateRunResponse,
@@ -54,6 +49,11 @@ from workers.backend_models import (
     RunStatusResponse,
     composition_from_specs,
 )
+from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
+from cache.scripts import source
+from cache.settings import Settings
+from cache.store import RedisSessionCache
+from persistence.repository import SessionRepository
 from workers.heartbeat import Heartbeat
 from workers.queues import claim_marker, clear_pending, translate_queue_errors
 from workers.readthrough import load_through

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import redis
 from rq import Queue
 
+from agent_backend.client import AgentBackendClient, response_cap
 from cache.client import connect
 from cache.settings import Settings
 from cache.store import RedisSessionCache
 from persistence.engine import create_engine
 from persistence.repository import SessionRepository
-from workers.backend import AgentBackendClient, response_cap
 from workers.queues import cleanup_queue, flush_queue, queue_connection
 
 STOP_REQUESTED = threading.Event()

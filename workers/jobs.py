@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 from rq import get_current_job
 
+from agent_backend.client import WaitStopped
 from cache.errors import StoreUnavailable
 from cache.metrics import CLEANUPS
 from cache.records import OwnerType, SessionKey
 from persistence.errors import PersistenceUnavailable
-from workers.backend import WaitStopped
 from workers.cleanup import (
     Cleaner,
     CleanupLease,

@@ -31,6 +31,13 @@ from dataclasses import asdict, dataclass, field
 
 import click
 
+from agent_backend.client import AgentBackendClient
+from agent_backend.models import (
+    CreateRunRequest,
+    RunComposition,
+    RunLayerSpec,
+    RunStatusResponse,
+)
 from agent_sessions.audit import HEALTHY, audit
 from agent_sessions.demo.report import (
     Report,
@@ -62,13 +69,6 @@ from cache.records import (
 )
 from cache.settings import Settings
 from persistence.migrate import upgrade
-from workers.backend import AgentBackendClient
-from workers.backend_models import (
-    CreateRunRequest,
-    RunComposition,
-    RunLayerSpec,
-    RunStatusResponse,
-)
 from workers.context import WorkerContext
 from workers.drain import dirty_total
 

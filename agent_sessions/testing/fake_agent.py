@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, TypeAlias
 
-from cache.records import LifecycleState
-from workers.backend_models import (
+from agent_backend.models import (
     CompositorSessionSnapshot,
     CreateRunRequest,
     ExitIntent,
@@ -22,6 +21,7 @@ from workers.backend_models import (
     RunComposition,
     RunStatus,
 )
+from cache.records import LifecycleState
 
 HISTORY_LAYER_TYPE = "pydantic_ai.history"
 LLM_LAYER_TYPE = "dify.plugin.llm"

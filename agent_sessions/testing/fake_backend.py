@@ -1,6 +1,6 @@
 """A loopback fake agent backend: a real HTTP server for the demo and the tests (DESIGN §7).
 
-It speaks the protocol of :mod:`workers.backend_models` and behaves like dify-agent where the
+It speaks the protocol of :mod:`agent_backend.models` and behaves like dify-agent where the
 session lifecycle depends on it:
 
 * ``POST /runs`` validates the body (422 if invalid) and answers ``202`` with status
@@ -53,6 +53,18 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from agent_backend.models import (
+    CancelRunRequest,
+    CancelRunResponse,
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    CreateRunResponse,
+    JsonValue,
+    RunStatus,
+    RunStatusResponse,
+    decode_json,
+    encode_json,
+)
 from agent_sessions.testing.fake_agent import (
     BEHAVIOUR_METADATA_KEY,
     DEFAULT_FINISH_DELAY_S,
@@ -64,18 +76,6 @@ from agent_sessions.testing.fake_agent import (
     is_cleanup_request,
     plan_run,
     utc_now,
-)
-from workers.backend_models import (
-    CancelRunRequest,
-    CancelRunResponse,
-    CompositorSessionSnapshot,
-    CreateRunRequest,
-    CreateRunResponse,
-    JsonValue,
-    RunStatus,
-    RunStatusResponse,
-    decode_json,
-    encode_json,
 )
 
 __all__ = [

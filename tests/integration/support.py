@@ -18,6 +18,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from agent_backend.client import AgentBackendClient
+from agent_backend.models import (
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    RunComposition,
+    RunLayerSpec,
+)
+from agent_backend.models import RunStatusResponse as Status
 from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from agent_sessions.testing.worker_process import WorkerProcess
@@ -30,14 +38,6 @@ from persistence.repository import SessionRepository
 from persistence.rows import row_of_session
 from persistence.upsert import UpsertResult
 from tests.servers import Database
-from workers.backend import AgentBackendClient
-from workers.backend_models import (
-    CompositorSessionSnapshot,
-    CreateRunRequest,
-    RunComposition,
-    RunLayerSpec,
-)
-from workers.backend_models import RunStatusResponse as Status
 from workers.context import WorkerContext
 
 WAIT_S = 10.0

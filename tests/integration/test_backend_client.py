@@ -16,13 +16,7 @@ import httpx
 import msgspec
 import pytest
 
-from agent_sessions.testing.fake_backend import FakeAgentBackend
-from cache.errors import AgentBackendError, InvalidInput
-from cache.records import LayerSpec
-from cache.settings import MiB, Settings
-from tests.integration import hostile_http as hostile
-from tests.integration.hostile_http import Behaviour, HostileServer
-from workers.backend import (
+from agent_backend.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
     AgentBackendClient,
     BackendHTTPError,
@@ -33,7 +27,7 @@ from workers.backend import (
     BackendValidationError,
     response_cap,
 )
-from workers.backend_models import (
+from agent_backend.models import (
     CancelRunRequest,
     CompositorSessionSnapshot,
     CreateRunRequest,
@@ -44,6 +38,12 @@ from workers.backend_models import (
     RunStatusResponse,
     composition_from_specs,
 )
+from agent_sessions.testing.fake_backend import FakeAgentBackend
+from cache.errors import AgentBackendError, InvalidInput
+from cache.records import LayerSpec
+from cache.settings import MiB, Settings
+from tests.integration import hostile_http as hostile
+from tests.integration.hostile_http import Behaviour, HostileServer
 from workers.context import _backend as worker_backend
 
 WAIT_S = 5.0

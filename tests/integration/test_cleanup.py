@@ -13,6 +13,16 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from agent_backend.client import AgentBackendClient
+from agent_backend.models import (
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    LayerExitSignals,
+    LayerSessionSnapshot,
+    RunComposition,
+    RunLayerSpec,
+    composition_from_specs,
+)
 from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend, FakeRun
 from cache.errors import InvalidInput, RunEnded
@@ -41,16 +51,6 @@ from tests.integration.support import (
     wait_for,
 )
 from tests.servers import Database
-from workers.backend import AgentBackendClient
-from workers.backend_models import (
-    CompositorSessionSnapshot,
-    CreateRunRequest,
-    LayerExitSignals,
-    LayerSessionSnapshot,
-    RunComposition,
-    RunLayerSpec,
-    composition_from_specs,
-)
 from workers.cleanup import (
     Cleaner,
     CleanupFailed,

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 
+from agent_backend.client import AgentBackendClient
 from agent_sessions.lifecycle import EndReport, SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.errors import InvalidInput
@@ -43,7 +44,6 @@ from tests.integration.support import (
     wait_for,
 )
 from tests.servers import Database, RedisCluster
-from workers.backend import AgentBackendClient
 from workers.cleanup import Cleaner, cleanup_idempotency_key, retirement_of
 from workers.context import WorkerContext
 from workers.drain import drain

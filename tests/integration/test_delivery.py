@@ -25,6 +25,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from agent_backend.models import CreateRunRequest
 from agent_sessions.audit import audit
 from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
 from agent_sessions.testing.worker_process import WorkerProcess
@@ -35,7 +36,6 @@ from cache.store import LISTPACK_ADVICE, RedisSessionCache
 from tests import factories as f
 from tests.integration.support import make_ctx, node_composition, settings_env, wait_for
 from tests.servers import Database, RedisServer
-from workers.backend_models import CreateRunRequest
 from workers.cleanup import CLEANUP_JOB
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain

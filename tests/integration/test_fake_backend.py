@@ -16,9 +16,8 @@ import httpx
 import msgspec
 import pytest
 
-from agent_sessions.testing.fake_backend import Behaviour, FakeAgentBackend, RunListResponse
-from workers.backend import AgentBackendClient
-from workers.backend_models import (
+from agent_backend.client import AgentBackendClient
+from agent_backend.models import (
     CompositorSessionSnapshot,
     CreateRunRequest,
     LayerExitSignals,
@@ -28,6 +27,7 @@ from workers.backend_models import (
     RunStatusResponse,
     decode_json,
 )
+from agent_sessions.testing.fake_backend import Behaviour, FakeAgentBackend, RunListResponse
 
 WAIT_S = 5.0
 

@@ -21,6 +21,15 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent_backend.answer import Answer, decode
+from agent_backend.errors import BackendValidationError
+from agent_backend.models import (
+    CreateRunRequest,
+    RunComposition,
+    RunStatusResponse,
+    decode_status,
+    encode_json,
+)
 from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
 from cache.codec import check_specs
 from cache.errors import AgentSessionsError, InvalidId, InvalidInput, InvalidSnapshot
@@ -29,15 +38,6 @@ from cache.validate import MAX_JSON_DEPTH
 from tests import factories as f
 from tests.integration.support import make_ctx, node_composition, row_count
 from tests.servers import Database
-from workers.backend_answer import Answer, decode
-from workers.backend_errors import BackendValidationError
-from workers.backend_models import (
-    CreateRunRequest,
-    RunComposition,
-    RunStatusResponse,
-    decode_status,
-    encode_json,
-)
 from workers.context import WorkerContext
 from workers.flush import flush_session
 

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import redis
 
+from agent_backend.client import AgentBackendClient
 from agent_sessions.lifecycle import (
     STORE_ERROR,
     Entry,
@@ -44,7 +45,6 @@ from tests.integration.support import (
     wait_for,
 )
 from tests.servers import Database, RedisServer
-from workers.backend import AgentBackendClient
 from workers.cleanup import Cleaner
 from workers.context import WorkerContext
 from workers.drain import drain

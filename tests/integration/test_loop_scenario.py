@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import redis
 
+from agent_backend.client import AgentBackendClient
 from agent_sessions.lifecycle import SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.records import SessionStatus
@@ -28,7 +29,6 @@ from tests.integration.support import (
     wait_for,
 )
 from tests.servers import Database
-from workers.backend import AgentBackendClient
 from workers.cleanup import cleanup_idempotency_key
 from workers.context import WorkerContext
 from workers.drain import drain

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from agent_backend.models import CreateRunRequest
 from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
 from cache.client import client_options
 from cache.records import Snapshot
@@ -18,7 +19,6 @@ from tests import factories as f
 from tests.integration.support import make_ctx, node_composition
 from tests.integration.tcp_proxy import TcpProxy
 from tests.servers import Database, RedisCluster, RedisServer, free_port
-from workers.backend_models import CreateRunRequest
 from workers.context import WorkerContext
 
 REQUEST = CreateRunRequest(composition=node_composition())

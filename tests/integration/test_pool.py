@@ -21,6 +21,7 @@ from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from agent_backend.client import AgentBackendClient
 from agent_sessions.audit import audit
 from agent_sessions.lifecycle import SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
@@ -36,7 +37,6 @@ from tests.integration.support import (
     wait_for,
 )
 from tests.servers import Database, free_port, pid_alive
-from workers.backend import AgentBackendClient
 from workers.cleanup import cleanup_idempotency_key
 from workers.context import WorkerContext
 from workers.drain import drain

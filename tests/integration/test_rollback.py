@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from agent_backend.models import CreateRunRequest
 from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
 from cache.records import SessionKey, SessionStatus
 from tests import factories as f
@@ -22,7 +23,6 @@ from tests.integration.support import (
 )
 from tests.integration.tcp_proxy import TcpProxy
 from tests.servers import Database, RedisServer, free_port
-from workers.backend_models import CreateRunRequest
 from workers.context import WorkerContext
 from workers.drain import DrainReport, drain
 

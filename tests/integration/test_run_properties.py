@@ -32,12 +32,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from agent_backend.models import CreateRunRequest
 from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
 from cache.records import RunRef, Scope, SessionKey, SessionStatus, StoredSession
 from tests import factories as f
 from tests.integration.support import make_ctx, node_composition
 from tests.servers import Database, RedisServer
-from workers.backend_models import CreateRunRequest
 from workers.cleanup import Cleaner
 from workers.context import WorkerContext
 from workers.drain import drain

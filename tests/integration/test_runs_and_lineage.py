@@ -15,6 +15,8 @@ import psycopg
 import pytest
 import redis
 
+from agent_backend.client import AgentBackendClient
+from agent_backend.models import CreateRunRequest
 from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.records import RunRef, Scope, SessionKey, SessionStatus, Snapshot
@@ -28,8 +30,6 @@ from tests.integration.support import (
     wait_for,
 )
 from tests.servers import Database, RedisServer
-from workers.backend import AgentBackendClient
-from workers.backend_models import CreateRunRequest
 from workers.cleanup import Cleaner, CleanupFailed
 from workers.context import WorkerContext
 from workers.drain import drain

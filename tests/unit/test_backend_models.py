@@ -9,10 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from cache.codec import check_snapshot, check_specs, decode_snapshot, encode
-from cache.errors import InvalidSnapshot
-from cache.records import LayerSpec, LifecycleState, Snapshot, SnapshotLayer
-from workers.backend_models import (
+from agent_backend.models import (
     CancelRunRequest,
     CancelRunResponse,
     CompositorSessionSnapshot,
@@ -30,6 +27,9 @@ from workers.backend_models import (
     encode_json,
     is_terminal,
 )
+from cache.codec import check_snapshot, check_specs, decode_snapshot, encode
+from cache.errors import InvalidSnapshot
+from cache.records import LayerSpec, LifecycleState, Snapshot, SnapshotLayer
 
 RICH_STATE = {
     "messages": [{"role": "assistant", "text": "héllo ✓", "n": 1}],

@@ -6,6 +6,15 @@ from datetime import UTC, datetime
 
 import pytest
 
+from agent_backend.models import (
+    CompositorSessionSnapshot,
+    CreateRunRequest,
+    LayerSessionSnapshot,
+    RunComposition,
+    RunLayerSpec,
+    RunStatus,
+    RunStatusResponse,
+)
 from agent_sessions.lifecycle import (
     CREDENTIAL_LAYER_TYPES,
     HISTORY_LAYER,
@@ -17,15 +26,6 @@ from agent_sessions.lifecycle import (
 from cache.errors import InvalidInput
 from cache.records import LayerSpec, LifecycleState, Snapshot, SnapshotLayer
 from tests import factories as f
-from workers.backend_models import (
-    CompositorSessionSnapshot,
-    CreateRunRequest,
-    LayerSessionSnapshot,
-    RunComposition,
-    RunLayerSpec,
-    RunStatus,
-    RunStatusResponse,
-)
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 

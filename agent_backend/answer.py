@@ -23,15 +23,15 @@ from typing import TypeVar
 import httpx
 import msgspec
 
-from workers.backend_errors import (
+from agent_backend.errors import (
     BackendHTTPError,
     BackendNotFound,
     BackendResponseTooLarge,
     BackendTimeout,
     BackendValidationError,
 )
-from workers.backend_http import Deadline
-from workers.backend_models import decode_json
+from agent_backend.http import Deadline
+from agent_backend.models import decode_json
 
 __all__ = ["ERROR_BODY_BYTES", "Answer", "decode", "raise_for_status", "read_answer"]
 
@@ -67,7 +67,7 @@ def _read_body(
     """Up to ``limit`` bytes; past it the rest is cut off (``truncate``) or refused.
 
     The deadline is checked between chunks too, so a transport without
-    :class:`~workers.backend_http.BoundedTransport` (a mock) is still bounded here.
+    :class:`~agent_backend.http.BoundedTransport` (a mock) is still bounded here.
     """
     body = bytearray()
     for chunk in _raw_chunks(response):

@@ -64,7 +64,7 @@ class BackendResponseTooLarge(BackendValidationError):
     """The answer is larger than the client accepts (``limit`` bytes).
 
     A validation error because no valid answer can be that large: the cap is derived from
-    the largest snapshot this deployment stores (see ``workers.backend.response_cap``).
+    the largest snapshot this deployment stores (see ``agent_backend.client.response_cap``).
     """
 
     def __init__(self, message: str, *, limit: int, status_code: int | None = None) -> None:

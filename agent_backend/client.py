@@ -5,13 +5,13 @@ it: connecting, sending, waiting for the status line, reading the body, every re
 backoff sleep. A server that never answers, stalls after its headers, trickles bytes or
 resets the connection cannot hold a call past it; on expiry the call raises
 :class:`BackendTimeout`. (httpx's own timeouts bound one socket operation each, so a trickle
-never trips them; :mod:`workers.backend_http` explains how the deadline reaches every socket
+never trips them; :mod:`agent_backend.http` explains how the deadline reaches every socket
 operation.) ``wait_run``'s ``timeout_s`` is likewise one deadline over all its polls, retries
 and sleeps: each poll gets the sooner of its own ``timeout_s`` and the wait's deadline.
 
 Size: every answer is read streamed and refused past ``max_response_bytes``
 (:class:`BackendResponseTooLarge`, the connection dropped); see :func:`response_cap` for the
-size a deployment should allow and :mod:`workers.backend_answer` for how it is enforced.
+size a deployment should allow and :mod:`agent_backend.answer` for how it is enforced.
 
 Retry policy:
 
@@ -24,7 +24,7 @@ Retry policy:
   ``cancel_run`` is retried the same way: the contract makes cancellation idempotent.
 * HTTP errors (4xx/5xx) and invalid or oversized answers are never retried.
 
-Every failure is one of the typed errors of :mod:`workers.backend_errors`.
+Every failure is one of the typed errors of :mod:`agent_backend.errors`.
 """
 
 from __future__ import annotations
@@ -40,11 +40,8 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from cache.errors import InvalidInput
-from cache.settings import MiB
-from cache.validate import check_id
-from workers.backend_answer import Answer, decode, raise_for_status, read_answer
-from workers.backend_errors import (
+from agent_backend.answer import Answer, decode, raise_for_status, read_answer
+from agent_backend.errors import (
     AgentBackendError,
     BackendHTTPError,
     BackendNotFound,
@@ -54,8 +51,8 @@ from workers.backend_errors import (
     BackendValidationError,
     WaitStopped,
 )
-from workers.backend_http import BoundedTransport, Deadline, bounded_by
-from workers.backend_models import (
+from agent_backend.http import BoundedTransport, Deadline, bounded_by
+from agent_backend.models import (
     CancelRunRequest,
     CancelRunResponse,
     CreateRunRequest,
@@ -64,6 +61,9 @@ from workers.backend_models import (
     decode_status,
     encode_json,
 )
+from cache.errors import InvalidInput
+from cache.settings import MiB
+from cache.validate import check_id
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -115,7 +115,7 @@ class AgentBackendClient:
 
     ``timeout_s`` is each call's total deadline; ``max_response_bytes`` the largest answer
     read (pass :func:`response_cap` of the deployment's snapshot limit). ``transport``
-    replaces :class:`~workers.backend_http.BoundedTransport` (tests); the deadline is then
+    replaces :class:`~agent_backend.http.BoundedTransport` (tests); the deadline is then
     enforced through httpx's timeouts and between body chunks only.
     """
 

@@ -1,7 +1,9 @@
-"""The public face: ``Settings``, ``SessionLifecycle`` and its records, and the agent-backend
-protocol a node speaks (client, request and status types), so callers never import
-``workers.*``. The CLI is ``agent_sessions.cli``; the demo and the fake backend live in
-``agent_sessions.demo`` and ``agent_sessions.testing``."""
+"""The public face: ``Settings``, ``SessionLifecycle`` and its records (``outcomes``), and the
+agent-backend protocol a node speaks (client, request and status types), so callers never
+import ``workers`` or ``agent_backend`` modules. ``lifecycle`` is the node contract,
+``requests`` builds a node's backend request, ``ends`` asks Postgres whether an owner ended;
+``audit``, ``health`` and ``inspection`` serve the CLI (``cli``, ``cli_ops``, ``cli_poison``).
+The demo and the fake backend live in ``agent_sessions.demo`` and ``agent_sessions.testing``."""
 
 from __future__ import annotations
 
@@ -14,14 +16,8 @@ from agent_backend.models import (
     RunStatusResponse,
     WireRunStatus,
 )
-from agent_sessions.lifecycle import (
-    EndReport,
-    Entry,
-    NodeResult,
-    PauseRequest,
-    RunOutcome,
-    SessionLifecycle,
-)
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import EndReport, Entry, NodeResult, PauseRequest, RunOutcome
 from cache.errors import AgentSessionsError
 from cache.records import (
     ConversationScope,

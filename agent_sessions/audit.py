@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cache.errors import InvalidInput
-from cache.records import RunRef, SessionKey
+from cache.records import Owner, SessionKey
 from persistence.counts import RowBrief
 from workers.context import WorkerContext
-from workers.queues import pending_ttl_ms, request_flush
-from workers.trigger import delivery_bound_ms
+from workers.flush_policy import delivery_bound_ms
 
 BATCH: Final = 500
 EXAMPLES: Final = 10
@@ -210,9 +209,9 @@ class _Auditor:
             )
         return copies
 
-    def _ended_in_redis(self, owners: set[RunRef]) -> set[RunRef]:
+    def _ended_in_redis(self, owners: set[Owner]) -> set[Owner]:
         return {
-            owner for owner in owners if self.ctx.cache.run_state(owner).get("state") == "ended"
+            owner for owner in owners if self.ctx.cache.owner_state(owner).get("state") == "ended"
         }
 
     def _repair(self, finding: str, copy: _Copy, row: RowBrief | None) -> None:
@@ -229,21 +228,14 @@ class _Auditor:
             )
             cache.quarantine(shard, copy.name, copy.version, why, force=True)
         elif finding == "active_in_ended_owner":
-            self.ctx.repo.recheck_runs([copy.key.owner])
+            self.ctx.repo.recheck_owners([copy.key.owner])
         else:
             return
         self.report.repaired[finding] += 1
 
     def _flush_requested(self) -> None:
-        settings = self.ctx.settings
         for shard in sorted(self.flush_shards):
-            request_flush(
-                self.ctx.flush_queue,
-                settings.key_prefix,
-                shard,
-                urgent=True,
-                pending_ms=pending_ttl_ms(settings),
-            )
+            self.ctx.request_flush(shard)
         self.flush_shards.clear()
 
     def postgres_side(self) -> None:
@@ -258,7 +250,7 @@ class _Auditor:
                 "active_in_ended_owner", f"{self.ctx.cache.keys.session(key)} (postgres)"
             )
             if self.repair:
-                self.ctx.repo.recheck_runs([key.owner])
+                self.ctx.repo.recheck_owners([key.owner])
                 self.report.repaired["active_in_ended_owner"] += 1
 
 

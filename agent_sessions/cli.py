@@ -1,7 +1,8 @@
 """``agent-sessions``: the operator's command line.
 
-Every command reads its configuration from the environment (see ``Settings``); errors of
-this project are printed as one line and exit with status 1.
+Every command reads its configuration from the environment (see ``Settings``). Bad input
+or bad configuration is one line on stderr and exit status 2; any other error of this
+project (a store that failed) is one line and status 1.
 """
 
 from __future__ import annotations
@@ -193,14 +194,10 @@ def _drain(ctx: Any, timeout: float, threads: int | None) -> dict[str, Any]:
 
 def _enqueue_all(ctx: Any) -> dict[str, Any]:
     from workers.drain import dirty_total
-    from workers.queues import FlushRequest, pending_ttl_ms, request_flush
+    from workers.queues import FlushRequest
 
     pending = dirty_total(ctx)
-    prefix, ms = ctx.settings.key_prefix, pending_ttl_ms(ctx.settings)
-    requests = [
-        request_flush(ctx.flush_queue, prefix, shard, urgent=True, pending_ms=ms)
-        for shard, _ in pending
-    ]
+    requests = [ctx.request_flush(shard) for shard, _ in pending]
     return {
         "dirty": sum(c for _, c in pending),
         "shards": len(pending),

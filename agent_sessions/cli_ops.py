@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from agent_sessions.cli_common import context, emit, json_option
-from cache.records import RunRef, SessionKey, SessionStatus
+from cache.records import Owner, SessionKey, SessionStatus
 
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
 
@@ -93,7 +93,7 @@ def _show_session(key: SessionKey, full: bool, as_json: bool) -> None:
 def inspect_conversation(tenant_id: str, conversation_id: str, as_json: bool) -> None:
     """A conversation: its state (the config each agent last saved with, its end), and each
     session's status and version in Redis and Postgres."""
-    _show_owner(RunRef.conversation(tenant_id, conversation_id), "conversation", as_json)
+    _show_owner(Owner.conversation(tenant_id, conversation_id), "conversation", as_json)
 
 
 @inspect.command("run")
@@ -102,10 +102,10 @@ def inspect_conversation(tenant_id: str, conversation_id: str, as_json: bool) ->
 @json_option
 def inspect_run(tenant_id: str, workflow_run_id: str, as_json: bool) -> None:
     """A workflow run: its state, and each session's status and version in Redis and Postgres."""
-    _show_owner(RunRef(tenant_id, workflow_run_id), "run", as_json)
+    _show_owner(Owner(tenant_id, workflow_run_id), "run", as_json)
 
 
-def _show_owner(owner: RunRef, what: str, as_json: bool) -> None:
+def _show_owner(owner: Owner, what: str, as_json: bool) -> None:
     from agent_sessions.inspection import inspect_run as gather
 
     ctx = context()

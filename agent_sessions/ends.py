@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Final
 
 from cache.client import SERVER_EPOCH
-from cache.records import RunRef
+from cache.records import Owner
 
 REMEMBERED: Final = 100_000
 """Owners whose "not ended" answer is kept (about 100 bytes each)."""
@@ -27,16 +27,16 @@ class OpenOwners:
     """The owners Postgres said were not ended, in the current server epoch."""
 
     def __init__(self, limit: int = REMEMBERED) -> None:
-        self._open: OrderedDict[RunRef, int] = OrderedDict()
+        self._open: OrderedDict[Owner, int] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
-    def known_open(self, owner: RunRef) -> bool:
+    def known_open(self, owner: Owner) -> bool:
         """Whether Postgres said ``owner`` had not ended, since the last new Redis server."""
         with self._lock:
             return self._open.get(owner) == SERVER_EPOCH.value
 
-    def note_open(self, owner: RunRef, epoch: int) -> None:
+    def note_open(self, owner: Owner, epoch: int) -> None:
         """Postgres said ``owner`` had not ended, when the epoch was ``epoch``."""
         with self._lock:
             self._open[owner] = epoch
@@ -44,6 +44,6 @@ class OpenOwners:
             while len(self._open) > self._limit:
                 self._open.popitem(last=False)
 
-    def forget(self, owner: RunRef) -> None:
+    def forget(self, owner: Owner) -> None:
         with self._lock:
             self._open.pop(owner, None)

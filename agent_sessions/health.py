@@ -15,7 +15,7 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from workers.context import WorkerContext
-from workers.trigger import delivery_bound_ms, trigger_stale_after_ms
+from workers.flush_policy import delivery_bound_ms, trigger_stale_after_ms
 
 
 def pool_state(ctx: WorkerContext) -> dict[str, Any]:

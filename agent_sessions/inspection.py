@@ -11,7 +11,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 
 from agent_sessions.health import pool_state
 from cache.codec import pack
-from cache.records import OwnerType, RunRef, SessionKey, StoredSession
+from cache.records import Owner, OwnerType, SessionKey, StoredSession
 from workers.context import WorkerContext
 
 MAX_POISON_LISTED = 50
@@ -91,12 +91,12 @@ def _ttl(ctx: WorkerContext, name: str) -> int | None:
     return None if pttl < 0 else pttl // 1000
 
 
-def inspect_run(ctx: WorkerContext, run: RunRef) -> dict[str, Any]:
+def inspect_run(ctx: WorkerContext, owner: Owner) -> dict[str, Any]:
     """An owner's marker (a workflow run's or a conversation's) and every session of it,
     Redis beside Postgres."""
     cache = ctx.cache
-    in_redis = {key: cache.load(key).record for key in cache.run_sessions(run)}
-    in_pg = {row.key: row for row in ctx.repo.list_owner(run)}
+    in_redis = {key: cache.load(key).record for key in cache.owner_sessions(owner)}
+    in_pg = {row.key: row for row in ctx.repo.list_owner(owner)}
     sessions = []
     for key in sorted(set(in_redis) | set(in_pg), key=SessionKey.sort_key):
         redis_rec, pg_rec = in_redis.get(key), in_pg.get(key)
@@ -107,13 +107,13 @@ def inspect_run(ctx: WorkerContext, run: RunRef) -> dict[str, Any]:
                 "postgres": None if pg_rec is None else _brief(pg_rec),
             }
         )
-    end = ctx.repo.run_end(run)
+    end = ctx.repo.end_of(owner)
     return {
-        "run": cache.run_state(run),
+        "run": cache.owner_state(owner),
         "ended_in_postgres": None
         if end is None
         else {"outcome": end.outcome, "ended_at": end.ended_at, "settled": end.settled},
-        "shard": cache.keys.shard_of_owner(run),
+        "shard": cache.keys.shard_of_owner(owner),
         "sessions": sessions,
     }
 
@@ -156,7 +156,7 @@ def stats(ctx: WorkerContext) -> dict[str, Any]:
         "poison": poison,
         "postgres_sessions_by_status": ctx.repo.count_by_status(),
         "postgres_sessions_by_owner": ctx.repo.count_by_owner_and_status(),
-        "ended_runs_not_settled": ctx.repo.count_unsettled_runs(),
+        "ended_runs_not_settled": ctx.repo.count_unsettled_owners(),
         "cleanups_given_up": ctx.repo.count_cleanup_failures(),
         "queues": queue_depths(ctx),
         "pool": pool_state(ctx),

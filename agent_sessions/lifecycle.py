@@ -22,30 +22,38 @@ concurrent entries of one session cannot silently overwrite each other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
-
-import msgspec
 
 from agent_backend.models import (
     PURPOSES,
     CreateRunRequest,
     LayerExitSignals,
     RunComposition,
-    RunLayerSpec,
-    RunStatusResponse,
-    WireRunStatus,
-    encode_json,
 )
 from agent_sessions.ends import OpenOwners
+from agent_sessions.outcomes import (
+    STORE_ERROR,
+    EndReport,
+    Entry,
+    NodeResult,
+    PauseRequest,
+    RunOutcome,
+    check_finish,
+    check_scope,
+    check_type,
+    persist_failed,
+)
+from agent_sessions.requests import (
+    extract_layer_specs,
+    idempotency_key,
+    request_metadata,
+    with_history,
+)
 from cache.client import SERVER_EPOCH
 from cache.codec import check_specs_once
 from cache.errors import (
     AgentSessionsError,
     InvalidInput,
     RunEnded,
-    StoreUnavailable,
     VersionConflict,
 )
 from cache.records import (
@@ -53,192 +61,20 @@ from cache.records import (
     AnyScope,
     ClosedBy,
     ConversationScope,
-    LayerSpec,
-    RunRef,
-    Scope,
+    Owner,
     SessionKey,
     SessionWrite,
-    Snapshot,
 )
+from cache.replies import Loaded
 from cache.settings import Settings
-from cache.store import Loaded
-from cache.validate import check_json, check_version
+from cache.validate import check_version
 from workers.context import WorkerContext
 from workers.flush import flush_session
-from workers.queues import pending_ttl_ms, request_flush
+from workers.flush_policy import FlushWhen, flush_after
 from workers.readthrough import load_through, retire_through, save_through
-from workers.reconcile import reconcile_run, retire_sessions
+from workers.reconcile import reconcile_owner, retire_sessions
 
 log = logging.getLogger(__name__)
-
-CREDENTIAL_LAYER_TYPES = frozenset({"dify.plugin.llm", "dify.plugin.tools", "dify_core_tools"})
-HISTORY_LAYER = RunLayerSpec(
-    name="history", type="pydantic_ai.history", metadata={"origin": "agent_session_history"}
-)
-STORE_ERROR = "workflow_agent_runtime_session_store_error"
-
-BackendOutcome = Literal["succeeded", "paused", "failed", "cancelled"]
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What ``enter`` found. ``snapshot`` is ``None`` when the node starts fresh."""
-
-    snapshot: Snapshot | None = None
-    layer_specs: tuple[LayerSpec, ...] = ()
-    version: int | None = None
-    backend_run_id: str | None = None
-    pending_form_id: str | None = None
-    pending_tool_call_id: str | None = None
-
-    @property
-    def resumable(self) -> bool:
-        return self.snapshot is not None
-
-
-@dataclass(frozen=True, slots=True)
-class RunOutcome:
-    """How a backend run ended, and the request that started it."""
-
-    status: BackendOutcome
-    backend_run_id: str
-    request: CreateRunRequest
-    snapshot: Snapshot | None = None
-    error: str | None = None
-    pause_reason: str | None = None
-    pending_form_id: str | None = None
-    pending_tool_call_id: str | None = None
-    snapshot_from_wire: bool = field(default=False, compare=False)
-    """The snapshot was decoded from the backend's JSON (``from_status`` of a status the
-    client decoded): saving it checks its nesting only, not every value."""
-
-    @classmethod
-    def from_status(
-        cls,
-        request: CreateRunRequest,
-        status: RunStatusResponse,
-        *,
-        pending_form_id: str | None = None,
-    ) -> RunOutcome:
-        """From a terminal ``GET /runs/{id}``; ``pending_form_id`` names the engine's form.
-
-        The status's snapshot is taken as it is (one type end to end). Raises only
-        :class:`InvalidInput` (not a terminal status).
-        """
-        _check(status, RunStatusResponse, "status")
-        if status.status == "running":
-            raise InvalidInput(f"run {status.run_id} has not ended")
-        call = status.deferred_tool_call or {}
-        tool_call_id = call.get("tool_call_id")
-        return cls(
-            status=status.status,
-            backend_run_id=status.run_id,
-            request=request,
-            snapshot=status.session_snapshot,
-            error=status.error,
-            pause_reason=status.pause_reason,
-            pending_form_id=pending_form_id if call else None,
-            pending_tool_call_id=str(tool_call_id) if tool_call_id else None,
-            snapshot_from_wire=type(status) is WireRunStatus,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class PauseRequest:
-    """A workflow-level pause: the workflow stops until resumed, then re-enters the node."""
-
-    reason: str
-    human_input: bool = False
-    pending_form_id: str | None = None
-    pending_tool_call_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class NodeResult:
-    """What the node reports. ``conflict`` means another entry saved the session first."""
-
-    status: Literal["completed", "paused", "failed"]
-    error: str | None = None
-    pause: PauseRequest | None = None
-    version: int | None = None
-    conflict: bool = False
-    metadata: dict[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class EndReport:
-    """What ``workflow_ended`` did."""
-
-    sessions: int
-    moved_to_cleaning: int
-    cleanups_enqueued: int
-    already_ended: bool
-
-
-def extract_layer_specs(composition: RunComposition) -> tuple[LayerSpec, ...]:
-    """The replayable layers of a composition: everything but credential-bearing plugins."""
-    return tuple(layer for layer in composition.layers if layer.type not in CREDENTIAL_LAYER_TYPES)
-
-
-def with_history(composition: RunComposition) -> RunComposition:
-    """The composition with a ``history`` layer, before the model layer, unless it has one."""
-    layers = composition.layers
-    if any(x.name == HISTORY_LAYER.name or x.type == HISTORY_LAYER.type for x in layers):
-        return composition
-    at = next((i for i, x in enumerate(layers) if x.type in CREDENTIAL_LAYER_TYPES), len(layers))
-    return msgspec.structs.replace(composition, layers=[*layers[:at], HISTORY_LAYER, *layers[at:]])
-
-
-def idempotency_key(scope: AnyScope, attempt: int) -> str:
-    """``<run>:<node execution>`` or ``<conversation>:<message>``, ``:retry-n`` for n >= 1."""
-    if isinstance(scope, ConversationScope):
-        base = f"{scope.conversation_id}:{scope.message_id}"
-    else:
-        base = scope.node_execution_id
-        if scope.workflow_run_id is not None:
-            base = f"{scope.workflow_run_id}:{base}"
-    return f"{base}:retry-{attempt}" if attempt >= 1 else base
-
-
-def scope_metadata(scope: AnyScope) -> dict[str, object]:
-    if isinstance(scope, ConversationScope):
-        return {
-            "tenant_id": scope.tenant_id,
-            "app_id": scope.app_id,
-            "owner_type": "conversation",
-            "conversation_id": scope.conversation_id,
-            "message_id": scope.message_id,
-            "binding_id": scope.binding_id,
-            "agent_id": scope.agent_id,
-            "agent_config_snapshot_id": scope.agent_config_snapshot_id,
-        }
-    return {
-        "tenant_id": scope.tenant_id,
-        "app_id": scope.app_id,
-        "workflow_id": scope.workflow_id,
-        "workflow_run_id": scope.workflow_run_id,
-        "node_id": scope.node_id,
-        "node_execution_id": scope.node_execution_id,
-        "binding_id": scope.binding_id,
-        "agent_id": scope.agent_id,
-        "agent_config_snapshot_id": scope.agent_config_snapshot_id,
-    }
-
-
-def _request_metadata(scope: AnyScope, metadata: object) -> dict[str, object]:
-    """The caller's ``metadata`` with the scope's IDs over it. Only the caller's part is
-    checked: the scope's is IDs its constructor checked."""
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise InvalidInput(f"metadata must be a mapping, got {type(metadata).__name__}")
-    ours = scope_metadata(scope)
-    theirs = {k: v for k, v in (metadata or {}).items() if k not in ours}
-    if theirs:
-        check_json("request metadata", theirs)
-        try:  # what check_json leaves to encoding: text JSON cannot hold (lone surrogates)
-            encode_json(theirs)
-        except ValueError as exc:
-            raise InvalidInput(f"request metadata cannot be sent as JSON: {exc}") from exc
-    return {**theirs, **ours}
 
 
 class SessionLifecycle:
@@ -267,7 +103,7 @@ class SessionLifecycle:
         Raises :class:`InvalidInput` for a bad scope, and the store's errors (a node that
         cannot read its state should fail rather than silently start over).
         """
-        key = _check_scope(scope).key
+        key = check_scope(scope).key
         if key is None:
             return Entry()
         loaded = load_through(self.ctx.cache, self.ctx.repo, key)
@@ -288,7 +124,7 @@ class SessionLifecycle:
             pending_tool_call_id=data.pending_tool_call_id,
         )
 
-    def _ended_in_postgres(self, owner: RunRef) -> bool:
+    def _ended_in_postgres(self, owner: Owner) -> bool:
         """Whether Postgres records the owner as ended though Redis does not (asked once per
         owner and Redis server: see :mod:`agent_sessions.ends`). Then Redis went back in
         time: the end is applied again (every session stopped, its cleanup requested), so
@@ -296,12 +132,12 @@ class SessionLifecycle:
         if self._open_owners.known_open(owner):
             return False
         epoch = SERVER_EPOCH.value
-        end = self.ctx.repo.run_end(owner)
+        end = self.ctx.repo.end_of(owner)
         if end is None:
             self._open_owners.note_open(owner, epoch)
             return False
         log.warning("%s ended in Postgres but Redis had forgotten it: ending it again", owner)
-        reconcile_run(self.ctx, owner, end.outcome)
+        reconcile_owner(self.ctx, owner, end.outcome)
         return True
 
     def _retire_other_configs(self, key: SessionKey, loaded: Loaded) -> None:
@@ -341,12 +177,12 @@ class SessionLifecycle:
 
         Raises only :class:`InvalidInput` (nothing is written).
         """
-        key = _check_scope(scope).key
-        _check(entry, Entry, "entry")
-        _check(composition, RunComposition, "composition")
+        key = check_scope(scope).key
+        check_type(entry, Entry, "entry")
+        check_type(composition, RunComposition, "composition")
         check_version("attempt", attempt)
         check_specs_once(composition.layers)
-        extra = _request_metadata(scope, metadata)
+        extra = request_metadata(scope, metadata)
         sent = with_history(composition) if include_history else composition
         snapshot = None
         if entry.snapshot is not None:
@@ -382,7 +218,7 @@ class SessionLifecycle:
         snapshot or ID the store refuses) never breaks the node: it is reported in
         ``metadata`` (``session_snapshot_persisted: False`` and the error).
         """
-        _check_finish(scope, entry, outcome)
+        check_finish(scope, entry, outcome)
         if outcome.status in ("failed", "cancelled"):
             return self._retire(scope, outcome)
         durable = self.ctx.settings.durable_pauses if durable is None else durable
@@ -425,13 +261,16 @@ class SessionLifecycle:
                 self.ctx.cache, self.ctx.repo, key, write, expected_version=entry.version
             )
         except VersionConflict as exc:
-            return NodeResult("completed", conflict=True, metadata=_persist_failed(exc))
+            return NodeResult("completed", conflict=True, metadata=persist_failed(exc))
         except AgentSessionsError as exc:
             log.warning("saving the session of %s failed: %s", key, exc)
-            return NodeResult("completed", metadata=_persist_failed(exc))
+            return NodeResult("completed", metadata=persist_failed(exc))
         metadata: dict[str, object] = {"session_snapshot_persisted": True}
-        if outcome.status == "paused":
-            metadata |= self._durable_flush(key) if durable else self._urgent_flush(key)
+        when = flush_after(outcome.status, durable=durable)
+        if when is FlushWhen.DURABLE:
+            metadata |= self._durable_flush(key)
+        elif when is FlushWhen.URGENT:
+            metadata |= self._urgent_flush(key)
         return NodeResult("completed", version=version, metadata=metadata)
 
     def _retire(self, scope: AnyScope, outcome: RunOutcome) -> NodeResult:
@@ -462,16 +301,9 @@ class SessionLifecycle:
         the shard that has not started yet will take it) or ``failed`` (the queue could not
         be reached: the trigger flushes it once it is due, README "Durability").
         """
-        settings = self.ctx.settings
         shard = self.ctx.cache.keys.shard_of_key(key)
         try:
-            request = request_flush(
-                self.ctx.flush_queue,
-                settings.key_prefix,
-                shard,
-                urgent=True,
-                pending_ms=pending_ttl_ms(settings),
-            )
+            request = self.ctx.request_flush(shard)
         except AgentSessionsError as exc:
             log.warning("could not request an urgent flush of shard %s: %s", shard, exc)
             return {"session_flush": "failed", "session_flush_enqueued": False}
@@ -502,66 +334,22 @@ class SessionLifecycle:
                 f"workflow outcome must be one of {sorted(WORKFLOW_OUTCOMES)}, got {outcome!r}"
                 " (a pause is not an end)"
             )
-        return self._end(RunRef(tenant_id, workflow_run_id), outcome)
+        return self._end(Owner(tenant_id, workflow_run_id), outcome)
 
     def conversation_ended(self, tenant_id: str, conversation_id: str) -> EndReport:
         """End a conversation: refuse every later save of it, stop every session, queue
         their cleanup (the same steps and guarantees as :meth:`workflow_ended`). A
         conversation that merely goes quiet is not ended: idle expiry retires its sessions
         and its next turn starts fresh."""
-        return self._end(RunRef.conversation(tenant_id, conversation_id), "ended")
+        return self._end(Owner.conversation(tenant_id, conversation_id), "ended")
 
-    def _end(self, owner: RunRef, outcome: str) -> EndReport:
+    def _end(self, owner: Owner, outcome: str) -> EndReport:
         grace = self.ctx.settings.reconcile_grace_s
-        end, recorded = self.ctx.repo.record_run_end(owner, outcome, check_after_s=grace)
-        done = reconcile_run(self.ctx, owner, end.outcome)
+        end, recorded = self.ctx.repo.record_end(owner, outcome, check_after_s=grace)
+        done = reconcile_owner(self.ctx, owner, end.outcome)
         return EndReport(
             sessions=done.sessions,
             moved_to_cleaning=done.moved_to_cleaning,
             cleanups_enqueued=done.cleanups_requested,
             already_ended=done.already_ended or not recorded,
         )
-
-
-_T = TypeVar("_T")
-FINISH_STATUSES = frozenset({"succeeded", "paused", "failed", "cancelled"})
-
-
-def _check(value: object, kind: type[_T], name: str) -> _T:
-    if not isinstance(value, kind):
-        raise InvalidInput(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _check_scope(scope: AnyScope) -> AnyScope:
-    if not isinstance(scope, Scope | ConversationScope):
-        raise InvalidInput(
-            f"scope must be a Scope or a ConversationScope, got {type(scope).__name__}"
-        )
-    return scope
-
-
-def _check_finish(scope: AnyScope, entry: Entry, outcome: RunOutcome) -> None:
-    _check_scope(scope)
-    _check(entry, Entry, "entry")
-    _check(outcome, RunOutcome, "outcome")
-    if outcome.status not in FINISH_STATUSES:
-        raise InvalidInput(f"outcome.status must be one of {sorted(FINISH_STATUSES)}")
-    if entry.version is not None:
-        check_version("entry.version", entry.version)
-    if outcome.snapshot is not None:
-        _check(outcome.snapshot, Snapshot, "outcome.snapshot")
-    _check(outcome.request, CreateRunRequest, "outcome.request")
-
-
-def _persist_failed(exc: AgentSessionsError) -> dict[str, object]:
-    """``session_snapshot_persisted`` is ``False`` when nothing was written, ``None`` when the
-    save was sent and its reply lost (it may have been applied: the next ``enter`` tells)."""
-    code = "version_conflict" if isinstance(exc, VersionConflict) else STORE_ERROR
-    unknown = isinstance(exc, StoreUnavailable) and exc.outcome_unknown
-    return {
-        "session_snapshot_persisted": None if unknown else False,
-        "session_snapshot_persist_error": code,
-        "session_store_error_type": type(exc).__name__,
-        "session_store_error_detail": str(exc),
-    }

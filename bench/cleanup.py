@@ -3,11 +3,11 @@
 A run with 100 sessions (100 Agent nodes, ~8 KB snapshots, four replayable layer specs
 each) ends. The loopback fake agent backend runs as its own process (10 ms per run).
 
-- **ours**: ``SessionLifecycle.workflow_ended`` — ``end_run`` + ``begin_cleanup`` (Lua: from
+- **ours**: ``SessionLifecycle.workflow_ended`` — ``end_owner`` + ``begin_cleanup`` (Lua: from
   then on nothing of the run can be resumed or saved), an urgent flush, one cleanup job per
   session — then a real ``agent-sessions worker`` pool (2 processes) runs the jobs: replay
   the specs, create the cleanup run, wait for its terminal status, mark ``cleaned``. Timed:
-  the Lua part (``end_run`` + ``begin_cleanup``, wrapped timers), the whole call, and the time
+  the Lua part (``end_owner`` + ``begin_cleanup``, wrapped timers), the whole call, and the time
   until all 100 sessions are ``cleaned``.
 - **original** (:mod:`bench.pg_original`): the terminal-event layer's in-line loop in one
   process — list the run's active rows, then per row: create the cleanup run, wait for it,
@@ -163,13 +163,13 @@ def ours_rep(ctx: WorkerContext, seed: int) -> OursRep:
     lua = Timed()
     lifecycle = SessionLifecycle(ctx)
     cache = cast(Any, ctx.cache)
-    cache.end_run, cache.begin_cleanup = lua.wrap(cache.end_run), lua.wrap(cache.begin_cleanup)
+    cache.end_owner, cache.begin_cleanup = lua.wrap(cache.end_owner), lua.wrap(cache.begin_cleanup)
     try:
         start = time.perf_counter()
-        report = lifecycle.workflow_ended(keys[0].tenant_id, keys[0].workflow_run_id, "succeeded")
+        report = lifecycle.workflow_ended(keys[0].tenant_id, keys[0].owner_id, "succeeded")
         call_ms = (time.perf_counter() - start) * 1000
     finally:
-        del cache.end_run, cache.begin_cleanup
+        del cache.end_owner, cache.begin_cleanup
     unresumable = all(status != b"active" for status in _statuses(ctx, keys))
     if report.cleanups_enqueued != SESSIONS:
         raise RuntimeError(f"workflow_ended: {report}")
@@ -255,7 +255,7 @@ def _result(measured: Measured) -> Result:
                 "value": round(lua_ms, 1),
                 "unit": "ms",
                 "baseline": round(original * 1000),
-                "note": "ours: end_run + begin_cleanup (Lua); original: its whole loop",
+                "note": "ours: end_owner + begin_cleanup (Lua); original: its whole loop",
             }
         ],
         "ours_unresumable_ms": [round(rep.lua_ms, 1) for rep in measured.ours],

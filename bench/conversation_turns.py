@@ -115,7 +115,7 @@ class ChatWorkload:
 def ours_turn(
     lifecycle: SessionLifecycle, workload: ChatWorkload, turns: Iterator[ConversationScope]
 ) -> Callable[[], object]:
-    from agent_sessions.lifecycle import RunOutcome
+    from agent_sessions.outcomes import RunOutcome
 
     def turn() -> object:
         scope = next(turns)

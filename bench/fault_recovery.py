@@ -358,7 +358,7 @@ def _kill_mid_cleanup(
     ctx, fake = st.ctx, st.backend
     saved = seed_backend_sessions(ctx, fake.url, build_scopes(runs=1, nodes=sessions, seed=seed))
     keys = list(saved)
-    tenant, run = keys[0].tenant_id, keys[0].workflow_run_id
+    tenant, run = keys[0].tenant_id, keys[0].owner_id
     fake.set_behaviour(f"slow:{CLEANUP_RUN_MS}", match_idempotency_prefix=f"{run}:")
     ended = time.time()
     report = SessionLifecycle(ctx).workflow_ended(tenant, run, "succeeded")
@@ -476,7 +476,7 @@ def _term_busy_pool(st: Stack, pool: WorkerPool, key: SessionKey) -> Stopped:
     fake.set_behaviour(
         f"slow:{TERM_CLEANUP_RUN_MS}", match_idempotency_prefix=f"{key.workflow_run_id}:"
     )
-    SessionLifecycle(ctx).workflow_ended(key.tenant_id, key.workflow_run_id, "succeeded")
+    SessionLifecycle(ctx).workflow_ended(key.tenant_id, key.owner_id, "succeeded")
     wait_for(
         lambda: cleanup_runs(fake, key) == ["running"],
         "the cleanup to wait on its backend run",

@@ -72,7 +72,7 @@ class Loader(threading.Thread):
 
     def run(self) -> None:
         write, cache = build_write(), self.ctx.cache
-        times = [self.saves.times.setdefault((k.workflow_run_id, k.node_id), {}) for k in self.keys]
+        times = [self.saves.times.setdefault((k.owner_id, k.node_id), {}) for k in self.keys]
         start = time.monotonic()
         try:
             while not self.stop.is_set():
@@ -310,7 +310,8 @@ def seed_backend_sessions(
     terminal status, ``finish``. So every session has layer specs and its cleanup is a
     backend run. Flushed before returning; ``{key: version its finish saved}``."""
     from agent_backend.client import AgentBackendClient
-    from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
+    from agent_sessions.lifecycle import SessionLifecycle
+    from agent_sessions.outcomes import RunOutcome
     from bench.loop_vs_postgres import build_composition
     from workers.drain import drain
 

@@ -121,7 +121,7 @@ def read_flush_log(db_url: str) -> FlushLog:
 def _apply_load(ctx: WorkerContext, keys: Sequence[SessionKey], seconds: float) -> Load:
     """Save round-robin at :data:`RATE_PER_S` for ``seconds``, timing every save."""
     cache, write, load = ctx.cache, build_write(), Load(start_s=time.time())
-    times = [load.saves.setdefault((k.workflow_run_id, k.node_id), {}) for k in keys]
+    times = [load.saves.setdefault((k.owner_id, k.node_id), {}) for k in keys]
     start = time.monotonic()
     while (elapsed := time.monotonic() - start) < seconds:
         i = load.count % len(keys)

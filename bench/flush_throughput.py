@@ -62,7 +62,8 @@ from persistence.rows import HASH_FIELDS, row_of_hash, row_of_session
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
 from workers.flush import flush_shard
-from workers.queues import FlushRequest, pending_ttl_ms, request_flush
+from workers.flush_policy import pending_ttl_ms
+from workers.queues import FlushRequest, request_flush
 
 NAME = "flush_throughput"
 METRIC = "rows/s flushed end to end (dirty -> Postgres -> acked), 8 KB"

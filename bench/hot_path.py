@@ -36,7 +36,7 @@ from bench.harness import (
     time_calls,
 )
 from cache.client import connect
-from cache.codec import pack, unpack
+from cache.codec import pack
 from cache.records import LayerSpec, LifecycleState, SessionKey, SessionWrite, Snapshot
 from cache.records import SnapshotLayer as Layer
 from cache.settings import Settings
@@ -229,7 +229,7 @@ class RawMsgpackLoop(RawLoop):
     def __call__(self) -> None:
         name = self.names[next(self._order)]
         fields = cast(dict[bytes, bytes], self.client.hgetall(name))
-        self.client.evalsha(self.sha, 1, name, pack(unpack(fields[b"snapshot"])))
+        self.client.evalsha(self.sha, 1, name, pack(msgspec.msgpack.decode(fields[b"snapshot"])))
 
 
 # --------------------------------------------------------------------------------- running

@@ -135,7 +135,7 @@ def build_composition() -> RunComposition:
 def build_answer(composition: RunComposition) -> bytes:
     """The JSON of the backend's terminal status: succeeded, with an ~8 KB snapshot aligned to
     the composition the lifecycle sends (``history`` added)."""
-    from agent_sessions.lifecycle import with_history
+    from agent_sessions.requests import with_history
 
     names = with_history(composition).layer_names()
     now = datetime.now(UTC)
@@ -186,7 +186,7 @@ def ours_iteration(lifecycle: SessionLifecycle, workload: LoopWorkload) -> Calla
     """The node path through :class:`SessionLifecycle`, the backend's own time left out:
     ``enter``, ``build_request`` (and its JSON, as the client sends it), the answer's JSON
     decoded as the client decodes it, ``RunOutcome.from_status``, ``finish``."""
-    from agent_sessions.lifecycle import RunOutcome
+    from agent_sessions.outcomes import RunOutcome
 
     scopes = workload.cycle()
 
@@ -311,7 +311,8 @@ def node_path_costs(ctx: WorkerContext, workload: LoopWorkload) -> dict[str, flo
     session, with the flush backlog drained (the workers idle): where ours spends beyond the
     raw floor. ``request_json`` and ``answer_json`` are what any node speaking the backend's
     JSON protocol pays."""
-    from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
+    from agent_sessions.lifecycle import SessionLifecycle
+    from agent_sessions.outcomes import RunOutcome
 
     lifecycle = SessionLifecycle(ctx)
     scope = workload.scopes[0]

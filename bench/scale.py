@@ -49,7 +49,7 @@ from bench.stack import (
     bulk_save,
 )
 from cache.client import connect
-from cache.records import RunRef, SessionKey, SessionWrite
+from cache.records import Owner, SessionKey, SessionWrite
 from cache.settings import Settings
 from cache.store import RedisSessionCache
 
@@ -310,13 +310,13 @@ def memory_breakdown(filled: Filled, sample: int = 200) -> dict[str, Any]:
         payload = len(raw[b"snapshot"]) + len(raw[b"layer_specs"])
         hashes.append(int(client.memory_usage(cache.keys.session(key), samples=0) or 0) - payload)
         rounding.append(payload_rounding(raw, encoding))
-    runs = {RunRef(key.tenant_id, key.workflow_run_id) for key in keys}
+    runs = {Owner(key.tenant_id, key.owner_id) for key in keys}
     run_bytes = sum(
         int(client.memory_usage(name, samples=0) or 0)
         for run in runs
-        for name in (cache.keys.run(run), cache.keys.run_sessions(run))
+        for name in (cache.keys.owner(run), cache.keys.owner_sessions(run))
     )
-    members = sum(int(client.scard(cache.keys.run_sessions(run))) for run in runs)
+    members = sum(int(client.scard(cache.keys.owner_sessions(run))) for run in runs)
     return {
         "session_hash_beyond_payload": round(median(hashes)),
         "payload_rounding": round(sum(rounding) / len(rounding)),

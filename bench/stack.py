@@ -188,18 +188,20 @@ def backlog_diagnostics(ctx: WorkerContext, *, entries: int = 3) -> dict[str, An
     cache = ctx.cache
     shards: dict[str, Any] = {}
     for shard, count in dirty_shards(ctx)[:5]:
-        found = cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=entries)
+        found: list[tuple[bytes, float]] = cache.client.zrange(  # type: ignore[assignment]
+            cache.keys.dirty(shard), 0, entries - 1, withscores=True
+        )
         fields = ("version", "flushed_version", "status")
         shards[str(shard)] = {
             "dirty": count,
             "lock_pttl_ms": cache.client.pttl(cache.keys.flush_lock(shard)),
             "entries": [
                 {
-                    "since_ms": e.since_ms,
-                    **dict(zip(fields, _text(cache.client.hmget(e.name, fields)), strict=True)),
-                    "postgres_version": _row_version(ctx, e.name),
+                    "since_ms": int(since),
+                    **dict(zip(fields, _text(cache.client.hmget(name, fields)), strict=True)),
+                    "postgres_version": _row_version(ctx, name.decode()),
                 }
-                for e in found
+                for name, since in found
             ],
         }
     queue = ctx.flush_queue

@@ -1,4 +1,15 @@
-"""The Redis hot store: records, keys, codec, scripts and ``RedisSessionCache``."""
+"""The Redis hot store, the lowest layer above ``lua``; one module per job:
+
+* ``records``: scopes, keys, sessions and owners; ``validate``: checks at the door;
+  ``codec``: msgpack of snapshots and specs; ``errors``: the exception tree's root.
+* ``keys``: every Redis key name (sessions, owners, shards' sets and locks, queue markers).
+* ``scripts``: loads ``lua/`` (prelude included) and maps return codes to results.
+* ``store``: ``RedisSessionCache`` (loads, saves, retires, owners' ends, cleanups);
+  ``flush_side``: its flush calls; ``replies``: what its calls answer;
+  ``server_checks``: the shard layout and eviction-policy checks it runs at start.
+* ``client``: connecting (standalone or cluster) and the server epoch; ``wire``: the pinned
+  connection of the hot path; ``settings``; ``metrics``; ``clock``.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +36,8 @@ from cache.records import (
     ConversationScope,
     LayerSpec,
     LifecycleState,
+    Owner,
     OwnerType,
-    RunRef,
     Scope,
     SessionKey,
     SessionStatus,
@@ -35,8 +46,9 @@ from cache.records import (
     SnapshotLayer,
     StoredSession,
 )
+from cache.replies import EndedOwner, Loaded
 from cache.settings import Settings
-from cache.store import EndedRun, Loaded, RedisSessionCache
+from cache.store import RedisSessionCache
 
 __all__ = [
     "AgentSessionsError",
@@ -46,7 +58,7 @@ __all__ = [
     "ConversationScope",
     "CorruptValue",
     "DirtyEntry",
-    "EndedRun",
+    "EndedOwner",
     "InvalidId",
     "InvalidInput",
     "InvalidSnapshot",
@@ -54,13 +66,13 @@ __all__ = [
     "LayerSpec",
     "LifecycleState",
     "Loaded",
+    "Owner",
     "OwnerType",
     "PayloadTooLarge",
     "RedisClient",
     "RedisSessionCache",
     "Refused",
     "RunEnded",
-    "RunRef",
     "Scope",
     "ScriptContractError",
     "SessionKey",

@@ -1,4 +1,5 @@
-"""Wall-clock helpers: the text timestamps stored in hashes and rows."""
+"""The text form of stored times (ISO-8601 UTC): parsing what Redis and Postgres hold, and
+writing it for the benches and scripts that make rows themselves."""
 
 from __future__ import annotations
 

@@ -85,10 +85,6 @@ def pack(value: Any) -> bytes:
     return _ENCODER.encode(value)
 
 
-def unpack(data: bytes) -> Any:
-    return msgspec.msgpack.decode(data)
-
-
 def encode(what: str, value: object) -> bytes:
     """msgpack of ``value``; :class:`InvalidSnapshot` for what msgpack cannot hold (an integer
     beyond 64 bits, a lone surrogate, nesting past the interpreter's recursion limit)."""

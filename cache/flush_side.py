@@ -62,14 +62,6 @@ class FlushSide:
 
         def _ms(self, seconds: float) -> int: ...
 
-    def dirty_entries(self, shard: int, *, older_than_ms: int, limit: int) -> list[DirtyEntry]:
-        """Up to ``limit`` dirty entries of a shard that first became dirty before the cutoff."""
-        with translate_errors("reading the dirty set"):
-            rows: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
-                self.keys.dirty(shard), "-inf", older_than_ms, start=0, num=limit, withscores=True
-            )
-        return [DirtyEntry(name.decode(), int(score)) for name, score in rows]
-
     def server_time_ms(self) -> int:
         """Redis's clock, the one dirty scores are written with."""
         with translate_errors("reading the server time"):
@@ -83,7 +75,7 @@ class FlushSide:
         shard's flush lock if that token still holds it (one round trip for both)."""
         if not flushed and not release:
             return Acked(0, 0, False)
-        keys = [self.keys.dirty(shard), self.keys.poison(shard), self.keys.flush_lock(shard)]
+        keys = [self.keys.dirty(shard), self.keys.poison(shard), *self._lock_keys(shard)]
         keys += [name for name, _ in flushed]
         args: list[Any] = [
             self._ms(self.settings.active_ttl_s),
@@ -167,7 +159,7 @@ class FlushSide:
         next entry); ``False`` if it was not parked."""
         key = self.keys.parse_session(name)
         shard = self.keys.shard_of_key(key)
-        run_set = self.keys.run_sessions(key.owner)
+        run_set = self.keys.owner_sessions(key.owner)
         keys = [self.keys.dirty(shard), self.keys.poison(shard), name, run_set]
         with translate_errors("dropping a parked session"):
             reply = self.scripts.drop_poisoned(keys=keys, args=[])
@@ -211,8 +203,17 @@ class FlushSide:
     def release_lock(self, shard: int, token: str) -> bool:
         """Release the shard's flush lock if ``token`` still holds it."""
         with translate_errors("releasing a flush lock"):
-            reply = self.scripts.release_lock(keys=[self.keys.flush_lock(shard)], args=[token])
+            reply = self.scripts.release_lock(keys=self._lock_keys(shard), args=[token])
         return check_code("release_lock", reply, OK_OR_NOOP)[0] is Code.OK
+
+    def wait_lock_free(self, shard: int, timeout_s: float) -> None:
+        """Block until a holder releases the shard's flush lock or ``timeout_s`` passes
+        (whichever first; the lock may be taken again by then)."""
+        with translate_errors("waiting for a flush lock"):
+            self.client.blpop([self.keys.flush_lock_free(shard)], timeout=timeout_s)
+
+    def _lock_keys(self, shard: int) -> list[str]:
+        return [self.keys.flush_lock(shard), self.keys.flush_lock_free(shard)]
 
     def note_trigger_pass(self, trigger: str, at_ms: int) -> None:
         """Record that the flush trigger ``trigger`` (``host:pid``) passed at ``at_ms`` (Redis

@@ -1,13 +1,15 @@
-"""The one place that builds Redis key names (DESIGN §3).
+"""The one place that builds Redis key names (DESIGN §3): the store's (:class:`KeySpace`)
+and the queue Redis's markers of flush and cleanup jobs (the functions at the end).
 
-Every key of a run carries the run's shard as a hash tag (``{s042}``), so every script's keys
-share one Redis Cluster slot. IDs are percent-encoded outside ``[A-Za-z0-9._-]``: ``:`` can
-then separate parts, and a key can be parsed back into its IDs.
+Every key of an owner carries the owner's shard as a hash tag (``{s042}``), so every
+script's keys share one Redis Cluster slot. IDs are percent-encoded outside
+``[A-Za-z0-9._-]``: ``:`` can then separate parts, and a key can be parsed back into its IDs.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import zlib
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 from cache.errors import InvalidId
-from cache.records import OwnerType, RunRef, SessionKey
+from cache.records import Owner, OwnerType, SessionKey
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._%-]+$")
 
@@ -44,8 +46,8 @@ class SessionNames(NamedTuple):
     """Every key name a save of one session touches."""
 
     session: str
-    run: str
-    run_sessions: str
+    owner: str
+    owner_sessions: str
     dirty: str
     config_field: str
     """A conversation session's field in its owner hash, ``config:<binding>:<agent>``: the
@@ -54,12 +56,12 @@ class SessionNames(NamedTuple):
 
 @functools.lru_cache(maxsize=65_536)
 def _names(space: KeySpace, key: SessionKey) -> SessionNames:
-    run = space.run(key.owner)
+    owner = space.owner(key.owner)
     dirty = space.dirty(space.shard_of_key(key))
     field = ""
     if key.owner_type is OwnerType.CONVERSATION:
         field = f"config:{encode_id(key.binding_id)}:{encode_id(key.agent_id)}"
-    return SessionNames(space.session(key), run, f"{run}:sessions", dirty, field)
+    return SessionNames(space.session(key), owner, f"{owner}:sessions", dirty, field)
 
 
 _SESSION_WORD: dict[OwnerType, str] = {
@@ -119,17 +121,17 @@ class KeySpace:
         parts = ":".join(encode_id(part) for part in key.parts())
         return f"{self._base(shard)}:{_SESSION_WORD[key.owner_type]}:{parts}"
 
-    def run(self, run: RunRef) -> str:
-        """The owner's marker: ``<prefix>:{sNNN}:run:<tenant>:<run>`` or
+    def owner(self, owner: Owner) -> str:
+        """The owner's marker: ``<prefix>:{sNNN}:run:<tenant>:<run>`` (a workflow run's) or
         ``<prefix>:{sNNN}:conversation:<tenant>:<conversation>``."""
-        shard = self.shard_of(run.tenant_id, run.owner_id)
-        ids = f"{encode_id(run.tenant_id)}:{encode_id(run.owner_id)}"
-        return f"{self._base(shard)}:{_OWNER_WORD[run.owner_type]}:{ids}"
+        shard = self.shard_of(owner.tenant_id, owner.owner_id)
+        ids = f"{encode_id(owner.tenant_id)}:{encode_id(owner.owner_id)}"
+        return f"{self._base(shard)}:{_OWNER_WORD[owner.owner_type]}:{ids}"
 
-    def run_sessions(self, run: RunRef) -> str:
-        return f"{self.run(run)}:sessions"
+    def owner_sessions(self, owner: Owner) -> str:
+        return f"{self.owner(owner)}:sessions"
 
-    def run_member(self, key: SessionKey) -> str:
+    def owner_member(self, key: SessionKey) -> str:
         """The session's member in its owner's session set: ``<node>:<binding>:<agent>``
         (a workflow run's) or ``<binding>:<agent>:<config>`` (a conversation's).
 
@@ -137,22 +139,22 @@ class KeySpace:
         scripts derive it from the session's name: its last three ``:``-separated parts)."""
         return ":".join(encode_id(part) for part in key.parts()[2:])
 
-    def parse_run_member(self, run: RunRef, member: str | bytes) -> SessionKey:
-        """The key a run-set member stands for; a full session name (how sets written before
+    def parse_owner_member(self, owner: Owner, member: str | bytes) -> SessionKey:
+        """The key an owner-set member stands for; a full session name (how sets written before
         the short members held them) is parsed as one."""
         text = member.decode() if isinstance(member, bytes) else member
         if text.startswith(f"{self.prefix}:{{"):
             key = self.parse_session(text)
-            if key.owner != run:
-                raise InvalidId(f"session {text!r} is not of run {run}")
+            if key.owner != owner:
+                raise InvalidId(f"session {text!r} is not of owner {owner}")
             return key
         pieces = text.split(":")
         if len(pieces) != 3:
-            raise InvalidId(f"not a run-set member: {text!r}")
+            raise InvalidId(f"not an owner-set member: {text!r}")
         ids = (decode_id(piece) for piece in pieces)
-        key = SessionKey.of_parts(run.owner_type, run.tenant_id, run.owner_id, *ids)
-        if self.run_member(key) != text:  # not the one encoding of these IDs
-            raise InvalidId(f"not a run-set member: {text!r}")
+        key = SessionKey.of_parts(owner.owner_type, owner.tenant_id, owner.owner_id, *ids)
+        if self.owner_member(key) != text:  # not the one encoding of these IDs
+            raise InvalidId(f"not an owner-set member: {text!r}")
         return key
 
     def dirty(self, shard: int) -> str:
@@ -164,13 +166,18 @@ class KeySpace:
     def flush_lock(self, shard: int) -> str:
         return f"{self._base(shard)}:flush_lock"
 
+    def flush_lock_free(self, shard: int) -> str:
+        """A list a release pushes one token onto (for a second), for a flush that waits for
+        the lock to block on (BLPOP) instead of polling."""
+        return f"{self._base(shard)}:flush_lock_free"
+
     def all_shards(self) -> range:
         return range(self.shards)
 
     def shard_of_key(self, key: SessionKey) -> int:
         return self.shard_of(key.tenant_id, key.owner_id)
 
-    def shard_of_owner(self, owner: RunRef) -> int:
+    def shard_of_owner(self, owner: Owner) -> int:
         return self.shard_of(owner.tenant_id, owner.owner_id)
 
     def parse_session(self, name: str | bytes) -> SessionKey:
@@ -188,3 +195,31 @@ class KeySpace:
         if self.session(key) != text:
             raise InvalidId(f"session key has the wrong shard tag: {text!r}")
         return key
+
+
+# --- the queue Redis's markers (per prefix, not per shard: RQ keeps one Redis) -------------
+
+
+def flush_pending(prefix: str, shard: int, *, urgent: bool) -> str:
+    """Names the shard's flush job while it waits in the queue (``workers.queues``)."""
+    return f"{prefix}:flush_pending:s{shard:03d}" + (":urgent" if urgent else "")
+
+
+def flush_backoff(prefix: str) -> str:
+    """Lives while Postgres was found unavailable: no flush job is requested meanwhile."""
+    return f"{prefix}:flush_backoff"
+
+
+def session_digest(session_name: str) -> str:
+    """A session key name's SHA-1, hex: its cleanup markers' and jobs' short id."""
+    return hashlib.sha1(session_name.encode()).hexdigest()  # noqa: S324 (a name, not a secret)
+
+
+def cleanup_pending(prefix: str, session_name: str) -> str:
+    """Names the session's cleanup job while one is under way (``workers.cleanup``)."""
+    return f"{prefix}:cleanup_pending:{session_digest(session_name)}"
+
+
+def cleanup_lease(prefix: str, session_name: str) -> str:
+    """Held by the running cleanup attempt of the session (its value: the RQ job id)."""
+    return f"{prefix}:cleanup_lease:{session_digest(session_name)}"

@@ -139,17 +139,17 @@ class SessionKey:
         return cls(tenant_id, conversation_id, "", binding_id, agent_id, _CONVERSATION, config_id)
 
     @property
-    def workflow_run_id(self) -> str:
-        """The owner id (a workflow run's id for a workflow-owned key)."""
-        return self.owner_id
+    def workflow_run_id(self) -> str | None:
+        """The workflow run's id; ``None`` for a conversation's session."""
+        return self.owner_id if self.owner_type is _WORKFLOW else None
 
     @property
     def conversation_id(self) -> str | None:
         return self.owner_id if self.owner_type is _CONVERSATION else None
 
     @property
-    def owner(self) -> RunRef:
-        return RunRef(self.tenant_id, self.owner_id, self.owner_type)
+    def owner(self) -> Owner:
+        return Owner(self.tenant_id, self.owner_id, self.owner_type)
 
     def parts(self) -> tuple[str, str, str, str, str]:
         """The five IDs, in key-name order (the owner's three after tenant and owner id)."""
@@ -170,7 +170,7 @@ class SessionKey:
 
 
 @dataclass(frozen=True, slots=True)
-class RunRef:
+class Owner:
     """One owner of sessions: a workflow run (the default) or a conversation, of one tenant."""
 
     tenant_id: str
@@ -184,13 +184,8 @@ class RunRef:
         check_id(name, self.owner_id)
 
     @classmethod
-    def conversation(cls, tenant_id: str, conversation_id: str) -> RunRef:
+    def conversation(cls, tenant_id: str, conversation_id: str) -> Owner:
         return cls(tenant_id, conversation_id, _CONVERSATION)
-
-    @property
-    def workflow_run_id(self) -> str:
-        """The owner id (a workflow run's id for a workflow run)."""
-        return self.owner_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from cache.errors import BacklogFull, RunEnded, RunUnknown, ScriptContractError,
 SCRIPT_NAMES = (
     "save",
     "retire",
-    "end_run",
+    "end_owner",
     "begin_cleanup",
     "mark_cleaned",
     "ack_flush",
@@ -29,8 +29,8 @@ SCRIPT_NAMES = (
     "take_lock",
     "release_lock",
     "begin_flush",
-    "open_run",
-    "settle_run",
+    "open_owner",
+    "settle_owner",
     "note_cleanup",
     "retry_poisoned",
     "drop_poisoned",
@@ -42,12 +42,12 @@ class Code(IntEnum):
     """Result codes shared by every script (each file's header lists the ones it returns)."""
 
     OK = 0
-    RUN_ENDED = 1
+    OWNER_ENDED = 1
     VERSION_CONFLICT = 2
     BACKLOG_FULL = 3
     NOOP = 4
     EXISTS = 5
-    RUN_UNKNOWN = 6
+    OWNER_UNKNOWN = 6
 
 
 OK: Final = frozenset({Code.OK})
@@ -95,7 +95,7 @@ class Scripts:
 
     save: Script
     retire: Script
-    end_run: Script
+    end_owner: Script
     begin_cleanup: Script
     mark_cleaned: Script
     ack_flush: Script
@@ -104,8 +104,8 @@ class Scripts:
     take_lock: Script
     release_lock: Script
     begin_flush: Script
-    open_run: Script
-    settle_run: Script
+    open_owner: Script
+    settle_owner: Script
     note_cleanup: Script
     retry_poisoned: Script
     drop_poisoned: Script
@@ -129,10 +129,10 @@ def check_code(
     if code not in allowed:
         raise ScriptContractError(f"{script}: result code {code.name} is not one it returns")
     values = reply[1:]
-    if code is Code.RUN_ENDED and script == "save":
-        raise RunEnded(f"{key}: the workflow run has ended")
-    if code is Code.RUN_UNKNOWN:
-        raise RunUnknown(f"{key}: Redis has no marker of the run")
+    if code is Code.OWNER_ENDED and script == "save":
+        raise RunEnded(f"{key}: its owner (workflow run or conversation) has ended")
+    if code is Code.OWNER_UNKNOWN:
+        raise RunUnknown(f"{key}: Redis has no marker of its owner")
     if code is Code.VERSION_CONFLICT:
         raise VersionConflict(key, expected, _count(script, values))
     if code is Code.BACKLOG_FULL:

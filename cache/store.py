@@ -2,6 +2,13 @@
 
 Every mutation is one Lua script (``lua/<method>.lua``) over keys of one shard, so each is
 atomic and runs unchanged on Redis Cluster.
+
+Which connection a call uses, the one rule: a call made once per loop iteration or once per
+flushed batch goes through :meth:`_reads` (read-only commands) or :meth:`_call` (a script),
+which use this thread's pinned :class:`~cache.wire.Wire` on a standalone Redis: ``load``,
+``save``, ``read_fields``, ``begin_flush``, ``mark_flushing``, ``ack_flush``. Every other
+call (once per owner, per cleanup, per operator command) uses ``self.client`` as redis-py
+gives it; its cost per call does not matter there, and its pool is what a cluster needs.
 """
 
 from __future__ import annotations
@@ -9,17 +16,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from random import getrandbits
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import redis
-from redis.cluster import RedisCluster
 
-from cache.client import RedisClient, safe_url, translate_errors
+from cache.client import RedisClient, translate_errors
 from cache.codec import Codec
 from cache.errors import (
-    ConfigurationError,
     CorruptValue,
     InvalidInput,
     Refused,
@@ -31,88 +35,32 @@ from cache.metrics import LOADS, REFUSALS, RETIRES, SAVES
 from cache.records import (
     OWNER_ENDS,
     ClosedBy,
-    RunRef,
+    Owner,
     SessionKey,
     SessionStatus,
     SessionWrite,
     StoredSession,
     check_write_fits,
 )
+from cache.replies import EndedOwner, FieldsRead, Loaded, Retired, SessionRead
 from cache.scripts import OK, OK_OR_NOOP, Code, Scripts, check_code
+from cache.server_checks import check_layout, check_server_config
 from cache.settings import Settings
 from cache.validate import check_optional_id, check_version, storable_text
 from cache.wire import Wire
 
 _SAVE = frozenset(
-    {Code.OK, Code.RUN_ENDED, Code.VERSION_CONFLICT, Code.BACKLOG_FULL, Code.RUN_UNKNOWN}
+    {Code.OK, Code.OWNER_ENDED, Code.VERSION_CONFLICT, Code.BACKLOG_FULL, Code.OWNER_UNKNOWN}
 )
-_END = frozenset({Code.OK, Code.RUN_ENDED})
-_RETIRE = frozenset({Code.OK, Code.NOOP, Code.RUN_UNKNOWN})
+_END = frozenset({Code.OK, Code.OWNER_ENDED})
+_RETIRE = frozenset({Code.OK, Code.NOOP, Code.OWNER_UNKNOWN})
 _FILL = frozenset({Code.OK, Code.EXISTS})
 _OPEN = _FILL
 _CLEANUP_CHUNK = 500
-_POLICY = "maxmemory-policy"
-_LISTPACK_VALUE = "hash-max-listpack-value"
-LISTPACK_ADVICE: Final = 16384
-"""The ``hash-max-listpack-value`` the README recommends: an ~8 KB snapshot's hash stays a
-listpack."""
 _LOADED_FROM_REDIS = LOADS.labels("redis")
 _LOAD_MISSED = LOADS.labels("miss")
 
 
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    """What ``load`` found: the stored record (any status) and the resumable session.
-
-    ``run_state`` is ``open``, ``ended`` or ``""`` when Redis has no marker of the run (lost,
-    evicted, or a run nothing was saved in yet): then only Postgres can tell whether it ended.
-    """
-
-    record: StoredSession | None
-    run_ended: bool = False
-    run_state: str = "open"
-    current_config: str | None = None
-    """A conversation's: the config snapshot its agent's session was last saved with (the
-    owner hash's ``config:<binding>:<agent>``), or ``None`` when Redis does not know."""
-
-    @property
-    def run_known(self) -> bool:
-        return self.run_state != ""
-
-    @property
-    def session(self) -> StoredSession | None:
-        """The session if it may be resumed (``active`` in a run not ended), else ``None``."""
-        record = self.record
-        if record is None or self.run_ended or record.status is not SessionStatus.ACTIVE:
-            return None
-        return record
-
-    @property
-    def version(self) -> int:
-        """The stored version (0 when absent): pass it as ``expected_version`` to save."""
-        return self.record.version if self.record is not None else 0
-
-
-@dataclass(frozen=True, slots=True)
-class Retired:
-    """What ``retire`` did: the session's new version, and its status: ``cleaned``, or
-    ``cleaning`` when its owner has ended (the backend must still delete its layers)."""
-
-    version: int
-    status: SessionStatus
-
-
-@dataclass(frozen=True, slots=True)
-class EndedRun:
-    """The sessions of a run that ``end_run`` found, and whether it had already ended."""
-
-    keys: tuple[SessionKey, ...]
-    already_ended: bool
-
-
-FieldsRead = tuple[SessionKey, list[bytes | None]] | CorruptValue | None
-"""One session's entry in :meth:`RedisSessionCache.read_fields`."""
-SessionRead = StoredSession | CorruptValue | None
 log = logging.getLogger(__name__)
 
 
@@ -137,85 +85,14 @@ class RedisSessionCache(FlushSide):
         self.codec = Codec(self.settings.max_snapshot_bytes, self.settings.max_specs_bytes)
         self.scripts = Scripts.register(client)
         self.wire = Wire(client) if isinstance(client, redis.Redis) else None
-        self._check_layout()
-        self._check_server_config()
+        check_layout(client, self.keys)
+        check_server_config(client, self.settings.redis_url)
 
     def close(self) -> None:
         """Close the client and the wire's pinned connections."""
         if self.wire is not None:
             self.wire.close()
         self.client.close()
-
-    def _check_layout(self) -> None:
-        """Record the shard count on first use; refuse to run against a different one.
-
-        Read first: a process that only drains must start even when Redis is over maxmemory.
-        """
-        with translate_errors("checking the key layout"):
-            stored = cast(bytes | None, self.client.hget(self.keys.meta, "shards"))
-            if stored is None:
-                self.client.hsetnx(self.keys.meta, "shards", self.settings.shards)
-                stored = cast(bytes | None, self.client.hget(self.keys.meta, "shards"))
-        found = stored.decode(errors="replace") if stored else None
-        if found != str(self.settings.shards):
-            raise ConfigurationError(
-                f"{self.keys.meta} says shards={found}, this process is configured with "
-                f"shards={self.settings.shards}; keys would land in the wrong shards"
-            )
-
-    def _check_server_config(self) -> None:
-        """Refuse ``allkeys-*`` eviction, warn about ``volatile-*`` (README, Durability), and
-        say when session hashes will take Redis' costlier encoding (README, Memory).
-
-        ``allkeys-*`` may evict a dirty session, a dirty set or a run marker: acknowledged
-        saves would vanish before reaching Postgres. ``volatile-*`` only evicts keys with a
-        TTL (flushed sessions, which read-through brings back). A Redis that refuses CONFIG
-        (managed services, ACLs) is trusted, and said so in the log.
-        """
-        for node, policy in self._server_config(_POLICY, "noeviction").items():
-            if policy.startswith("allkeys-"):
-                raise ConfigurationError(
-                    f"Redis {node} runs maxmemory-policy {policy}, which evicts sessions that "
-                    "have not reached Postgres yet; set noeviction or a volatile-* policy"
-                )
-            if policy.startswith("volatile-"):
-                log.warning(
-                    "Redis %s runs maxmemory-policy %s: flushed sessions may be evicted and read "
-                    "back from Postgres on their next entry; dirty ones never are",
-                    node,
-                    policy,
-                )
-        for node, value in self._server_config(_LISTPACK_VALUE, "").items():
-            if value.isdigit() and int(value) < LISTPACK_ADVICE:
-                log.info(
-                    "Redis %s runs %s %s: a session hash holding a larger snapshot is a "
-                    "hashtable, whose overhead per session is about twice a listpack's; "
-                    "%s %d keeps an ~8 KB snapshot's hash a listpack (README, Memory)",
-                    node,
-                    _LISTPACK_VALUE,
-                    value,
-                    _LISTPACK_VALUE,
-                    LISTPACK_ADVICE,
-                )
-
-    def _server_config(self, name: str, default: str) -> dict[str, str]:
-        """``{node: value}`` of a CONFIG parameter on every primary; empty if CONFIG is
-        refused."""
-        try:
-            with translate_errors(f"reading {name}"):
-                if isinstance(self.client, RedisCluster):
-                    nodes = RedisCluster.PRIMARIES
-                    replies: dict[str, dict[str, str]] = self.client.config_get(  # type: ignore[assignment]
-                        name, target_nodes=nodes
-                    )
-                    return {node: str(reply.get(name, default)) for node, reply in replies.items()}
-                reply = self.client.config_get(name)
-        except StoreUnavailable as exc:
-            if not isinstance(exc.__cause__, redis.ResponseError):
-                raise
-            log.info("cannot read %s (%s); not checked", name, exc.__cause__)
-            return {}
-        return {safe_url(self.settings.redis_url): str(reply.get(name, default))}
 
     def _ms(self, seconds: float) -> int:
         return int(seconds * 1000)
@@ -230,8 +107,8 @@ class RedisSessionCache(FlushSide):
         exit is read back from Postgres by the save (``workers.readthrough.save_through``).
         """
         names = self.keys.names(key)
-        owner = ("HMGET", names.run, "state", names.config_field) if names.config_field else None
-        commands = [("HGETALL", names.session), owner or ("HGET", names.run, "state")]
+        owner = ("HMGET", names.owner, "state", names.config_field) if names.config_field else None
+        commands = [("HGETALL", names.session), owner or ("HGET", names.owner, "state")]
         with translate_errors(f"loading {names.session}"):
             fields, state = self._reads(commands)
         for reply in (fields, state):
@@ -241,10 +118,10 @@ class RedisSessionCache(FlushSide):
         if owner is not None:
             state, config = state
             current = config.decode() if config else None
-        run_state = state.decode() if state else ""
+        owner_state = state.decode() if state else ""
         if not fields:
             _LOAD_MISSED.inc()
-            return Loaded(None, run_state == "ended", run_state, current)
+            return Loaded(None, owner_state == "ended", owner_state, current)
         _LOADED_FROM_REDIS.inc()
         raw = (
             fields
@@ -252,7 +129,7 @@ class RedisSessionCache(FlushSide):
             else dict(zip(fields[::2], fields[1::2], strict=True))
         )
         record = self.codec.decode_session(names.session, key, raw)
-        return Loaded(record, run_state == "ended", run_state, current)
+        return Loaded(record, owner_state == "ended", owner_state, current)
 
     def read_many(self, names: Sequence[str]) -> list[SessionRead]:
         """Sessions by key name in one pipeline; a corrupt one is returned, not raised."""
@@ -315,21 +192,21 @@ class RedisSessionCache(FlushSide):
             found: list[Any] = pipe.execute()
         return [key for key, exists in zip(keys, found, strict=True) if not exists]
 
-    def run_sessions(self, run: RunRef) -> list[SessionKey]:
-        """The keys of every session the run has saved (while its markers live)."""
-        with translate_errors("listing run sessions"):
-            members = cast(set[bytes], self.client.smembers(self.keys.run_sessions(run)))
-        return self._run_members(run, members)
+    def owner_sessions(self, owner: Owner) -> list[SessionKey]:
+        """The keys of every session the owner has saved (while its markers live)."""
+        with translate_errors("listing owner sessions"):
+            members = cast(set[bytes], self.client.smembers(self.keys.owner_sessions(owner)))
+        return self._owner_members(owner, members)
 
-    def _run_members(self, run: RunRef, members: Iterable[bytes]) -> list[SessionKey]:
-        """The keys of a run set's members, sorted (a key listed in both member forms once)."""
-        found = {self.keys.parse_run_member(run, member) for member in members}
+    def _owner_members(self, owner: Owner, members: Iterable[bytes]) -> list[SessionKey]:
+        """The keys of an owner set's members, sorted (a key listed in both member forms once)."""
+        found = {self.keys.parse_owner_member(owner, member) for member in members}
         return sorted(found, key=SessionKey.sort_key)
 
-    def run_state(self, run: RunRef) -> dict[str, str]:
-        """The run hash (``state``, ``opened_at``, ``ended_at``, ``outcome``) as text."""
-        with translate_errors("reading run state"):
-            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.run(run)))
+    def owner_state(self, owner: Owner) -> dict[str, str]:
+        """The owner hash (``state``, ``opened_at``, ``ended_at``, ``outcome``) as text."""
+        with translate_errors("reading owner state"):
+            raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.owner(owner)))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     # --- writes --------------------------------------------------------------------------
@@ -378,7 +255,7 @@ class RedisSessionCache(FlushSide):
         check_write_fits(key, write)
         fields = self.codec.write_values(write)
         names = self.keys.names(key)
-        keys = [names.session, names.run, names.run_sessions, names.dirty]
+        keys = [names.session, names.owner, names.owner_sessions, names.dirty]
         args: list[Any] = [
             "" if expected_version is None else expected_version,
             self.settings.max_dirty_per_shard,
@@ -399,7 +276,7 @@ class RedisSessionCache(FlushSide):
         names = self.keys.names(key)
         with translate_errors(f"retiring {names.session}"):
             reply = self.scripts.retire(
-                keys=[names.session, names.dirty, names.run], args=[failed_backend_run_id or ""]
+                keys=[names.session, names.dirty, names.owner], args=[failed_backend_run_id or ""]
             )
         code, values = check_code("retire", reply, _RETIRE, key=names.session)
         if code is not Code.OK:
@@ -407,35 +284,35 @@ class RedisSessionCache(FlushSide):
         RETIRES.inc()
         return Retired(int(values[0]), SessionStatus(_text(values[1])))
 
-    def end_run(self, run: RunRef, outcome: str) -> EndedRun:
+    def end_owner(self, owner: Owner, outcome: str) -> EndedOwner:
         """Mark the owner ended (every later save is refused) and list its sessions."""
-        if outcome not in run.owner_type.outcomes:
+        if outcome not in owner.owner_type.outcomes:
             raise InvalidInput(
-                f"outcome must be one of {sorted(run.owner_type.outcomes)}, got {outcome!r}"
+                f"outcome must be one of {sorted(owner.owner_type.outcomes)}, got {outcome!r}"
             )
-        keys = [self.keys.run(run), self.keys.run_sessions(run)]
+        keys = [self.keys.owner(owner), self.keys.owner_sessions(owner)]
         args: list[Any] = [outcome]
-        with translate_errors("ending a run"):
-            reply = self.scripts.end_run(keys=keys, args=args)
-        code, members = check_code("end_run", reply, _END)
-        found = self._run_members(run, members)
-        return EndedRun(tuple(found), already_ended=code is Code.RUN_ENDED)
+        with translate_errors("ending an owner"):
+            reply = self.scripts.end_owner(keys=keys, args=args)
+        code, members = check_code("end_owner", reply, _END)
+        found = self._owner_members(owner, members)
+        return EndedOwner(tuple(found), already_ended=code is Code.OWNER_ENDED)
 
-    def open_run(self, run: RunRef) -> bool:
-        """Mark the run open if Redis has no marker of it (Postgres says it did not end)."""
+    def open_owner(self, owner: Owner) -> bool:
+        """Mark the owner open if Redis has no marker of it (Postgres says it did not end)."""
         args: list[Any] = [self._ms(self.settings.active_ttl_s)]
-        with translate_errors("opening a run"):
-            reply = self.scripts.open_run(keys=[self.keys.run(run)], args=args)
-        return check_code("open_run", reply, _OPEN)[0] is Code.OK
+        with translate_errors("opening an owner"):
+            reply = self.scripts.open_owner(keys=[self.keys.owner(owner)], args=args)
+        return check_code("open_owner", reply, _OPEN)[0] is Code.OK
 
-    def settle_run(self, run: RunRef) -> bool:
-        """Every session of the ended run is cleaned: its markers get ``ended_run_ttl_s``."""
-        keys = [self.keys.run(run), self.keys.run_sessions(run)]
-        with translate_errors("settling a run"):
-            reply = self.scripts.settle_run(
+    def settle_owner(self, owner: Owner) -> bool:
+        """Every session of the ended owner is cleaned: its markers get ``ended_run_ttl_s``."""
+        keys = [self.keys.owner(owner), self.keys.owner_sessions(owner)]
+        with translate_errors("settling an owner"):
+            reply = self.scripts.settle_owner(
                 keys=keys, args=[self._ms(self.settings.ended_run_ttl_s)]
             )
-        return check_code("settle_run", reply, OK_OR_NOOP)[0] is Code.OK
+        return check_code("settle_owner", reply, OK_OR_NOOP)[0] is Code.OK
 
     def note_cleanup(self, key: SessionKey, cleanup_run_id: str, attempt: int) -> bool:
         """Remember the backend run of a cleanup attempt (only while the session is cleaning)."""
@@ -459,24 +336,24 @@ class RedisSessionCache(FlushSide):
 
     def begin_cleanup(
         self,
-        run: RunRef,
+        owner: Owner,
         keys: Iterable[SessionKey],
         *,
         closed_by: ClosedBy | None = None,
         idle_s: float | None = None,
     ) -> int:
-        """Move every ``active`` session of ``run`` among ``keys`` to ``cleaning``.
+        """Move every ``active`` session of ``owner`` among ``keys`` to ``cleaning``.
 
         Without ``closed_by`` the owner has ended (its end closes them); with one (a
         conversation's ``config_change`` or ``idle``) only these sessions are retired. With
         ``idle_s``, a session saved within the last ``idle_s`` seconds (by Redis's clock) or
         waiting for human input is left active: checked in the script, so a save racing the
         sweep wins."""
-        names = [self.keys.session(self._of_run(run, key)) for key in keys]
-        dirty = self.keys.dirty(self.keys.shard_of_owner(run))
-        run_set = self.keys.run_sessions(run)
+        names = [self.keys.session(self._of_owner(owner, key)) for key in keys]
+        dirty = self.keys.dirty(self.keys.shard_of_owner(owner))
+        run_set = self.keys.owner_sessions(owner)
         moved = 0
-        closer = closed_by or run.owner_type.end_closer
+        closer = closed_by or owner.owner_type.end_closer
         args: list[Any] = [
             self._ms(self.settings.cleaned_ttl_s),
             closer.value,
@@ -511,7 +388,7 @@ class RedisSessionCache(FlushSide):
 
     def fill(self, session: StoredSession) -> bool:
         """Write a session read from Postgres if Redis has none; ``False`` if one is there."""
-        keys = [self.keys.session(session.key), self.keys.run_sessions(session.key.owner)]
+        keys = [self.keys.session(session.key), self.keys.owner_sessions(session.key.owner)]
         clean = dataclasses.replace(session, flushed_version=session.version)
         args: list[Any] = [self._ms(self.settings.active_ttl_s), *self.codec.stored_fields(clean)]
         with translate_errors("filling a session"):
@@ -523,7 +400,7 @@ class RedisSessionCache(FlushSide):
         return self.keys.dirty(self.keys.shard_of_key(key))
 
     @staticmethod
-    def _of_run(run: RunRef, key: SessionKey) -> SessionKey:
-        if key.owner != run:
-            raise InvalidInput(f"session {key} does not belong to {run}")
+    def _of_owner(owner: Owner, key: SessionKey) -> SessionKey:
+        if key.owner != owner:
+            raise InvalidInput(f"session {key} does not belong to {owner}")
         return key

@@ -4,21 +4,22 @@
 -- KEYS[1] shard dirty zset   <prefix>:{sNNN}:dirty
 -- KEYS[2] shard poison hash  <prefix>:{sNNN}:poison (a flushed session leaves it)
 -- KEYS[3] shard flush lock   <prefix>:{sNNN}:flush_lock
--- KEYS[4..] session hashes that were flushed  <prefix>:{sNNN}:session:...
+-- KEYS[4] its free list      <prefix>:{sNNN}:flush_lock_free (a release wakes one waiter)
+-- KEYS[5..] session hashes that were flushed  <prefix>:{sNNN}:session:...
 -- ARGV[1] TTL of a clean session that may be resumed or cleaned up: integer milliseconds
 -- ARGV[2] TTL of a clean, cleaned session of an ended run (run_ended=1): integer milliseconds
 -- ARGV[3] holder token of the flush lock to release afterwards, if it still holds it; ""
 --         leaves the lock alone
--- ARGV[4..] the version Postgres holds for KEYS[4..], in the same order: integers
+-- ARGV[4..] the version Postgres holds for KEYS[5..], in the same order: integers
 -- returns {0, acked, still_dirty, released}  OK: acked = sessions made clean, still_dirty =
 --         moved on (their first-dirty time becomes the time of this ack), released = 1 if
 --         the lock was released
-local dirty, poison, lock = KEYS[1], KEYS[2], KEYS[3]
+local dirty, poison, lock, free = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local resumable_ttl, ended_ttl, token = ARGV[1], ARGV[2], ARGV[3]
 local acked, still_dirty = 0, 0
 local now = now_ms()
-for i = 4, #KEYS do
-  local session, flushed = KEYS[i], tonumber(ARGV[i])
+for i = 5, #KEYS do
+  local session, flushed = KEYS[i], tonumber(ARGV[i - 1])
   local stored = redis.call('HMGET', session, 'version', 'flushed_version', 'status', 'run_ended')
   if not stored[1] then
     redis.call('ZREM', dirty, session)
@@ -43,9 +44,4 @@ for i = 4, #KEYS do
     end
   end
 end
-local released = 0
-if token ~= '' and redis.call('GET', lock) == token then
-  redis.call('DEL', lock)
-  released = 1
-end
-return {0, acked, still_dirty, released}
+return {0, acked, still_dirty, give_up_lock(lock, free, token)}

@@ -18,7 +18,7 @@
 --         pending_tool_call_id), is moved; "" = every active session
 -- returns {0, moved}  OK: moved = how many sessions went from active to cleaning
 
-local dirty, run_sessions, ended_ttl = KEYS[1], KEYS[2], ARGV[1]
+local dirty, owner_sessions, ended_ttl = KEYS[1], KEYS[2], ARGV[1]
 local closed_by, owner_ended = ARGV[2], ARGV[3] == '1'
 local now = now_ms()
 local now_iso = iso_of(now)
@@ -40,7 +40,7 @@ for i = 3, #KEYS do
     if owner_ended then
       redis.call('HSET', session, 'run_ended', '1')
     end
-    redis.call('SADD', run_sessions, member_of(session))
+    redis.call('SADD', owner_sessions, member_of(session))
   end
   if status == 'active' then
     redis.call('HSET', session, 'status', 'cleaning', 'updated_at', now_iso,

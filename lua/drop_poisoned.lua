@@ -11,12 +11,12 @@
 -- returns {0}  OK: the session hash, its dirty mark and its poison entry are gone
 --         {4}  NOOP: the session is not in the poison hash; nothing written
 
-local dirty, poison, session, run_sessions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local dirty, poison, session, owner_sessions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('HEXISTS', poison, session) == 0 then
   return {4}
 end
 redis.call('DEL', session)
 redis.call('ZREM', dirty, session)
 redis.call('HDEL', poison, session)
-redis.call('SREM', run_sessions, member_of(session), session)
+redis.call('SREM', owner_sessions, member_of(session), session)
 return {0}

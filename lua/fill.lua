@@ -10,7 +10,7 @@
 -- returns {0}  OK: filled
 --         {5}  EXISTS: the key is present (it may be newer); nothing written
 
-local session, run_sessions, ttl = KEYS[1], KEYS[2], ARGV[1]
+local session, owner_sessions, ttl = KEYS[1], KEYS[2], ARGV[1]
 if redis.call('EXISTS', session) == 1 then
   return {5}
 end
@@ -24,9 +24,9 @@ end
 redis.call('HSET', session, unpack(sets))
 redis.call('PEXPIRE', session, ttl)
 -- a new set gets the TTL; an existing one keeps its own (none while its run is ended)
-local fresh = redis.call('EXISTS', run_sessions) == 0
-redis.call('SADD', run_sessions, member_of(session))
+local fresh = redis.call('EXISTS', owner_sessions) == 0
+redis.call('SADD', owner_sessions, member_of(session))
 if fresh then
-  redis.call('PEXPIRE', run_sessions, ttl)
+  redis.call('PEXPIRE', owner_sessions, ttl)
 end
 return {0}

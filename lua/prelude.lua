@@ -40,3 +40,19 @@ local function iso_of(ms)
   return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03d+00:00', year, month, day,
                        math.floor(sod / 3600), math.floor(sod % 3600 / 60), sod % 60, ms % 1000)
 end
+
+-- Give a lock up if token still holds it, and wake one holder-to-be waiting for it (BLPOP
+-- on the lock's free list, which holds at most one token, for a second); free may be nil
+-- (a cleanup lease: nobody waits for it). 1 if released.
+local function give_up_lock(lock, free, token)
+  if token == '' or redis.call('GET', lock) ~= token then
+    return 0
+  end
+  redis.call('DEL', lock)
+  if free then
+    redis.call('DEL', free)
+    redis.call('RPUSH', free, '1')
+    redis.call('PEXPIRE', free, 1000)
+  end
+  return 1
+end

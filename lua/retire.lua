@@ -10,7 +10,7 @@
 -- ARGV[1] failed backend run id: text, or "" to keep the stored backend_run_id
 -- returns {0, version, status}  OK: active -> status (cleaned, or cleaning in an ended owner)
 --         {4}                   NOOP: the session is missing or not active; nothing written
---         {6}                   RUN_UNKNOWN: no owner hash (lost or evicted); ask Postgres
+--         {6}                   OWNER_UNKNOWN: no owner hash (lost or evicted); ask Postgres
 local session, dirty, owner = KEYS[1], KEYS[2], KEYS[3]
 local failed_run = ARGV[1]
 

@@ -1,7 +1,7 @@
 #!lua
 -- save: write a session, mark it active and dirty, bump its version by one.
--- A session already dirty is already persistent and in the dirty zset, and its run's TTL was
--- renewed when it became dirty: those writes are skipped (a loop's case). The run set's SADD
+-- A session already dirty is already persistent and in the dirty zset, and its owner's TTL was
+-- renewed when it became dirty: those writes are skipped (a loop's case). The owner set's SADD
 -- is not: a set evicted meanwhile (it has a TTL) is rebuilt by the next save.
 -- The owner is a workflow run or a conversation: the same script serves both.
 -- KEYS[1] session hash      <prefix>:{sNNN}:session:<tenant>:<run>:<node>:<binding>:<agent>
@@ -15,8 +15,8 @@
 -- ARGV[2] dirty backlog bound of the shard: integer, 0 = unbounded
 -- ARGV[3] content id of this save: text, a fresh random token the flush's fence compares
 --         (also the lineage of a session this save creates)
--- ARGV[4] TTL of an open run's hash and session set: integer milliseconds (sliding)
--- ARGV[5] when the run hash is missing: "open" opens the run, "" refuses (RUN_UNKNOWN)
+-- ARGV[4] TTL of an open owner's hash and session set: integer milliseconds (sliding)
+-- ARGV[5] when the owner hash is missing: "open" opens it, "" refuses (OWNER_UNKNOWN)
 -- ARGV[6] owner hash field to set to ARGV[7] (a conversation's config:<binding>:<agent>,
 --         which says which config snapshot the agent's session was last saved with); "" none
 -- ARGV[7] its value: text
@@ -24,24 +24,25 @@
 -- Times (updated_at, created_at, opened_at, the dirty score) come from Redis's TIME. A new
 -- session starts with flushing_version 0 (see mark_flushing).
 -- returns {0, version}  OK: saved; version is the new version
---         {1}           RUN_ENDED: the run has ended; nothing written
+--         {1}           OWNER_ENDED: the owner has ended; nothing written
 --         {2, version}  VERSION_CONFLICT: the stored version is not ARGV[1]; nothing written
 --         {3, backlog}  BACKLOG_FULL: the shard holds ARGV[2] dirty sessions; nothing written
---         {6}           RUN_UNKNOWN: no run hash (lost or evicted); ask Postgres; nothing written
+--         {6}           OWNER_UNKNOWN: no owner hash (lost or evicted); ask Postgres;
+--                       nothing written
 
 local FIELDS = {'snapshot', 'layer_specs', 'app_id', 'workflow_id', 'node_execution_id',
                 'agent_config_snapshot_id', 'backend_run_id', 'pending_form_id',
                 'pending_tool_call_id'}
-local session, run, run_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local expected, bound, content_id, run_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local unknown_run, owner_field, owner_value = ARGV[5], ARGV[6], ARGV[7]
+local session, owner, owner_sessions, dirty = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local expected, bound, content_id, owner_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local unknown_owner, owner_field, owner_value = ARGV[5], ARGV[6], ARGV[7]
 local FIRST_FIELD = 7
 
-local run_state = redis.call('HGET', run, 'state')
-if run_state == 'ended' then
+local owner_state = redis.call('HGET', owner, 'state')
+if owner_state == 'ended' then
   return {1}
 end
-if not run_state and unknown_run ~= 'open' then
+if not owner_state and unknown_owner ~= 'open' then
   return {6}
 end
 local stored = redis.call('HMGET', session, 'version', 'status', 'lineage')
@@ -99,16 +100,16 @@ if not was_dirty then
   redis.call('ZADD', dirty, now, session)
 end
 local member = member_of(session)
-if redis.call('SADD', run_sessions, member) == 1 or not was_dirty then
-  redis.call('PEXPIRE', run_sessions, run_ttl)
+if redis.call('SADD', owner_sessions, member) == 1 or not was_dirty then
+  redis.call('PEXPIRE', owner_sessions, owner_ttl)
 end
-if not run_state then
-  redis.call('HSET', run, 'state', 'open', 'opened_at', now_iso)
+if not owner_state then
+  redis.call('HSET', owner, 'state', 'open', 'opened_at', now_iso)
 end
 if owner_field ~= '' then
-  redis.call('HSET', run, owner_field, owner_value)
+  redis.call('HSET', owner, owner_field, owner_value)
 end
-if not was_dirty or not run_state then
-  redis.call('PEXPIRE', run, run_ttl)
+if not was_dirty or not owner_state then
+  redis.call('PEXPIRE', owner, owner_ttl)
 end
 return {0, version}

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cache.records import OwnerType, RunRef, SessionKey, SessionStatus, StoredSession
+from cache.records import Owner, OwnerType, SessionKey, SessionStatus, StoredSession
 from persistence.errors import translate_errors
-from persistence.models import runs, sessions
+from persistence.models import owners, sessions
 from persistence.selects import (
     ACTIVE,
     KEY_ORDER,
@@ -130,12 +130,12 @@ class OperatorCounts:
         """Up to ``limit`` ``active`` rows of owners that ended over ``ended_before_s`` ago
         (Postgres's clock on both sides): the end should have stopped them by then."""
         ended = sa.exists().where(
-            runs.c.key_prefix == sessions.c.key_prefix,
-            runs.c.tenant_id == sessions.c.tenant_id,
-            runs.c.owner_type == sessions.c.owner_type,
-            runs.c.owner_id
+            owners.c.key_prefix == sessions.c.key_prefix,
+            owners.c.tenant_id == sessions.c.tenant_id,
+            owners.c.owner_type == sessions.c.owner_type,
+            owners.c.owner_id
             == sa.func.coalesce(sessions.c.workflow_run_id, sessions.c.conversation_id),
-            runs.c.ended_at < sa.func.now() - interval_of(ended_before_s),
+            owners.c.ended_at < sa.func.now() - interval_of(ended_before_s),
         )
         query = (
             sa.select(*KEY_ORDER)
@@ -145,7 +145,7 @@ class OperatorCounts:
         with translate_errors(), self.engine.connect() as conn:
             return [key_of(row) for row in conn.execute(query).mappings()]
 
-    def ended_owners(self, owners: Iterable[RunRef]) -> set[RunRef]:
+    def ended_owners(self, owners: Iterable[Owner]) -> set[Owner]:
         """Which of ``owners`` Postgres records as ended."""
         rows = sorted({owner_row(self.key_prefix, owner) for owner in owners})
         if not rows:

@@ -55,8 +55,8 @@ CONVERSATION_CLEANING_INDEX: Final = "agent_runtime_session_conversation_cleanin
 BACKEND_RUN_INDEX: Final = "agent_runtime_session_backend_run_idx"
 STATUS_CHECK: Final = "status"
 OWNER_CHECK: Final = "owner"
-RUNS_TABLE_NAME: Final = "agent_session_owners"
-RUNS_DUE_INDEX: Final = "agent_session_owners_unsettled_due_idx"
+OWNERS_TABLE_NAME: Final = "agent_session_owners"
+OWNERS_DUE_INDEX: Final = "agent_session_owners_unsettled_due_idx"
 LINEAGE_LENGTH: Final = 32
 KEY_PREFIX_LENGTH: Final = 32
 """``Settings.key_prefix`` is 1-32 characters of ``[A-Za-z0-9._-]``."""
@@ -176,8 +176,8 @@ sessions = Table(
 )
 """One row per session key: the last flushed version of the Redis hash."""
 
-runs = Table(
-    RUNS_TABLE_NAME,
+owners = Table(
+    OWNERS_TABLE_NAME,
     metadata,
     Column("key_prefix", String(KEY_PREFIX_LENGTH), nullable=False),
     _id_column("tenant_id"),
@@ -188,11 +188,11 @@ runs = Table(
     _time_column("settled_at", nullable=True),
     _time_column("next_check_at", nullable=False),
     PrimaryKeyConstraint(
-        "key_prefix", "tenant_id", "owner_type", "owner_id", name=f"{RUNS_TABLE_NAME}_pkey"
+        "key_prefix", "tenant_id", "owner_type", "owner_id", name=f"{OWNERS_TABLE_NAME}_pkey"
     ),
     CheckConstraint(f"outcome IN ({_OUTCOME_VALUES})", name="outcome"),
     Index(
-        RUNS_DUE_INDEX, "key_prefix", "next_check_at", postgresql_where=text("settled_at IS NULL")
+        OWNERS_DUE_INDEX, "key_prefix", "next_check_at", postgresql_where=text("settled_at IS NULL")
     ),
 )
 """One row per ENDED owner (a workflow run or a conversation): the durable fact that nothing

@@ -16,13 +16,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cache.records import OwnerType, RunRef, SessionKey, SessionStatus, StoredSession
+from cache.records import Owner, OwnerType, SessionKey, SessionStatus, StoredSession
 from persistence.counts import OperatorCounts
 from persistence.direct import DirectConnections
 from persistence.engine import CONNECT_TIMEOUT_S
 from persistence.errors import translate_errors
 from persistence.models import sessions
-from persistence.owners import OwnerRecords, RunEnd, read_run_end
+from persistence.owners import OwnerEnd, OwnerRecords, read_end
 from persistence.selects import (
     ACTIVE,
     KEY_ORDER,
@@ -51,26 +51,24 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
         self._direct.close()
         self.engine.dispose()
 
-    def unsettled_keys(self, run: RunRef) -> list[SessionKey]:
+    def unsettled_keys(self, owner: Owner) -> list[SessionKey]:
         """Keys of the owner's rows that are not ``cleaned`` yet (no snapshots are read)."""
         query = (
             sa.select(*KEY_ORDER)
             .where(
-                *of_owner(self.key_prefix, run), sessions.c.status != SessionStatus.CLEANED.value
+                *of_owner(self.key_prefix, owner), sessions.c.status != SessionStatus.CLEANED.value
             )
             .order_by(*KEY_ORDER)
         )
         with translate_errors(), self.engine.connect() as conn:
             return [key_of(row) for row in conn.execute(query).mappings()]
 
-    def get_with_run(self, key: SessionKey) -> tuple[StoredSession | None, RunEnd | None]:
+    def get_with_run(self, key: SessionKey) -> tuple[StoredSession | None, OwnerEnd | None]:
         """The stored session of ``key`` and its run's end record, on one connection."""
         run = key.owner
         with translate_errors(), self.engine.connect() as conn:
             row = conn.execute(by_key_query(self.key_prefix, key)).mappings().one_or_none()
-            return (None if row is None else from_row(row)), read_run_end(
-                conn, self.key_prefix, run
-            )
+            return (None if row is None else from_row(row)), read_end(conn, self.key_prefix, run)
 
     def get(self, key: SessionKey) -> StoredSession | None:
         """The stored session of ``key`` in any status (read-through fills Redis with it)."""
@@ -78,7 +76,7 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
             row = conn.execute(by_key_query(self.key_prefix, key)).mappings().one_or_none()
         return None if row is None else from_row(row)
 
-    def list_owner(self, owner: RunRef, status: SessionStatus | None = None) -> list[StoredSession]:
+    def list_owner(self, owner: Owner, status: SessionStatus | None = None) -> list[StoredSession]:
         """Every session of one owner, optionally of one status, in key order."""
         query = sa.select(sessions).where(*of_owner(self.key_prefix, owner))
         if status is not None:

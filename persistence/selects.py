@@ -14,8 +14,8 @@ from cache.codec import WRITE_TEXT_FIELDS, decode_snapshot
 from cache.records import (
     OWNER_ENDS,
     ClosedBy,
+    Owner,
     OwnerType,
-    RunRef,
     SessionKey,
     SessionStatus,
     SessionWrite,
@@ -23,7 +23,7 @@ from cache.records import (
     specs_from_list,
     unchecked,
 )
-from persistence.models import KEY_COLUMNS, runs, sessions
+from persistence.models import KEY_COLUMNS, owners, sessions
 
 KEYS: Final = {
     owner: tuple(sessions.c[name] for name in names) for owner, names in KEY_COLUMNS.items()
@@ -43,7 +43,7 @@ KEY_ORDER: Final = (
     sessions.c.agent_config_snapshot_id,
 )
 """What a key is read back from (``key_of``), in the order sessions are listed."""
-OWNER_ROW: Final = (runs.c.key_prefix, runs.c.tenant_id, runs.c.owner_type, runs.c.owner_id)
+OWNER_ROW: Final = (owners.c.key_prefix, owners.c.tenant_id, owners.c.owner_type, owners.c.owner_id)
 """The owners table's key columns."""
 OWNER_CLOSERS: Final = sorted(closer.value for closer in OWNER_ENDS)
 ACTIVE: Final = SessionStatus.ACTIVE.value
@@ -99,7 +99,7 @@ def by_key_query(prefix: str, key: SessionKey) -> sa.Select[Any]:
     )
 
 
-def of_owner(prefix: str, owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
+def of_owner(prefix: str, owner: Owner) -> tuple[sa.ColumnElement[bool], ...]:
     """The sessions table's rows of ``owner`` in the deployment ``prefix``."""
     return (
         sessions.c.key_prefix == prefix,
@@ -113,27 +113,27 @@ def conversation_ended() -> sa.Exists:
     """The session row's conversation has ended (a row of its deployment in the owners
     table)."""
     return sa.exists().where(
-        runs.c.key_prefix == sessions.c.key_prefix,
-        runs.c.tenant_id == sessions.c.tenant_id,
-        runs.c.owner_type == OwnerType.CONVERSATION.value,
-        runs.c.owner_id == sessions.c.conversation_id,
+        owners.c.key_prefix == sessions.c.key_prefix,
+        owners.c.tenant_id == sessions.c.tenant_id,
+        owners.c.owner_type == OwnerType.CONVERSATION.value,
+        owners.c.owner_id == sessions.c.conversation_id,
     )
 
 
-def is_owner(prefix: str, owner: RunRef) -> tuple[sa.ColumnElement[bool], ...]:
+def is_owner(prefix: str, owner: Owner) -> tuple[sa.ColumnElement[bool], ...]:
     """The owners table's row of ``owner`` in the deployment ``prefix``."""
     values = owner_row(prefix, owner)
     return tuple(col == value for col, value in zip(OWNER_ROW, values, strict=True))
 
 
-def owner_row(prefix: str, owner: RunRef) -> tuple[str, str, str, str]:
+def owner_row(prefix: str, owner: Owner) -> tuple[str, str, str, str]:
     return (prefix, owner.tenant_id, owner.owner_type.value, owner.owner_id)
 
 
-def owner_of(row: Any) -> RunRef:
+def owner_of(row: Any) -> Owner:
     """The owner of an owners-table row read as :data:`OWNER_ROW`."""
     _, tenant_id, owner_type, owner_id = row
-    return RunRef(tenant_id, owner_id, OwnerType(owner_type))
+    return Owner(tenant_id, owner_id, OwnerType(owner_type))
 
 
 def interval_of(seconds: float) -> sa.ColumnElement[Any]:

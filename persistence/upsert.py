@@ -73,10 +73,10 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import UserDefinedType
 
-from cache.records import OwnerType, RunRef, SessionKey
+from cache.records import Owner, OwnerType, SessionKey
 from persistence.direct import DirectConnections
 from persistence.errors import translate_errors
-from persistence.models import KEY_COLUMNS, UNIQUE_COLUMNS, runs, sessions
+from persistence.models import KEY_COLUMNS, UNIQUE_COLUMNS, owners, sessions
 from persistence.rows import COLUMNS, SessionRow, newest_per_key
 from persistence.selects import (
     ACTIVE,
@@ -178,16 +178,29 @@ def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
     One statement per owner type: each owner's key has its own unique constraint, and one
     ``ON CONFLICT`` names one of them.
     """
+    prefix = sa.bindparam("key_prefix", type_=sa.String())
+    insert = pg_insert(sessions).from_select(["key_prefix", *COLUMNS], _fenced_rows(owner, prefix))
+    keys = KEY_COLUMNS[owner]
+    updated = {name: insert.excluded[name] for name in COLUMNS if name not in keys}
+    return insert.on_conflict_do_update(
+        index_elements=list(UNIQUE_COLUMNS[owner]),
+        set_={**updated, "flushed_at": sa.func.now()},
+        where=_may_replace(insert.excluded),
+    ).returning(*KEYS[owner], sessions.c.version)
+
+
+def _fenced_rows(owner: OwnerType, prefix: sa.BindParameter[Any]) -> sa.Select[Any]:
+    """The batch's rows that may be written at all: not an ``active`` row of an ended owner,
+    and not a row whose stored version its Redis copy never knew reached Postgres."""
     arrays = [_array_parameter(name) for name in COLUMNS]
     known = sa.cast(sa.bindparam("known_version", type_=_ArrayParameter()), ARRAY(sa.BigInteger()))
     source = sa.func.unnest(*arrays, known).table_valued(*COLUMNS, "known_version")
     batch = source.render_derived(name="batch")
-    prefix = sa.bindparam("key_prefix", type_=sa.String())
     ended = sa.exists().where(
-        runs.c.key_prefix == prefix,
-        runs.c.tenant_id == batch.c.tenant_id,
-        runs.c.owner_type == owner.value,
-        runs.c.owner_id == batch.c[OWNER_ID[owner].name],
+        owners.c.key_prefix == prefix,
+        owners.c.tenant_id == batch.c.tenant_id,
+        owners.c.owner_type == owner.value,
+        owners.c.owner_id == batch.c[OWNER_ID[owner].name],
     )
     stored = sessions.alias("stored")
     went_back = sa.exists().where(
@@ -195,30 +208,27 @@ def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
         *(stored.c[name] == batch.c[name] for name in KEY_COLUMNS[owner]),
         stored.c.version > batch.c.known_version,
     )
-    rows = sa.select(prefix, *(batch.c[name] for name in COLUMNS)).where(
+    return sa.select(prefix, *(batch.c[name] for name in COLUMNS)).where(
         sa.or_(batch.c.status != ACTIVE, ~ended), ~went_back
     )
-    insert = pg_insert(sessions).from_select(["key_prefix", *COLUMNS], rows)
-    keys = KEY_COLUMNS[owner]
-    updated = {name: insert.excluded[name] for name in COLUMNS if name not in keys}
-    new = insert.excluded
-    return insert.on_conflict_do_update(
-        index_elements=list(UNIQUE_COLUMNS[owner]),
-        set_={**updated, "flushed_at": sa.func.now()},
-        where=sa.and_(
-            sessions.c.version < new.version,
-            sa.or_(
-                sessions.c.lineage.is_(None),
-                new.lineage.is_(None),
-                sessions.c.lineage == new.lineage,
-            ),
-            sa.or_(
-                new.status != ACTIVE,
-                sessions.c.closed_by.is_(None),
-                sa.and_(*(sessions.c.closed_by != closer for closer in OWNER_CLOSERS)),
-            ),
+
+
+def _may_replace(new: Any) -> sa.ColumnElement[bool]:
+    """When an offered row replaces the stored one: a higher version of the same lineage, and
+    never an ``active`` row over one its owner's end closed."""
+    return sa.and_(
+        sessions.c.version < new.version,
+        sa.or_(
+            sessions.c.lineage.is_(None),
+            new.lineage.is_(None),
+            sessions.c.lineage == new.lineage,
         ),
-    ).returning(*KEYS[owner], sessions.c.version)
+        sa.or_(
+            new.status != ACTIVE,
+            sessions.c.closed_by.is_(None),
+            sa.and_(*(sessions.c.closed_by != closer for closer in OWNER_CLOSERS)),
+        ),
+    )
 
 
 _PER_CALL: Final = frozenset({*COLUMNS, "known_version", "key_prefix"})
@@ -302,7 +312,7 @@ class FencedUpsert:
 
     def _refused_state(
         self, conn: Connection, refused: list[SessionRow]
-    ) -> tuple[dict[SessionKey, RowMapping], set[RunRef]]:
+    ) -> tuple[dict[SessionKey, RowMapping], set[Owner]]:
         """What Postgres holds for the rows the fence kept: their stored version, lineage,
         content and ``closed_by``, and which of their owners ended (a SELECT per owner type,
         and one), in this deployment."""
@@ -341,7 +351,7 @@ class _Refusals:
 
     refused: list[SessionRow]
     stored: Mapping[SessionKey, RowMapping]
-    ended_runs: set[RunRef]
+    ended_runs: set[Owner]
 
     def result(self) -> UpsertResult:
         result = UpsertResult()

@@ -15,7 +15,7 @@ from cache.records import (
     ConversationScope,
     LayerSpec,
     LifecycleState,
-    RunRef,
+    Owner,
     Scope,
     SessionKey,
     SessionStatus,
@@ -83,11 +83,11 @@ def conversation_scope(
     )
 
 
-def run_ref(*, tenant: str = TENANT, run: str = RUN) -> RunRef:
-    return RunRef(tenant, run)
+def run_ref(*, tenant: str = TENANT, run: str = RUN) -> Owner:
+    return Owner(tenant, run)
 
 
-def run_of(key: SessionKey) -> RunRef:
+def run_of(key: SessionKey) -> Owner:
     return key.owner
 
 

@@ -29,7 +29,6 @@ the cleanup again for the next worker, which asks the run it remembered first.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import secrets
 import threading
@@ -49,6 +48,7 @@ from agent_backend.models import (
     RunStatusResponse,
     composition_from_specs,
 )
+from cache import keys
 from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
 from cache.scripts import source
 from cache.settings import Settings
@@ -77,7 +77,8 @@ class CleanupFailed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CleanupResult:
-    """What one attempt did: ``cleaned``, ``cleaned_locally``, ``skipped`` or ``gave_up``."""
+    """What one attempt did: ``cleaned``, ``cleaned_locally``, ``skipped``, ``gave_up``, or
+    ``handed_back`` (the worker stopped mid-wait; the cleanup is queued again)."""
 
     outcome: str
     cleanup_run_id: str | None = None
@@ -224,20 +225,6 @@ class _Attempt:
         return status.run_id
 
 
-def _digest(key_name: str) -> str:
-    return hashlib.sha1(key_name.encode()).hexdigest()  # noqa: S324 (a name, not a secret)
-
-
-def cleanup_marker(prefix: str, key_name: str) -> str:
-    """The queue Redis key that names the session's cleanup job while one exists."""
-    return f"{prefix}:cleanup_pending:{_digest(key_name)}"
-
-
-def cleanup_lease_key(prefix: str, key_name: str) -> str:
-    """The queue Redis key a running cleanup of the session holds (its value: the job id)."""
-    return f"{prefix}:cleanup_lease:{_digest(key_name)}"
-
-
 def lease_ttl_ms(settings: Settings) -> int:
     """How long a cleanup's lease outlives its last renewal: half the reconciler's interval,
     1 to 10 s, so that the next reconciliation of a killed cleanup's owner finds it gone."""
@@ -295,7 +282,7 @@ def cleanup_alive(queue: Queue, prefix: str, key_name: str, job_id: str) -> bool
     """Whether a cleanup of the session is under way: its job ``job_id`` waits in the
     queue or for a retry (RQ's ``scheduled``), or an attempt holds the lease."""
     with queue.connection.pipeline(transaction=False) as pipe:
-        pipe.exists(cleanup_lease_key(prefix, key_name))
+        pipe.exists(keys.cleanup_lease(prefix, key_name))
         pipe.hget(Job.key_for(job_id), "status")
         pipe.lpos(queue.key, job_id)
         leased, status, position = pipe.execute()
@@ -311,8 +298,8 @@ def request_cleanup(
     duplicates while :func:`cleanup_alive` says so; it is taken over at once otherwise (the
     job was lost, killed or handed back).
     """
-    marker = cleanup_marker(prefix, key_name)
-    job_id = f"{prefix}-cleanup-{_digest(key_name)[:16]}-{secrets.token_hex(4)}"
+    marker = keys.cleanup_pending(prefix, key_name)
+    job_id = f"{prefix}-cleanup-{keys.session_digest(key_name)[:16]}-{secrets.token_hex(4)}"
     with translate_queue_errors("requesting a cleanup"):
         alive = functools.partial(cleanup_alive, queue, prefix, key_name)
         if not claim_marker(queue.connection, marker, job_id, CLEANUP_PENDING_TTL_S * 1000, alive):
@@ -338,14 +325,14 @@ def request_cleanup(
 def renew_marker(connection: redis.Redis, prefix: str, key_name: str) -> None:
     """An attempt starts: the marker lives :data:`CLEANUP_PENDING_TTL_S` more."""
     with translate_queue_errors("renewing a cleanup marker"):
-        connection.expire(cleanup_marker(prefix, key_name), CLEANUP_PENDING_TTL_S)
+        connection.expire(keys.cleanup_pending(prefix, key_name), CLEANUP_PENDING_TTL_S)
 
 
 def drop_marker(connection: redis.Redis, prefix: str, key_name: str, job_id: str | None) -> None:
     """The job ``job_id`` is done with the session: delete the marker if it names that job
     (a newer request's stays); ``None`` deletes it whatever it names (``cleanup retry
     --force``)."""
-    marker = cleanup_marker(prefix, key_name)
+    marker = keys.cleanup_pending(prefix, key_name)
     with translate_queue_errors("dropping a cleanup marker"):
         if job_id is None:
             connection.delete(marker)

@@ -20,7 +20,8 @@ from cache.settings import Settings
 from cache.store import RedisSessionCache
 from persistence.engine import create_engine
 from persistence.repository import SessionRepository
-from workers.queues import cleanup_queue, flush_queue, queue_connection
+from workers.flush_policy import pending_ttl_ms
+from workers.queues import FlushRequest, cleanup_queue, flush_queue, queue_connection, request_flush
 
 STOP_REQUESTED = threading.Event()
 """Set in a worker process asked to stop (``SessionWorker``): a job that would wait long
@@ -50,6 +51,19 @@ class WorkerContext:
             flush_queue=flush_queue(queue_redis, settings.key_prefix),
             cleanup_queue=cleanup_queue(queue_redis, settings.key_prefix),
             backend=_backend(settings),
+        )
+
+    def request_flush(self, shard: int, *, urgent: bool = True) -> FlushRequest:
+        """Make sure a flush job of ``shard`` that has not started waits in the queue; an
+        urgent one (the default: a pause, a retire, an owner's end, an operator) goes to the
+        front and takes every dirty entry (``workers.flush_policy``). Raises
+        :class:`~workers.queues.QueueUnavailable`; nothing is left behind then."""
+        return request_flush(
+            self.flush_queue,
+            self.settings.key_prefix,
+            shard,
+            urgent=urgent,
+            pending_ms=pending_ttl_ms(self.settings),
         )
 
     def close(self) -> None:

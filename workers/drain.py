@@ -13,10 +13,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cache.records import RunRef
+from cache.records import Owner
 from workers.context import WorkerContext
 from workers.flush import FlushReport, flush_shard
-from workers.reconcile import reconcile_run
+from workers.reconcile import reconcile_owner
 
 DRAIN_LOCK_WAIT_S = 5.0
 IDLE_PASS_PAUSE_S = 0.1
@@ -111,11 +111,11 @@ def _settle(ctx: WorkerContext, result: FlushReport, report: DrainReport) -> Non
     report.written += result.written
     report.poisoned += len(result.poisoned)
     for run in {_run_of(ctx, name) for name in result.run_ended}:
-        end = ctx.repo.run_end(run)
+        end = ctx.repo.end_of(run)
         if end is not None:
-            reconcile_run(ctx, run, end.outcome)
+            reconcile_owner(ctx, run, end.outcome)
 
 
-def _run_of(ctx: WorkerContext, name: str) -> RunRef:
+def _run_of(ctx: WorkerContext, name: str) -> Owner:
     key = ctx.cache.keys.parse_session(name)
     return key.owner

@@ -36,9 +36,9 @@ from types import TracebackType
 from typing import Self
 
 from cache.errors import CorruptValue, StoreOutOfMemory
-from cache.flush_side import MOVED_ON, DirtyEntry
+from cache.flush_side import MOVED_ON, Acked, DirtyEntry
 from cache.metrics import FLUSH_BATCHES, FLUSH_ERRORS, FLUSH_POISONED, FLUSH_ROWS, FLUSH_SECONDS
-from cache.records import RunRef, SessionKey
+from cache.records import Owner, SessionKey
 from cache.store import RedisSessionCache
 from persistence.errors import RowRejected, TransactionConflict
 from persistence.repository import SessionRepository
@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_S = 0.05
 """Pause before a statement that lost a race is tried again (once) before it is split."""
-_LOCK_POLL_S = 0.02
+_LOCK_RECHECK_S = 1.0
+"""Longest block on the lock's free list before trying again: a holder that died releases
+nothing, and its lock expires on its own."""
 
 
 @dataclass
@@ -93,6 +95,7 @@ class ShardLock:
         self.ttl_ms = max(int(cache.settings.flush_lock_ttl_s * 1000), 1)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.released = False
+        self._block_s = min(_LOCK_RECHECK_S, cache.settings.socket_timeout_s / 2)
         self._heart = Heartbeat(self._renew, self.ttl_ms / 4000, f"flush-lock-s{shard:03d}")
 
     def acquire(self, wait_s: float, *, delay_ms: int, limit: int) -> list[DirtyEntry] | None:
@@ -105,9 +108,10 @@ class ShardLock:
             )
             if entries is not None:
                 break
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return None
-            time.sleep(_LOCK_POLL_S)
+            self.cache.wait_lock_free(self.shard, min(left, self._block_s))
         self._heart.start()
         return entries
 
@@ -120,13 +124,16 @@ class ShardLock:
             log.warning("could not renew the flush lock of shard %s", self.shard)
         return True
 
-    def hand_over(self) -> str:
-        """Stop renewing, so the acknowledgement can release the lock; the token."""
+    def ack(self, flushed: list[tuple[str, int]]) -> Acked:
+        """Acknowledge the flush and release the lock in one round trip (``ack_flush``)."""
         self._heart.stop()
-        return self.token
+        acked = self.cache.ack_flush(self.shard, flushed, release=self.token)
+        self.released = acked.released
+        return acked
 
     def release(self) -> None:
-        self.hand_over()
+        """Release the lock unless the acknowledgement did (a flush that failed first)."""
+        self._heart.stop()
         if self.released:
             return
         try:
@@ -228,11 +235,11 @@ class _ShardFlush:
         written = self.write(self.marked(sessions))
         self.report.landed = len(written)
         acks += written
-        token = self.lock.hand_over() if self.lock is not None else ""
-        acked = self.cache.ack_flush(self.report.shard, acks, release=token)
-        self.report.acked, self.report.still_dirty = acked.acked, acked.still_dirty
         if self.lock is not None:
-            self.lock.released = acked.released
+            acked = self.lock.ack(acks)
+        else:
+            acked = self.cache.ack_flush(self.report.shard, acks)
+        self.report.acked, self.report.still_dirty = acked.acked, acked.still_dirty
 
     def marked(self, sessions: list[Named]) -> list[Named]:
         """``mark_flushing``: each row learns the highest version its Redis copy knows reached
@@ -295,16 +302,16 @@ class _ShardFlush:
         says ``open``, ``workflow_ended`` is between its two steps (or crashed there) and
         does it. Either way the reconciler visits their runs now."""
         self.report.run_ended += [names[key] for key in keys]
-        by_run: dict[RunRef, list[SessionKey]] = {}
+        by_run: dict[Owner, list[SessionKey]] = {}
         for key in keys:
             by_run.setdefault(key.owner, []).append(key)
         for run, stopped in by_run.items():
-            if self.cache.run_state(run).get("state") != "open":
+            if self.cache.owner_state(run).get("state") != "open":
                 try:
                     self.cache.begin_cleanup(run, stopped)
                 except StoreOutOfMemory as exc:  # the rest of the batch is still acknowledged
                     log.warning("flush: %s left to the reconciler: %s", run, exc)
-        self.repo.recheck_runs(by_run)
+        self.repo.recheck_owners(by_run)
 
     def poison(self, name: str, version: int, why: str, *, force: bool = False) -> None:
         if self.cache.quarantine(self.report.shard, name, version, why, force=force):

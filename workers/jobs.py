@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from rq import get_current_job
 
 from agent_backend.client import WaitStopped
+from cache import keys
 from cache.errors import StoreUnavailable
 from cache.metrics import CLEANUPS
 from cache.records import OwnerType, SessionKey
@@ -25,7 +26,6 @@ from workers.cleanup import (
     Cleaner,
     CleanupLease,
     CleanupResult,
-    cleanup_lease_key,
     drop_marker,
     lease_ttl_ms,
     renew_marker,
@@ -33,23 +33,20 @@ from workers.cleanup import (
 )
 from workers.context import STOP_REQUESTED, WorkerContext, current
 from workers.flush import FlushReport, flush_shard
+from workers.flush_policy import (
+    MAX_BATCHES_PER_JOB,
+    RETRY_PAUSES_S,
+    URGENT_LOCK_WAIT_S,
+)
 from workers.queues import (
     back_off,
     backing_off,
     clear_pending,
-    pending_key,
-    pending_ttl_ms,
-    request_flush,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-MAX_BATCHES_PER_JOB = 20
-URGENT_LOCK_WAIT_S = 5.0
-RETRY_PAUSES_S = (0.1, 0.3, 1.0)
-"""In-job retries of a flush that hit an outage: short, so a job never holds a worker long."""
 
 
 def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
@@ -98,7 +95,7 @@ def _started(ctx: WorkerContext, shard: int, urgent: bool) -> None:
     """Clear the shard's pending marker: from now on a new save needs a job of its own."""
     job = get_current_job()
     if job is not None:
-        marker = pending_key(ctx.settings.key_prefix, shard, urgent=urgent)
+        marker = keys.flush_pending(ctx.settings.key_prefix, shard, urgent=urgent)
         clear_pending(ctx.queue_redis, marker, job.id)
 
 
@@ -118,13 +115,7 @@ def _request_urgent_again(ctx: WorkerContext, shard: int, why: str) -> None:
     along (and may have read its batch before the save), or the backlog is deeper than one
     job's budget. Queue one more urgent job rather than leave it to the delay."""
     log.info("urgent flush s%03d: %s; asking again", shard, why)
-    request_flush(
-        ctx.flush_queue,
-        ctx.settings.key_prefix,
-        shard,
-        urgent=True,
-        pending_ms=pending_ttl_ms(ctx.settings),
-    )
+    ctx.request_flush(shard)
 
 
 def _with_retries(ctx: WorkerContext, call: Callable[[], T]) -> T:
@@ -177,27 +168,34 @@ def cleanup_job(  # noqa: PLR0917 (RQ passes a job's JSON arguments by position)
     key = SessionKey.of_parts(owner_type, tenant_id, owner_id, first, second, third)
     name, prefix = ctx.cache.keys.session(key), ctx.settings.key_prefix
     lease = CleanupLease(
-        ctx.queue_redis, cleanup_lease_key(prefix, name), job_id, lease_ttl_ms(ctx.settings)
+        ctx.queue_redis, keys.cleanup_lease(prefix, name), job_id, lease_ttl_ms(ctx.settings)
     )
     if not lease.take():
         log.info("cleanup %s: another job of it is running; this one ends", key)
         drop_marker(ctx.queue_redis, prefix, name, job_id)
         return _cleanup_outcome(ctx, CleanupResult("skipped"))
     try:
-        renew_marker(ctx.queue_redis, prefix, name)
-        cleaner = Cleaner(
-            ctx.cache, ctx.repo, ctx.backend, ctx.settings.cleanup_wait_s, stop=STOP_REQUESTED
-        )
-        result = cleaner.clean(key, last_attempt=last_attempt)
-    except WaitStopped:
-        lease.release()
-        _hand_back(ctx, key, name)
-        return _cleanup_outcome(ctx, CleanupResult("handed_back"))
+        result = _clean(ctx, key, name, last_attempt=last_attempt)
     finally:
         lease.release()
-    drop_marker(ctx.queue_redis, prefix, name, job_id)
-    log.info("cleanup %s: %s", key, result)
+    if result.outcome == "handed_back":
+        _hand_back(ctx, key, name)
+    else:
+        drop_marker(ctx.queue_redis, prefix, name, job_id)
+        log.info("cleanup %s: %s", key, result)
     return _cleanup_outcome(ctx, result)
+
+
+def _clean(ctx: WorkerContext, key: SessionKey, name: str, *, last_attempt: bool) -> CleanupResult:
+    """One attempt, under the session's lease; ``handed_back`` when the worker is stopping."""
+    renew_marker(ctx.queue_redis, ctx.settings.key_prefix, name)
+    cleaner = Cleaner(
+        ctx.cache, ctx.repo, ctx.backend, ctx.settings.cleanup_wait_s, stop=STOP_REQUESTED
+    )
+    try:
+        return cleaner.clean(key, last_attempt=last_attempt)
+    except WaitStopped:
+        return CleanupResult("handed_back")
 
 
 def _hand_back(ctx: WorkerContext, key: SessionKey, name: str) -> None:

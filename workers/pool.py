@@ -53,7 +53,7 @@ TRIGGER_START_RETRY_S = 2.0
 SCHEDULER_LOCK_RETRY_S = 15.0
 WORKER_GC_THRESHOLDS = (50_000, 20, 20)
 RQ_LOG_LEVEL = "INFO"
-_PACKAGES = ("agent_sessions", "cache", "persistence", "workers")
+_PACKAGES = ("agent_backend", "agent_sessions", "cache", "persistence", "workers")
 _LOG_HANDLER = "agent-sessions-stderr"
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 

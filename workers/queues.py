@@ -10,7 +10,7 @@ made after the job read its batch always gets a job of its own. A marker holds o
 its job really waits: RQ's hash of it says ``queued`` and its id is on the queue's list.
 A job lost in any way (a crash between marker and enqueue, a flushed queue, a worker killed
 between taking the job and starting it, a job RQ dropped after its queue TTL) leaves a
-marker the next request takes over at once; and the marker's TTL (:func:`pending_ttl_ms`,
+marker the next request takes over at once; and the marker's TTL (``flush_policy.pending_ttl_ms``,
 the job's queue TTL) bounds it whatever happens. So busy workers never make the trigger
 queue a job per shard per pass, and the trigger requests again while entries stay dirty.
 Duplicate jobs are harmless: the shard lock serializes them and the version fence makes a
@@ -30,18 +30,17 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from cache import keys
 from cache.errors import QueueError
 from cache.settings import Settings
+from workers.flush_policy import (
+    FLUSH_FAILURE_TTL_S,
+    FLUSH_JOB_TIMEOUT_S,
+    FLUSH_QUEUED_TTL_S,
+    POSTGRES_BACKOFF_MS,
+)
 
 FLUSH_JOB = "workers.jobs.flush_job"
-FLUSH_JOB_TIMEOUT_S = 60
-"""A job runs at most ``MAX_BATCHES_PER_JOB`` batches plus short in-job retries."""
-FLUSH_FAILURE_TTL_S = 60
-"""A failed flush job is kept this long for ``rq info``; the trigger has re-requested by then."""
-FLUSH_QUEUED_TTL_S = 300
-"""A job still queued after this long is dropped by RQ; the trigger has requested another."""
-POSTGRES_BACKOFF_MS = 2000
-"""After a flush job found Postgres unavailable, no new flush job is requested for this long."""
 
 
 class QueueUnavailable(QueueError):
@@ -92,16 +91,6 @@ def translate_queue_errors(what: str) -> Iterator[None]:
         raise QueueUnavailable(f"{what}: the queue's Redis failed: {exc}") from exc
 
 
-def pending_ttl_ms(settings: Settings) -> int:
-    """The longest a flush request's marker can hold its shard: the job's queue TTL (the
-    marker holds only while its job waits in the queue, see :func:`claim_flush_marker`)."""
-    return max(settings.flush_delay_ms, FLUSH_QUEUED_TTL_S * 1000)
-
-
-def pending_key(prefix: str, shard: int, *, urgent: bool) -> str:
-    return f"{prefix}:flush_pending:s{shard:03d}" + (":urgent" if urgent else "")
-
-
 def request_flush(
     queue: Queue, prefix: str, shard: int, *, urgent: bool = False, pending_ms: int
 ) -> FlushRequest:
@@ -112,7 +101,7 @@ def request_flush(
     """
     kind = "u" if urgent else "n"
     job_id = f"{prefix}-flush-s{shard:03d}-{kind}-{secrets.token_hex(6)}"
-    marker = pending_key(prefix, shard, urgent=urgent)
+    marker = keys.flush_pending(prefix, shard, urgent=urgent)
     with translate_queue_errors(f"requesting a flush of shard {shard}"):
         if not claim_flush_marker(queue, marker, job_id, pending_ms):
             return FlushRequest.PENDING
@@ -193,10 +182,6 @@ def clear_pending(connection: redis.Redis, marker: str, job_id: str) -> None:
             return  # replaced meanwhile by a newer request: leave it
 
 
-def backoff_key(prefix: str) -> str:
-    return f"{prefix}:flush_backoff"
-
-
 def back_off(connection: redis.Redis, prefix: str, why: str) -> None:
     """Postgres is unavailable: pause flush requests for :data:`POSTGRES_BACKOFF_MS`.
 
@@ -205,9 +190,9 @@ def back_off(connection: redis.Redis, prefix: str, why: str) -> None:
     it once Postgres is back.
     """
     with translate_queue_errors("backing off"):
-        connection.set(backoff_key(prefix), why[:200], px=POSTGRES_BACKOFF_MS)
+        connection.set(keys.flush_backoff(prefix), why[:200], px=POSTGRES_BACKOFF_MS)
 
 
 def backing_off(connection: redis.Redis, prefix: str) -> bool:
     with translate_queue_errors("reading the flush backoff"):
-        return bool(connection.exists(backoff_key(prefix)))
+        return bool(connection.exists(keys.flush_backoff(prefix)))

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 from cache.errors import RunUnknown, VersionConflict
 from cache.metrics import LOADS
-from cache.records import RunRef, SessionKey, SessionStatus, SessionWrite
-from cache.store import Loaded, RedisSessionCache, Retired
-from persistence.owners import RunEnd
+from cache.records import Owner, SessionKey, SessionStatus, SessionWrite
+from cache.replies import Loaded, Retired
+from cache.store import RedisSessionCache
+from persistence.owners import OwnerEnd
 from persistence.repository import SessionRepository
 
 _LOADED_FROM_POSTGRES = LOADS.labels("postgres")
 
 
-def restore_run(cache: RedisSessionCache, run: RunRef, end: RunEnd | None) -> bool:
-    """Put the run's marker back as Postgres knows it; whether the run has ended."""
+def restore_owner(cache: RedisSessionCache, owner: Owner, end: OwnerEnd | None) -> bool:
+    """Put the owner's marker back as Postgres knows it; whether the owner has ended."""
     if end is None:
-        cache.open_run(run)
+        cache.open_owner(owner)
         return False
-    cache.end_run(run, end.outcome)
+    cache.end_owner(owner, end.outcome)
     if end.settled:
-        cache.settle_run(run)
+        cache.settle_owner(owner)
     return True
 
 
@@ -39,10 +40,10 @@ def load_through(cache: RedisSessionCache, repo: SessionRepository, key: Session
     owner's reconciler is asked to visit now and has the backend clean it up).
     """
     loaded = cache.load(key)
-    if loaded.record is not None and loaded.run_known:
+    if loaded.record is not None and loaded.owner_known:
         return loaded
     row, end = repo.get_with_run(key)
-    ended = loaded.run_ended or restore_run(cache, key.owner, end)
+    ended = loaded.run_ended or restore_owner(cache, key.owner, end)
     record = loaded.record
     if record is None and row is not None:
         _LOADED_FROM_POSTGRES.inc()
@@ -51,7 +52,7 @@ def load_through(cache: RedisSessionCache, repo: SessionRepository, key: Session
         record = row
     if ended and record is not None and record.status is SessionStatus.ACTIVE:
         cache.begin_cleanup(key.owner, [key])
-        repo.recheck_runs([key.owner])
+        repo.recheck_owners([key.owner])
         return cache.load(key)
     return Loaded(record, ended, current_config=loaded.current_config)
 
@@ -78,7 +79,7 @@ def save_through(
         except RunUnknown:
             if attempt == 2:
                 raise
-            restore_run(cache, key.owner, repo.run_end(key.owner))
+            restore_owner(cache, key.owner, repo.end_of(key.owner))
         except VersionConflict as conflict:
             if attempt == 2 or conflict.actual != 0 or not expected_version:
                 raise
@@ -100,7 +101,7 @@ def retire_through(
     if retired is None and load_through(cache, repo, key).session is not None:
         retired = _retire_knowing_the_owner(cache, repo, key, failed_run_id)
     if retired is not None and retired.status is SessionStatus.CLEANING:
-        repo.recheck_runs([key.owner])
+        repo.recheck_owners([key.owner])
     return retired
 
 
@@ -110,5 +111,5 @@ def _retire_knowing_the_owner(
     try:
         return cache.retire(key, failed_run_id)
     except RunUnknown:
-        restore_run(cache, key.owner, repo.run_end(key.owner))
+        restore_owner(cache, key.owner, repo.end_of(key.owner))
         return cache.retire(key, failed_run_id)

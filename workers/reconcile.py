@@ -29,14 +29,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cache.records import ClosedBy, RunRef, SessionKey, SessionStatus, StoredSession
+from cache.records import ClosedBy, Owner, SessionKey, SessionStatus, StoredSession
 from workers.cleanup import request_cleanup
 from workers.context import WorkerContext
-from workers.queues import pending_ttl_ms, request_flush
 
 log = logging.getLogger(__name__)
 
-RUNS_PER_PASS = 50
+OWNERS_PER_PASS = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +49,13 @@ class Reconciled:
     settled: bool
 
 
-def reconcile_run(ctx: WorkerContext, run: RunRef, outcome: str) -> Reconciled:
-    """Bring an ended run's Redis state in line with its end (idempotent)."""
+def reconcile_owner(ctx: WorkerContext, owner: Owner, outcome: str) -> Reconciled:
+    """Bring an ended owner's Redis state in line with its end (idempotent)."""
     cache = ctx.cache
-    ended = cache.end_run(run, outcome)
-    keys = sorted({*ended.keys, *ctx.repo.unsettled_keys(run)}, key=SessionKey.sort_key)
+    ended = cache.end_owner(owner, outcome)
+    keys = sorted({*ended.keys, *ctx.repo.unsettled_keys(owner)}, key=SessionKey.sort_key)
     _fill_missing(ctx, keys)
-    moved = cache.begin_cleanup(run, keys)
+    moved = cache.begin_cleanup(owner, keys)
     names = [cache.keys.session(key) for key in keys]
     records = cache.read_many(names)
     requested = settled = 0
@@ -68,23 +67,23 @@ def reconcile_run(ctx: WorkerContext, run: RunRef, outcome: str) -> Reconciled:
         elif record.status is SessionStatus.CLEANED and not record.dirty:
             settled += 1
     if moved:
-        _flush_now(ctx, run)
+        _flush_now(ctx, owner)
     done = settled == len(keys)
     if done:
-        ctx.repo.settle_run(run)
-        cache.settle_run(run)
+        ctx.repo.settle_owner(owner)
+        cache.settle_owner(owner)
     return Reconciled(len(keys), moved, requested, ended.already_ended, done)
 
 
-def reconcile_once(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> list[Reconciled]:
+def reconcile_once(ctx: WorkerContext, limit: int = OWNERS_PER_PASS) -> list[Reconciled]:
     """Reconcile up to ``limit`` unsettled ended runs whose next check is due."""
-    due = ctx.repo.claim_due_runs(limit=limit, recheck_after_s=ctx.settings.reconcile_interval_s)
+    due = ctx.repo.claim_due_owners(limit=limit, recheck_after_s=ctx.settings.reconcile_interval_s)
     done = []
     for run in due:
         try:
-            end = ctx.repo.run_end(run)
+            end = ctx.repo.end_of(run)
             if end is not None:
-                done.append(reconcile_run(ctx, run, end.outcome))
+                done.append(reconcile_owner(ctx, run, end.outcome))
         except Exception:  # one run that keeps failing must not hold the others
             log.exception(
                 "reconciling %s failed; it is checked again in %ss",
@@ -95,7 +94,7 @@ def reconcile_once(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> list[Recon
 
 
 @dataclass(frozen=True, slots=True)
-class Retired:
+class RetiredSessions:
     """What one retirement did."""
 
     moved_to_cleaning: int
@@ -104,12 +103,12 @@ class Retired:
 
 def retire_sessions(
     ctx: WorkerContext,
-    owner: RunRef,
+    owner: Owner,
     keys: Sequence[SessionKey],
     closed_by: ClosedBy,
     *,
     idle_s: float | None = None,
-) -> Retired:
+) -> RetiredSessions:
     """Retire some sessions of an owner that goes on (a conversation's ``config_change`` or
     ``idle``): ``active`` → ``cleaning`` and a cleanup job each, as an owner's end does for
     all of them. Sessions Redis lost are filled back from Postgres first. Idempotent. With
@@ -121,10 +120,10 @@ def retire_sessions(
     requested = _request_cleanups(ctx, keys)
     if moved:
         _flush_now(ctx, owner)
-    return Retired(moved, requested)
+    return RetiredSessions(moved, requested)
 
 
-def sweep_conversations(ctx: WorkerContext, limit: int = RUNS_PER_PASS) -> SweptConversations:
+def sweep_conversations(ctx: WorkerContext, limit: int = OWNERS_PER_PASS) -> SweptConversations:
     """Retire conversation sessions idle for ``conversation_idle_s`` (Postgres names the
     candidates; Redis, which may hold a newer save, decides in ``begin_cleanup`` itself, so a
     save racing the sweep wins; a session waiting for human input is never idle), and request
@@ -164,8 +163,8 @@ def redis_now(ctx: WorkerContext) -> datetime:
     return datetime.fromtimestamp(ctx.cache.server_time_ms() / 1000, UTC)
 
 
-def _by_owner(keys: Iterable[SessionKey]) -> dict[RunRef, list[SessionKey]]:
-    grouped: dict[RunRef, list[SessionKey]] = {}
+def _by_owner(keys: Iterable[SessionKey]) -> dict[Owner, list[SessionKey]]:
+    grouped: dict[Owner, list[SessionKey]] = {}
     for key in keys:
         grouped.setdefault(key.owner, []).append(key)
     return grouped
@@ -197,17 +196,10 @@ def _request_cleanup(ctx: WorkerContext, key: SessionKey, name: str) -> bool:
     )
 
 
-def _flush_now(ctx: WorkerContext, run: RunRef) -> None:
-    """The end must stick in Postgres: flush the run's shard urgently (best effort)."""
-    settings = ctx.settings
-    shard = ctx.cache.keys.shard_of_owner(run)
+def _flush_now(ctx: WorkerContext, owner: Owner) -> None:
+    """The end must stick in Postgres: flush the owner's shard urgently (best effort)."""
+    shard = ctx.cache.keys.shard_of_owner(owner)
     try:
-        request_flush(
-            ctx.flush_queue,
-            settings.key_prefix,
-            shard,
-            urgent=True,
-            pending_ms=pending_ttl_ms(settings),
-        )
+        ctx.request_flush(shard)
     except Exception as exc:  # the trigger flushes it once it is due
         log.warning("could not request an urgent flush of shard %s: %s", shard, exc)

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache.errors import AgentSessionsError
-from cache.settings import Settings
 from workers.context import WorkerContext
-from workers.queues import FlushRequest, backing_off, pending_ttl_ms, request_flush
+from workers.flush_policy import pending_ttl_ms, reconcile_period_s, trigger_interval_s
+from workers.queues import FlushRequest, backing_off, request_flush
 from workers.reconcile import reconcile_once, sweep_conversations
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,6 @@ SHARDS_PER_PIPELINE = 512
 RECONCILER_JOIN_S = 5.0
 """On a stop, how long the trigger waits for a reconciliation pass to end (the pool kills
 it after its stop bound anyway; every step of a pass is safe to interrupt)."""
-
-
-def trigger_stale_after_ms(settings: Settings) -> int:
-    """A trigger that has not passed for this long is not alive (it passes every
-    ``flush_delay_ms / 2``): 3 x ``flush_delay_ms``, at least one second."""
-    return max(3 * settings.flush_delay_ms, 1000)
-
-
-def delivery_bound_ms(settings: Settings) -> int:
-    """How old the oldest dirty session of a healthy system can be: a flush is requested
-    within ``1.5 x flush_delay_ms`` of a session becoming dirty, a killed flusher holds its
-    shard ``flush_lock_ttl_s`` more, and the rest of ``3 x flush_delay_ms`` is for the
-    flush itself and a worker to take it (README, Delivery bound)."""
-    return 3 * settings.flush_delay_ms + int(settings.flush_lock_ttl_s * 1000)
 
 
 def trigger_name(pid: int | None = None) -> str:
@@ -99,11 +85,6 @@ def trigger_once(ctx: WorkerContext) -> TriggerPass:
     return TriggerPass(dirty, due, enqueued, now_ms)
 
 
-def reconcile_period_s(settings: Settings) -> float:
-    """How often the trigger process runs a reconciliation pass of ended runs."""
-    return min(max(settings.reconcile_interval_s / 2, 0.5), 10.0)
-
-
 def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:
     """Run passes until ``stop`` is set; an outage is logged and the loop goes on.
 
@@ -120,7 +101,7 @@ def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:
         target=_reconcile_loop, args=(ctx, stop), name="asc-reconciler", daemon=True
     )
     reconciler.start()
-    interval = max(ctx.settings.flush_delay_ms / 2000, 0.05)
+    interval = trigger_interval_s(ctx.settings)
     name = trigger_name()
     try:
         while not stop.is_set():

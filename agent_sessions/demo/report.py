@@ -20,14 +20,15 @@ from cache.errors import CorruptValue
 from cache.records import (
     ClosedBy,
     LayerSpec,
+    Owner,
     OwnerType,
-    RunRef,
     SessionKey,
     SessionStatus,
     Snapshot,
     StoredSession,
 )
-from cache.store import RedisSessionCache, SessionRead
+from cache.replies import SessionRead
+from cache.store import RedisSessionCache
 from persistence.models import sessions
 from persistence.repository import SessionRepository
 from workers.cleanup import cleanup_idempotency_key, retirement_of
@@ -183,7 +184,7 @@ def _run_problems(
     result: WorkflowResult,
 ) -> list[str]:
     expected = result.saved_sessions()
-    owner = RunRef(tenant_id, result.run_id, result.kind)
+    owner = Owner(tenant_id, result.run_id, result.kind)
     rows = {row.key: row for row in repo.list_owner(owner)}
     keys = sorted(expected.keys() | rows.keys(), key=SessionKey.sort_key)
     names = [cache.keys.session(key) for key in keys]

@@ -50,13 +50,9 @@ from agent_sessions.demo.report import (
     tenant_rows,
     verify,
 )
-from agent_sessions.lifecycle import (
-    Entry,
-    NodeResult,
-    RunOutcome,
-    SessionLifecycle,
-    extract_layer_specs,
-)
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import Entry, NodeResult, RunOutcome
+from agent_sessions.requests import extract_layer_specs
 from agent_sessions.testing.fake_backend import BEHAVIOUR_METADATA_KEY, FakeAgentBackend
 from agent_sessions.testing.worker_process import WorkerProcess
 from cache.records import (

@@ -26,11 +26,12 @@ from agent_backend.models import (
     RunLayerSpec,
 )
 from agent_backend.models import RunStatusResponse as Status
-from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import Entry, NodeResult, RunOutcome
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from agent_sessions.testing.worker_process import WorkerProcess
 from agent_sessions.testing.worker_process import settings_env as product_settings_env
-from cache.records import RunRef, Scope, SessionKey, SessionStatus, Snapshot, StoredSession
+from cache.records import Owner, Scope, SessionKey, SessionStatus, Snapshot, StoredSession
 from cache.settings import Settings
 from persistence.migrate import upgrade
 from persistence.models import sessions
@@ -240,7 +241,7 @@ def rows_of(
     repo: SessionRepository, tenant_id: str, run: str, status: SessionStatus | None = None
 ) -> list[StoredSession]:
     """A workflow run's rows in Postgres, optionally of one status, in key order."""
-    return repo.list_owner(RunRef(tenant_id, run), status)
+    return repo.list_owner(Owner(tenant_id, run), status)
 
 
 def row_count(repo: SessionRepository) -> int:

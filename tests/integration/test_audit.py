@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from agent_sessions.audit import audit
-from cache.records import RunRef, SessionKey
+from cache.records import Owner, SessionKey
 from tests import factories as f
 from tests.integration.support import make_ctx, settings_env, urgent_flush_queued
 from tests.servers import Database
@@ -74,14 +74,14 @@ def seed_every_fault(ctx: WorkerContext) -> dict[str, SessionKey]:
     client.hset(cache.keys.session(faults["ahead"]), mapping={"version": 1, "flushed_version": 1})
     shard = cache.keys.shard_of_key(faults["poisoned"])
     cache.quarantine(shard, cache.keys.session(faults["poisoned"]), 1, "test", force=True)
-    client.hset(cache.keys.run(RunRef(f.TENANT, "run-ended")), "state", "ended")
+    client.hset(cache.keys.owner(Owner(f.TENANT, "run-ended")), "state", "ended")
     return faults
 
 
 def test_the_audit_names_each_fault(ctx: WorkerContext) -> None:
     ctx.cache.save(key("pg-only", run="run-gone"), f.session_write())
     flushed(ctx)
-    ctx.repo.record_run_end(RunRef(f.TENANT, "run-gone"), "failed", check_after_s=3600)
+    ctx.repo.record_end(Owner(f.TENANT, "run-gone"), "failed", check_after_s=3600)
     ctx.cache.client.delete(ctx.cache.keys.session(key("pg-only", run="run-gone")))
     with psycopg.connect(ctx.settings.database_url, autocommit=True) as conn:
         conn.execute("UPDATE agent_session_owners SET ended_at = now() - interval '1 hour'")

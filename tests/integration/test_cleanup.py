@@ -23,7 +23,8 @@ from agent_backend.models import (
     RunLayerSpec,
     composition_from_specs,
 )
-from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import RunOutcome
 from agent_sessions.testing.fake_backend import FakeAgentBackend, FakeRun
 from cache.errors import InvalidInput, RunEnded
 from cache.records import (
@@ -54,6 +55,7 @@ from tests.servers import Database
 from workers.cleanup import (
     Cleaner,
     CleanupFailed,
+    CleanupLease,
     cleanup_idempotency_key,
     cleanup_request,
 )
@@ -171,7 +173,7 @@ def test_every_terminal_workflow_outcome_moves_every_active_session_to_cleaning(
     report = lc.workflow_ended("tenant-1", RUN, outcome)
     assert report.sessions == 4 and report.moved_to_cleaning == 3
     assert not report.already_ended
-    state = ctx.cache.run_state(f.run_ref())
+    state = ctx.cache.owner_state(f.run_ref())
     assert state["state"] == "ended" and state["outcome"] == outcome
     for key in last:
         record = stored(ctx, key)
@@ -247,7 +249,7 @@ def test_workflow_end_reaches_an_active_session_only_postgres_still_holds(
     flushed(ctx)
     run = f.run_ref()
     ctx.cache.client.delete(
-        ctx.cache.keys.session(key), ctx.cache.keys.run(run), ctx.cache.keys.run_sessions(run)
+        ctx.cache.keys.session(key), ctx.cache.keys.owner(run), ctx.cache.keys.owner_sessions(run)
     )
     report = lc.workflow_ended("tenant-1", RUN, "failed")
     assert report.sessions == 1 and report.moved_to_cleaning == 1
@@ -265,7 +267,7 @@ def test_workflow_end_reaches_an_expired_session_still_listed_in_the_run(
     keys = list(seed(lc, backend, SESSIONS[:2]))
     flushed(ctx)
     ctx.cache.client.delete(ctx.cache.keys.session(keys[0]))  # only the hash is gone
-    assert ctx.cache.run_sessions(f.run_ref()) == sorted(keys, key=SessionKey.parts)
+    assert ctx.cache.owner_sessions(f.run_ref()) == sorted(keys, key=SessionKey.parts)
     report = lc.workflow_ended("tenant-1", RUN, "succeeded")
     assert report.sessions == 2 and report.moved_to_cleaning == 2
     assert all(stored(ctx, key).status is SessionStatus.CLEANING for key in keys)
@@ -293,6 +295,23 @@ def test_sessions_differing_only_by_agent_each_get_their_own_cleanup_run(
 
 
 # --------------------------------------------------------------- 7. waiting, retries
+
+
+def test_a_cleanup_lease_is_exclusive_and_released_cleanly(
+    ctx: WorkerContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One attempt at a time holds a session's lease; giving it up frees it for the next,
+    without a warning (the lease shares the flush lock's scripts, not its free list)."""
+    name = f"{ctx.settings.key_prefix}:cleanup_lease:probe"
+    first = CleanupLease(ctx.queue_redis, name, "job-a", 5_000)
+    second = CleanupLease(ctx.queue_redis, name, "job-b", 5_000)
+    assert first.take() and not second.take()
+    first.release()
+    assert not ctx.queue_redis.exists(name)
+    assert second.take()
+    second.release()
+    assert not ctx.queue_redis.exists(name)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
 
 
 def test_cleanup_waits_for_the_backend_run_and_marks_cleaned_only_after_it_succeeded(

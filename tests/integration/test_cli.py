@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from agent_sessions.lifecycle import SessionLifecycle
 from agent_sessions.testing.worker_process import WorkerProcess
-from cache.records import RunRef, SessionKey, SessionStatus
+from cache.records import Owner, SessionKey, SessionStatus
 from persistence.migrate import current
 from tests import factories as f
 from tests.integration.support import (
@@ -188,7 +188,7 @@ def test_worker_prints_its_start_up_advice_at_the_configured_level(
     advice = [line for line in result.stderr.splitlines() if "hash-max-listpack-value 64" in line]
     assert bool(advice) is shown, result.stderr
     if shown:
-        assert "cache.store INFO:" in advice[0]
+        assert "cache.server_checks INFO:" in advice[0]
 
 
 def test_worker_serves_prometheus_metrics(ctx: WorkerContext) -> None:
@@ -253,7 +253,7 @@ def test_inspect_run_lists_every_session_on_both_sides(ctx: WorkerContext) -> No
     migrate(ctx)
     saved(ctx, 3)
     cli(ctx, "flush", "--wait")
-    ctx.cache.end_run(RunRef(f.TENANT, "run-1"), "succeeded")
+    ctx.cache.end_owner(Owner(f.TENANT, "run-1"), "succeeded")
     report = json_out(ctx, "inspect", "run", f.TENANT, "run-1")
     assert report["run"]["state"] == "ended"  # type: ignore[index]
     sessions = report["sessions"]
@@ -418,7 +418,7 @@ def test_cleanup_retry_requeues_a_session_whose_cleanup_job_failed(ctx: WorkerCo
 
 
 def test_poison_list_show_retry_and_drop(ctx: WorkerContext) -> None:
-    """A corrupt hash no longer bricks its node: the operator sees it, retries a fixed one
+    """A corrupt hash does not brick its node: the operator sees it, retries a fixed one
     and drops a hopeless one, after which the next entry reads Postgres's copy back."""
     migrate(ctx)
     good, corrupt = saved(ctx, 2)

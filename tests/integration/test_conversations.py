@@ -10,7 +10,6 @@ an explicit end. Every claim about Postgres is checked after a real flush.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,14 +19,15 @@ import pytest
 import redis
 
 from agent_backend.client import AgentBackendClient
-from agent_sessions.lifecycle import EndReport, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import EndReport
 from agent_sessions.testing.fake_backend import FakeAgentBackend
 from cache.errors import InvalidInput
 from cache.records import (
     ClosedBy,
     ConversationScope,
+    Owner,
     OwnerType,
-    RunRef,
     Scope,
     SessionKey,
     SessionStatus,
@@ -54,7 +54,7 @@ OWNER_ID = "owner-1"
 
 
 @dataclass(frozen=True)
-class Owner:
+class OwnerCase:
     """How a test drives one owner: its entries' scopes, its key and its end."""
 
     kind: OwnerType
@@ -72,7 +72,7 @@ class Owner:
         return key
 
     @property
-    def ref(self) -> RunRef:
+    def ref(self) -> Owner:
         return self.key().owner
 
     def end(self, lc: SessionLifecycle) -> EndReport:
@@ -81,12 +81,12 @@ class Owner:
         return lc.conversation_ended(TENANT, OWNER_ID)
 
 
-CONVERSATION = Owner(OwnerType.CONVERSATION)
+CONVERSATION = OwnerCase(OwnerType.CONVERSATION)
 
 
 @pytest.fixture(params=list(OwnerType), ids=[t.value for t in OwnerType])
-def owner(request: pytest.FixtureRequest) -> Owner:
-    return Owner(request.param)
+def owner(request: pytest.FixtureRequest) -> OwnerCase:
+    return OwnerCase(request.param)
 
 
 def _context(
@@ -136,6 +136,17 @@ def lc(ctx: WorkerContext) -> Iterator[SessionLifecycle]:
     yield SessionLifecycle(ctx)
 
 
+def idle(ctx: WorkerContext, key: SessionKey) -> None:
+    """Wait until ``key``'s last save is ``conversation_idle_s`` old by Redis's clock, the
+    clock the sweep asks Postgres and Redis with."""
+
+    def listed() -> bool:
+        before = redis_now(ctx) - timedelta(seconds=ctx.settings.conversation_idle_s)
+        return key in ctx.repo.idle_conversation_keys(before=before, limit=100)
+
+    wait_for(listed, f"{key} to be idle", 10)
+
+
 def flushed(ctx: WorkerContext) -> None:
     report = drain(ctx, timeout_s=30)
     assert report.drained and report.poisoned == 0
@@ -172,7 +183,7 @@ def owner_columns(ctx: WorkerContext, key: SessionKey) -> tuple[object, ...]:
 
 
 def test_an_entry_resumes_the_last_one_and_postgres_gets_the_owners_columns(
-    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: OwnerCase
 ) -> None:
     first = run_node(lc, backend, owner.scope(1))
     assert not first.entry.resumable and first.result.version == 1
@@ -199,7 +210,7 @@ def test_an_entry_resumes_the_last_one_and_postgres_gets_the_owners_columns(
 
 
 def test_a_failed_run_retires_the_session_and_the_next_entry_starts_fresh(
-    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: OwnerCase
 ) -> None:
     run_node(lc, backend, owner.scope(1))
     failed = run_node(lc, backend, owner.scope(2), behaviour="fail")
@@ -215,7 +226,7 @@ def test_a_failed_run_retires_the_session_and_the_next_entry_starts_fresh(
 
 
 def test_a_pause_is_a_workflow_level_pause_and_is_flushed_urgently(
-    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: OwnerCase
 ) -> None:
     paused = run_node(lc, backend, owner.scope(1), behaviour="human_input", pending_form_id="f-1")
     assert paused.result.status == "paused" and paused.result.pause is not None
@@ -230,7 +241,7 @@ def test_a_pause_is_a_workflow_level_pause_and_is_flushed_urgently(
 
 
 def test_read_through_brings_back_a_flushed_session_redis_lost(
-    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: OwnerCase
 ) -> None:
     first = run_node(lc, backend, owner.scope(1))
     flushed(ctx)
@@ -245,7 +256,7 @@ def test_read_through_brings_back_a_flushed_session_redis_lost(
 
 
 def test_postgres_ahead_of_redis_is_parked_in_poison_never_acked(
-    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: OwnerCase
 ) -> None:
     run_node(lc, backend, owner.scope(1))
     flushed(ctx)
@@ -271,7 +282,7 @@ def test_the_owners_end_cleans_every_session_on_the_backend_and_refuses_later_sa
     lc: SessionLifecycle,
     backend: AgentBackendClient,
     fake: FakeAgentBackend,
-    owner: Owner,
+    owner: OwnerCase,
 ) -> None:
     last = run_node(lc, backend, owner.scope(1))
     report = owner.end(lc)
@@ -300,16 +311,16 @@ def test_the_owners_end_cleans_every_session_on_the_backend_and_refuses_later_sa
     wait_for(lambda: reconcile_settles(ctx, owner), "the owner settled", 30)
 
 
-def reconcile_settles(ctx: WorkerContext, owner: Owner) -> bool:
+def reconcile_settles(ctx: WorkerContext, owner: OwnerCase) -> bool:
     with psycopg.connect(ctx.settings.database_url) as conn:
         conn.execute("UPDATE agent_session_owners SET next_check_at = now()")
     reconcile_once(ctx)
-    end = ctx.repo.run_end(owner.ref)
+    end = ctx.repo.end_of(owner.ref)
     return end is not None and end.settled
 
 
 def test_an_end_after_redis_lost_everything_still_cleans_and_stays_ended(
-    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: Owner
+    ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient, owner: OwnerCase
 ) -> None:
     run_node(lc, backend, owner.scope(1))
     flushed(ctx)
@@ -382,11 +393,11 @@ def test_an_idle_conversation_is_retired_and_cleaned_and_its_next_turn_starts_fr
 ) -> None:
     ctx, lc = idle_ctx, SessionLifecycle(idle_ctx)
     key = CONVERSATION.key()
-    busy = Owner(OwnerType.CONVERSATION)
+    busy = OwnerCase(OwnerType.CONVERSATION)
     run_node(lc, backend, busy.scope(1))
     flushed(ctx)
     assert sweep_conversations(ctx).retired == 0  # not idle yet
-    time.sleep(1.2)
+    idle(ctx, key)
     swept = sweep_conversations(ctx)
     assert (swept.retired, swept.cleanups_requested) == (1, 1)
     record = stored(ctx, key)
@@ -408,7 +419,7 @@ def test_idle_expiry_after_redis_lost_everything_still_retires_and_cleans(
     run_node(lc, backend, CONVERSATION.scope(1))
     flushed(ctx)
     lose_everything(ctx)
-    time.sleep(1.2)
+    idle(ctx, key)
     assert sweep_conversations(ctx).retired == 1  # filled back from Postgres, then retired
     assert stored(ctx, key).closed_by is ClosedBy.IDLE
     assert clean(ctx, backend, key) == "cleaned"
@@ -424,7 +435,7 @@ def test_a_save_after_the_idle_cutoff_in_redis_keeps_the_session(
     ctx, lc = idle_ctx, SessionLifecycle(idle_ctx)
     run_node(lc, backend, CONVERSATION.scope(1))
     flushed(ctx)
-    time.sleep(1.2)
+    idle(ctx, CONVERSATION.key())
     run_node(lc, backend, CONVERSATION.scope(2))  # saved in Redis, not flushed yet
     before = redis_now(ctx) - timedelta(seconds=1)
     assert ctx.repo.idle_conversation_keys(before=before, limit=10) == [CONVERSATION.key()]
@@ -469,7 +480,7 @@ def test_a_session_retired_twice_is_cleaned_up_twice_on_a_deduplicating_backend(
         for life in (1, 2):
             run_node(lc, client, CONVERSATION.scope(life))
             flushed(ctx)
-            time.sleep(1.2)
+            idle(ctx, key)
             assert sweep_conversations(ctx).retired == 1
             assert clean(ctx, client, key) == "cleaned"
             runs.append(stored(ctx, key).data.backend_run_id)
@@ -502,18 +513,18 @@ def test_an_owner_end_takes_only_its_owners_outcomes(
     ctx: WorkerContext, lc: SessionLifecycle
 ) -> None:
     with pytest.raises(InvalidInput, match="outcome"):
-        ctx.repo.record_run_end(CONVERSATION.ref, "succeeded", check_after_s=60)
+        ctx.repo.record_end(CONVERSATION.ref, "succeeded", check_after_s=60)
     with pytest.raises(InvalidInput, match="outcome"):
         lc.workflow_ended(TENANT, OWNER_ID, "ended")
-    assert ctx.repo.run_end(CONVERSATION.ref) is None
-    assert ctx.repo.run_end(RunRef(TENANT, OWNER_ID)) is None
+    assert ctx.repo.end_of(CONVERSATION.ref) is None
+    assert ctx.repo.end_of(Owner(TENANT, OWNER_ID)) is None
 
 
 def test_conversations_and_workflow_runs_with_the_same_ids_never_meet(
     ctx: WorkerContext, lc: SessionLifecycle, backend: AgentBackendClient
 ) -> None:
     """A run id equal to a conversation id: two owners, two sessions, two rows."""
-    workflow = Owner(OwnerType.WORKFLOW_RUN)
+    workflow = OwnerCase(OwnerType.WORKFLOW_RUN)
     run_node(lc, backend, workflow.scope(1))
     run_node(lc, backend, CONVERSATION.scope(1))
     lc.conversation_ended(TENANT, OWNER_ID)
@@ -521,4 +532,4 @@ def test_conversations_and_workflow_runs_with_the_same_ids_never_meet(
     flushed(ctx)
     assert pg_status(ctx, workflow.key()) is SessionStatus.ACTIVE
     assert pg_status(ctx, CONVERSATION.key()) is SessionStatus.CLEANING
-    assert ctx.repo.run_end(workflow.ref) is None
+    assert ctx.repo.end_of(workflow.ref) is None

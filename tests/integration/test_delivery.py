@@ -27,19 +27,22 @@ from rq.serializers import JSONSerializer
 
 from agent_backend.models import CreateRunRequest
 from agent_sessions.audit import audit
-from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import Entry, RunOutcome
 from agent_sessions.testing.worker_process import WorkerProcess
 from cache.errors import ConfigurationError, StoreOutOfMemory
 from cache.records import SessionKey
+from cache.server_checks import LISTPACK_ADVICE
 from cache.settings import Settings
-from cache.store import LISTPACK_ADVICE, RedisSessionCache
+from cache.store import RedisSessionCache
 from tests import factories as f
 from tests.integration.support import make_ctx, node_composition, settings_env, wait_for
 from tests.servers import Database, RedisServer
 from workers.cleanup import CLEANUP_JOB
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
-from workers.queues import FLUSH_JOB, FlushRequest, pending_ttl_ms, request_flush
+from workers.flush_policy import pending_ttl_ms
+from workers.queues import FLUSH_JOB, FlushRequest, request_flush
 
 TABLE = "agent_runtime_sessions"
 
@@ -110,7 +113,7 @@ def test_a_waiting_flush_job_holds_its_shard_however_long_workers_are_busy(
     ctx = make_ctx(redis_url, migrated.url, shards=1, flush_delay_ms=300)
     ms = pending_ttl_ms(ctx.settings)
     assert request_flush(ctx.flush_queue, "asc", 0, pending_ms=ms) is FlushRequest.ENQUEUED
-    time.sleep(1.2)  # longer than the flush delay and the 1 s the marker used to live
+    time.sleep(1.2)  # four flush delays: the marker outlives them while its job waits
     for _ in range(3):
         assert request_flush(ctx.flush_queue, "asc", 0, pending_ms=ms) is FlushRequest.PENDING
     assert ctx.flush_queue.count == 1
@@ -371,7 +374,7 @@ def _listpack_advice(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_the_default_hash_encoding_limit_is_pointed_out_at_start(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("INFO", logger="cache.store")
+    caplog.set_level("INFO", logger="cache.server_checks")
     with RedisServer() as server:  # Redis' default: hash-max-listpack-value 64
         client = server.client()
         RedisSessionCache(client, Settings(redis_url=f"{server.url}&password=hunter2"))
@@ -388,7 +391,7 @@ def test_the_default_hash_encoding_limit_is_pointed_out_at_start(
 def test_a_redis_that_refuses_config_is_trusted_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("INFO", logger="cache.store")
+    caplog.set_level("INFO", logger="cache.server_checks")
     with RedisServer() as server:
         admin = server.client()
         admin.acl_setuser(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import redis
 
 from agent_sessions.lifecycle import SessionLifecycle
-from cache.records import RunRef, SessionStatus
+from cache.records import Owner, SessionStatus
 from tests import factories as f
 from tests.integration.support import make_ctx, rows_of
 from tests.servers import Database
@@ -21,16 +21,16 @@ def test_a_reconciler_never_settles_another_deployments_runs(
     in the shared database and wrote its own markers for them."""
     ours = make_ctx(redis_url, migrated.url, key_prefix="asc-ours", reconcile_grace_s=0)
     theirs = make_ctx(redis_url, migrated.url, key_prefix="asc-theirs", reconcile_grace_s=0)
-    run = RunRef(f.TENANT, f.RUN)
+    run = Owner(f.TENANT, f.RUN)
     for ctx in (ours, theirs):
         ctx.cache.save(f.session_key(), f.session_write())
         assert drain(ctx, timeout_s=30).drained
-    theirs.repo.record_run_end(run, "succeeded", check_after_s=0)
+    theirs.repo.record_end(run, "succeeded", check_after_s=0)
     assert reconcile_once(ours) == []
     assert sweep_conversations(ours).retired == 0
-    assert ours.cache.run_state(run).get("state") == "open"  # no end of theirs applied here
-    assert ours.repo.run_end(run) is None and theirs.repo.run_end(run) is not None
-    assert ours.repo.count_unsettled_runs() == 0 and theirs.repo.count_unsettled_runs() == 1
+    assert ours.cache.owner_state(run).get("state") == "open"  # no end of theirs applied here
+    assert ours.repo.end_of(run) is None and theirs.repo.end_of(run) is not None
+    assert ours.repo.count_unsettled_owners() == 0 and theirs.repo.count_unsettled_owners() == 1
     assert [s.status for s in rows_of(ours.repo, f.TENANT, f.RUN)] == [SessionStatus.ACTIVE]
     (done,) = reconcile_once(theirs)
     assert done.moved_to_cleaning == 1

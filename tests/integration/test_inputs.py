@@ -30,7 +30,8 @@ from agent_backend.models import (
     decode_status,
     encode_json,
 )
-from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import Entry, NodeResult, RunOutcome
 from cache.codec import check_specs
 from cache.errors import AgentSessionsError, InvalidId, InvalidInput, InvalidSnapshot
 from cache.records import LayerSpec, LifecycleState, Scope, Snapshot, SnapshotLayer

@@ -17,13 +17,8 @@ import pytest
 import redis
 
 from agent_backend.client import AgentBackendClient
-from agent_sessions.lifecycle import (
-    STORE_ERROR,
-    Entry,
-    NodeResult,
-    RunOutcome,
-    SessionLifecycle,
-)
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import STORE_ERROR, Entry, NodeResult, RunOutcome
 from agent_sessions.testing.fake_agent import HUMAN_INPUT_PAUSE, SCRIPTED_PAUSE
 from cache.errors import InvalidInput
 from cache.records import ClosedBy, Scope, SessionKey, SessionStatus
@@ -247,7 +242,7 @@ def test_nothing_to_store_writes_nothing(
     result = lc.finish(scope, entry, failed)
     assert result.status == "failed" and result.error == "boom" and result.version is None
     assert result.metadata == {"session_snapshot_cleaned_on_failure": True}
-    run = ctx.cache.keys.run(f.run_ref()).encode()  # enter's read-through: "open", per Postgres
+    run = ctx.cache.keys.owner(f.run_ref()).encode()  # enter's read-through: "open", per Postgres
     assert set(redis_client.keys("*")) == {b"asc:meta", run}
     assert redis_client.hget(run, "state") == b"open" and int(redis_client.pttl(run)) > 0
     assert row_count(ctx.repo) == 0
@@ -496,7 +491,7 @@ class _Race:
         try:
             target = random.randint(1, self.THREADS * self.PER_THREAD)
             run_ref = f.run_ref(run=self.run)
-            wait_for(lambda: len(self.ctx.cache.run_sessions(run_ref)) >= target, "saves", 30)
+            wait_for(lambda: len(self.ctx.cache.owner_sessions(run_ref)) >= target, "saves", 30)
             self.lc.workflow_ended("tenant-1", self.run, "succeeded")
         except BaseException as exc:
             self.failures.append(exc)
@@ -526,7 +521,7 @@ def _race_once(ctx: WorkerContext, lc: SessionLifecycle, run: str) -> None:
 
     flushed(ctx)
     cleaner = Cleaner(ctx.cache, ctx.repo, None, wait_s=5)
-    for key in ctx.cache.run_sessions(f.run_ref(run=run)):
+    for key in ctx.cache.owner_sessions(f.run_ref(run=run)):
         cleaner.clean(key, last_attempt=True)
     flushed(ctx)
     for key in race.session_keys():

@@ -10,7 +10,8 @@ import pytest
 import redis
 
 from agent_backend.models import CreateRunRequest
-from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import RunOutcome
 from cache.client import client_options
 from cache.records import Snapshot
 from cache.settings import Settings

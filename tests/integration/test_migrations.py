@@ -21,10 +21,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, Engine
 
 from cache.codec import encode
-from cache.records import RunRef, SessionKey, SessionWrite, StoredSession
+from cache.records import Owner, SessionKey, SessionWrite, StoredSession
 from persistence import migrate
 from persistence.engine import create_engine
-from persistence.models import TABLE_NAME, metadata, runs, sessions
+from persistence.models import TABLE_NAME, metadata, owners, sessions
 from persistence.repository import SessionRepository
 from tests import factories as f
 from tests.integration.support import upsert
@@ -139,7 +139,7 @@ def test_schema_comparison_sees_a_model_that_drifted(
     """Guards the equality test above against comparing nothing."""
     migrate.upgrade(database_url.url)
     drifted = sa.MetaData()
-    runs.to_metadata(drifted)
+    owners.to_metadata(drifted)
     table = sessions.to_metadata(drifted)
     table.append_column(sa.Column("extra", sa.Integer, nullable=True))
     table.c.status.type = sa.String(32)
@@ -289,9 +289,9 @@ def test_upgrading_0003_to_head_keeps_sessions_and_ended_runs_as_workflow_owned(
     found = repo.get(key)
     assert found is not None and found.version == 7 and found.lineage == "lineage-1"
     assert found.snapshot_raw == snapshot and found.data.pending_form_id == "form-1"
-    end = repo.run_end(RunRef("t", "ended-run"))
+    end = repo.end_of(Owner("t", "ended-run"))
     assert end is not None and end.outcome == "failed" and not end.settled
-    assert repo.claim_due_runs(limit=10, recheck_after_s=60) == [RunRef("t", "ended-run")]
+    assert repo.claim_due_owners(limit=10, recheck_after_s=60) == [Owner("t", "ended-run")]
 
     stale = dataclasses.replace(found, version=6)
     assert upsert(repo, [stale]).fenced  # the fence holds on the old row
@@ -342,15 +342,15 @@ def test_upgrading_0004_to_head_gives_every_row_the_migrating_deployments_prefix
             )
         )
     migrate.upgrade(database_url.url, key_prefix="prod")
-    key, owner = SessionKey("t", "r", "n", "b", "g"), RunRef("t", "r")
+    key, owner = SessionKey("t", "r", "n", "b", "g"), Owner("t", "r")
     prod, other = SessionRepository(engine, "prod"), SessionRepository(engine, "asc")
     found = prod.get(key)
     assert found is not None and found.version == 7 and found.content_id is None
-    assert prod.run_end(owner) is not None and other.run_end(owner) is None
-    assert other.get(key) is None and other.claim_due_runs(limit=10, recheck_after_s=1) == []
+    assert prod.end_of(owner) is not None and other.end_of(owner) is None
+    assert other.get(key) is None and other.claim_due_owners(limit=10, recheck_after_s=1) == []
     theirs = dataclasses.replace(found, version=2, lineage="theirs")
     assert upsert(other, [theirs]).written == [(key, 2)]  # the same key, another deployment
-    assert prod.get(key) == found and prod.claim_due_runs(limit=10, recheck_after_s=1) == [owner]
+    assert prod.get(key) == found and prod.claim_due_owners(limit=10, recheck_after_s=1) == [owner]
     with engine.connect() as conn:
         assert schema_diff(conn) == []
     prod.close()

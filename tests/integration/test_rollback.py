@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from agent_backend.models import CreateRunRequest
-from agent_sessions.lifecycle import RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import RunOutcome
 from cache.records import SessionKey, SessionStatus
 from tests import factories as f
 from tests.integration.support import (

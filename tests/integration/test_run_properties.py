@@ -33,8 +33,9 @@ from hypothesis.stateful import (
 )
 
 from agent_backend.models import CreateRunRequest
-from agent_sessions.lifecycle import Entry, RunOutcome, SessionLifecycle
-from cache.records import RunRef, Scope, SessionKey, SessionStatus, StoredSession
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import Entry, RunOutcome
+from cache.records import Owner, Scope, SessionKey, SessionStatus, StoredSession
 from tests import factories as f
 from tests.integration.support import make_ctx, node_composition
 from tests.servers import Database, RedisServer
@@ -211,7 +212,7 @@ class LosingRedis(RuleBasedStateMachine):
             if row is not None:
                 assert self._mark(row) in self.acked[key], f"{key}: unacknowledged snapshot"
         for run in self.ended:
-            end = self.ctx.repo.run_end(RunRef(f.TENANT, run))
+            end = self.ctx.repo.end_of(Owner(f.TENANT, run))
             assert end is not None and end.settled, f"{run} not settled"
 
     @staticmethod

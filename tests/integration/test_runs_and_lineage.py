@@ -17,9 +17,10 @@ import redis
 
 from agent_backend.client import AgentBackendClient
 from agent_backend.models import CreateRunRequest
-from agent_sessions.lifecycle import Entry, NodeResult, RunOutcome, SessionLifecycle
+from agent_sessions.lifecycle import SessionLifecycle
+from agent_sessions.outcomes import Entry, NodeResult, RunOutcome
 from agent_sessions.testing.fake_backend import FakeAgentBackend
-from cache.records import RunRef, Scope, SessionKey, SessionStatus, Snapshot
+from cache.records import Owner, Scope, SessionKey, SessionStatus, Snapshot
 from tests import factories as f
 from tests.integration.support import (
     WorkerProcess,
@@ -36,7 +37,7 @@ from workers.drain import drain
 from workers.reconcile import reconcile_once
 
 StartWorker = Callable[[WorkerContext], WorkerProcess]
-RUN = RunRef(f.TENANT, f.RUN)
+RUN = Owner(f.TENANT, f.RUN)
 REQUEST = CreateRunRequest(composition=node_composition())
 
 
@@ -143,7 +144,7 @@ def test_read_through_of_a_session_of_an_ended_run_is_not_resumable(
     scope = f.scope()
     finish(lc, scope, 1)
     flushed(ctx)
-    ctx.cache.end_run(RUN, "aborted")  # the end, and then a crash before begin_cleanup
+    ctx.cache.end_owner(RUN, "aborted")  # the end, and then a crash before begin_cleanup
     ctx.cache.client.delete(ctx.cache.keys.session(key_of(scope)))  # evicted (clean: TTL)
     assert pg_status(ctx, key_of(scope)) is SessionStatus.ACTIVE
     assert not lc.enter(scope).resumable
@@ -221,7 +222,7 @@ def test_postgres_never_turns_a_session_closed_by_the_workflow_end_back_to_activ
     flushed(ctx)
     assert pg_status(ctx, key_of(scope)) is SessionStatus.CLEANING
     # Redis forgets the end and takes a save it should have refused (a failover, say)
-    ctx.cache.client.delete(ctx.cache.keys.run(RUN))
+    ctx.cache.client.delete(ctx.cache.keys.owner(RUN))
     ctx.cache.save(key_of(scope), f.session_write(), expected_version=None)
     flushed(ctx)
     assert pg_status(ctx, key_of(scope)) is not SessionStatus.ACTIVE
@@ -244,8 +245,8 @@ def test_a_crash_between_the_end_and_the_cleanup_is_finished_by_the_reconciler(
     for scope in scopes:
         finish(lc, scope, 1)
     flushed(ctx)
-    ctx.repo.record_run_end(RUN, "failed", check_after_s=0)  # what workflow_ended does first
-    ctx.cache.end_run(RUN, "failed")  # ... and then the process died
+    ctx.repo.record_end(RUN, "failed", check_after_s=0)  # what workflow_ended does first
+    ctx.cache.end_owner(RUN, "failed")  # ... and then the process died
     keys = [key_of(scope) for scope in scopes]
     assert all(redis_status(ctx, key) is SessionStatus.ACTIVE for key in keys)
     start_worker(ctx)
@@ -258,7 +259,7 @@ def test_a_crash_between_the_end_and_the_cleanup_is_finished_by_the_reconciler(
         "the reconciler to clean the ended run's sessions",
         60,
     )
-    wait_for(lambda: getattr(ctx.repo.run_end(RUN), "settled", False), "the run settled", 30)
+    wait_for(lambda: getattr(ctx.repo.end_of(RUN), "settled", False), "the run settled", 30)
 
 
 def test_a_run_that_keeps_failing_to_reconcile_does_not_hold_the_others(
@@ -266,14 +267,14 @@ def test_a_run_that_keeps_failing_to_reconcile_does_not_hold_the_others(
 ) -> None:
     ctx = make_ctx(redis_url, migrated.url, reconcile_grace_s=0, reconcile_interval_s=60)
     lc = SessionLifecycle(ctx)
-    broken, healthy = RunRef(f.TENANT, "run-broken"), RunRef(f.TENANT, "run-healthy")
+    broken, healthy = Owner(f.TENANT, "run-broken"), Owner(f.TENANT, "run-healthy")
     for run in (broken, healthy):
-        finish(lc, f.scope(run=run.workflow_run_id), 1)
-        ctx.repo.record_run_end(run, "succeeded", check_after_s=0)
-    redis_client.sadd(ctx.cache.keys.run_sessions(broken), "not:a:member%ZZ")  # unparseable
+        finish(lc, f.scope(run=run.owner_id), 1)
+        ctx.repo.record_end(run, "succeeded", check_after_s=0)
+    redis_client.sadd(ctx.cache.keys.owner_sessions(broken), "not:a:member%ZZ")  # unparseable
     done = reconcile_once(ctx)
     assert [r.sessions for r in done] == [1]  # the healthy run; the broken one was logged
-    assert redis_status(ctx, key_of(f.scope(run=healthy.workflow_run_id))) in (
+    assert redis_status(ctx, key_of(f.scope(run=healthy.owner_id))) in (
         SessionStatus.CLEANING,
         SessionStatus.CLEANED,
     )
@@ -288,7 +289,7 @@ def test_workflow_ended_may_be_called_again_until_it_returns(
     second = lc.workflow_ended(f.TENANT, f.RUN, "failed")
     assert not first.already_ended and second.already_ended
     assert second.sessions == 1 and second.moved_to_cleaning == 0
-    end = ctx.repo.run_end(RUN)
+    end = ctx.repo.end_of(RUN)
     assert end is not None and end.outcome == "succeeded"
 
 

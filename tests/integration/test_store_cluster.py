@@ -14,9 +14,10 @@ from redis.cluster import ClusterNode
 from cache.errors import CorruptValue, RunEnded, RunUnknown
 from cache.flush_side import MOVED_ON
 from cache.records import SessionKey, SessionStatus, StoredSession
+from cache.replies import Retired
 from cache.scripts import SCRIPT_NAMES
 from cache.settings import Settings
-from cache.store import RedisSessionCache, Retired
+from cache.store import RedisSessionCache
 from tests import factories as f
 
 RUNS = 60
@@ -58,8 +59,8 @@ def test_sessions_of_many_runs_land_on_all_three_primaries(
         run = f.run_of(key)
         names = [
             cache.keys.session(key),
-            cache.keys.run(run),
-            cache.keys.run_sessions(run),
+            cache.keys.owner(run),
+            cache.keys.owner_sessions(run),
             cache.keys.dirty(cache.keys.shard_of_key(key)),
         ]
         assert len({cluster_client.keyslot(name) for name in names}) == 1
@@ -67,6 +68,12 @@ def test_sessions_of_many_runs_land_on_all_three_primaries(
     sizes = {node.name: cluster_client.dbsize(target_nodes=node) for node in primaries}
     assert all(size > 0 for size in sizes.values()), sizes
     assert len({cache.keys.shard_of("tenant-1", f"run-{i}") for i in range(RUNS)}) > 30
+
+
+def dirty_names(cache: RedisSessionCache, shard: int) -> list[str]:
+    """The shard's dirty set, oldest first."""
+    members: list[bytes] = cache.client.zrange(cache.keys.dirty(shard), 0, -1)  # type: ignore[assignment]
+    return [member.decode() for member in members]
 
 
 def _exercise_load(cache: RedisSessionCache, key: SessionKey) -> None:
@@ -91,9 +98,9 @@ def _exercise_retire(cache: RedisSessionCache, key: SessionKey) -> None:
 
 def _exercise_end_run_and_cleanup(cache: RedisSessionCache, key: SessionKey) -> None:
     cache.save(key, f.session_write())
-    ended = cache.end_run(f.run_of(key), "succeeded")
+    ended = cache.end_owner(f.run_of(key), "succeeded")
     assert ended.keys == (key,) and not ended.already_ended
-    assert cache.end_run(f.run_of(key), "failed").already_ended
+    assert cache.end_owner(f.run_of(key), "failed").already_ended
     with pytest.raises(RunEnded):
         cache.save(key, f.session_write())
     assert cache.begin_cleanup(f.run_of(key), ended.keys) == 1
@@ -105,9 +112,9 @@ def _exercise_end_run_and_cleanup(cache: RedisSessionCache, key: SessionKey) -> 
     shard = cache.keys.shard_of_key(key)
     assert cache.ack_flush(shard, [(cache.keys.session(key), 3)])[:2] == (1, 0)
     assert 0 < int(cache.client.pttl(cache.keys.session(key))) <= 50_000  # type: ignore[arg-type]
-    run = cache.keys.run(f.run_of(key))
+    run = cache.keys.owner(f.run_of(key))
     assert int(cache.client.pttl(run)) == -1  # type: ignore[arg-type]  # ended: not evictable
-    assert cache.settle_run(f.run_of(key))
+    assert cache.settle_owner(f.run_of(key))
     assert int(cache.client.pttl(run)) > 0  # type: ignore[arg-type]
 
 
@@ -115,9 +122,9 @@ def _exercise_open_run(cache: RedisSessionCache, key: SessionKey) -> None:
     run = f.run_of(key)
     with pytest.raises(RunUnknown):
         cache.save(key, f.session_write(), verify_run=True)
-    assert cache.open_run(run)
-    assert not cache.open_run(run)
-    assert not cache.settle_run(run)  # not ended
+    assert cache.open_owner(run)
+    assert not cache.open_owner(run)
+    assert not cache.settle_owner(run)  # not ended
     assert cache.save(key, f.session_write(), verify_run=True) == 1
 
 
@@ -127,7 +134,7 @@ def _exercise_ack_flush(cache: RedisSessionCache, key: SessionKey) -> None:
     shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
     assert cache.ack_flush(shard, [(name, 1)])[:2] == (0, 1)
     assert cache.ack_flush(shard, [(name, 2)])[:2] == (1, 0)
-    assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
+    assert dirty_names(cache, shard) == []
 
 
 def _exercise_mark_flushing(cache: RedisSessionCache, key: SessionKey) -> None:
@@ -150,7 +157,7 @@ def _exercise_quarantine(cache: RedisSessionCache, key: SessionKey) -> None:
     shard, name = cache.keys.shard_of_key(key), cache.keys.session(key)
     assert cache.quarantine(shard, name, 1, "postgres refused it")
     assert name in cache.poison(shard)
-    assert cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=10) == []
+    assert dirty_names(cache, shard) == []
 
 
 def _exercise_locks(cache: RedisSessionCache, key: SessionKey) -> None:
@@ -184,26 +191,24 @@ def _exercise_poison_remedies(cache: RedisSessionCache, key: SessionKey) -> None
     assert cache.quarantine(shard, name, 1, "postgres refused it")
     assert cache.retry_poisoned(name)
     assert name not in cache.poison(shard)
-    assert [
-        e.name for e in cache.dirty_entries(shard, older_than_ms=cache.server_time_ms(), limit=9)
-    ] == [name]
+    assert dirty_names(cache, shard) == [name]
     assert cache.quarantine(shard, name, 1, "postgres refused it again")
-    cache.client.sadd(cache.keys.run_sessions(f.run_of(key)), name)  # an earlier build's member
+    cache.client.sadd(cache.keys.owner_sessions(f.run_of(key)), name)  # an earlier build's member
     assert cache.drop_poisoned(name)
-    assert cache.load(key).record is None and cache.run_sessions(f.run_of(key)) == []
+    assert cache.load(key).record is None and cache.owner_sessions(f.run_of(key)) == []
 
 
 EXERCISES: dict[str, Callable[[RedisSessionCache, SessionKey], None]] = {
     "save": _exercise_save,
     "retire": _exercise_retire,
-    "end_run": _exercise_end_run_and_cleanup,
+    "end_owner": _exercise_end_run_and_cleanup,
     "begin_cleanup": _exercise_end_run_and_cleanup,
     "mark_cleaned": _exercise_end_run_and_cleanup,
     "ack_flush": _exercise_ack_flush,
     "fill": _exercise_fill,
     "quarantine": _exercise_quarantine,
-    "open_run": _exercise_open_run,
-    "settle_run": _exercise_end_run_and_cleanup,
+    "open_owner": _exercise_open_run,
+    "settle_owner": _exercise_end_run_and_cleanup,
     "note_cleanup": _exercise_end_run_and_cleanup,
     "retry_poisoned": _exercise_poison_remedies,
     "drop_poisoned": _exercise_poison_remedies,

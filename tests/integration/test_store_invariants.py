@@ -23,8 +23,9 @@ from cache.errors import (
     VersionConflict,
 )
 from cache.records import SessionKey, SessionStatus, StoredSession
+from cache.replies import Retired
 from cache.settings import Settings
-from cache.store import RedisSessionCache, Retired
+from cache.store import RedisSessionCache
 from tests import factories as f
 
 ACTIVE_TTL_S = 5000
@@ -117,7 +118,7 @@ def test_save_bumps_version_by_one_and_keeps_first_dirty_time(
     loaded = cache.load(key)
     assert loaded.version == 3 and loaded.session is not None
     assert loaded.session.dirty and loaded.session.flushed_version == 0
-    assert cache.run_sessions(f.run_of(key)) == [key]
+    assert cache.owner_sessions(f.run_of(key)) == [key]
 
 
 def test_dirty_session_has_no_ttl_and_gets_the_clean_ttl_once_acked(
@@ -141,7 +142,7 @@ def test_session_cleaned_at_workflow_end_gets_the_cleaned_ttl_once_acked(
 ) -> None:
     """cleaning and cleaned are dirty (no TTL); a flushed workflow-end clean gets cleaned_ttl_s."""
     cache.save(key, f.session_write())
-    ending = cache.end_run(f.run_of(key), ended(key, "succeeded"))
+    ending = cache.end_owner(f.run_of(key), ended(key, "succeeded"))
     assert cache.begin_cleanup(f.run_of(key), ending.keys) == 1
     assert pttl(cache, key) == -1 and dirty_score(cache, key) is not None
     assert ack(cache, key, 2) == (1, 0)  # a flush of the cleaning state: clean, long TTL
@@ -172,7 +173,7 @@ def test_load_never_returns_a_cleaned_or_cleaning_session_as_resumable(
     assert loaded.record.data.backend_run_id == "failed-run"
 
     cache.save(ended, f.session_write())
-    cache.begin_cleanup(f.run_of(ended), cache.end_run(f.run_of(ended), "failed").keys)
+    cache.begin_cleanup(f.run_of(ended), cache.end_owner(f.run_of(ended), "failed").keys)
     loaded = cache.load(ended)
     assert loaded.session is None and loaded.version == 2
     assert loaded.record is not None and loaded.record.status is SessionStatus.CLEANING
@@ -182,7 +183,7 @@ def test_load_never_returns_a_cleaned_or_cleaning_session_as_resumable(
     assert loaded.record is not None and loaded.record.cleanup_error == "backend unreachable"
 
 
-# --- end_run / begin_cleanup ----------------------------------------------------------
+# --- end_owner / begin_cleanup ----------------------------------------------------------
 
 
 def test_after_end_run_every_save_is_refused_and_nothing_is_written(
@@ -191,7 +192,7 @@ def test_after_end_run_every_save_is_refused_and_nothing_is_written(
     """Once the run has ended no save lands: RunEnded, and Redis is byte-for-byte unchanged."""
     old, new = keys_of_run(2)
     cache.save(old, f.session_write())
-    ended = cache.end_run(f.run_of(old), "succeeded")
+    ended = cache.end_owner(f.run_of(old), "succeeded")
     assert ended.keys == (old,) and not ended.already_ended
     before = f.redis_state(client)
     for k, expected in [(old, None), (old, 1), (new, None), (new, 0)]:
@@ -199,7 +200,7 @@ def test_after_end_run_every_save_is_refused_and_nothing_is_written(
             cache.save(k, f.session_write(), expected_version=expected)
     assert f.redis_state(client) == before
     assert cache.load(new).record is None
-    assert cache.run_state(f.run_of(old))["state"] == "ended"
+    assert cache.owner_state(f.run_of(old))["state"] == "ended"
 
 
 def test_a_conversation_save_records_its_config_and_member_and_refuses_another_config(
@@ -216,13 +217,13 @@ def test_a_conversation_save_records_its_config_and_member_and_refuses_another_c
         cache.save(key, f.session_write())  # a write of config-1
     assert f.redis_state(client) == before
     assert cache.save(key, f.session_write(of=turn)) == 1
-    assert client.hget(names.run, "config:binding-1:agent-1") == b"config-9"
-    assert client.smembers(names.run_sessions) == {b"binding-1:agent-1:config-9"}
+    assert client.hget(names.owner, "config:binding-1:agent-1") == b"config-9"
+    assert client.smembers(names.owner_sessions) == {b"binding-1:agent-1:config-9"}
     loaded = cache.load(key)
     assert loaded.current_config == "config-9" and loaded.session is not None
-    assert cache.end_run(key.owner, "ended").keys == (key,)
+    assert cache.end_owner(key.owner, "ended").keys == (key,)
     with pytest.raises(InvalidInput, match="outcome"):
-        cache.end_run(key.owner, "succeeded")  # a workflow's outcome, not a conversation's
+        cache.end_owner(key.owner, "succeeded")  # a workflow's outcome, not a conversation's
 
 
 def test_a_workflow_runs_save_without_its_workflow_ids_is_refused_with_nothing_written(
@@ -245,8 +246,8 @@ def test_a_workflow_runs_save_without_its_workflow_ids_is_refused_with_nothing_w
 def test_end_run_of_a_run_that_never_saved_still_refuses_later_saves(
     cache: RedisSessionCache, key: SessionKey
 ) -> None:
-    """end_run before any save leaves an ended marker that refuses the first save."""
-    ending = cache.end_run(f.run_of(key), ended(key, "aborted"))
+    """end_owner before any save leaves an ended marker that refuses the first save."""
+    ending = cache.end_owner(f.run_of(key), ended(key, "aborted"))
     assert ending.keys == () and not ending.already_ended
     with pytest.raises(RunEnded):
         cache.save(key, f.session_write())
@@ -254,14 +255,14 @@ def test_end_run_of_a_run_that_never_saved_still_refuses_later_saves(
 
 
 def test_begin_cleanup_leaves_no_active_session_of_the_run(cache: RedisSessionCache) -> None:
-    """After end_run + begin_cleanup every session of the run is cleaning or cleaned."""
+    """After end_owner + begin_cleanup every session of the run is cleaning or cleaned."""
     keys = keys_of_run(5)
     for k in keys:
         cache.save(k, f.session_write())
     cache.retire(keys[0])
     other_run = f.session_key(run="other-run")
     cache.save(other_run, f.session_write())
-    ended = cache.end_run(f.run_of(keys[0]), "partial_succeeded")
+    ended = cache.end_owner(f.run_of(keys[0]), "partial_succeeded")
     assert set(ended.keys) == set(keys)
     assert cache.begin_cleanup(f.run_of(keys[0]), ended.keys) == 4
     statuses = {k: cache.load(k).record for k in keys}
@@ -275,14 +276,14 @@ def test_begin_cleanup_leaves_no_active_session_of_the_run(cache: RedisSessionCa
 def test_end_run_twice_reports_already_ended_and_keeps_the_first_outcome(
     cache: RedisSessionCache, key: SessionKey
 ) -> None:
-    """A second end_run says already_ended and changes neither outcome nor ended_at."""
+    """A second end_owner says already_ended and changes neither outcome nor ended_at."""
     cache.save(key, f.session_write())
-    first = cache.end_run(f.run_of(key), ended(key, "failed"))
-    state = cache.run_state(f.run_of(key))
-    second = cache.end_run(f.run_of(key), ended(key, "succeeded"))
+    first = cache.end_owner(f.run_of(key), ended(key, "failed"))
+    state = cache.owner_state(f.run_of(key))
+    second = cache.end_owner(f.run_of(key), ended(key, "succeeded"))
     assert (first.already_ended, second.already_ended) == (False, True)
     assert second.keys == first.keys == (key,)
-    assert cache.run_state(f.run_of(key)) == state
+    assert cache.owner_state(f.run_of(key)) == state
     assert state["outcome"] == ended(key, "failed") and state["state"] == "ended"
 
 
@@ -290,19 +291,19 @@ def test_run_set_holds_short_members_and_still_reads_full_names(
     cache: RedisSessionCache, client: RedisClient
 ) -> None:
     """Saves and fills add ``<node>:<binding>:<agent>`` to the run set; a full session name
-    left by an earlier build is listed (once) by run_sessions and end_run alike."""
+    left by an earlier build is listed (once) by owner_sessions and end_owner alike."""
     saved, filled, legacy = keys_of_run(3)
     run = f.run_of(saved)
     cache.save(saved, f.session_write())
     cache.fill(f.stored_session(key=filled))
-    run_set = cache.keys.run_sessions(run)
+    run_set = cache.keys.owner_sessions(run)
     client.sadd(run_set, cache.keys.session(legacy), cache.keys.session(saved))
     members = {m.decode() for m in client.smembers(run_set)}  # type: ignore[union-attr]
-    assert cache.keys.run_member(saved) in members
-    assert cache.keys.run_member(filled) in members
+    assert cache.keys.owner_member(saved) in members
+    assert cache.keys.owner_member(filled) in members
     expected = sorted([saved, filled, legacy], key=SessionKey.parts)
-    assert cache.run_sessions(run) == expected
-    assert list(cache.end_run(run, "succeeded").keys) == expected
+    assert cache.owner_sessions(run) == expected
+    assert list(cache.end_owner(run, "succeeded").keys) == expected
 
 
 def test_a_run_set_lost_to_eviction_is_rebuilt_by_the_next_save_of_a_dirty_session(
@@ -310,10 +311,10 @@ def test_a_run_set_lost_to_eviction_is_rebuilt_by_the_next_save_of_a_dirty_sessi
 ) -> None:
     """The set has a TTL, so volatile-* may evict it while its sessions stay dirty."""
     cache.save(key, f.session_write())
-    run_set = cache.keys.run_sessions(f.run_of(key))
+    run_set = cache.keys.owner_sessions(f.run_of(key))
     client.delete(run_set)
     assert cache.save(key, f.session_write(), expected_version=1) == 2  # still dirty
-    assert cache.run_sessions(f.run_of(key)) == [key]
+    assert cache.owner_sessions(f.run_of(key)) == [key]
     assert int(client.pttl(run_set)) > 0  # type: ignore[arg-type]
 
 
@@ -325,12 +326,12 @@ def test_begin_cleanup_puts_back_run_set_members_lost_to_eviction(
     for k in keys:
         cache.save(k, f.session_write())
     run = f.run_of(keys[0])
-    client.delete(cache.keys.run_sessions(run))
-    assert cache.end_run(run, "succeeded").keys == ()
+    client.delete(cache.keys.owner_sessions(run))
+    assert cache.end_owner(run, "succeeded").keys == ()
     assert cache.begin_cleanup(run, keys) == 2
-    assert cache.run_sessions(run) == sorted(keys, key=SessionKey.parts)
+    assert cache.owner_sessions(run) == sorted(keys, key=SessionKey.parts)
     assert cache.begin_cleanup(run, [f.session_key(node="never-saved")]) == 0
-    assert cache.run_sessions(run) == sorted(keys, key=SessionKey.parts)  # no phantom member
+    assert cache.owner_sessions(run) == sorted(keys, key=SessionKey.parts)  # no phantom member
 
 
 # --- retire ---------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def test_retire_of_a_missing_or_non_active_session_changes_nothing(
     cache.retire(retired)
     cache.save(cleaning, f.session_write())
     run = f.run_of(cleaning)
-    cache.begin_cleanup(run, cache.end_run(run, "failed").keys)
+    cache.begin_cleanup(run, cache.end_owner(run, "failed").keys)
     before = f.redis_state(client)
     for k in (missing, retired, cleaning):
         assert cache.retire(k, "failed-again") is None
@@ -414,7 +415,7 @@ def test_fill_writes_a_missing_session_as_clean(cache: RedisSessionCache, key: S
     assert record is not None and record.flushed_version == record.version == 7
     assert dirty_score(cache, key) is None
     assert ACTIVE_TTL_S * 1000 - TTL_SLACK_MS < pttl(cache, key) <= ACTIVE_TTL_S * 1000
-    assert cache.run_sessions(f.run_of(key)) == [key]
+    assert cache.owner_sessions(f.run_of(key)) == [key]
     assert cache.save(key, f.session_write(), expected_version=7) == 8  # the version never restarts
 
 
@@ -528,8 +529,8 @@ def test_tenants_are_isolated(cache: RedisSessionCache) -> None:
     cache.save(a, f.session_write())
     assert cache.save(b, f.session_write()) == 1
     assert cache.load(a).version == 2
-    cache.end_run(f.run_of(a), "succeeded")
-    assert cache.run_state(f.run_of(b))["state"] == "open"
+    cache.end_owner(f.run_of(a), "succeeded")
+    assert cache.owner_state(f.run_of(b))["state"] == "open"
     assert cache.save(b, f.session_write()) == 2
     with pytest.raises(RunEnded):
         cache.save(a, f.session_write())
@@ -537,8 +538,8 @@ def test_tenants_are_isolated(cache: RedisSessionCache) -> None:
     loaded_a = cache.load(a)
     assert loaded_a.record is not None and loaded_a.record.status is SessionStatus.ACTIVE
     assert loaded_a.run_ended and loaded_a.session is None  # a's run ended; b's retire left a
-    assert cache.run_sessions(f.run_of(a)) == [a]
-    assert cache.run_sessions(f.run_of(b)) == [b]
+    assert cache.owner_sessions(f.run_of(a)) == [a]
+    assert cache.owner_sessions(f.run_of(b)) == [b]
 
 
 def test_a_load_is_a_read_and_writes_nothing(cache: RedisSessionCache) -> None:
@@ -558,10 +559,10 @@ def test_a_load_is_a_read_and_writes_nothing(cache: RedisSessionCache) -> None:
 
 
 def test_load_reports_an_ended_run_and_resumes_nothing_of_it(cache: RedisSessionCache) -> None:
-    """After end_run, load resumes no session of the run, even before begin_cleanup ran."""
+    """After end_owner, load resumes no session of the run, even before begin_cleanup ran."""
     key = f.session_key()
     cache.save(key, f.session_write())
-    cache.end_run(f.run_of(key), ended(key, "aborted"))
+    cache.end_owner(f.run_of(key), ended(key, "aborted"))
     loaded = cache.load(key)
     assert loaded.run_ended and loaded.session is None and loaded.version == 1
 
@@ -588,6 +589,6 @@ def test_a_poisoned_session_never_gets_a_ttl_at_run_end(cache: RedisSessionCache
     cache.save(key, f.session_write())
     cache.retire(key)
     assert cache.quarantine(shard, name, 2, "postgres refused: test")
-    ending = cache.end_run(f.run_of(key), "failed")
+    ending = cache.end_owner(f.run_of(key), "failed")
     cache.begin_cleanup(f.run_of(key), ending.keys)
     assert cache.client.pttl(name) == -1

@@ -18,8 +18,9 @@ import redis
 
 from cache.errors import RunEnded, VersionConflict
 from cache.records import SessionKey, SessionStatus
+from cache.replies import EndedOwner
 from cache.settings import Settings
-from cache.store import EndedRun, RedisSessionCache
+from cache.store import RedisSessionCache
 from tests import factories as f
 
 MAX_ATTEMPTS = 100_000
@@ -111,10 +112,10 @@ def check_end_state(
     cache: RedisSessionCache,
     keys: list[SessionKey],
     logs: list[SaverLog],
-    ended: EndedRun,
+    ended: EndedOwner,
     moved: int,
 ) -> None:
-    """end_run listed exactly the saved sessions; each was bumped once, by begin_cleanup."""
+    """end_owner listed exactly the saved sessions; each was bumped once, by begin_cleanup."""
     highest: dict[SessionKey, int] = {}
     for key, version in (entry for log in logs for entry in log.saved):
         highest[key] = max(highest.get(key, 0), version)
@@ -132,18 +133,18 @@ def check_end_state(
 
 @pytest.mark.parametrize("rep", range(20))
 def test_saves_racing_end_run_never_land_after_the_end(redis_client: redis.Redis, rep: int) -> None:
-    """After end_run + begin_cleanup no session is active and no save landed after the end."""
+    """After end_owner + begin_cleanup no session is active and no save landed after the end."""
     cache = RedisSessionCache(redis_client, Settings())
     run = f.run_ref(run=f"race-{rep}")
     savers, keys_each = 8, 4
     keys = [
-        [f.session_key(run=run.workflow_run_id, node=f"n{s}-{k}") for k in range(keys_each)]
+        [f.session_key(run=run.owner_id, node=f"n{s}-{k}") for k in range(keys_each)]
         for s in range(savers)
     ]
     barrier = threading.Barrier(savers + 1)
     progress = threading.Semaphore(0)
     end_after = rep * 3  # successful saves before the end: 0 .. 57 across repetitions
-    ended: list[EndedRun] = []
+    ended: list[EndedOwner] = []
     moved: list[int] = []
 
     def saver(s: int) -> SaverLog:
@@ -170,7 +171,7 @@ def test_saves_racing_end_run_never_land_after_the_end(redis_client: redis.Redis
         deadline = time.monotonic() + 60
         for _ in range(end_after):
             assert progress.acquire(timeout=max(0.0, deadline - time.monotonic()))
-        ended.append(cache.end_run(run, "succeeded"))
+        ended.append(cache.end_owner(run, "succeeded"))
         moved.append(cache.begin_cleanup(run, ended[0].keys))
 
     results = run_threads(savers + 1, lambda i: ender() if i == savers else saver(i))
@@ -179,4 +180,4 @@ def test_saves_racing_end_run_never_land_after_the_end(redis_client: redis.Redis
     assert sum(len(log.saved) for log in logs) >= end_after
     assert all(len(log.refused_after_end) == keys_each for log in logs)
     check_end_state(cache, [k for row in keys for k in row], logs, ended[0], moved[0])
-    assert cache.run_state(run)["state"] == "ended"
+    assert cache.owner_state(run)["state"] == "ended"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import psycopg
@@ -23,7 +24,8 @@ from tests.servers import Database, PostgresServer, fresh_database
 from workers import jobs
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
-from workers.flush import flush_shard
+from workers.flush import FlushReport, flush_shard
+from workers.flush_policy import MAX_BATCHES_PER_JOB
 from workers.queues import FlushRequest, request_flush
 from workers.readthrough import load_through
 
@@ -128,6 +130,34 @@ def test_replayed_older_flush_never_moves_a_row_backwards(ctx: WorkerContext) ->
     row = ctx.repo.get(key)
     assert row is not None and row.version == 3
     assert row.snapshot.layers[0].runtime_state == {"v": 3}
+
+
+def test_a_flush_waiting_for_the_shard_lock_blocks_until_its_release(ctx: WorkerContext) -> None:
+    """A flush that may wait for a held lock blocks on the lock's free list (BLPOP, no polling)
+    and takes the lock when the holder's release wakes it."""
+    key = f.session_key()
+    ctx.cache.save(key, f.session_write())
+    shard = ctx.cache.keys.shard_of_key(key)
+    assert ctx.cache.take_lock(shard, "holder", 30_000)
+    reports: list[FlushReport] = []
+    waiter = threading.Thread(
+        target=lambda: reports.append(
+            flush_shard(ctx.cache, ctx.repo, shard, delay_ms=0, limit=10, lock_wait_s=25)
+        )
+    )
+    waiter.start()
+    db = str(ctx.cache.client.connection_pool.connection_kwargs.get("db", 0))  # type: ignore[union-attr]
+    blocked = lambda: any(  # noqa: E731
+        c["cmd"] == "blpop" and c["db"] == db for c in ctx.cache.client.client_list()
+    )
+    wait_for(blocked, "the waiting flush to block on the lock's free list")
+    assert ctx.repo.get(key) is None and waiter.is_alive()
+    assert ctx.cache.release_lock(shard, "holder")
+    waiter.join(timeout=20)
+    assert not waiter.is_alive() and reports[0].locked and reports[0].acked == 1
+    assert ctx.repo.get(key) is not None
+    free = ctx.cache.keys.flush_lock_free(shard)
+    assert 0 < int(ctx.cache.client.pttl(free)) <= 1000 or not ctx.cache.client.exists(free)  # type: ignore[arg-type]
 
 
 def test_sigkill_during_a_flush_loses_nothing(
@@ -284,11 +314,11 @@ def test_an_urgent_job_whose_budget_runs_out_asks_for_another(
 ) -> None:
     """A pause deeper in a backlog than one job's batches still gets flushed urgently."""
     ctx = make_ctx(redis_url, migrated.url, shards=1, flush_batch=1, flush_delay_ms=3_600_000)
-    for i in range(jobs.MAX_BATCHES_PER_JOB + 3):
+    for i in range(MAX_BATCHES_PER_JOB + 3):
         ctx.cache.save(f.session_key(node=f"node-{i}"), f.session_write())
     monkeypatch.setattr(jobs, "current", lambda: ctx)
     done = jobs.flush_job(0, urgent=True)
-    assert done["written"] == jobs.MAX_BATCHES_PER_JOB
+    assert done["written"] == MAX_BATCHES_PER_JOB
     assert urgent_flush_queued(ctx, 0)
     ctx.flush_queue.empty()
     assert jobs.flush_job(0, urgent=True)["written"] == 3

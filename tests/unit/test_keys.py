@@ -9,7 +9,7 @@ import pytest
 
 from cache.errors import InvalidId
 from cache.keys import KeySpace, decode_id, encode_id
-from cache.records import OwnerType, RunRef, SessionKey
+from cache.records import Owner, OwnerType, SessionKey
 from tests import factories as f
 
 AWKWARD_IDS = [
@@ -76,10 +76,10 @@ def test_key_layout_is_the_documented_one() -> None:
     key = f.session_key(tenant="t", run="r", node="n", binding="b", agent="g")
     shard = zlib.crc32(b"t:r") % 256
     tag = f"{{s{shard:03d}}}"
-    run = RunRef("t", "r")
+    run = Owner("t", "r")
     assert space.session(key) == f"asc:{tag}:session:t:r:n:b:g"
-    assert space.run(run) == f"asc:{tag}:run:t:r"
-    assert space.run_sessions(run) == f"asc:{tag}:run:t:r:sessions"
+    assert space.owner(run) == f"asc:{tag}:run:t:r"
+    assert space.owner_sessions(run) == f"asc:{tag}:run:t:r:sessions"
     assert space.dirty(shard) == f"asc:{tag}:dirty"
     assert space.poison(shard) == f"asc:{tag}:poison"
     assert space.meta == "asc:meta"
@@ -100,13 +100,13 @@ def test_shard_of_is_crc32_of_tenant_and_run_modulo_shards(
 def test_every_key_of_one_run_shares_one_hash_tag(raw: str) -> None:
     space = KeySpace("p", 256)
     key = SessionKey(raw, raw, "n", "b", "g")
-    run = RunRef(raw, raw)
+    run = Owner(raw, raw)
     shard = space.shard_of(raw, raw)
     names = [
         space.session(key),
         space.session(SessionKey(raw, raw, "other", raw, raw)),
-        space.run(run),
-        space.run_sessions(run),
+        space.owner(run),
+        space.owner_sessions(run),
         space.dirty(shard),
         space.poison(shard),
     ]
@@ -180,13 +180,13 @@ def test_run_member_is_the_end_of_the_session_name_the_scripts_cut(
     the prefix (Settings allows no ``:``) and the shard tag hold none."""
     space = KeySpace("my.prefix-1", 256)
     key = SessionKey.of_parts(owner, raw, raw, raw, raw, raw)
-    member = space.run_member(key)
+    member = space.owner_member(key)
     name = space.session(key)
     assert name.split(":", 5)[5] == member
     assert re.search(r":([^:]+:[^:]+:[^:]+)$", name)[1] == member  # type: ignore[index]
     assert member.count(":") == 2
-    assert space.parse_run_member(key.owner, member) == key
-    assert space.parse_run_member(key.owner, member.encode()) == key
+    assert space.parse_owner_member(key.owner, member) == key
+    assert space.parse_owner_member(key.owner, member.encode()) == key
     assert space.parse_session(name) == key
 
 
@@ -203,8 +203,8 @@ def test_a_key_name_says_its_owner() -> None:
         "cfg",
     ]
     assert space.session(workflow).split(":")[2] == "session"
-    assert space.run(conversation.owner).split(":")[2:] == ["conversation", "t", "c"]
-    assert space.run(workflow.owner).split(":")[2:] == ["run", "t", "c"]
+    assert space.owner(conversation.owner).split(":")[2:] == ["conversation", "t", "c"]
+    assert space.owner(workflow.owner).split(":")[2:] == ["run", "t", "c"]
     assert space.names(conversation).config_field == "config:b:a"
     assert space.names(workflow).config_field == ""
 
@@ -213,13 +213,13 @@ def test_a_full_session_name_is_read_as_a_legacy_run_member() -> None:
     space = KeySpace("asc", 256)
     key = f.session_key()
     run = f.run_of(key)
-    assert space.parse_run_member(run, space.session(key)) == key
+    assert space.parse_owner_member(run, space.session(key)) == key
     other = f.session_key(run="another-run")
     with pytest.raises(InvalidId):
-        space.parse_run_member(run, space.session(other))  # a name of another run
+        space.parse_owner_member(run, space.session(other))  # a name of another run
 
 
 @pytest.mark.parametrize("member", ["", "n:b", "n:b:a:x", "n:b:a%ZZ", "asc:{s001}:session:x"])
 def test_malformed_run_members_are_refused(member: str) -> None:
     with pytest.raises(InvalidId):
-        KeySpace("asc", 256).parse_run_member(RunRef("t", "r"), member)
+        KeySpace("asc", 256).parse_owner_member(Owner("t", "r"), member)

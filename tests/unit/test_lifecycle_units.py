@@ -15,10 +15,10 @@ from agent_backend.models import (
     RunStatus,
     RunStatusResponse,
 )
-from agent_sessions.lifecycle import (
+from agent_sessions.outcomes import RunOutcome
+from agent_sessions.requests import (
     CREDENTIAL_LAYER_TYPES,
     HISTORY_LAYER,
-    RunOutcome,
     extract_layer_specs,
     idempotency_key,
     with_history,

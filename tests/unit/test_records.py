@@ -12,8 +12,8 @@ from cache.errors import InvalidId, InvalidSnapshot
 from cache.records import (
     LayerSpec,
     LifecycleState,
+    Owner,
     OwnerType,
-    RunRef,
     Scope,
     SessionKey,
     SessionStatus,
@@ -77,7 +77,7 @@ def test_a_key_has_exactly_its_owners_parts() -> None:
         SessionKey("t", "r", "n", "b", "a", "chat")  # type: ignore[arg-type]
     key = SessionKey.conversation("t", "c", "b", "a", "cfg")
     assert key.parts() == ("t", "c", "b", "a", "cfg")
-    assert key.owner == RunRef.conversation("t", "c")
+    assert key.owner == Owner.conversation("t", "c")
     assert SessionKey.of_parts("conversation", *key.parts()) == key
     assert key != SessionKey("t", "c", "b", "a", "cfg")  # same IDs, other owner
 
@@ -85,9 +85,9 @@ def test_a_key_has_exactly_its_owners_parts() -> None:
 @pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
 def test_run_ref_rejects_bad_ids(bad: Any) -> None:
     with pytest.raises(InvalidId):
-        RunRef("tenant", bad)
+        Owner("tenant", bad)
     with pytest.raises(InvalidId):
-        RunRef(bad, "run")
+        Owner(bad, "run")
 
 
 @pytest.mark.parametrize(

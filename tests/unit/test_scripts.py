@@ -36,7 +36,7 @@ from cache.store import RedisSessionCache
 ALLOWED: dict[str, frozenset[Code]] = {
     "save": store._SAVE,
     "retire": store._RETIRE,
-    "end_run": store._END,
+    "end_owner": store._END,
     "begin_cleanup": OK,
     "mark_cleaned": OK_OR_NOOP,
     "ack_flush": OK,
@@ -45,8 +45,8 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "take_lock": OK_OR_NOOP,
     "release_lock": OK_OR_NOOP,
     "begin_flush": OK_OR_NOOP,
-    "open_run": store._OPEN,
-    "settle_run": OK_OR_NOOP,
+    "open_owner": store._OPEN,
+    "settle_owner": OK_OR_NOOP,
     "note_cleanup": OK_OR_NOOP,
     "retry_poisoned": OK_OR_NOOP,
     "drop_poisoned": OK_OR_NOOP,
@@ -66,8 +66,8 @@ ALLOW_OOM = {
 # Commands a script may call; each takes exactly one key, as its first argument (TIME: none).
 SINGLE_KEY_COMMANDS = {
     "DEL", "EXISTS", "GET", "HDEL", "HEXISTS", "HGET", "HGETALL", "HINCRBY", "HMGET", "HSET",
-    "HSETNX", "PERSIST", "PEXPIRE", "PTTL", "SADD", "SET", "SMEMBERS", "SREM", "ZADD", "ZCARD",
-    "ZRANGEBYSCORE", "ZREM", "ZSCORE",
+    "HSETNX", "PERSIST", "PEXPIRE", "PTTL", "RPUSH", "SADD", "SET", "SMEMBERS", "SREM", "ZADD",
+    "ZCARD", "ZRANGEBYSCORE", "ZREM", "ZSCORE",
 }  # fmt: skip
 KEYLESS_COMMANDS = {"TIME"}
 
@@ -210,10 +210,22 @@ def _key_variables(parsed: Parsed) -> set[str]:
     return from_keys - other
 
 
+PRELUDE_KEY_HELPERS = {"give_up_lock": 2}
+"""Prelude functions whose first n arguments are keys."""
+
+
 def test_every_redis_call_takes_its_key_from_keys(script: Parsed) -> None:
     keys = _key_variables(script)
     calls = re.findall(r"redis\.p?call\(\s*'(\w+)'\s*(?:,\s*([^,)]+))?", script.code)
-    assert calls
+    helpers = [
+        (helper, args.split(",")[:n])
+        for helper, n in PRELUDE_KEY_HELPERS.items()
+        for args in re.findall(rf"\b{helper}\(([^)]*)\)", script.code)
+    ]
+    assert calls or helpers
+    for helper, args in helpers:
+        for key in (arg.strip() for arg in args):
+            assert key in keys or re.fullmatch(r"KEYS\[\w+\]", key), f"{helper} key {key!r}"
     for command, first_arg in calls:
         if command in KEYLESS_COMMANDS:
             continue
@@ -245,10 +257,10 @@ def test_check_code_rejects_a_malformed_reply(reply: Any) -> None:
     ("script_name", "code"),
     [
         ("retire", Code.EXISTS),
-        ("retire", Code.RUN_ENDED),
+        ("retire", Code.OWNER_ENDED),
         ("fill", Code.NOOP),
         ("ack_flush", Code.VERSION_CONFLICT),
-        ("end_run", Code.BACKLOG_FULL),
+        ("end_owner", Code.BACKLOG_FULL),
         ("begin_cleanup", Code.NOOP),
         ("save", Code.EXISTS),
     ],
@@ -274,8 +286,8 @@ def test_check_code_maps_refusals_to_their_exceptions() -> None:
 
 def test_check_code_passes_ok_values_and_non_save_run_ended_through() -> None:
     assert check_code("save", [0, 5], ALLOWED["save"]) == (Code.OK, [5])
-    assert check_code("end_run", [1, b"k1", b"k2"], ALLOWED["end_run"]) == (
-        Code.RUN_ENDED,
+    assert check_code("end_owner", [1, b"k1", b"k2"], ALLOWED["end_owner"]) == (
+        Code.OWNER_ENDED,
         [b"k1", b"k2"],
     )
     assert check_code("retire", [4], ALLOWED["retire"]) == (Code.NOOP, [])
@@ -297,9 +309,9 @@ def test_save_script_fields_are_the_codec_write_fields_in_order() -> None:
 
 
 def test_helpers_are_written_once_and_every_line_keeps_its_number() -> None:
-    """``member_of``, ``now_ms`` and ``iso_of`` live in lua/prelude.lua only; the loader puts
-    them on each script's second line, so an error Redis reports at line N is the file's
-    line N."""
+    """``member_of``, ``now_ms``, ``iso_of`` and ``give_up_lock`` live in lua/prelude.lua
+    only; the loader puts them on each script's second line, so an error Redis reports at
+    line N is the file's line N."""
     for name in SCRIPT_NAMES:
         text = script_file(name)
         assert "local function" not in text, f"{name}.lua defines a helper of its own"

@@ -386,11 +386,16 @@ class RedisSessionCache(FlushSide):
             return self.wire.evalsha(script, keys, args)
         return script(keys=keys, args=args)
 
-    def fill(self, session: StoredSession) -> bool:
-        """Write a session read from Postgres if Redis has none; ``False`` if one is there."""
+    def fill(self, session: StoredSession, *, behind: bool = False) -> bool:
+        """Write a session read from Postgres if Redis has none (or, with ``behind``, holds a
+        clean copy of an older version); ``False`` if Redis keeps its own."""
         keys = [self.keys.session(session.key), self.keys.owner_sessions(session.key.owner)]
         clean = dataclasses.replace(session, flushed_version=session.version)
-        args: list[Any] = [self._ms(self.settings.active_ttl_s), *self.codec.stored_fields(clean)]
+        args: list[Any] = [
+            self._ms(self.settings.active_ttl_s),
+            "behind" if behind else "",
+            *self.codec.stored_fields(clean),
+        ]
         with translate_errors("filling a session"):
             reply = self.scripts.fill(keys=keys, args=args)
         code, _ = check_code("fill", reply, _FILL)

@@ -51,17 +51,17 @@ class SessionRepository(FencedUpsert, OwnerRecords, OperatorCounts):
         self._direct.close()
         self.engine.dispose()
 
-    def unsettled_keys(self, owner: Owner) -> list[SessionKey]:
-        """Keys of the owner's rows that are not ``cleaned`` yet (no snapshots are read)."""
+    def unsettled(self, owner: Owner) -> dict[SessionKey, int]:
+        """The owner's rows that are not ``cleaned`` yet: key → version (no snapshots read)."""
         query = (
-            sa.select(*KEY_ORDER)
+            sa.select(*KEY_ORDER, sessions.c.version)
             .where(
                 *of_owner(self.key_prefix, owner), sessions.c.status != SessionStatus.CLEANED.value
             )
             .order_by(*KEY_ORDER)
         )
         with translate_errors(), self.engine.connect() as conn:
-            return [key_of(row) for row in conn.execute(query).mappings()]
+            return {key_of(row): row["version"] for row in conn.execute(query).mappings()}
 
     def get_with_run(self, key: SessionKey) -> tuple[StoredSession | None, OwnerEnd | None]:
         """The stored session of ``key`` and its run's end record, on one connection."""

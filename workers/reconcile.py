@@ -53,8 +53,10 @@ def reconcile_owner(ctx: WorkerContext, owner: Owner, outcome: str) -> Reconcile
     """Bring an ended owner's Redis state in line with its end (idempotent)."""
     cache = ctx.cache
     ended = cache.end_owner(owner, outcome)
-    keys = sorted({*ended.keys, *ctx.repo.unsettled_keys(owner)}, key=SessionKey.sort_key)
+    in_postgres = ctx.repo.unsettled(owner)
+    keys = sorted({*ended.keys, *in_postgres}, key=SessionKey.sort_key)
     _fill_missing(ctx, keys)
+    _catch_up(ctx, in_postgres)
     moved = cache.begin_cleanup(owner, keys)
     names = [cache.keys.session(key) for key in keys]
     records = cache.read_many(names)
@@ -187,6 +189,28 @@ def _fill_missing(ctx: WorkerContext, keys: list[SessionKey]) -> None:
         row = ctx.repo.get(key)
         if row is not None:
             ctx.cache.fill(row)
+
+
+def _catch_up(ctx: WorkerContext, in_postgres: dict[SessionKey, int]) -> None:
+    """Replace a clean Redis copy older than the Postgres row (Redis went back in time behind
+    what reached Postgres) with the row, so the owner's end reaches what Postgres holds: a
+    stale ``cleaned`` copy would pass for settled while the row stays ``active``."""
+    keys = list(in_postgres)
+    names = [ctx.cache.keys.session(key) for key in keys]
+    held = ctx.cache.read_fields(names, ("version", "flushed_version"))
+    for key, found in zip(keys, held, strict=True):
+        if not isinstance(found, tuple) or found[1][0] is None:
+            continue
+        version = int(found[1][0])
+        if version < in_postgres[key] and int(found[1][1] or -1) >= version:
+            row = ctx.repo.get(key)
+            if row is not None and ctx.cache.fill(row, behind=True):
+                log.warning(
+                    "%s: Redis held v%s, behind Postgres's v%s; brought up to Postgres's row",
+                    key,
+                    version,
+                    row.version,
+                )
 
 
 def _request_cleanup(ctx: WorkerContext, key: SessionKey, name: str) -> bool:

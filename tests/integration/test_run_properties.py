@@ -250,3 +250,23 @@ def _run(machine: Callable[[], LosingRedis]) -> None:
             database=None,
         ),
     )
+
+
+def test_an_ended_owner_settles_after_redis_went_back_behind_postgres(migrated: Database) -> None:
+    """Found by the machine above: Redis goes back to a flushed, ``cleaned`` copy (v3) while
+    Postgres holds a later ``active`` row (v4) of an owner that then ends. The reconciler
+    must not take the stale copy for settled: it brings Redis up to Postgres's row, and the
+    end cleans that."""
+    with RedisServer() as server:
+        ctx = make_ctx(server.url, migrated.url, reconcile_grace_s=0, shards=2)
+        with server.client() as client:
+            client.flushall()
+            client.save()
+        machine = LosingRedis(ctx, migrated.url, server)
+        machine.a_flushed_save_is_lost_when_redis_goes_back(i=3)
+        machine.finish(i=3, status="failed")  # v3 cleaned, flushed
+        machine.flush()
+        machine.a_flushed_save_is_lost_when_redis_goes_back(i=3)  # Postgres: v4 active
+        machine.end(run=SCOPES[3].workflow_run_id or "")
+        machine.redis_goes_back_to_its_snapshot()  # Redis: v3 cleaned, clean
+        machine.teardown()

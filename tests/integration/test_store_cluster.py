@@ -150,6 +150,13 @@ def _exercise_fill(cache: RedisSessionCache, key: SessionKey) -> None:
     assert cache.fill(stored) is True
     assert cache.fill(f.stored_session(key, version=9)) is False
     assert cache.load(key).record == stored
+    assert cache.fill(f.stored_session(key, version=4), behind=True) is False  # not older
+    newer = f.stored_session(key, version=9)
+    assert cache.fill(newer, behind=True) is True  # a clean, older copy gives way
+    assert cache.load(key).record == newer
+    cache.save(key, f.session_write())  # v10, not flushed
+    assert cache.fill(f.stored_session(key, version=12), behind=True) is False
+    assert cache.load(key).version == 10
 
 
 def _exercise_quarantine(cache: RedisSessionCache, key: SessionKey) -> None:

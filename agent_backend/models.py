@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 import msgspec
 
 from cache.records import LayerSpec, OwnerType, Snapshot, SnapshotLayer
+from cache.snapshot_json import RawSnapshot
 
 PROTOCOL_SCHEMA_VERSION = 1
 
@@ -116,10 +117,13 @@ class RunStatusResponse(_Wire, frozen=True):
 
 
 class WireRunStatus(RunStatusResponse, frozen=True):
-    """A status :func:`decode_status` decoded from the backend's JSON. JSON gives its snapshot
-    JSON types, string keys, finite numbers and valid text, so saving it checks only the
-    nesting (``cache.codec.check_snapshot(..., from_wire=True)``). Statuses built in Python are
-    :class:`RunStatusResponse`; their snapshot is checked value by value when it is saved."""
+    """A status :func:`decode_status` decoded from the backend's JSON. Its snapshot keeps
+    each layer's state as that JSON's text (:class:`~cache.snapshot_json.RawSnapshot`), so
+    the state is never decoded into Python values on its way to Redis: saving it checks the
+    text (``snapshot.decoded()`` gives the values). Statuses built in Python are
+    :class:`RunStatusResponse`."""
+
+    session_snapshot: RawSnapshot | None = None
 
 
 class CancelRunRequest(_Wire, frozen=True):

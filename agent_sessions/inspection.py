@@ -5,29 +5,32 @@ Everything is read-only: Redis hashes and sorted sets, the Postgres row, RQ queu
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from agent_sessions.health import pool_state
-from cache.codec import pack
 from cache.records import Owner, OwnerType, SessionKey, StoredSession
+from cache.snapshot_json import to_raw
 from workers.context import WorkerContext
 
 MAX_POISON_LISTED = 50
 
 
 def snapshot_summary(session: StoredSession, *, full: bool) -> dict[str, Any]:
-    """Layer names, states and encoded sizes; the whole snapshot and specs with ``full``."""
+    """Layer names, states and stored sizes (each state's JSON); the whole snapshot and
+    specs with ``full``."""
+    frame = to_raw(session.data.snapshot)  # states as their stored JSON text, not decoded
     summary: dict[str, Any] = {
-        "schema_version": session.snapshot.schema_version,
+        "schema_version": frame.schema_version,
         "layers": [
             {
                 "name": layer.name,
                 "lifecycle_state": layer.lifecycle_state.value,
-                "bytes": len(pack(layer.runtime_state)),
+                "bytes": memoryview(layer.runtime_state).nbytes,
             }
-            for layer in session.snapshot.layers
+            for layer in frame.layers
         ],
         "spec_names": [spec.name for spec in session.layer_specs],
     }
@@ -134,7 +137,7 @@ def _brief(session: StoredSession) -> dict[str, Any]:
         "status": session.status.value,
         "version": session.version,
         "dirty": session.dirty,
-        "layers": list(session.snapshot.layer_names()),
+        "layers": list(session.data.snapshot.layer_names()),
     }
 
 
@@ -165,13 +168,21 @@ def stats(ctx: WorkerContext) -> dict[str, Any]:
 
 
 def queue_depths(ctx: WorkerContext) -> dict[str, dict[str, int]]:
-    """Queued, running, scheduled (retry backoff) and failed jobs per queue."""
+    """Queued, running, scheduled (retry backoff) and failed jobs per queue.
+
+    Counted without RQ's ``count``, which first cleans the registry up (moves abandoned jobs
+    to the failed registry, drops expired entries): a look must write nothing. Entries whose
+    time has passed, which that clean-up would remove, are not counted."""
     depths = {}
+    now = time.time()
     for queue in (ctx.flush_queue, ctx.cleanup_queue):
+        redis = queue.connection
         depths[queue.name] = {
             "queued": queue.count,
-            "started": StartedJobRegistry(queue=queue).count,
-            "scheduled": ScheduledJobRegistry(queue=queue).count,  # type: ignore[no-untyped-call]
-            "failed": FailedJobRegistry(queue=queue).count,
+            "started": redis.zcount(StartedJobRegistry(queue=queue).key, now, "+inf"),
+            "scheduled": redis.zcard(
+                ScheduledJobRegistry(queue=queue).key  # type: ignore[no-untyped-call]
+            ),
+            "failed": redis.zcount(FailedJobRegistry(queue=queue).key, now, "+inf"),
         }
     return depths

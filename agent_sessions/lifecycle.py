@@ -116,7 +116,7 @@ class SessionLifecycle:
             return Entry(version=loaded.version)
         data = session.data
         return Entry(
-            snapshot=session.snapshot,
+            snapshot=data.snapshot,
             layer_specs=session.layer_specs,
             version=session.version,
             backend_run_id=data.backend_run_id,
@@ -255,7 +255,6 @@ class SessionLifecycle:
                 backend_run_id=outcome.backend_run_id,
                 pending_form_id=outcome.pending_form_id,
                 pending_tool_call_id=outcome.pending_tool_call_id,
-                snapshot_from_wire=outcome.snapshot_from_wire,
             )
             version = save_through(
                 self.ctx.cache, self.ctx.repo, key, write, expected_version=entry.version

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from agent_backend.models import CreateRunRequest, RunStatusResponse, WireRunStatus
+from agent_backend.models import CreateRunRequest, RunStatusResponse
 from cache.errors import AgentSessionsError, InvalidInput, StoreUnavailable, VersionConflict
 from cache.records import AnyScope, ConversationScope, LayerSpec, Scope, Snapshot
 from cache.validate import check_version
@@ -22,7 +22,10 @@ BackendOutcome = Literal["succeeded", "paused", "failed", "cancelled"]
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """What ``enter`` found. ``snapshot`` is ``None`` when the node starts fresh."""
+    """What ``enter`` found. ``snapshot`` is ``None`` when the node starts fresh.
+
+    The snapshot is as stored: each layer's state still its JSON text, which ``build_request``
+    sends as it is (``snapshot.decoded()`` gives the states as Python values)."""
 
     snapshot: Snapshot | None = None
     layer_specs: tuple[LayerSpec, ...] = ()
@@ -48,9 +51,6 @@ class RunOutcome:
     pause_reason: str | None = None
     pending_form_id: str | None = None
     pending_tool_call_id: str | None = None
-    snapshot_from_wire: bool = field(default=False, compare=False)
-    """The snapshot was decoded from the backend's JSON (``from_status`` of a status the
-    client decoded): saving it checks its nesting only, not every value."""
 
     @classmethod
     def from_status(
@@ -62,8 +62,9 @@ class RunOutcome:
     ) -> RunOutcome:
         """From a terminal ``GET /runs/{id}``; ``pending_form_id`` names the engine's form.
 
-        The status's snapshot is taken as it is (one type end to end). Raises only
-        :class:`InvalidInput` (not a terminal status).
+        The status's snapshot is taken as it is: from the backend's JSON, each layer's state
+        is still that JSON's text, which ``finish`` stores as it is once its nesting is
+        checked. Raises only :class:`InvalidInput` (not a terminal status).
         """
         check_type(status, RunStatusResponse, "status")
         if status.status == "running":
@@ -79,7 +80,6 @@ class RunOutcome:
             pause_reason=status.pause_reason,
             pending_form_id=pending_form_id if call else None,
             pending_tool_call_id=str(tool_call_id) if tool_call_id else None,
-            snapshot_from_wire=type(status) is WireRunStatus,
         )
 
 

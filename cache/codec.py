@@ -1,18 +1,20 @@
 """The one place that turns records into Redis hash fields and back (DESIGN §3), and the door
 where a snapshot or a spec list is checked before it is stored.
 
-Every field is plain text except ``snapshot`` and ``layer_specs``, which are msgpack bytes
-(msgspec, encoded and decoded in C against the record types). Encoding enforces the input
-contract (:mod:`cache.validate`) and the size limits, so a bad or oversized snapshot is refused
-before any I/O; decoding trusts what this library wrote, checks the shape in C, and raises
-:class:`CorruptValue` naming the key and field of anything foreign.
+Every field is plain text except ``snapshot``, the snapshot's JSON text
+(:mod:`cache.snapshot_json`; an earlier build's msgpack is still read), and ``layer_specs``,
+msgpack bytes (msgspec, encoded and decoded in C against the record types). Encoding enforces
+the input contract (:mod:`cache.validate`) and the size limits, so a bad or oversized snapshot
+is refused before any I/O; decoding trusts what this library wrote, checks the shape in C
+(a snapshot's states stay text), and raises :class:`CorruptValue` naming the key and field of
+anything foreign.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -22,24 +24,15 @@ from cache.errors import CorruptValue, InvalidSnapshot, PayloadTooLarge
 from cache.records import (
     ClosedBy,
     LayerSpec,
-    LifecycleState,
     OwnerType,
     SessionKey,
     SessionStatus,
     SessionWrite,
-    Snapshot,
-    SnapshotLayer,
     StoredSession,
     unchecked,
 )
-from cache.validate import (
-    MAX_JSON_DEPTH,
-    check_json,
-    check_json_object,
-    check_name,
-    container_markers,
-    nesting_at_most,
-)
+from cache.snapshot_json import encode_checked, frame_of, stored_text
+from cache.validate import check_json, check_json_object, check_name
 
 SNAPSHOT = "snapshot"
 LAYER_SPECS = "layer_specs"
@@ -66,18 +59,13 @@ STATE_TEXT_FIELDS = (
     "lineage",
     "content_id",
 )
-_SNAPSHOT_WRAPPERS: Final = 3
-"""Containers around a layer's runtime state in a snapshot: the snapshot, its layer list,
-the layer."""
 _CHECKED_SPECS_KEPT: Final = 256
 
 E = TypeVar("E", SessionStatus, ClosedBy)
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _JSON_ENCODER: Final = msgspec.json.Encoder()
-_SNAPSHOT_DECODER: Final = msgspec.msgpack.Decoder(Snapshot)
 _SPECS_DECODER: Final = msgspec.msgpack.Decoder(tuple[LayerSpec, ...])
-_STATES: Final = frozenset(LifecycleState)
 
 
 def pack(value: Any) -> bytes:
@@ -94,11 +82,6 @@ def encode(what: str, value: object) -> bytes:
         raise InvalidSnapshot(f"{what} cannot be stored: {exc}") from None
 
 
-def decode_snapshot(data: bytes) -> Snapshot:
-    """A snapshot this library stored (shape checked in C; values trusted)."""
-    return _SNAPSHOT_DECODER.decode(data)
-
-
 def encode_specs_json(specs: Sequence[LayerSpec]) -> str:
     """The JSON text of a spec list (Postgres' ``layer_specs`` column)."""
     return _JSON_ENCODER.encode(tuple(specs)).decode()
@@ -109,47 +92,7 @@ def specs_json_of(data: bytes) -> str:
     return encode_specs_json(_SPECS_DECODER.decode(data))
 
 
-# --- the door ---------------------------------------------------------------------------
-
-
-def check_snapshot(snapshot: object, encoded: bytes, *, from_wire: bool = False) -> None:
-    """Refuse a snapshot that could not reach Postgres and the backend unchanged.
-
-    ``from_wire``: msgspec decoded it from the backend's JSON, which already guarantees JSON
-    types, string keys, finite numbers and valid text; only the nesting is left, and
-    ``encoded``'s container markers bound it in one C pass (the exact walk runs only when
-    there are more markers than the limit). Otherwise every value is walked.
-    """
-    if type(snapshot) is not Snapshot:
-        raise InvalidSnapshot(f"snapshot must be a Snapshot, got {type(snapshot).__name__}")
-    if type(snapshot.schema_version) is not int or snapshot.schema_version < 1:
-        raise InvalidSnapshot(f"schema_version must be a positive int: {snapshot.schema_version!r}")
-    if type(snapshot.layers) is not tuple:
-        raise InvalidSnapshot("snapshot layers must be a tuple of SnapshotLayer records")
-    for layer in snapshot.layers:
-        _check_layer_shape(layer)
-    names = snapshot.layer_names()
-    if len(set(names)) != len(names):
-        raise InvalidSnapshot(f"snapshot layer names must be unique: {list(names)}")
-    if from_wire and container_markers(encoded) <= MAX_JSON_DEPTH + _SNAPSHOT_WRAPPERS:
-        return
-    for layer in snapshot.layers:
-        where = f"layer {layer.name!r} runtime_state"
-        if not from_wire:
-            check_json_object(where, layer.runtime_state)
-        elif not nesting_at_most(layer.runtime_state, MAX_JSON_DEPTH):
-            raise InvalidSnapshot(f"{where}: nests deeper than {MAX_JSON_DEPTH} levels")
-
-
-def _check_layer_shape(layer: object) -> None:
-    if type(layer) is not SnapshotLayer:
-        raise InvalidSnapshot(f"snapshot layers must be SnapshotLayer records, got {layer!r}")
-    check_name("snapshot layer name", layer.name)
-    if not isinstance(layer.lifecycle_state, str) or layer.lifecycle_state not in _STATES:
-        raise InvalidSnapshot(
-            f"layer {layer.name!r}: lifecycle_state must be one of "
-            f"{[s.value for s in LifecycleState]}, got {layer.lifecycle_state!r}"
-        )
+# --- the door (snapshots: cache.snapshot_json.encode_checked) --------------------------
 
 
 def check_specs(specs: Sequence[object]) -> None:
@@ -203,12 +146,6 @@ class Codec:
     max_snapshot_bytes: int = 4 * 1024 * 1024
     max_specs_bytes: int = 1024 * 1024
 
-    def encode_snapshot(self, snapshot: Snapshot, *, from_wire: bool = False) -> bytes:
-        """The checked, bounded msgpack of ``snapshot`` (see :func:`check_snapshot`)."""
-        data = encode("snapshot", snapshot)
-        check_snapshot(snapshot, data, from_wire=from_wire)
-        return self._bounded("snapshot", data, self.max_snapshot_bytes)
-
     def encode_specs(self, specs: Sequence[LayerSpec]) -> bytes:
         return self._bounded("layer_specs", check_specs_once(specs), self.max_specs_bytes)
 
@@ -221,20 +158,23 @@ class Codec:
     def write_values(self, write: SessionWrite) -> list[bytes | str]:
         """The values of :data:`WRITE_FIELDS`, in that order (``save``'s ``ARGV``; the script
         knows the names); an empty value deletes the field."""
-        return [
-            self.encode_snapshot(write.snapshot, from_wire=write.snapshot_from_wire),
-            self.encode_specs(write.layer_specs),
-            *(getattr(write, name) or "" for name in WRITE_TEXT_FIELDS),
-        ]
+        snapshot = encode_checked(write.snapshot, self.max_snapshot_bytes)
+        return self._values(snapshot, write)
+
+    def _values(self, snapshot: bytes, write: SessionWrite) -> list[bytes | str]:
+        specs = self.encode_specs(write.layer_specs)
+        return [snapshot, specs, *(getattr(write, name) or "" for name in WRITE_TEXT_FIELDS)]
 
     def write_fields(self, write: SessionWrite) -> list[bytes | str]:
         """Flat ``field, value, ...`` pairs of a write; an empty value deletes the field."""
-        values = self.write_values(write)
-        return [item for pair in zip(WRITE_FIELDS, values, strict=True) for item in pair]
+        return _pairs(WRITE_FIELDS, self.write_values(write))
 
     def stored_fields(self, session: StoredSession) -> list[bytes | str]:
-        """All fields of a stored session (for ``fill``), as flat pairs."""
-        pairs = self.write_fields(session.data)
+        """All fields of a stored session (for ``fill``), as flat pairs. Its snapshot passed
+        the door when it was saved: its text is written as it is (an earlier build's msgpack
+        as JSON), not checked or bounded again."""
+        snapshot = stored_text(session.data.snapshot, session.snapshot_raw)
+        pairs = _pairs(WRITE_FIELDS, self._values(snapshot, session.data))
         pairs += ["status", session.status.value, "version", str(session.version)]
         pairs += ["flushed_version", str(session.flushed_version)]
         pairs += ["flushing_version", str(session.flushed_version)]
@@ -256,9 +196,10 @@ class Codec:
         text = fields.texts.get
         write = unchecked(
             SessionWrite,
-            snapshot=fields.decoded(SNAPSHOT, snapshot_raw, _SNAPSHOT_DECODER),
-            layer_specs=fields.decoded(LAYER_SPECS, fields.binary(LAYER_SPECS), _SPECS_DECODER),
-            snapshot_from_wire=True,
+            snapshot=fields.decoded(SNAPSHOT, snapshot_raw, frame_of),
+            layer_specs=fields.decoded(
+                LAYER_SPECS, fields.binary(LAYER_SPECS), _SPECS_DECODER.decode
+            ),
             **{f: fields.required(f) for f in REQUIRED_ID_FIELDS},
             **{f: text(f) for f in OPTIONAL_ID_FIELDS},
         )
@@ -349,11 +290,11 @@ class _Fields:
             raise self._fail(field, "missing")
         return value
 
-    def decoded(self, field: str, value: bytes, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
+    def decoded(self, field: str, value: bytes, decode: Callable[[bytes], Any]) -> Any:
         try:
-            return decoder.decode(value)
+            return decode(value)
         except (msgspec.DecodeError, ValueError) as exc:
-            raise self._fail(field, f"not a msgpack {field}: {exc}") from exc
+            raise self._fail(field, f"not a stored {field}: {exc}") from exc
 
 
 def _utf8(value: bytes) -> bool:
@@ -362,3 +303,8 @@ def _utf8(value: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _pairs(names: Sequence[str], values: Sequence[bytes | str]) -> list[bytes | str]:
+    """Flat ``name, value, ...`` pairs."""
+    return [item for pair in zip(names, values, strict=True) for item in pair]

@@ -279,6 +279,11 @@ def unchecked(cls: type[T], **fields: object) -> T:
     return obj
 
 
+def is_text(state: object) -> bool:
+    """Whether a layer's runtime state is still its JSON text (read from JSON, not decoded)."""
+    return type(state) is msgspec.Raw
+
+
 class SnapshotLayer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The state of one compositor layer between backend runs (wire, Redis and Postgres)."""
 
@@ -290,9 +295,11 @@ class SnapshotLayer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The agent's layer states between backend runs, in compositor order.
 
-    One type from the backend's JSON to Redis (msgpack) to Postgres (``bytea``): decoding
-    checks the shape in C; :func:`cache.codec.check_snapshot` checks the values once, when a
-    snapshot is saved. Constructing one does not validate it.
+    One type from the backend's JSON to Redis and Postgres, both of which store its JSON
+    text. Read from JSON, a snapshot keeps each layer's state as that text
+    (:class:`cache.snapshot_json.RawSnapshot`) until :meth:`decoded`;
+    :func:`cache.snapshot_json.encode_checked` checks a snapshot once, when it is saved.
+    Constructing one does not validate it.
     """
 
     layers: tuple[SnapshotLayer, ...]
@@ -315,14 +322,34 @@ class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             schema_version=self.schema_version,
         )
 
+    def __eq__(self, other: object) -> bool:
+        """Equal layers and values, whether a state is held as JSON text or as values."""
+        if not isinstance(other, Snapshot):
+            return NotImplemented
+        mine, theirs = self.decoded(), other.decoded()
+        return (mine.schema_version, mine.layers) == (theirs.schema_version, theirs.layers)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def decoded(self) -> Snapshot:
+        """This snapshot with every layer's state as Python values (itself if it has no
+        state still held as JSON text)."""
+        if any(is_text(layer.runtime_state) for layer in self.layers):
+            return _SNAPSHOT_JSON.decode(_JSON.encode(self))
+        return self
+
     def to_dict(self) -> dict[str, JsonValue]:
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+        return msgspec.to_builtins(self.decoded())  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: object) -> Snapshot:
         """A snapshot from JSON-like builtins; :class:`InvalidSnapshot` if the shape is wrong
         (its values are checked when it is saved)."""
         return _convert(data, cls, "snapshot")
+
+
+_JSON = msgspec.json.Encoder()
+_SNAPSHOT_JSON = msgspec.json.Decoder(Snapshot)
 
 
 class LayerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -372,9 +399,6 @@ class SessionWrite:
     backend_run_id: str | None = None
     pending_form_id: str | None = None
     pending_tool_call_id: str | None = None
-    snapshot_from_wire: bool = field(default=False, compare=False)
-    """The snapshot was decoded from JSON by msgspec (the backend's answer): only its nesting
-    is left to check when it is saved (``cache.codec.check_snapshot``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.snapshot, Snapshot):
@@ -403,7 +427,6 @@ class SessionWrite:
         backend_run_id: str | None = None,
         pending_form_id: str | None = None,
         pending_tool_call_id: str | None = None,
-        snapshot_from_wire: bool = False,
     ) -> SessionWrite:
         return cls(
             snapshot=snapshot,
@@ -415,7 +438,6 @@ class SessionWrite:
             backend_run_id=backend_run_id,
             pending_form_id=pending_form_id,
             pending_tool_call_id=pending_tool_call_id,
-            snapshot_from_wire=snapshot_from_wire,
         )
 
 
@@ -456,12 +478,14 @@ class StoredSession:
     """The id of the save whose snapshot this is (``lua/save.lua``; kept by every other
     change of the session): the flush fence tells two saves of one version apart by it."""
     snapshot_raw: bytes | None = field(default=None, compare=False, repr=False)
-    """The snapshot's stored msgpack bytes, when it was read from Redis: written to Postgres
-    as they are, never encoded again."""
+    """The snapshot's stored bytes (its JSON; an earlier build's msgpack), when it was read
+    from Redis or Postgres: written on as they are, never encoded again."""
 
     @property
     def snapshot(self) -> Snapshot:
-        return self.data.snapshot
+        """The snapshot with its states as Python values (decoded at each call: the hot path
+        reads ``data.snapshot``, whose states are still JSON text)."""
+        return self.data.snapshot.decoded()
 
     @property
     def layer_specs(self) -> tuple[LayerSpec, ...]:

@@ -35,10 +35,6 @@ INT_MAX: Final = 2**64 - 1
 """msgpack's integer range (signed 64 bits for negatives, unsigned 64 bits for positives)."""
 VERSION_MAX: Final = 2**63 - 1
 _JSON_TYPES: Final = frozenset({dict, list, str, int, float, bool, type(None)})
-_NOT_CONTAINER_MARKERS: Final = bytes(
-    b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF)
-)
-"""Every byte but msgpack's map and array markers (fixmap, fixarray, array16/32, map16/32)."""
 
 
 def text_problem(value: str, *, nul_ok: bool) -> str | None:
@@ -171,20 +167,3 @@ def check_json_object(where: str, value: object, *, nul_ok: bool = True) -> dict
         raise InvalidSnapshot(f"{where} must be an object with string keys")
     check_json(where, value, nul_ok=nul_ok)
     return value
-
-
-def container_markers(encoded: bytes) -> int:
-    """How many bytes of a msgpack encoding could open a map or an array: at least the number
-    of containers (string contents may add false ones), so also a bound on their nesting."""
-    return len(encoded.translate(None, _NOT_CONTAINER_MARKERS))
-
-
-def nesting_at_most(value: object, limit: int) -> bool:
-    """Whether ``value`` nests at most ``limit`` containers deep (containers only)."""
-    level = [value] if type(value) is dict or type(value) is list else []
-    for _ in range(limit):
-        children = chain.from_iterable([c.values() if type(c) is dict else c for c in level])
-        level = [v for v in children if type(v) is dict or type(v) is list]
-        if not level:
-            return True
-    return not level

@@ -3,9 +3,10 @@ bytes of a Redis hash.
 
 The flush never builds a :class:`~cache.records.StoredSession`: it reads the hash fields that
 are columns (``HMGET`` of :data:`HASH_FIELDS`, which have the columns' names) and turns each
-value into its column value here. The snapshot's msgpack bytes go to the ``bytea`` column as
-they are, after a structural check (msgspec ``Raw``: complete, no trailing bytes, 2 µs for
-8 KB; the contents were checked in full when the session was saved). The layer specs become
+value into its column value here. The snapshot's bytes (its JSON text; an earlier build's
+msgpack) go to the ``bytea`` column as they are, after a structural check (msgspec ``Raw``:
+one complete document, no trailing bytes; the contents were checked in full when the
+session was saved). The layer specs become
 JSON text once per distinct spec list (a workflow's sessions share a few).
 """
 
@@ -21,7 +22,7 @@ from typing import Any, Final
 import msgspec
 
 from cache.clock import parse_iso
-from cache.codec import WRITE_TEXT_FIELDS, encode, encode_specs_json, specs_json_of
+from cache.codec import WRITE_TEXT_FIELDS, encode_specs_json, specs_json_of
 from cache.errors import CorruptValue
 from cache.records import (
     ClosedBy,
@@ -31,6 +32,7 @@ from cache.records import (
     StoredSession,
     check_write_fits,
 )
+from cache.snapshot_json import check_stored, stored_text
 from persistence.models import OWNER_COLUMNS, sessions
 
 COLUMNS: Final = tuple(
@@ -103,7 +105,7 @@ def row_of_session(session: StoredSession, now: datetime) -> SessionRow:
     known |= {
         "status": session.status.value,
         "version": session.version,
-        "snapshot": session.snapshot_raw or encode("snapshot", data.snapshot),
+        "snapshot": stored_text(data.snapshot, session.snapshot_raw),
         "layer_specs": encode_specs_json(data.layer_specs),
         "closed_by": session.closed_by.value if session.closed_by else None,
         "cleanup_error": session.cleanup_error,
@@ -163,9 +165,9 @@ def _closed_by(raw: bytes) -> str:
 
 def _snapshot(raw: bytes) -> bytes:
     try:
-        msgspec.msgpack.decode(raw, type=msgspec.Raw)
+        check_stored(raw)
     except msgspec.DecodeError as exc:
-        raise _Bad(f"not a msgpack snapshot: {exc}") from exc
+        raise _Bad(f"not a stored snapshot: {exc}") from exc
     return raw
 
 

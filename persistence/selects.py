@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import INTERVAL
 from sqlalchemy.engine import RowMapping
 
-from cache.codec import WRITE_TEXT_FIELDS, decode_snapshot
+from cache.codec import WRITE_TEXT_FIELDS
 from cache.records import (
     OWNER_ENDS,
     ClosedBy,
@@ -23,6 +23,7 @@ from cache.records import (
     specs_from_list,
     unchecked,
 )
+from cache.snapshot_json import frame_of
 from persistence.models import KEY_COLUMNS, owners, sessions
 
 KEYS: Final = {
@@ -62,9 +63,8 @@ def from_row(row: RowMapping) -> StoredSession:
     """The one place a row becomes a record; a row in Postgres is by definition flushed."""
     data = unchecked(
         SessionWrite,
-        snapshot=decode_snapshot(row["snapshot"]),
+        snapshot=frame_of(row["snapshot"]),
         layer_specs=specs_from_list(row["layer_specs"]),
-        snapshot_from_wire=True,
         **{name: row[name] for name in _DATA_TEXT_COLUMNS},
     )
     return StoredSession(

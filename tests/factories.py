@@ -104,7 +104,7 @@ def snapshot(*layers: str, state: dict[str, object] | None = None) -> Snapshot:
 def snapshot_of_size(payload_bytes: int) -> Snapshot:
     """A one-layer snapshot whose runtime state holds a string of ``payload_bytes`` ASCII bytes.
 
-    The encoded snapshot is ``payload_bytes`` plus a few dozen bytes of msgpack framing.
+    The encoded snapshot is ``payload_bytes`` plus a few dozen bytes of JSON framing.
     """
     return Snapshot(
         layers=(SnapshotLayer("history", LifecycleState.SUSPENDED, {"blob": "x" * payload_bytes}),)

@@ -130,7 +130,7 @@ def cleanup_request(session: StoredSession, attempt: int = 0) -> CreateRunReques
         composition=composition_from_specs(session.layer_specs),
         purpose=PURPOSES[key.owner_type],
         idempotency_key=cleanup_idempotency_key(key, attempt, retirement=retirement_of(session)),
-        session_snapshot=session.snapshot.aligned_to(names),
+        session_snapshot=session.data.snapshot.aligned_to(names),  # states as stored: text
         on_exit=LayerExitSignals(default="delete"),
         metadata={
             "tenant_id": key.tenant_id,

@@ -83,7 +83,8 @@ def run_to_end(client: AgentBackendClient, request: CreateRunRequest) -> RunStat
 
 def history_messages(status: RunStatusResponse) -> list[dict[str, JsonValue]]:
     assert status.session_snapshot is not None
-    (history,) = [layer for layer in status.session_snapshot.layers if layer.name == "history"]
+    layers = status.session_snapshot.decoded().layers
+    (history,) = [layer for layer in layers if layer.name == "history"]
     messages = history.runtime_state["messages"]
     assert isinstance(messages, list)
     assert all(isinstance(message, dict) for message in messages)

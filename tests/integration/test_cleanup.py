@@ -601,7 +601,7 @@ def test_our_cleanup_request_always_matches_names_and_the_backend_accepts_it(
     assert list(request.composition.layer_names()) == names
     assert request.session_snapshot is not None
     assert list(request.session_snapshot.layer_names()) == names
-    history = request.session_snapshot.layers[names.index("history")]
+    history = request.session_snapshot.decoded().layers[names.index("history")]
     assert history.runtime_state == {"messages": ["history"]}  # state kept, not reset
     result = cleaner(ctx, ctx.backend).clean(key, last_attempt=False)
     (run,) = cleanup_runs(fake, key)

@@ -179,7 +179,8 @@ def test_cleanup_without_snapshot_closes_every_layer(client: AgentBackendClient)
     assert status.output is None
     assert status.session_snapshot is not None
     assert [layer.lifecycle_state for layer in status.session_snapshot.layers] == ["closed"] * 2
-    assert [layer.runtime_state for layer in status.session_snapshot.layers] == [{}, {}]
+    layers = status.session_snapshot.decoded().layers
+    assert [layer.runtime_state for layer in layers] == [{}, {}]
 
 
 def test_entry_checks_beat_the_behaviour(client: AgentBackendClient) -> None:

@@ -32,7 +32,7 @@ def outcome(content: str) -> RunOutcome:
 
 def content(snapshot: Snapshot | None) -> object:
     assert snapshot is not None
-    return snapshot.layers[0].runtime_state["content"]
+    return snapshot.decoded().layers[0].runtime_state["content"]
 
 
 def a_reply_lost_after_the_save_applied(lc: SessionLifecycle, drop_next_reply: object) -> None:

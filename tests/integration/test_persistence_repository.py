@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cache.codec import Codec
 from cache.records import (
     ClosedBy,
     LayerSpec,
@@ -23,6 +22,7 @@ from cache.records import (
     SnapshotLayer,
     StoredSession,
 )
+from cache.snapshot_json import encode_checked
 from persistence import migrate
 from persistence.engine import create_engine
 from persistence.errors import PersistenceUnavailable, RowRejected
@@ -212,7 +212,7 @@ def test_stored_snapshot_is_the_codec_bytes_compressed_with_lz4(
     )
     upsert(repo, [stored_session(key, write=session_write(big))])
     row = raw_row(engine, key)
-    assert row["snapshot"] == Codec().encode_snapshot(big)
+    assert row["snapshot"] == encode_checked(big, 1 << 20)
     with engine.connect() as conn:
         method = conn.execute(
             sa.text(f"SELECT pg_column_compression(snapshot) FROM {TABLE_NAME}")

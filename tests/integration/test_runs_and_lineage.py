@@ -73,7 +73,7 @@ def clean_locally(ctx: WorkerContext, key: SessionKey) -> None:
 
 
 def snapshot_state(snapshot: Snapshot) -> object:
-    return snapshot.layers[0].runtime_state.get("s")
+    return snapshot.decoded().layers[0].runtime_state.get("s")
 
 
 @pytest.fixture

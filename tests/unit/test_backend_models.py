@@ -27,9 +27,10 @@ from agent_backend.models import (
     encode_json,
     is_terminal,
 )
-from cache.codec import check_snapshot, check_specs, decode_snapshot, encode
+from cache.codec import check_specs, encode
 from cache.errors import InvalidSnapshot
 from cache.records import LayerSpec, LifecycleState, Snapshot, SnapshotLayer
+from cache.snapshot_json import decode, encode_checked, frame_of
 
 RICH_STATE = {
     "messages": [{"role": "assistant", "text": "héllo ✓", "n": 1}],
@@ -74,11 +75,16 @@ def test_the_wire_types_are_the_stored_types() -> None:
 
 
 @pytest.mark.parametrize("schema_version", [1, 2])
-def test_snapshot_round_trips_through_json_and_msgpack_exactly(schema_version: int) -> None:
+def test_snapshot_round_trips_through_json_storage_and_legacy_msgpack_exactly(
+    schema_version: int,
+) -> None:
     snapshot = make_snapshot(schema_version)
     via_json = decode_json(Snapshot, encode_json(snapshot))
-    via_msgpack = decode_snapshot(encode("snapshot", snapshot))
-    assert via_json == via_msgpack == snapshot
+    stored = encode_checked(snapshot, 1 << 20)
+    via_storage = decode(stored)
+    via_msgpack = decode(encode("snapshot", snapshot))  # what an earlier build stored
+    assert via_json == via_storage == via_msgpack == snapshot
+    assert frame_of(stored) == snapshot and frame_of(encode("snapshot", snapshot)) == snapshot
     assert type(via_json.layers[2].lifecycle_state) is LifecycleState
     assert via_json.layers[1].runtime_state["bool"] is True
     assert via_json.layers[1].runtime_state["int"] == 2**53 + 1
@@ -106,7 +112,7 @@ def test_composition_from_specs_keeps_order() -> None:
 def test_non_json_runtime_state_is_refused_at_the_door() -> None:
     bad = Snapshot(layers=(SnapshotLayer("h", LifecycleState.NEW, {"x": object()}),))
     with pytest.raises(InvalidSnapshot):
-        check_snapshot(bad, b"")
+        encode_checked(bad, 1 << 20)
 
 
 def test_non_json_spec_config_is_refused_at_the_door() -> None:
@@ -117,7 +123,7 @@ def test_non_json_spec_config_is_refused_at_the_door() -> None:
 def test_duplicate_layer_names_are_refused_at_the_door() -> None:
     layer = SnapshotLayer(name="h", lifecycle_state=LifecycleState.NEW, runtime_state={})
     with pytest.raises(InvalidSnapshot, match="unique"):
-        check_snapshot(Snapshot(layers=(layer, layer)), b"")
+        encode_checked(Snapshot(layers=(layer, layer)), 1 << 20)
 
 
 def test_active_lifecycle_state_is_rejected_by_the_decoder() -> None:

@@ -1,0 +1,248 @@
+"""Snapshots as JSON text: how they are stored (Redis, Postgres) and sent (the backend).
+
+A snapshot is stored as the JSON the backend speaks, so it travels between the backend, Redis
+and Postgres without being decoded into Python objects and encoded again. A snapshot read
+from JSON (a backend's answer, a Redis hash, a Postgres row) is a :class:`RawSnapshot`: its
+layers are :class:`RawLayer`\\ s, whose ``runtime_state`` is that layer's JSON text
+(``msgspec.Raw``), decoded only when someone asks (:func:`decoded`). Encoding one writes that
+text as it is.
+
+The door (:func:`encode_checked`) is the same for every snapshot: a layer state built in
+Python is checked value by value (:func:`cache.validate.check_json_object`); then the JSON is
+decoded back into its raw frame, which checks its syntax and shape in C, and its nesting is
+bounded on the text itself (:func:`nesting_within`). No flag says where a snapshot came from:
+a runtime state is either JSON text, checked as text, or Python values, checked as values.
+
+Snapshots that earlier builds stored as msgpack are still read (:func:`frame_of`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import msgspec
+
+from cache.errors import InvalidSnapshot, PayloadTooLarge
+from cache.records import LifecycleState, Snapshot, SnapshotLayer, is_text
+from cache.validate import MAX_JSON_DEPTH, check_json_object, check_name
+
+SNAPSHOT_WRAPPERS: Final = 3
+"""Containers around a layer's runtime state in a snapshot: the snapshot, its layer list,
+the layer."""
+EMPTY_STATE: Final = msgspec.Raw(b"{}")
+
+
+class RawLayer(SnapshotLayer, frozen=True):
+    """A layer read from JSON: its runtime state is still that JSON's text."""
+
+    runtime_state: msgspec.Raw = EMPTY_STATE  # type: ignore[assignment]
+
+
+class RawSnapshot(Snapshot, frozen=True):
+    """A snapshot read from JSON, each layer's runtime state still text (:class:`RawLayer`)."""
+
+    layers: tuple[RawLayer, ...]
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+_RAW: Final = msgspec.json.Decoder(RawSnapshot)
+_FULL: Final = msgspec.json.Decoder(Snapshot)
+_LEGACY: Final = msgspec.msgpack.Decoder(Snapshot)
+_SYNTAX: Final = msgspec.json.Decoder(msgspec.Raw)
+_LEGACY_SYNTAX: Final = msgspec.msgpack.Decoder(msgspec.Raw)
+_ANY: Final = msgspec.json.Decoder()
+_STATES: Final = frozenset(LifecycleState)
+_BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
+_DROP: Final = bytes(b for b in range(256) if b not in b'"[]{}')
+"""Every byte but quotes and brackets."""
+_WHITESPACE: Final = b" \t\r\n"
+_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
+"""A backslash escape in JSON text and the character it escapes."""
+_NUMBER_MARKS: Final = bytes.maketrans(
+    bytes(range(256)),
+    bytes(
+        ord("0") if 48 <= b <= 57 else ord("e") if b in b"eE" else ord("+") if b in b"+-" else 32
+        for b in range(256)
+    ),
+)
+"""Digits to ``0``, ``e``/``E`` to ``e``, signs to ``+``, every other byte to a space."""
+_RISKY_NUMBERS: Final = (b"e000", b"e+000", b"0" * 200)
+"""Marks of a number the decoder may find out of range: a 3-digit exponent, or 200 digits in
+a row (a float beyond 1e308 with a shorter exponent has at least 210 before its point; an
+int beyond 4,300 digits). Letters and digits in strings can look
+the same: a false alarm only costs a full decode."""
+
+
+def is_json(data: bytes) -> bool:
+    """Whether stored snapshot bytes are JSON (an object) rather than an earlier build's
+    msgpack (a map: never a byte that opens a JSON document)."""
+    return data.lstrip(_WHITESPACE)[:1] == b"{"
+
+
+def frame_of(data: bytes) -> RawSnapshot:
+    """The raw frame of stored snapshot bytes (shape checked in C, states left as text);
+    ``msgspec.DecodeError`` if they are not a snapshot."""
+    if is_json(data):
+        return _RAW.decode(data)
+    return to_raw(_LEGACY.decode(data))
+
+
+def decode(data: bytes) -> Snapshot:
+    """Stored snapshot bytes as plain Python values (for inspection, not the hot path)."""
+    return _FULL.decode(data) if is_json(data) else _LEGACY.decode(data)
+
+
+def decoded(snapshot: Snapshot) -> Snapshot:
+    """``snapshot`` with every runtime state as Python values (itself if it has no text)."""
+    if any(is_text(layer.runtime_state) for layer in snapshot.layers):
+        return _FULL.decode(_ENCODER.encode(snapshot))
+    return snapshot
+
+
+def text_of(snapshot: Snapshot) -> bytes:
+    """The JSON of a snapshot already checked (a stored record's), not checked again."""
+    return _ENCODER.encode(snapshot)
+
+
+def stored_text(snapshot: Snapshot, stored: bytes | None) -> bytes:
+    """The JSON of a snapshot already checked (a stored record's, with the bytes it was read
+    from, if any): those bytes when they are JSON, else its encoding (an earlier build's
+    msgpack becomes JSON); never checked again, so no limit refuses what was once accepted."""
+    if stored is not None and is_json(stored):
+        return stored
+    return _ENCODER.encode(snapshot)
+
+
+def check_stored(data: bytes) -> None:
+    """``msgspec.DecodeError`` unless ``data`` is one JSON document (or, from an earlier
+    build, one msgpack value): what the flush checks before it writes a hash's bytes."""
+    if is_json(data):
+        _SYNTAX.decode(data)
+    else:
+        _LEGACY_SYNTAX.decode(data)
+
+
+def to_raw(snapshot: Snapshot) -> RawSnapshot:
+    """``snapshot`` with every runtime state as JSON text (no check: for trusted values)."""
+    if type(snapshot) is RawSnapshot:
+        return snapshot
+    return _RAW.decode(_ENCODER.encode(snapshot))
+
+
+def encode_checked(snapshot: object, limit: int) -> bytes:
+    """The JSON of ``snapshot`` if it can land everywhere unchanged (at most ``limit`` bytes);
+    :class:`InvalidSnapshot` or :class:`PayloadTooLarge` otherwise. See the module docstring."""
+    checked = _check_frame(snapshot)
+    try:
+        data = _ENCODER.encode(checked)
+    except (OverflowError, UnicodeEncodeError, RecursionError, TypeError, ValueError) as exc:
+        raise InvalidSnapshot(f"snapshot cannot be stored: {exc}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"encoded snapshot is {len(data)} bytes; the limit is {limit}")
+    _check_text(data, checked)
+    return data
+
+
+def _check_frame(snapshot: object) -> Snapshot:
+    """Everything but the text: the record types, the names, Python-built states."""
+    if not isinstance(snapshot, Snapshot):
+        raise InvalidSnapshot(f"snapshot must be a Snapshot, got {type(snapshot).__name__}")
+    version = snapshot.schema_version
+    if type(version) is not int or version < 1:
+        raise InvalidSnapshot(f"schema_version must be a positive int: {version!r}")
+    if type(snapshot.layers) is not tuple:
+        raise InvalidSnapshot("snapshot layers must be a tuple of SnapshotLayer records")
+    for layer in snapshot.layers:
+        _check_layer(layer)
+    names = snapshot.layer_names()
+    if len(set(names)) != len(names):
+        raise InvalidSnapshot(f"snapshot layer names must be unique: {list(names)}")
+    return snapshot
+
+
+def _check_layer(layer: object) -> None:
+    if not isinstance(layer, SnapshotLayer):
+        raise InvalidSnapshot(f"snapshot layers must be SnapshotLayer records, got {layer!r}")
+    check_name("snapshot layer name", layer.name)
+    if not isinstance(layer.lifecycle_state, str) or layer.lifecycle_state not in _STATES:
+        raise InvalidSnapshot(
+            f"layer {layer.name!r}: lifecycle_state must be one of "
+            f"{[s.value for s in LifecycleState]}, got {layer.lifecycle_state!r}"
+        )
+    if not is_text(layer.runtime_state):
+        check_json_object(f"layer {layer.name!r} runtime_state", layer.runtime_state)
+
+
+def _check_text(data: bytes, checked: Snapshot) -> None:
+    """The encoded JSON: valid, the frame it decodes to the one checked (no text state
+    spilled out of its layer), states objects, every value decodable, nesting bounded."""
+    try:
+        frame = _RAW.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InvalidSnapshot(f"snapshot is not valid JSON: {exc}") from None
+    if len(frame.layers) != len(checked.layers):
+        raise InvalidSnapshot("a runtime_state's text is not one JSON value")
+    for layer, given in zip(frame.layers, checked.layers, strict=True):
+        if not _same_layer(layer, given):
+            raise InvalidSnapshot(
+                f"layer {given.name!r}: runtime_state's text is not one JSON value"
+            )
+        if bytes(memoryview(layer.runtime_state)[:1]) != b"{":
+            raise InvalidSnapshot(f"layer {layer.name!r} runtime_state must be a JSON object")
+    _check_values(data)
+    if not nesting_within(data, MAX_JSON_DEPTH + SNAPSHOT_WRAPPERS):
+        raise InvalidSnapshot(f"a runtime_state nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _same_layer(read: RawLayer, given: SnapshotLayer) -> bool:
+    """Whether the layer read back from the text is the one checked: a text state that held
+    more than one JSON value would have spilled into its layer's other fields or the next."""
+    if read.name != given.name:
+        return False
+    state = given.runtime_state
+    return not is_text(state) or memoryview(read.runtime_state) == memoryview(state)  # type: ignore[arg-type]
+
+
+def _check_values(data: bytes) -> None:
+    """Every value of the JSON text decodes (the raw frame's decode checked the syntax and
+    the escapes, not these): valid UTF-8, no encoded surrogate, and, when the text looks as
+    if it might hold a number out of range, a full decode says whether it does (C-level
+    passes either way)."""
+    try:
+        data.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidSnapshot(f"snapshot is not valid UTF-8: {exc.reason}") from None
+    marks = data.translate(_NUMBER_MARKS)
+    if not any(risk in marks for risk in _RISKY_NUMBERS):
+        return
+    try:
+        _ANY.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InvalidSnapshot(f"snapshot holds a value that cannot be read back: {exc}") from None
+
+
+def nesting_within(data: bytes, limit: int) -> bool:
+    """Whether valid JSON ``data`` nests at most ``limit`` containers deep, read off its text
+    in C-level passes (no Python step per value).
+
+    Escapes go first (a backslash and the character after it), then everything but quotes
+    and brackets. If every run of adjacent quotes is even, no string holds a bracket (the
+    first string that did would end a run on its opening quote), so the quotes go too;
+    otherwise what lies inside each string goes. What is left is the brackets, and each pass
+    removes the innermost pairs.
+    """
+    if b"\\" in data:
+        data = _ESCAPE.sub(b"", data)
+    marks = data.translate(_BRACKETS, _DROP)
+    if marks.count(b'""') * 2 == marks.count(b'"'):
+        outside = marks.translate(None, b'"')
+    else:
+        outside = b"".join(marks.split(b'"')[::2])
+    if len(outside) <= 2 * limit:  # no more containers than the limit
+        return True
+    for _ in range(limit):
+        if not outside:
+            return True
+        outside = outside.replace(b"[]", b"")
+    return not outside

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from cache.client import RedisClient, translate_errors
-from cache.errors import StoreOutOfMemory
+from cache.errors import StoreOutOfMemory, StoreUnavailable
 from cache.keys import KeySpace
 from cache.scripts import OK, OK_OR_NOOP, Code, Scripts, check_code
 from cache.settings import Settings
@@ -59,6 +59,8 @@ class FlushSide:
     if TYPE_CHECKING:
 
         def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any: ...
+
+        def _reads(self, commands: Sequence[Sequence[Any]]) -> list[Any]: ...
 
         def _ms(self, seconds: float) -> int: ...
 
@@ -181,15 +183,19 @@ class FlushSide:
         return {shard: int(n) for shard, n in zip(shards, sizes, strict=True) if n}
 
     def shard_backlog(self, shards: Sequence[int]) -> list[tuple[int, int, int | None]]:
-        """``(shard, dirty count, oldest first-dirty time in ms or None)`` in one pipeline."""
+        """``(shard, dirty count, oldest first-dirty time in ms or None)`` in one round trip
+        (the flush trigger's pass: raw commands, no client bookkeeping per shard)."""
+        commands: list[tuple[str, ...]] = []
+        for shard in shards:
+            dirty = self.keys.dirty(shard)
+            commands += [("ZCARD", dirty), ("ZRANGE", dirty, "0", "0", "WITHSCORES")]
         with translate_errors("reading shard backlogs"):
-            pipe = self.client.pipeline(transaction=False)
-            for shard in shards:
-                pipe.zcard(self.keys.dirty(shard))
-                pipe.zrange(self.keys.dirty(shard), 0, 0, withscores=True)
-            replies: list[Any] = pipe.execute()
+            replies = self._reads(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise StoreUnavailable(f"reading shard backlogs: {reply}") from reply
         return [
-            (shard, int(count), int(oldest[0][1]) if oldest else None)
+            (shard, int(count), _score(oldest))
             for shard, count, oldest in zip(shards, replies[::2], replies[1::2], strict=True)
         ]
 
@@ -257,3 +263,12 @@ class FlushSide:
         with translate_errors("reading counters"):
             raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.stats))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _score(reply: Any) -> int | None:
+    """The score of a one-member ``ZRANGE ... WITHSCORES`` reply: ``[[member, score]]`` as
+    hiredis pairs it, or ``[member, score]`` flat; ``None`` when the set is empty."""
+    if not reply:
+        return None
+    pair = reply[0] if isinstance(reply[0], list) else reply
+    return int(float(pair[1]))

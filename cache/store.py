@@ -78,14 +78,18 @@ def _text(value: Any) -> str:
 class RedisSessionCache(FlushSide):
     """Typed access to the session hashes, run markers and dirty sets of one key space."""
 
-    def __init__(self, client: RedisClient, settings: Settings | None = None) -> None:
+    def __init__(
+        self, client: RedisClient, settings: Settings | None = None, *, read_only: bool = False
+    ) -> None:
+        """``read_only``: for commands that must write nothing (the shard count of an unused
+        key space is checked, not recorded); it does not stop the caller's own writes."""
         self.settings = settings or Settings()
         self.client = client
         self.keys = KeySpace(self.settings.key_prefix, self.settings.shards)
         self.codec = Codec(self.settings.max_snapshot_bytes, self.settings.max_specs_bytes)
         self.scripts = Scripts.register(client)
         self.wire = Wire(client) if isinstance(client, redis.Redis) else None
-        check_layout(client, self.keys)
+        check_layout(client, self.keys, record=not read_only)
         check_server_config(client, self.settings.redis_url)
 
     def close(self) -> None:

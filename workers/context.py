@@ -41,11 +41,13 @@ class WorkerContext:
     backend: AgentBackendClient | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> WorkerContext:
+    def from_settings(cls, settings: Settings, *, read_only: bool = False) -> WorkerContext:
+        """Connect everything; ``read_only`` builds a store that records nothing on start
+        (for the CLI's commands that only look)."""
         queue_redis = queue_connection(settings)
         return cls(
             settings=settings,
-            cache=RedisSessionCache(connect(settings), settings),
+            cache=RedisSessionCache(connect(settings), settings, read_only=read_only),
             repo=SessionRepository(create_engine(settings.database_url), settings.key_prefix),
             queue_redis=queue_redis,
             flush_queue=flush_queue(queue_redis, settings.key_prefix),

@@ -26,7 +26,7 @@ from workers.queues import FLUSH_JOB
 
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 """A job's payload (function name and arguments), stored or inflated. Ours take well under
-2 KiB: a shard number, or five IDs of at most 255 characters."""
+2 KiB: shard numbers, or five IDs of at most 255 characters."""
 REFUSED_PAYLOAD: Final = b'["<refused: payload over its bound>", null, [], {}]'
 """What an oversized job's payload becomes: a function that is not ours, so it is refused."""
 _OWNER_TYPES: Final = frozenset(owner.value for owner in OwnerType)
@@ -92,12 +92,16 @@ def _bad_arguments(
 
 
 def _bad_flush(args: list[Any], shards: int) -> str | None:
-    """``flush_job(shard, urgent=False)``: a shard of this key space, a boolean."""
+    """``flush_job(shards, urgent=False)``: a shard of this key space or a list of distinct
+    ones (at most all of them), a boolean."""
     if not 1 <= len(args) <= 2:
         return f"flush_job takes 1 or 2 arguments, got {len(args)}"
-    shard = args[0]
-    if type(shard) is not int or not 0 <= shard < shards:
-        return f"shard {shard!r} is not one of 0..{shards - 1}"
+    listed = args[0] if type(args[0]) is list else [args[0]]
+    if not listed or len(listed) > shards or len(set(map(repr, listed))) != len(listed):
+        return f"shards {args[0]!r} is not a non-empty list of distinct shards"
+    for shard in listed:
+        if type(shard) is not int or not 0 <= shard < shards:
+            return f"shard {shard!r} is not one of 0..{shards - 1}"
     if len(args) == 2 and type(args[1]) is not bool:
         return f"urgent {args[1]!r} is not a boolean"
     return None

@@ -10,9 +10,11 @@ The one place to read or change the write-behind's policy:
 * **The trigger** passes every ``ASC_FLUSH_DELAY_MS / 2`` (:func:`trigger_interval_s`) and
   requests a job for every shard whose oldest entry is due; the reconciler of ended owners
   runs every :func:`reconcile_period_s`.
-* **A flush job** takes at most :data:`MAX_BATCHES_PER_JOB` batches of ``ASC_FLUSH_BATCH``,
-  retries an outage in itself after :data:`RETRY_PAUSES_S`, then fails; after a Postgres
-  outage no job is requested for :data:`POSTGRES_BACKOFF_MS`.
+* **A flush job** flushes the shards the trigger grouped into it (:func:`flush_groups`: a
+  loop's few rows over many shards go to one job), at most :data:`MAX_BATCHES_PER_JOB`
+  batches of ``ASC_FLUSH_BATCH`` per shard, retries an outage in itself after
+  :data:`RETRY_PAUSES_S`, then fails; after a Postgres outage no job is requested for
+  :data:`POSTGRES_BACKOFF_MS`.
 * **The bounds** operators watch: :func:`delivery_bound_ms` (how old the oldest dirty session
   of a healthy system can be) and :func:`trigger_stale_after_ms` (a trigger silent longer is
   not alive); ``agent-sessions health`` and ``audit`` judge by them.
@@ -22,6 +24,7 @@ Requests themselves go through ``WorkerContext.request_flush`` (``workers.contex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Final
 
@@ -36,6 +39,14 @@ FLUSH_QUEUED_TTL_S: Final = 300
 POSTGRES_BACKOFF_MS: Final = 2000
 """After a flush job found Postgres unavailable, no new flush job is requested for this long."""
 MAX_BATCHES_PER_JOB: Final = 20
+"""Batches one job flushes of one shard before it leaves the rest to the next request."""
+SHARDS_PER_JOB: Final = 64
+"""The most shards the trigger hands one flush job."""
+BATCHES_PER_GROUPED_JOB: Final = 2
+"""The trigger starts another job once a job's shards hold this many batches: a loop's
+backlog, a few rows over many shards, goes to one job (a job's own cost, mostly RQ's, is
+then paid once per pass, not once per shard), and a deep backlog is spread over the
+workers."""
 URGENT_LOCK_WAIT_S: Final = 5.0
 """How long an urgent flush waits for the shard's lock (a drain waits as long)."""
 RETRY_PAUSES_S: Final = (0.1, 0.3, 1.0)
@@ -61,6 +72,26 @@ def flush_after(status: str, *, durable: bool = False) -> FlushWhen:
     if status == "paused" and durable:
         return FlushWhen.DURABLE
     return FlushWhen.URGENT
+
+
+def flush_groups(backlog: Sequence[tuple[int, int]], batch: int) -> list[list[int]]:
+    """Due shards, as ``(shard, dirty count)``, grouped into the jobs the trigger requests:
+    a group is closed once it holds :data:`BATCHES_PER_GROUPED_JOB` batches or
+    :data:`SHARDS_PER_JOB` shards (a deep shard ends its group). The job flushes its shards
+    in rounds of one batch (:func:`workers.flush.flush_shards`), so a group's size bounds
+    the job's length, never one statement or the worker's memory."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    rows = 0
+    for shard, count in backlog:
+        if group and (rows >= BATCHES_PER_GROUPED_JOB * batch or len(group) >= SHARDS_PER_JOB):
+            groups.append(group)
+            group, rows = [], 0
+        group.append(shard)
+        rows += count
+    if group:
+        groups.append(group)
+    return groups
 
 
 def pending_ttl_ms(settings: Settings) -> int:

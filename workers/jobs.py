@@ -8,6 +8,7 @@ otherwise name any importable function.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -32,7 +33,7 @@ from workers.cleanup import (
     request_cleanup,
 )
 from workers.context import STOP_REQUESTED, WorkerContext, current
-from workers.flush import FlushReport, flush_shard
+from workers.flush import FlushReport, flush_shards
 from workers.flush_policy import (
     MAX_BATCHES_PER_JOB,
     RETRY_PAUSES_S,
@@ -49,45 +50,68 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def flush_job(shard: int, urgent: bool = False) -> dict[str, Any]:
-    """Flush one shard until nothing eligible is left (bounded, so a job stays short).
+def flush_job(shards: int | list[int], urgent: bool = False) -> dict[str, Any]:
+    """Flush each of ``shards`` (one shard, or the group the trigger handed this job) until
+    nothing eligible is left in it (bounded, so a job stays short).
 
     A normal flush takes entries older than ``flush_delay_ms``; an urgent one takes all.
     An outage is retried in the job a few times, then the job fails; the trigger asks again
     while the entries stay dirty (after a short backoff when Postgres was the cause).
     """
     ctx = current()
-    _started(ctx, shard, urgent)
-    prefix = ctx.settings.key_prefix
-    if backing_off(ctx.queue_redis, prefix):
-        return {"shard": shard, "skipped": "postgres backoff"}
-    totals = FlushReport(shard)
-    flushes = 0
+    listed = shards if isinstance(shards, list) else [shards]
+    for shard in listed:
+        _started(ctx, shard, urgent)
+    if backing_off(ctx.queue_redis, ctx.settings.key_prefix):
+        return {"shards": listed, "skipped": "postgres backoff"}
+    totals = {shard: FlushReport(shard) for shard in listed}
     try:
-        for _ in range(MAX_BATCHES_PER_JOB):
-            report = _with_retries(ctx, lambda: _flush_once(ctx, shard, urgent))
-            if urgent and not report.locked:
-                _request_urgent_again(ctx, shard, "it stayed locked")
-            _add(totals, report)
-            flushes += report.locked
-            if not report.full or not report.locked:
-                break
-        else:  # the budget ran out with full batches left: a pause may sit deeper
-            if urgent:
-                _request_urgent_again(ctx, shard, "its batch budget ran out")
+        _flush_group(ctx, totals, urgent)
     finally:  # counted once per job (a round trip); best effort, never the job's failure
+        reports = list(totals.values())
         with contextlib.suppress(StoreUnavailable):
             ctx.cache.count(
-                rows_flushed=totals.written, rows_poisoned=len(totals.poisoned), flushes=flushes
+                rows_flushed=sum(r.written for r in reports),
+                rows_poisoned=sum(len(r.poisoned) for r in reports),
+                flushes=sum(r.batches for r in reports),
             )
-    log.info("flush s%03d: %s", shard, totals)
+    result = _job_result(listed, reports)
+    written, acked = result["written"], result["acked"]
+    log.info("flush of %d shard(s): %d written, %d acknowledged", len(listed), written, acked)
+    return result
+
+
+def _flush_group(ctx: WorkerContext, totals: dict[int, FlushReport], urgent: bool) -> None:
+    """Up to :data:`MAX_BATCHES_PER_JOB` batches of each shard of ``totals`` (which adds them
+    up), the shards flushed together (:func:`workers.flush.flush_shards`); an urgent flush
+    that could not finish asks for another."""
+    left = list(totals)
+    for _ in range(MAX_BATCHES_PER_JOB):
+        reports = _with_retries(ctx, functools.partial(_flush_once, ctx, left, urgent))
+        for report in reports:
+            _add(totals[report.shard], report)
+            totals[report.shard].batches += report.locked
+            if urgent and not report.locked:
+                _request_urgent_again(ctx, report.shard, "it stayed locked")
+        left = [report.shard for report in reports if report.full and report.locked]
+        if not left:
+            break
+    else:  # the budget ran out with full batches left: a pause may sit deeper
+        for shard in left if urgent else ():
+            _request_urgent_again(ctx, shard, "its batch budget ran out")
+    for report in totals.values():
+        if report.poisoned or report.deferred or report.run_ended or not report.locked:
+            log.info("flush s%03d: %s", report.shard, report)
+
+
+def _job_result(shards: list[int], reports: list[FlushReport]) -> dict[str, Any]:
     return {
-        "shard": shard,
-        "written": totals.written,
-        "acked": totals.acked,
-        "poisoned": totals.poisoned,
-        "deferred": totals.deferred,
-        "locked": totals.locked,
+        "shards": shards,
+        "written": sum(r.written for r in reports),
+        "acked": sum(r.acked for r in reports),
+        "poisoned": [name for r in reports for name in r.poisoned],
+        "deferred": [name for r in reports for name in r.deferred],
+        "locked": all(r.locked for r in reports),
     }
 
 
@@ -99,11 +123,11 @@ def _started(ctx: WorkerContext, shard: int, urgent: bool) -> None:
         clear_pending(ctx.queue_redis, marker, job.id)
 
 
-def _flush_once(ctx: WorkerContext, shard: int, urgent: bool) -> FlushReport:
-    return flush_shard(
+def _flush_once(ctx: WorkerContext, shards: list[int], urgent: bool) -> list[FlushReport]:
+    return flush_shards(
         ctx.cache,
         ctx.repo,
-        shard,
+        shards,
         delay_ms=0 if urgent else ctx.settings.flush_delay_ms,
         limit=ctx.settings.flush_batch,
         lock_wait_s=URGENT_LOCK_WAIT_S if urgent else 0.0,

@@ -20,10 +20,10 @@ repeated write a no-op.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
 import redis
 from rq import Queue
@@ -106,21 +106,62 @@ def request_flush(
         if not claim_flush_marker(queue, marker, job_id, pending_ms):
             return FlushRequest.PENDING
         try:
-            queue.enqueue(
-                FLUSH_JOB,
-                shard,
-                urgent,
-                job_id=job_id,
-                at_front=urgent,
-                job_timeout=FLUSH_JOB_TIMEOUT_S,
-                result_ttl=0,
-                failure_ttl=FLUSH_FAILURE_TTL_S,
-                ttl=FLUSH_QUEUED_TTL_S,
-            )
+            _enqueue_flush(queue, job_id, shard, urgent=urgent)
         except BaseException:
             clear_pending(queue.connection, marker, job_id)
             raise
     return FlushRequest.ENQUEUED
+
+
+def request_flushes(
+    queue: Queue, prefix: str, shards: Sequence[int], *, pending_ms: int
+) -> list[int]:
+    """One (not urgent) flush job for those of ``shards`` that have none waiting; the shards
+    it was queued for (none: every shard's job waits already). Each shard's pending marker
+    names the one job. Raises :class:`QueueUnavailable`; nothing is left behind then."""
+    job_id = f"{prefix}-flush-n{len(shards)}-{secrets.token_hex(6)}"
+    markers = {shard: keys.flush_pending(prefix, shard, urgent=False) for shard in shards}
+    with translate_queue_errors(f"requesting a flush of {len(shards)} shards"):
+        claimed = claim_flush_markers(queue, list(markers.values()), job_id, pending_ms)
+        mine = [shard for shard, ok in zip(shards, claimed, strict=True) if ok]
+        if not mine:
+            return []
+        try:
+            _enqueue_flush(queue, job_id, mine, urgent=False)
+        except BaseException:
+            for shard in mine:
+                clear_pending(queue.connection, markers[shard], job_id)
+            raise
+    return mine
+
+
+def _enqueue_flush(queue: Queue, job_id: str, shards: int | list[int], *, urgent: bool) -> None:
+    queue.enqueue(
+        FLUSH_JOB,
+        shards,
+        urgent,
+        job_id=job_id,
+        at_front=urgent,
+        job_timeout=FLUSH_JOB_TIMEOUT_S,
+        result_ttl=0,
+        failure_ttl=FLUSH_FAILURE_TTL_S,
+        ttl=FLUSH_QUEUED_TTL_S,
+    )
+
+
+def claim_flush_markers(
+    queue: Queue, markers: Sequence[str], job_id: str, ttl_ms: int
+) -> list[bool]:
+    """:func:`claim_flush_marker` of many markers: the free ones in one round trip, each
+    taken one afterwards only if its job no longer waits."""
+    with queue.connection.pipeline(transaction=False) as pipe:
+        for marker in markers:
+            pipe.set(marker, job_id, nx=True, px=ttl_ms)
+        set_now: list[Any] = pipe.execute()
+    return [
+        bool(ok) or claim_flush_marker(queue, marker, job_id, ttl_ms)
+        for marker, ok in zip(markers, set_now, strict=True)
+    ]
 
 
 def claim_marker(

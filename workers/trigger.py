@@ -23,8 +23,13 @@ from dataclasses import dataclass
 
 from cache.errors import AgentSessionsError
 from workers.context import WorkerContext
-from workers.flush_policy import pending_ttl_ms, reconcile_period_s, trigger_interval_s
-from workers.queues import FlushRequest, backing_off, request_flush
+from workers.flush_policy import (
+    flush_groups,
+    pending_ttl_ms,
+    reconcile_period_s,
+    trigger_interval_s,
+)
+from workers.queues import backing_off, request_flushes
 from workers.reconcile import reconcile_once, sweep_conversations
 
 log = logging.getLogger(__name__)
@@ -53,8 +58,9 @@ class TriggerPass:
     backing_off: bool = False
 
 
-def due_shards(ctx: WorkerContext, now_ms: int) -> tuple[int, tuple[int, ...]]:
-    """``(dirty sessions in all shards, shards whose oldest entry is older than the delay)``."""
+def due_shards(ctx: WorkerContext, now_ms: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """``(dirty sessions in all shards, (shard, dirty count) of each shard whose oldest entry
+    is older than the delay)``."""
     cutoff = now_ms - ctx.settings.flush_delay_ms
     shards = list(ctx.cache.keys.all_shards())
     dirty, due = 0, []
@@ -64,25 +70,25 @@ def due_shards(ctx: WorkerContext, now_ms: int) -> tuple[int, tuple[int, ...]]:
         ):
             dirty += count
             if oldest is not None and oldest <= cutoff:
-                due.append(shard)
+                due.append((shard, count))
     return dirty, tuple(due)
 
 
 def trigger_once(ctx: WorkerContext) -> TriggerPass:
-    """Request a flush for every due shard (none while Postgres is in backoff)."""
+    """Request a flush for every due shard (none while Postgres is in backoff): the due
+    shards are grouped into jobs (``flush_policy.flush_groups``), and a shard whose job
+    still waits is left to it."""
     now_ms = ctx.cache.server_time_ms()
-    dirty, due = due_shards(ctx, now_ms)
+    dirty, backlog = due_shards(ctx, now_ms)
+    due = tuple(shard for shard, _ in backlog)
     prefix = ctx.settings.key_prefix
     if due and backing_off(ctx.queue_redis, prefix):
         return TriggerPass(dirty, due, (), now_ms, backing_off=True)
     pending_ms = pending_ttl_ms(ctx.settings)
-    enqueued = tuple(
-        shard
-        for shard in due
-        if request_flush(ctx.flush_queue, prefix, shard, pending_ms=pending_ms)
-        is FlushRequest.ENQUEUED
-    )
-    return TriggerPass(dirty, due, enqueued, now_ms)
+    enqueued: list[int] = []
+    for group in flush_groups(backlog, ctx.settings.flush_batch):
+        enqueued += request_flushes(ctx.flush_queue, prefix, group, pending_ms=pending_ms)
+    return TriggerPass(dirty, due, tuple(enqueued), now_ms)
 
 
 def run_trigger(ctx: WorkerContext, stop: threading.Event) -> None:

@@ -43,6 +43,7 @@ from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
 from workers.flush_policy import pending_ttl_ms
 from workers.queues import FLUSH_JOB, FlushRequest, request_flush
+from workers.trigger import trigger_once
 
 TABLE = "agent_runtime_sessions"
 
@@ -117,6 +118,29 @@ def test_a_waiting_flush_job_holds_its_shard_however_long_workers_are_busy(
     for _ in range(3):
         assert request_flush(ctx.flush_queue, "asc", 0, pending_ms=ms) is FlushRequest.PENDING
     assert ctx.flush_queue.count == 1
+
+
+def test_a_loops_due_shards_go_to_one_job_that_flushes_them_all(
+    redis_client: redis.Redis, redis_url: str, migrated: Database
+) -> None:
+    """A few rows over many shards: one trigger pass queues one job naming every due shard
+    (each shard's marker names it, so the next pass queues nothing), and the job flushes
+    them all."""
+    ctx = make_ctx(redis_url, migrated.url, shards=16, flush_delay_ms=0)
+    keys = [f.session_key(run=f"run-{i}") for i in range(30)]
+    for key in keys:
+        ctx.cache.save(key, f.session_write())
+    done = trigger_once(ctx)
+    dirty_shards = {ctx.cache.keys.shard_of_key(key) for key in keys}
+    assert set(done.enqueued) == set(done.due_shards) == dirty_shards and len(dirty_shards) > 5
+    [job_id] = ctx.flush_queue.job_ids
+    job = ctx.flush_queue.fetch_job(job_id)
+    assert job is not None and sorted(job.args[0]) == sorted(dirty_shards)
+    assert trigger_once(ctx).enqueued == ()  # every due shard's job still waits
+    result, _ = _burst_worker(ctx)
+    assert result.returncode == 0, result.stderr
+    assert all(in_postgres(ctx, key, 1) for key in keys)
+    assert dirty_total(ctx) == []
 
 
 @pytest.mark.parametrize("fate", ["taken and killed before it started", "off every list"])
@@ -503,6 +527,21 @@ def test_a_flush_job_with_an_impossible_shard_is_refused_and_counted(
     result, _ = _burst_worker(ctx)
     assert result.returncode == 0, result.stderr
     assert f"shard {shard!r} is not one of 0..3" in result.stderr
+    assert ctx.cache.counters().get("jobs_refused_bad_arguments") == 1
+
+
+@pytest.mark.parametrize(
+    ("shards", "says"),
+    [([], "not a non-empty list"), ([1, 1], "not a non-empty list"), ([0, 9], "shard 9 is")],
+)
+def test_a_flush_job_with_an_impossible_list_of_shards_is_refused_and_counted(
+    redis_client: redis.Redis, redis_url: str, migrated: Database, shards: object, says: str
+) -> None:
+    ctx = make_ctx(redis_url, migrated.url, shards=4)
+    ctx.flush_queue.enqueue(FLUSH_JOB, shards)
+    result, _ = _burst_worker(ctx)
+    assert result.returncode == 0, result.stderr
+    assert says in result.stderr
     assert ctx.cache.counters().get("jobs_refused_bad_arguments") == 1
 
 

@@ -232,6 +232,21 @@ def test_load_works_on_every_primary(cache: RedisSessionCache) -> None:
         _exercise_load(cache, key)
 
 
+def test_the_trigger_reads_every_shards_backlog_across_primaries(cache: RedisSessionCache) -> None:
+    """The trigger's one round trip of ZCARD + oldest score per shard, on every primary."""
+    keys = one_key_per_primary(cache)
+    before = cache.server_time_ms()
+    for key in keys:
+        cache.save(key, f.session_write())
+    backlog = {
+        shard: (count, oldest)
+        for shard, count, oldest in cache.shard_backlog(list(cache.keys.all_shards()))
+    }
+    dirty = {cache.keys.shard_of_key(key) for key in keys}
+    assert all(backlog[s][0] >= 1 and (backlog[s][1] or 0) >= before for s in dirty)
+    assert all(backlog[s] == (0, None) for s in backlog if s not in dirty)
+
+
 def test_every_script_has_a_cluster_exercise() -> None:
     assert set(EXERCISES) == set(SCRIPT_NAMES)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -24,7 +25,7 @@ from tests.servers import Database, PostgresServer, fresh_database
 from workers import jobs
 from workers.context import WorkerContext
 from workers.drain import dirty_total, drain
-from workers.flush import FlushReport, flush_shard
+from workers.flush import FlushReport, flush_shard, flush_shards
 from workers.flush_policy import MAX_BATCHES_PER_JOB
 from workers.queues import FlushRequest, request_flush
 from workers.readthrough import load_through
@@ -158,6 +159,81 @@ def test_a_flush_waiting_for_the_shard_lock_blocks_until_its_release(ctx: Worker
     assert ctx.repo.get(key) is not None
     free = ctx.cache.keys.flush_lock_free(shard)
     assert 0 < int(ctx.cache.client.pttl(free)) <= 1000 or not ctx.cache.client.exists(free)  # type: ignore[arg-type]
+
+
+def _dirty_in_shards(ctx: WorkerContext, per_shard: int) -> dict[int, list[SessionKey]]:
+    """``per_shard`` dirty sessions in each shard of ``ctx``."""
+    keys = {}
+    for shard in range(ctx.settings.shards):
+        found = f.keys_in_shard(ctx.cache.keys, shard)
+        keys[shard] = [next(found) for _ in range(per_shard)]
+        for key in keys[shard]:
+            ctx.cache.save(key, f.session_write())
+    return keys
+
+
+def test_a_group_of_shards_is_flushed_in_rounds_no_larger_than_one_batch(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several shards share one statement, but a statement (and what a worker holds) never
+    exceeds one batch: a shard cut short by the round's budget is reported full."""
+    _dirty_in_shards(ctx, per_shard=2)
+    statements: list[int] = []
+    upsert_rows = ctx.repo.upsert_rows
+    monkeypatch.setattr(
+        ctx.repo,
+        "upsert_rows",
+        lambda rows, **kw: statements.append(len(rows)) or upsert_rows(rows, **kw),
+    )
+    reports = flush_shards(ctx.cache, ctx.repo, [0, 1, 2, 3], delay_ms=0, limit=3)
+    assert statements == [3, 3]
+    assert [(r.read, r.full) for r in reports] == [(2, False), (1, True), (2, False), (1, True)]
+    assert all(r.locked and r.acked == r.read for r in reports)
+    assert dirty_total(ctx) == [(1, 1), (3, 1)]
+    rest = flush_shards(ctx.cache, ctx.repo, [1, 3], delay_ms=0, limit=3)
+    assert [r.read for r in rest] == [1, 1] and not dirty_total(ctx)
+
+
+def test_a_failure_while_taking_a_groups_locks_releases_those_taken(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dirty_in_shards(ctx, per_shard=1)
+    begin_flush = ctx.cache.begin_flush
+
+    def failing_on_shard_2(shard: int, *args: object, **kwargs: object) -> object:
+        if shard == 2:
+            raise ConnectionError("a primary fails over")
+        return begin_flush(shard, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ctx.cache, "begin_flush", failing_on_shard_2)
+    with pytest.raises(ConnectionError):
+        flush_shards(ctx.cache, ctx.repo, [0, 1, 2, 3], delay_ms=0, limit=100)
+    for shard in (0, 1):
+        assert not ctx.cache.client.exists(ctx.cache.keys.flush_lock(shard))
+    monkeypatch.undo()
+    assert all(r.locked for r in flush_shards(ctx.cache, ctx.repo, [0, 1], delay_ms=0, limit=9))
+
+
+def test_the_lock_heartbeat_never_takes_back_a_lock_the_acknowledgement_released(
+    redis_url: str, migrated: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal racing the acknowledgement would take the lock again for a flush that is
+    over: the renewal waits for the acknowledgement, then sees the lock released."""
+    ctx = make_ctx(redis_url, migrated.url, flush_lock_ttl_s=0.2)
+    key = f.session_key()
+    ctx.cache.save(key, f.session_write())
+    shard = ctx.cache.keys.shard_of_key(key)
+    ack_flush = ctx.cache.ack_flush
+
+    def slow_after_the_release(*args: object, **kwargs: object) -> object:
+        acked = ack_flush(*args, **kwargs)  # type: ignore[arg-type]
+        time.sleep(0.3)  # more than a heartbeat's period (ttl / 4)
+        return acked
+
+    monkeypatch.setattr(ctx.cache, "ack_flush", slow_after_the_release)
+    report = flush_shard(ctx.cache, ctx.repo, shard, delay_ms=0, limit=10)
+    assert report.acked == 1
+    assert not ctx.cache.client.exists(ctx.cache.keys.flush_lock(shard))
 
 
 def test_sigkill_during_a_flush_loses_nothing(

@@ -2,7 +2,8 @@
 agent-backend protocol a node speaks (client, request and status types), so callers never
 import ``workers`` or ``agent_backend`` modules. ``lifecycle`` is the node contract,
 ``requests`` builds a node's backend request, ``ends`` asks Postgres whether an owner ended;
-``audit``, ``health`` and ``inspection`` serve the CLI (``cli``, ``cli_ops``, ``cli_poison``).
+``audit``, ``health`` and ``inspection`` serve the CLI (``cli``, ``cli_common``, ``cli_ops``,
+``cli_poison``, ``cli_migrate``).
 The demo and the fake backend live in ``agent_sessions.demo`` and ``agent_sessions.testing``."""
 
 from __future__ import annotations

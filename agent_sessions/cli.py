@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 import click
 from pydantic import ValidationError
+from redis.exceptions import NoPermissionError
 
+from agent_sessions.cli_common import context
+from agent_sessions.cli_migrate import migrate
 from agent_sessions.cli_ops import audit, cleanup, health, inspect, services, stats
 from agent_sessions.cli_poison import poison
 from cache.errors import AgentSessionsError, ConfigurationError, InvalidInput
 from cache.settings import Settings
+from persistence.errors import DatabaseMissing
+from workers.preflight import missing_database, services_used
 
 
 class ConfigurationProblem(click.ClickException):
@@ -29,18 +33,51 @@ class ConfigurationProblem(click.ClickException):
 
 
 class _Group(click.Group):
-    """Our own errors become one line on stderr: exit 2 for configuration and invalid input,
-    1 for everything else (the store failed)."""
+    """Our own errors become one line on stderr: exit 2 for configuration, invalid input and
+    a permission the Redis user lacks, 1 for everything else (the store failed)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (ConfigurationError, InvalidInput) as exc:
             raise ConfigurationProblem(f"{type(exc).__name__}: {exc}") from exc
-        except AgentSessionsError as exc:
+        except DatabaseMissing as exc:
+            raise ConfigurationProblem(_missing_database(exc)) from exc
+        except (AgentSessionsError, NoPermissionError) as exc:
+            if refused := _permission_problem(exc):
+                raise ConfigurationProblem(f"NoPermission: {refused}") from exc
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
         except ValidationError as exc:
             raise ConfigurationProblem(f"invalid configuration: {_first_error(exc)}") from exc
+
+
+def _permission_problem(exc: BaseException) -> str | None:
+    """The line naming the permission Redis refused (``NOPERM``), or ``None``."""
+    from workers.preflight import permission_problem
+
+    try:
+        prefix = Settings().key_prefix
+    except ValidationError:
+        prefix = "<ASC_KEY_PREFIX>"
+    return permission_problem(exc, prefix)
+
+
+def _missing_database(exc: DatabaseMissing) -> str:
+    """The one line that says the database is missing and how to create it."""
+    failure = missing_database(exc.database_url)
+    return f"{type(failure).__name__}: {failure}"
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: the package's version and the schema revision this build migrates to."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import version
+
+    from persistence.migrate import head
+
+    click.echo(f"agent-sessions {version('agent-session-cache')} (database schema {head()})")
+    ctx.exit()
 
 
 _SERVICE_URLS = {"REDIS_URL", "RQ_REDIS_URL", "DATABASE_URL", "AGENT_BACKEND_URL"}
@@ -58,25 +95,30 @@ def _first_error(exc: ValidationError) -> str:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show the version and the database schema revision it needs, and exit.",
+)
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Redis hot cache with Postgres write-behind for workflow Agent-node sessions.
 
     Configuration comes from the environment: REDIS_URL, RQ_REDIS_URL, DATABASE_URL,
     AGENT_BACKEND_URL and ASC_* (see the README's configuration table).
 
     Exit status: 0 success, 1 an error of the store (one line on stderr), 2 a usage,
-    input or configuration error (one line on stderr).
+    input or configuration error, or a permission Redis refused (one line on stderr).
     """
+    from workers.logs import configure_command_logging
+
+    configure_command_logging(say_bad_format=ctx.invoked_subcommand != "worker")
 
 
-@main.command()
-def migrate() -> None:
-    """Create or upgrade the Postgres schema (Alembic, to the newest revision)."""
-    from persistence.migrate import current, upgrade
-
-    settings = Settings()
-    upgrade(settings.database_url, key_prefix=settings.key_prefix)
-    click.echo(f"database schema at revision {current(settings.database_url)}")
+main.add_command(migrate)
 
 
 @main.command()
@@ -100,7 +142,7 @@ def worker(processes: int, burst: bool, metrics_port: int | None, metrics_host: 
     jobs of ended workflows. Before anything starts, the pool checks Redis, the queue's
     Redis, Postgres, the database's schema (`agent-sessions migrate`) and the metrics port;
     a failed check is one line and exit status 2. Logs go to stderr at ASC_LOG_LEVEL
-    (default INFO).
+    (default INFO), as text or, with ASC_LOG_FORMAT=json, one JSON object per line.
 
     Stop with SIGTERM or Ctrl-C, to the pool or its whole process group: every process
     exits within 10 s (a running flush finishes or is abandoned unacknowledged, a cleanup
@@ -124,8 +166,11 @@ def worker(processes: int, burst: bool, metrics_port: int | None, metrics_host: 
 
 
 def _restart_in_multiprocess_mode() -> None:
-    """prometheus-client picks its mode at import, so start again with the directory set."""
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="asc-metrics-")
+    """prometheus-client picks its mode at import, so start again with the directory set
+    (the pool removes it when it stops)."""
+    from workers.metrics_server import make_metrics_dir
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = make_metrics_dir()
     argv = [sys.executable, "-m", "agent_sessions", *sys.argv[1:]]
     os.execv(sys.executable, argv)  # noqa: S606
 
@@ -149,16 +194,17 @@ def flush(wait: bool, timeout: float, threads: int | None, as_json: bool) -> Non
     parked in the poison hashes (`agent-sessions poison list`): Postgres lacks their Redis
     version, so shutting Redis down without persistence would lose them.
     """
-    from workers.context import WorkerContext
-
     if threads is not None and not wait:
         raise click.UsageError("--threads applies to --wait only (the workers flush otherwise)")
-    ctx = WorkerContext.from_settings(Settings())
-    if not wait:
-        _warn_without_workers(ctx)
-    result = _drain(ctx, timeout, threads) if wait else _enqueue_all(ctx)
+    ctx = context(as_json=as_json)
+    try:
+        if not wait:
+            _warn_without_workers(ctx)
+        result = _drain(ctx, timeout, threads) if wait else _enqueue_all(ctx)
+    finally:
+        ctx.close()
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps({"using": services_used(ctx.settings), **result}))
     else:
         click.echo(" ".join(f"{k}={v}" for k, v in result.items()))
     if wait and (result["left"] or result["parked"]):
@@ -275,7 +321,9 @@ _RATE = click.FloatRange(0.0, 1.0)
     "--workers", default=2, show_default=True, type=click.IntRange(1, 32), help="RQ workers."
 )
 @click.option(
-    "--prefix", default="asc-demo", show_default=True, help="Redis key prefix the demo owns."
+    "--prefix",
+    default=None,
+    help="Redis key prefix the demo owns [default: ASC_KEY_PREFIX plus -demo: asc-demo].",
 )
 @click.option("--seed", type=int, help="Seed of the failure/pause mix (default: random).")
 @click.option(

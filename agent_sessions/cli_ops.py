@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from agent_sessions.cli_common import context, emit, json_option
+from agent_sessions.cli_common import context, emit, full_payloads_as_json, json_option
 from cache.records import Owner, SessionKey, SessionStatus
 
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services.sh"
@@ -76,14 +76,14 @@ def inspect_conversation_session(
 def _show_session(key: SessionKey, full: bool, as_json: bool) -> None:
     from agent_sessions.inspection import inspect_session as gather
 
-    ctx = context()
+    ctx = context(read_only=True, as_json=as_json)
     try:
         result = gather(ctx, key, full=full)
     finally:
         ctx.close()
     if result["redis"] is None and result["postgres"] is None:
         raise click.ClickException(f"no session {result['key']} in Redis or Postgres")
-    emit(result, as_json)
+    emit(full_payloads_as_json(result), as_json, ctx.settings)
 
 
 @inspect.command("conversation")
@@ -108,7 +108,7 @@ def inspect_run(tenant_id: str, workflow_run_id: str, as_json: bool) -> None:
 def _show_owner(owner: Owner, what: str, as_json: bool) -> None:
     from agent_sessions.inspection import inspect_run as gather
 
-    ctx = context()
+    ctx = context(read_only=True, as_json=as_json)
     try:
         result = gather(ctx, owner)
     finally:
@@ -117,7 +117,7 @@ def _show_owner(owner: Owner, what: str, as_json: bool) -> None:
         raise click.ClickException(
             f"no {what} {owner.tenant_id}/{owner.owner_id} in Redis or Postgres"
         )
-    emit(result, as_json)
+    emit(result, as_json, ctx.settings)
 
 
 @click.command()
@@ -129,9 +129,9 @@ def stats(as_json: bool) -> None:
     restarts of the pools' processes)."""
     from agent_sessions.inspection import stats as gather
 
-    ctx = context()
+    ctx = context(read_only=True, as_json=as_json)
     try:
-        emit(gather(ctx), as_json)
+        emit(gather(ctx), as_json, ctx.settings)
     finally:
         ctx.close()
 
@@ -154,13 +154,13 @@ def health(local: bool, as_json: bool) -> None:
     """
     from agent_sessions.health import health as gather
 
-    ctx = context()
+    ctx = context(read_only=True, as_json=as_json, schema="none" if local else "if_it_answers")
     try:
         result = gather(ctx, local=local)
     finally:
         ctx.close()
     if as_json:
-        emit(result, as_json)
+        emit(result, as_json, ctx.settings)
     else:
         click.echo("healthy" if result["healthy"] else "unhealthy")
         for problem in result["problems"]:
@@ -188,7 +188,7 @@ def audit(repair: bool, as_json: bool) -> None:
     """
     from agent_sessions.audit import audit as run_audit
 
-    ctx = context()
+    ctx = context(read_only=not repair, as_json=as_json)
     show = sys.stderr.isatty() and not as_json
     try:
         report = run_audit(ctx, repair=repair, progress=_audit_progress if show else None)
@@ -197,7 +197,7 @@ def audit(repair: bool, as_json: bool) -> None:
     if show:
         click.echo(err=True)
     result = report.as_dict()
-    emit(result, as_json)
+    emit(result, as_json, ctx.settings)
     if not result["ok"]:
         sys.exit(1)
 
@@ -216,7 +216,7 @@ def cleanup() -> None:
 @json_option
 def cleanup_list(limit: int, as_json: bool) -> None:
     """Sessions still `cleaning`, and sessions whose cleanup gave up (with the error)."""
-    ctx = context()
+    ctx = context(read_only=True, as_json=as_json)
     try:
         waiting = ctx.repo.list_status(SessionStatus.CLEANING, limit=limit)
         failed = ctx.repo.cleanup_failures(limit=limit)
@@ -228,6 +228,7 @@ def cleanup_list(limit: int, as_json: bool) -> None:
             "given_up": {ctx.cache.keys.session(s.key): s.cleanup_error for s in failed},
         },
         as_json,
+        ctx.settings,
     )
 
 

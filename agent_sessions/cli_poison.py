@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from agent_sessions.cli_common import context, emit, json_option
+from agent_sessions.cli_common import context, emit, full_payloads_as_json, json_option
 from agent_sessions.inspection import inspect_session
 from cache.errors import CorruptValue
 from cache.records import SessionKey
@@ -61,13 +61,13 @@ def poison() -> None:
 @json_option
 def poison_list(limit: int, as_json: bool) -> None:
     """Every parked session: its key, shard, why it was parked, its Redis version/status."""
-    ctx = context()
+    ctx = context(read_only=True, as_json=as_json)
     try:
         found = parked(ctx, limit)
     finally:
         ctx.close()
     if as_json or found:
-        emit(found, as_json)
+        emit({"parked": found}, as_json, ctx.settings)
     else:
         click.echo("no parked sessions")
 
@@ -79,7 +79,7 @@ def poison_list(limit: int, as_json: bool) -> None:
 def poison_show(key: str, full: bool, as_json: bool) -> None:
     """One parked session (KEY as `poison list` prints it): the reason beside the session in
     Redis and in Postgres. A Redis copy that cannot be decoded is shown as its error."""
-    ctx = context()
+    ctx = context(read_only=True, as_json=as_json)
     try:
         session_key = _key(ctx, key)
         shard = ctx.cache.keys.shard_of_key(session_key)
@@ -96,7 +96,7 @@ def poison_show(key: str, full: bool, as_json: bool) -> None:
         ctx.close()
     if reason is None:
         raise click.ClickException(f"{key} is not parked in the poison hash")
-    emit({"reason": reason, **detail}, as_json)
+    emit(full_payloads_as_json({"reason": reason, **detail}), as_json, ctx.settings)
 
 
 def _row(ctx: WorkerContext, key: SessionKey) -> dict[str, Any] | None:
@@ -149,7 +149,7 @@ def _act(ctx: WorkerContext, action: str, name: str) -> bool:
 def _apply(action: str, keys: tuple[str, ...], every: bool, as_json: bool) -> None:
     if bool(keys) == every:
         raise click.UsageError("give KEY arguments or --all (not both)")
-    ctx = context()
+    ctx = context(as_json=as_json)
     try:
         names = list(parked(ctx, 10**9)) if every else list(keys)
         for name in names:
@@ -158,7 +158,7 @@ def _apply(action: str, keys: tuple[str, ...], every: bool, as_json: bool) -> No
     finally:
         ctx.close()
     if as_json:
-        emit({"action": action, "sessions": done}, True)
+        emit({"action": action, "sessions": done}, True, ctx.settings)
         return
     for name, ok in done.items():
         click.echo(f"{action}: {name}" if ok else f"not parked (left alone): {name}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from rq import Worker
+from rq import Queue, Worker, worker_registration
 from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker
 
 from workers.context import WorkerContext
 from workers.flush_policy import delivery_bound_ms, trigger_stale_after_ms
@@ -33,9 +34,22 @@ def pool_state(ctx: WorkerContext) -> dict[str, Any]:
             "current_job": worker.get_current_job_id(),
             "last_heartbeat": worker.last_heartbeat,
         }
-        for worker in Worker.all(queue=ctx.flush_queue, serializer=JSONSerializer)
+        for worker in registered_workers(ctx.flush_queue)
     ]
     return {"trigger_last_pass_age_s": triggers, "workers": sorted(workers, key=_by_name)}
+
+
+def registered_workers(queue: Queue) -> list[BaseWorker]:
+    """The RQ workers registered for ``queue`` whose record still exists. Unlike RQ's
+    ``Worker.all``, a dead worker's left-over registration is skipped, not removed."""
+    connection = queue.connection
+    found = []
+    for key in sorted(worker_registration.get_keys(queue=queue)):
+        if connection.exists(key):
+            worker = Worker.find_by_key(key, connection=connection, serializer=JSONSerializer)
+            if worker is not None:
+                found.append(worker)
+    return found
 
 
 def _by_name(worker: dict[str, Any]) -> str:

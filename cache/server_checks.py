@@ -22,13 +22,16 @@ listpack."""
 log = logging.getLogger(__name__)
 
 
-def check_layout(client: RedisClient, keys: KeySpace) -> None:
+def check_layout(client: RedisClient, keys: KeySpace, *, record: bool = True) -> None:
     """Record the shard count on first use; refuse to run against a different one.
 
     Read first: a process that only drains must start even when Redis is over maxmemory.
+    With ``record=False`` (a read-only command) an unrecorded count is left unrecorded.
     """
     with translate_errors("checking the key layout"):
         stored = cast(bytes | None, client.hget(keys.meta, "shards"))
+        if stored is None and not record:
+            return
         if stored is None:
             client.hsetnx(keys.meta, "shards", keys.shards)
             stored = cast(bytes | None, client.hget(keys.meta, "shards"))

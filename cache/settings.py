@@ -7,7 +7,12 @@ the four service URLs use their conventional names, everything else is ``ASC_<FI
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import functools
+import logging
+import os
+from collections.abc import Iterable
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -21,6 +26,10 @@ DAY_S = 86_400
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 HTTP_SCHEMES = ("http", "https")
+OTHER_VARIABLES: Final = frozenset({"ASC_LOG_FORMAT"})
+"""``ASC_*`` variables read outside :class:`Settings` (``workers/logs.py``)."""
+
+log = logging.getLogger(__name__)
 
 
 def _url(value: str, schemes: tuple[str, ...]) -> str:
@@ -159,6 +168,50 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tell_unknown_variables(self) -> Settings:
+        """Say which ``ASC_*`` variables of the environment name no setting (once each)."""
+        _warn_unknown(frozenset(name for name in os.environ if _ours(name)))
+        return self
+
     @property
     def queue_redis_url(self) -> str:
         return self.rq_redis_url or self.redis_url
+
+
+def _ours(name: str) -> bool:
+    return name.upper().startswith("ASC_")
+
+
+def known_variables() -> frozenset[str]:
+    """Every ``ASC_*`` environment variable the project reads."""
+    names = set(OTHER_VARIABLES)
+    for field, info in Settings.model_fields.items():
+        names.add(f"ASC_{field.upper()}")
+        if isinstance(info.validation_alias, AliasChoices):
+            names.update(str(choice) for choice in info.validation_alias.choices)
+    return frozenset(name for name in names if _ours(name))
+
+
+def unknown_variables(names: Iterable[str]) -> list[str]:
+    """One line for each ``ASC_*`` name in ``names`` that no setting reads, naming the
+    closest one that does (``ASC_PREFIX``: did you mean ``ASC_KEY_PREFIX``?)."""
+    known = known_variables()
+    stems = {name.removeprefix("ASC_"): name for name in known}
+    lines = []
+    for name in sorted(n for n in names if _ours(n) and n.upper() not in known):
+        close = difflib.get_close_matches(name.upper()[4:], sorted(stems), n=1)
+        hint = (
+            f"did you mean {stems[close[0]]}?"
+            if close
+            else "the README's Configuration table lists the settings"
+        )
+        lines.append(f"{name} is not a setting of agent-session-cache and is ignored; {hint}")
+    return lines
+
+
+@functools.cache
+def _warn_unknown(names: frozenset[str]) -> None:
+    """Log :func:`unknown_variables` of ``names`` (a warning each), once per process."""
+    for line in unknown_variables(names):
+        log.warning("%s", line)

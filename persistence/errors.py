@@ -23,6 +23,7 @@ from typing import Final
 
 import psycopg
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 
 from cache.errors import PersistenceError
 
@@ -42,6 +43,11 @@ class PersistenceUnavailable(PersistenceError):
 
 class DatabaseMissing(PersistenceUnavailable):
     """The server answers, but the database ``DATABASE_URL`` names does not exist."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        """The URL whose database is missing (it may hold a password: never log it as is)."""
+        super().__init__(f"database {make_url(database_url).database!r} does not exist")
 
 
 class TransactionConflict(PersistenceError):

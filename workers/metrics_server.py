@@ -2,14 +2,20 @@
 
 Counters come from every pool process through prometheus-client's multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR`` must be set before any process of the pool starts; the CLI
-arranges that). Backlog gauges are read from Redis at scrape time, so they describe the
-whole system, not one process.
+arranges that, in a directory :func:`make_metrics_dir` names after the pool's pid, which
+the pool removes when it stops). Backlog gauges are read from Redis at scrape time, so they
+describe the whole system, not one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -19,6 +25,50 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from cache.store import RedisSessionCache
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_PREFIX = "asc-metrics-"
+_OWN_DIR = re.compile(rf"^{METRICS_DIR_PREFIX}(\d+)-")
+
+
+def make_metrics_dir() -> str:
+    """A new directory for prometheus-client's multiprocess files, named after this process
+    (``asc-metrics-<pid>-<random>`` in the temporary directory), after removing those that
+    pools killed before they could remove theirs left behind."""
+    remove_stale_metrics_dirs()
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+
+
+def remove_own_metrics_dir() -> None:
+    """Remove ``PROMETHEUS_MULTIPROC_DIR`` if :func:`make_metrics_dir` made it for this
+    process; a directory the operator set is left alone."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path and _owner_pid(Path(path)) == os.getpid():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_metrics_dirs() -> None:
+    """Remove this user's ``asc-metrics-<pid>-*`` directories whose process is gone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*"):
+        pid = _owner_pid(path)
+        with contextlib.suppress(OSError):
+            if pid is not None and path.stat().st_uid == os.getuid() and not _alive(pid):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _owner_pid(path: Path) -> int | None:
+    match = _OWN_DIR.match(path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class BacklogCollector(Collector):
@@ -47,7 +97,7 @@ def serve_metrics(port: int, cache: RedisSessionCache, host: str = "127.0.0.1") 
     """Serve the pool's metrics on ``host:port`` in this thread until the process ends
     (the pool runs it as a process of its own)."""
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get(MULTIPROC_ENV):
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(BacklogCollector(cache))
     app = make_wsgi_app(registry)

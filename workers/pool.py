@@ -37,7 +37,8 @@ from cache.settings import Settings
 from cache.store import RedisSessionCache
 from workers.context import STOP_REQUESTED, WorkerContext, current
 from workers.door import BoundedJob, refusal
-from workers.metrics_server import serve_metrics
+from workers.logs import configure_logging, log_format
+from workers.metrics_server import remove_own_metrics_dir, serve_metrics
 from workers.preflight import checked_context
 from workers.queues import queue_connection, queue_names
 from workers.supervisor import Child, Supervisor
@@ -53,9 +54,6 @@ TRIGGER_START_RETRY_S = 2.0
 SCHEDULER_LOCK_RETRY_S = 15.0
 WORKER_GC_THRESHOLDS = (50_000, 20, 20)
 RQ_LOG_LEVEL = "INFO"
-_PACKAGES = ("agent_backend", "agent_sessions", "cache", "persistence", "workers")
-_LOG_HANDLER = "agent-sessions-stderr"
-_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 WORKER, TRIGGER, SCHEDULER, METRICS = "worker", "flush-trigger", "scheduler", "metrics"
 """The roles of the pool's processes (logs, ``restarts_*`` counters, metric labels)."""
@@ -124,21 +122,17 @@ class SessionWorker(SimpleWorker):
         return DEQUEUE_TIMEOUT_S
 
 
-def log_to_stderr(level: str) -> None:
-    """Print the project's own log lines at ``level`` on stderr, as RQ prints its own.
+def log_in_child(settings: Settings) -> None:
+    """A child's logging: the pool's level and format, without the start-up advice of the
+    store's server checks, which the pool's parent printed once."""
+    configure_logging(settings.log_level, log_format(), startup_advice=False)
 
-    For the processes ``agent-sessions worker`` runs (the CLI configures no logging, and
-    Python's last-resort handler shows warnings only). Once per process; a logger the
-    application configured keeps its handlers.
-    """
-    handler = logging.StreamHandler()
-    handler.set_name(_LOG_HANDLER)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
-    for name in _PACKAGES:
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        if all(h.get_name() != _LOG_HANDLER for h in logger.handlers):
-            logger.addHandler(handler)
+
+def register_queues(connection: redis.Redis, prefix: str) -> None:
+    """List the prefix's queues in RQ's ``rq:queues`` set, as a first job would: ``rq info``
+    then shows both from the pool's start."""
+    keys = [Queue(name, connection=connection).key for name in queue_names(prefix)]
+    connection.sadd(Queue.redis_queues_keys, *keys)
 
 
 def run_pool(
@@ -155,17 +149,22 @@ def run_pool(
     Every start-up check runs first (:mod:`workers.preflight`): a wrong configuration, a
     service that does not answer, a database without this build's schema or a taken port
     stops the command before any process starts. With ``burst``, the workers exit once the
-    queues are empty and the pool with them.
+    queues are empty and the pool with them. The metrics directory the CLI made for this
+    process is removed when the pool ends, however it ends short of a SIGKILL.
     """
-    log_to_stderr(settings.log_level)
+    configure_logging(settings.log_level, log_format())
     metrics = (metrics_host, metrics_port) if metrics_port is not None else None
-    ctx = checked_context(settings, metrics)
-    ctx.repo.close()  # the supervisor forks: no Postgres connection may be shared
-    children = pool_children(settings, processes, burst=burst, metrics=metrics)
     try:
-        return Supervisor(children, on_restart=functools.partial(_restarted, ctx)).run()
+        ctx = checked_context(settings, metrics)
+        try:
+            ctx.repo.close()  # the supervisor forks: no Postgres connection may be shared
+            register_queues(ctx.queue_redis, settings.key_prefix)
+            children = pool_children(settings, processes, burst=burst, metrics=metrics)
+            return Supervisor(children, on_restart=functools.partial(_restarted, ctx)).run()
+        finally:
+            ctx.close()
     finally:
-        ctx.close()
+        remove_own_metrics_dir()  # every child is gone: nothing writes there any more
 
 
 def pool_children(
@@ -213,7 +212,7 @@ def _forget_worker(connection: redis.Redis, name: str) -> None:
 
 
 def _worker_main(settings: Settings, slot: int, burst: bool) -> None:
-    log_to_stderr(settings.log_level)
+    log_in_child(settings)
     connection = queue_connection(settings)
     queues = [
         Queue(name, connection=connection, serializer=JSONSerializer)
@@ -229,7 +228,7 @@ def _trigger_main(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    log_to_stderr(settings.log_level)
+    log_in_child(settings)
     ctx = _context_when_reachable(settings, stop)
     if ctx is None:
         return
@@ -267,6 +266,7 @@ class PoolScheduler(RQScheduler):
 
 def _scheduler_main(settings: Settings, name: str) -> None:
     """One scheduler per pool, named after the pool: a restarted one refreshes its own lock."""
+    log_in_child(settings)
     scheduler = PoolScheduler(
         queue_names(settings.key_prefix),
         connection=queue_connection(settings),
@@ -277,7 +277,7 @@ def _scheduler_main(settings: Settings, name: str) -> None:
 
 
 def _metrics_main(settings: Settings, host: str, port: int) -> None:
-    log_to_stderr(settings.log_level)
+    log_in_child(settings)
     cache = RedisSessionCache(connect(settings), settings)
     try:
         serve_metrics(port, cache, host)

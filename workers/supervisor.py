@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -223,7 +224,15 @@ class Supervisor:
 
 
 def _child_main(child: Child) -> None:
-    """The forked child: default stop signals (its target installs its own), then the target."""
+    """The forked child: default stop signals (its target installs its own), then the target.
+
+    An error that ends the target is logged (one record, with its traceback) and ends the
+    child with status 1, rather than printed on stderr beside the log's lines.
+    """
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
-    child.target()
+    try:
+        child.target()
+    except Exception:
+        log.exception("%s (pid %s) failed", child.name, os.getpid())
+        sys.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from agent_sessions.demo.run import DemoConfig, main
+from agent_sessions.demo.plans import DemoConfig
+from agent_sessions.demo.run import main
 
 __all__ = ["DemoConfig", "main"]

@@ -1,4 +1,5 @@
-"""What ``agent-sessions demo`` measured and proved: records, verification and the report.
+"""What ``agent-sessions demo`` measured and proved: records, verification and the facts of
+the report (:mod:`agent_sessions.demo.render` writes them as text).
 
 The workload (``agent_sessions.demo``) records in :class:`Tracked` what it last wrote to every
 session. Once the write-behind has drained, :func:`verify` checks that Postgres holds exactly
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from agent_sessions.testing.fake_backend import FakeAgentBackend
+from agent_sessions.testing.fake_backend import FakeRun
 from cache.errors import CorruptValue
 from cache.records import (
     ClosedBy,
@@ -32,8 +33,6 @@ from cache.store import RedisSessionCache
 from persistence.models import sessions
 from persistence.repository import SessionRepository
 from workers.cleanup import cleanup_idempotency_key, retirement_of
-
-MAX_PROBLEMS_SHOWN = 20
 
 
 @dataclass
@@ -72,6 +71,9 @@ class WorkflowResult:
     config_switches: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    """Per agent run, the wall time of ``enter`` plus ``finish``."""
+    cpu_ms: list[float] = field(default_factory=list)
+    """Per agent run, the CPU time the calling thread spent in ``enter`` plus ``finish``."""
     saves: int = 0
     retires: int = 0
     resumes: int = 0
@@ -164,11 +166,12 @@ def counter_problems(stats_key: str, delta: Mapping[str, int], sessions: int) ->
 def verify(
     cache: RedisSessionCache,
     repo: SessionRepository,
-    fake: FakeAgentBackend,
+    fake: Mapping[str, FakeRun],
     tenant_id: str,
     results: Iterable[WorkflowResult],
 ) -> list[str]:
-    """Every problem found with the demo's own runs, each naming its session key."""
+    """Every problem found with the demo's own runs, each naming its session key; ``fake``
+    is every run the fake agent backend served, by id."""
     problems: list[str] = []
     for result in results:
         problems += result.problems
@@ -179,7 +182,7 @@ def verify(
 def _run_problems(
     cache: RedisSessionCache,
     repo: SessionRepository,
-    fake: FakeAgentBackend,
+    fake: Mapping[str, FakeRun],
     tenant_id: str,
     result: WorkflowResult,
 ) -> list[str]:
@@ -200,7 +203,7 @@ def _session_problems(
     tracked: Tracked | None,
     redis_read: SessionRead,
     row: StoredSession | None,
-    fake: FakeAgentBackend,
+    fake: Mapping[str, FakeRun],
 ) -> list[str]:
     if tracked is None:
         return ["a row in Postgres that the demo never wrote"]
@@ -255,7 +258,7 @@ def _mirror_problems(redis_rec: StoredSession, row: StoredSession) -> list[str]:
 
 
 def _cleanup_problems(
-    key: SessionKey, tracked: Tracked, row: StoredSession, fake: FakeAgentBackend
+    key: SessionKey, tracked: Tracked, row: StoredSession, fake: Mapping[str, FakeRun]
 ) -> list[str]:
     run_id = row.data.backend_run_id
     if tracked.retired_by:
@@ -269,11 +272,10 @@ def _cleanup_problems(
 
 
 def _fake_cleanup_problems(
-    key: SessionKey, row: StoredSession, run_id: str, fake: FakeAgentBackend
+    key: SessionKey, row: StoredSession, run_id: str, fake: Mapping[str, FakeRun]
 ) -> list[str]:
-    try:
-        run = fake.run(run_id)
-    except KeyError:
+    run = fake.get(run_id)
+    if run is None:
         return [f"the backend never saw cleanup run {run_id}"]
     checks = [
         (run.is_cleanup, f"backend run {run_id} is not a cleanup run"),
@@ -285,109 +287,6 @@ def _fake_cleanup_problems(
         ),
     ]
     return [problem for ok, problem in checks if not ok]
-
-
-# ------------------------------------------------------------------------------- report
-
-
-def render_text(report: Report) -> str:
-    """The human report: one line per fact, then the verdict and any problems."""
-    f = report.facts
-    lines = [
-        f"Agent-session demo: tenant {f['tenant']}, key prefix {f['prefix']}, seed {f['seed']}",
-        *(f"  {label:<13} {text}" for label, text in _fact_lines(f)),
-        f"  {'verified':<13} {_verdict(report)}",
-        *_problem_lines(report.problems),
-    ]
-    if "worker_log" in f:
-        lines.append(f"  {'worker log':<13} {f['worker_log']}")
-    return "\n".join(lines)
-
-
-def _fact_lines(f: Mapping[str, object]) -> list[tuple[str, str]]:
-    lat, lag = _pair(f["latency_ms"]), _pair(f["flush_lag_s"])
-    return [
-        (
-            "workload",
-            f"{f['runs']} workflow runs x {f['nodes']} Agent nodes x {f['iterations']} "
-            f"loop iterations, beside {f['conversations']} conversations x {f['turns']} turns "
-            f"= {f['agent_runs']} agent runs on {f['threads']} threads",
-        ),
-        ("agent runs", _counts(f["agent_outcomes"]) + f" ({f['resumes']} resumed after a pause)"),
-        ("workflows", _counts(f["workflow_outcomes"]) + "; all ended"),
-        (
-            "conversations",
-            f"{f['conversations_ended']} ended, {f['config_switches']} switched their agent's "
-            "config mid-way (the old session retired and cleaned up)",
-        ),
-        ("sessions", f"{f['sessions']} ({_counts(f['sessions_by_owner'])})"),
-        ("hot path", f"enter+finish p50 {lat[0]:.2f} ms, p99 {lat[1]:.2f} ms (backend excluded)"),
-        ("write-behind", _write_behind(f)),
-        (
-            "flush lag",
-            f"p50 {lag[0]:.2f} s, p99 {lag[1]:.2f} s (flushed_at - updated_at, "
-            f"{f['workers']} RQ workers)",
-        ),
-        ("cleanups", _cleanups(f)),
-        ("audit", _audit(f)),
-        (
-            "wall time",
-            f"{f['wall_s']:.1f} s (workload {f['workload_s']:.1f} s, "
-            f"write-behind drain {f['drain_s']:.1f} s)",
-        ),
-    ]
-
-
-def _audit(f: Mapping[str, object]) -> str:
-    counts = f.get("audit")
-    if not isinstance(counts, Mapping):
-        return "not run"
-    shown = {finding: n for finding, n in counts.items() if n}
-    return "every session of the prefix, Redis against Postgres: " + (
-        _counts(shown) if shown else "no sessions"
-    )
-
-
-def _write_behind(f: Mapping[str, object]) -> str:
-    ratio = f["coalescing"]
-    coalesced = f"{ratio:.1f}x coalesced" if isinstance(ratio, float) else "coalescing n/a"
-    return (
-        f"{f['saves']} saves, {f['redis_writes']} Redis writes in all -> "
-        f"{f['rows_flushed']} Postgres row writes ({coalesced})"
-    )
-
-
-def _cleanups(f: Mapping[str, object]) -> str:
-    done, gave_up, sessions = (
-        int(str(f[k])) for k in ("cleanups_done", "cleanups_gave_up", "sessions")
-    )
-    retired = sessions - done - gave_up
-    return f"{done} done, {gave_up} gave up ({retired} sessions retired by a failed run need none)"
-
-
-def _pair(value: object) -> tuple[float, float]:
-    stats = value if isinstance(value, dict) else {}
-    return float(stats.get("p50", 0.0)), float(stats.get("p99", 0.0))
-
-
-def _counts(value: object) -> str:
-    counts = value if isinstance(value, dict) else {}
-    return ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda x: -x[1]))
-
-
-def _verdict(report: Report) -> str:
-    if report.verified:
-        return (
-            f"OK: Postgres holds exactly the final state of all {report.facts['sessions']} sessions"
-        )
-    return f"FAILED: {len(report.problems)} problem(s)"
-
-
-def _problem_lines(problems: Sequence[str]) -> list[str]:
-    lines = [f"    - {problem}" for problem in problems[:MAX_PROBLEMS_SHOWN]]
-    if len(problems) > MAX_PROBLEMS_SHOWN:
-        lines.append(f"    ... and {len(problems) - MAX_PROBLEMS_SHOWN} more (see --json)")
-    return lines
 
 
 def build_facts(
@@ -418,6 +317,7 @@ def build_facts(
         "resumes": sum(result.resumes for result in results),
         "sessions": len(tracked),
         "latency_ms": p50_p99([ms for result in results for ms in result.latencies_ms], 3),
+        "cpu_ms": p50_p99([ms for result in results for ms in result.cpu_ms], 3),
         "saves": sum(result.saves for result in results),
         "retires": sum(result.retires for result in results),
         "redis_writes": redis_writes,

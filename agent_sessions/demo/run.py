@@ -1,7 +1,8 @@
 """``agent-sessions demo``: a loop-heavy workload through the real stack, then proof it held.
 
-1. Migrate ``DATABASE_URL``, start the loopback fake agent backend in this process and an
-   ``agent-sessions worker`` pool as real subprocesses (own process group, always stopped).
+1. Start the loopback fake agent backend in a process of its own, migrate ``DATABASE_URL``
+   and start an ``agent-sessions worker`` pool as real subprocesses (own process group,
+   always stopped): :mod:`agent_sessions.demo.stack`.
 2. Drive workflow runs and chat conversations concurrently, on one thread pool: each
    workflow run loops ``iterations`` times over ``nodes`` Agent nodes, each conversation
    takes ``turns`` turns with one agent (every ``config_switch_every``-th one switches the
@@ -12,33 +13,35 @@
    what the demo last wrote and against Redis, and print the report
    (:mod:`agent_sessions.demo.report`).
 
-Isolation: its own key prefix (``asc-demo``) and a tenant id unique to this demo run; it reads
-back only that tenant's rows.
+Isolation: its own key prefix (the deployment's plus ``-demo``: ``asc-demo`` by default) and a
+tenant id unique to this demo run; it reads back only that tenant's rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
-import re
 import secrets
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import click
 
 from agent_backend.client import AgentBackendClient
-from agent_backend.models import (
-    CreateRunRequest,
-    RunComposition,
-    RunLayerSpec,
-    RunStatusResponse,
-)
+from agent_backend.models import CreateRunRequest, RunStatusResponse
 from agent_sessions.audit import HEALTHY, audit
+from agent_sessions.demo.plans import (
+    DemoConfig,
+    chat_scope,
+    composition,
+    demo_scope,
+    plan_behaviours,
+    plan_turns,
+)
+from agent_sessions.demo.progress import progress
+from agent_sessions.demo.render import render_text
 from agent_sessions.demo.report import (
     Report,
     Tracked,
@@ -46,134 +49,29 @@ from agent_sessions.demo.report import (
     build_facts,
     counter_delta,
     counter_problems,
-    render_text,
     tenant_rows,
     verify,
+)
+from agent_sessions.demo.stack import (
+    Stack,
+    demo_prefix,
+    demo_stack,
+    drain_problem,
+    wait_for_write_behind,
 )
 from agent_sessions.lifecycle import SessionLifecycle
 from agent_sessions.outcomes import Entry, NodeResult, RunOutcome
 from agent_sessions.requests import extract_layer_specs
-from agent_sessions.testing.fake_backend import BEHAVIOUR_METADATA_KEY, FakeAgentBackend
-from agent_sessions.testing.worker_process import WorkerProcess
-from cache.records import (
-    ConversationScope,
-    OwnerType,
-    Scope,
-    SessionKey,
-    SessionStatus,
-    StoredSession,
-)
+from agent_sessions.testing.fake_backend import BEHAVIOUR_METADATA_KEY
+from cache.records import ConversationScope, OwnerType, Scope, SessionKey
 from cache.settings import Settings
-from persistence.migrate import upgrade
-from workers.context import WorkerContext
-from workers.drain import dirty_total
 
-PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 RUN_WAIT_S = 30.0
 RUN_POLL_S = 0.005
-DRAIN_POLL_S = 0.2
-# Service settings a worker must share with this process; any ASC_-named copy would win.
 
 
 class Interrupted(Exception):
     """The demo is stopping (Ctrl-C or an error in another workflow run)."""
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """The flags of ``agent-sessions demo``; ranges are checked by click, the rest here."""
-
-    runs: int = 24
-    nodes: int = 3
-    iterations: int = 15
-    conversations: int = 12
-    turns: int = 12
-    config_switch_every: int = 3
-    threads: int = 4
-    fail_rate: float = 0.05
-    cancel_rate: float = 0.03
-    pause_rate: float = 0.05
-    workers: int = 2
-    prefix: str = "asc-demo"
-    seed: int | None = None
-    timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not PREFIX_PATTERN.match(self.prefix):
-            raise ValueError(f"--prefix must match {PREFIX_PATTERN.pattern}, got {self.prefix!r}")
-        if self.fail_rate + self.cancel_rate + self.pause_rate > 1:
-            raise ValueError("--fail-rate + --cancel-rate + --pause-rate must not exceed 1")
-
-
-# ------------------------------------------------------------------------------ workload
-
-
-def plan_behaviours(config: DemoConfig, rng: random.Random) -> list[list[str]]:
-    """Per workflow run, the fake behaviour of each agent run, loop iteration by iteration."""
-    steps = [(it, node) for it in range(config.iterations) for node in range(config.nodes)]
-    last = config.iterations - 1
-    return [[_behaviour(config, rng, it < last) for it, _ in steps] for _ in range(config.runs)]
-
-
-def plan_turns(config: DemoConfig, rng: random.Random) -> list[list[str]]:
-    """Per conversation, the fake behaviour of each turn."""
-    last = config.turns - 1
-    return [
-        [_behaviour(config, rng, turn < last) for turn in range(config.turns)]
-        for _ in range(config.conversations)
-    ]
-
-
-def _behaviour(config: DemoConfig, rng: random.Random, may_pause: bool) -> str:
-    """A pause is never planned on the last entry: every pause gets its resume."""
-    x = rng.random()
-    if x < config.fail_rate:
-        return "fail"
-    if x < config.fail_rate + config.cancel_rate:
-        return "cancel"
-    paused = x < config.fail_rate + config.cancel_rate + config.pause_rate
-    return "pause" if paused and may_pause else "succeed"
-
-
-def composition(scope: Scope | ConversationScope) -> RunComposition:
-    """An agent's layers; ``history`` is added by the lifecycle, plugins never stored."""
-    if isinstance(scope, ConversationScope):
-        context = {"conversation": scope.conversation_id}
-    else:
-        context = {"node": scope.node_id}
-    return RunComposition(
-        layers=[
-            RunLayerSpec(name="execution_context", type="dify.execution_context", config=context),
-            RunLayerSpec(name="llm", type="dify.plugin.llm", config={"model": "fake-model"}),
-            RunLayerSpec(name="tools", type="dify.plugin.tools", config={"tools": ["search"]}),
-        ]
-    )
-
-
-def demo_scope(tenant_id: str, run_id: str, node: int, iteration: int) -> Scope:
-    return Scope(
-        tenant_id=tenant_id,
-        app_id="demo-app",
-        workflow_id="demo-loop-workflow",
-        workflow_run_id=run_id,
-        node_id=f"agent-node-{node}",
-        node_execution_id=f"agent-node-{node}-iter-{iteration:03d}",
-        binding_id=f"binding-{node}",
-        agent_id=f"agent-{node}",
-        agent_config_snapshot_id=f"agent-{node}-config-1",
-    )
-
-
-def chat_scope(tenant_id: str, conversation_id: str, config: int, turn: int) -> ConversationScope:
-    return ConversationScope(
-        tenant_id=tenant_id,
-        app_id="demo-chat-app",
-        conversation_id=conversation_id,
-        binding_id="chat-binding",
-        agent_id="chat-agent",
-        agent_config_snapshot_id=f"chat-agent-config-{config}",
-        message_id=f"message-{turn:03d}",
-    )
 
 
 class Progress:
@@ -256,25 +154,42 @@ def agent_step(
     scope: Scope | ConversationScope,
     behaviour: str,
 ) -> str:
-    """Enter, run on the backend, finish; time only our two calls. Returns the run status."""
+    """Enter, run on the backend, finish; time only our two calls (wall time and this
+    thread's CPU time). Returns the run status."""
     lifecycle = work.lifecycle
     name = lifecycle.ctx.cache.keys.session(_key(scope))
     tracked = result.sessions.setdefault(_key(scope), Tracked())
     if isinstance(scope, ConversationScope):
         tracked.owner_end = OwnerType.CONVERSATION.end_closer
-    started = time.perf_counter()
-    entry = lifecycle.enter(scope)
-    entered = time.perf_counter()
+    clock = Clock()
+    with clock:
+        entry = lifecycle.enter(scope)
     check_entry(result, name, entry, tracked)
     request = lifecycle.build_request(
         scope, entry, composition(scope), metadata={BEHAVIOUR_METADATA_KEY: behaviour}
     )
     outcome = RunOutcome.from_status(request, run_on_backend(client, request))
-    finishing = time.perf_counter()
-    node_result = lifecycle.finish(scope, entry, outcome)
-    result.latencies_ms.append((entered - started + time.perf_counter() - finishing) * 1000)
+    with clock:
+        node_result = lifecycle.finish(scope, entry, outcome)
+    result.latencies_ms.append(clock.wall_s * 1000)
+    result.cpu_ms.append(clock.cpu_s * 1000)
     record(result, name, outcome, node_result, tracked)
     return outcome.status
+
+
+class Clock:
+    """Adds up the wall time and this thread's CPU time of the blocks it times."""
+
+    def __init__(self) -> None:
+        self.wall_s = self.cpu_s = 0.0
+        self._wall = self._cpu = 0.0
+
+    def __enter__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s += time.perf_counter() - self._wall
+        self.cpu_s += time.thread_time() - self._cpu
 
 
 def _key(scope: Scope | ConversationScope) -> SessionKey:
@@ -343,91 +258,15 @@ def run_workload(
     return [future.result() for future in futures]
 
 
-def _follow(futures: Sequence[Future[WorkflowResult]], progress: Progress, total: int) -> None:
-    """Draw the bar until every task is done; the first task error is raised at once."""
-    with click.progressbar(length=total, label="agent runs  ", file=sys.stderr) as bar:
+def _follow(futures: Sequence[Future[WorkflowResult]], count: Progress, total: int) -> None:
+    """Show the progress until every task is done; the first task error is raised at once."""
+    with progress("agent runs", total, "agent runs", "done") as update:
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.1)
             for future in done:
                 future.result()
-            bar.update(progress.done - bar.pos)
-
-
-# ------------------------------------------------------------------------------ the stack
-
-
-@contextlib.contextmanager
-def worker_pool(settings: Settings, backend_url: str, workers: int) -> Iterator[WorkerProcess]:
-    """The demo's worker pool, configured to clean up on the fake backend."""
-    configured = settings.model_copy(update={"agent_backend_url": backend_url})
-    with WorkerProcess(configured, workers) as pool:
-        yield pool
-
-
-@dataclass(frozen=True)
-class Stack:
-    """The running pieces the demo talks to."""
-
-    ctx: WorkerContext
-    fake: FakeAgentBackend
-    pool: WorkerProcess
-
-
-@contextlib.contextmanager
-def demo_stack(config: DemoConfig) -> Iterator[Stack]:
-    settings = Settings().model_copy(update={"key_prefix": config.prefix})
-    _say(f"migrating {_safe_url(settings.database_url)}")
-    upgrade(settings.database_url, key_prefix=settings.key_prefix)
-    ctx = WorkerContext.from_settings(settings)
-    try:
-        with FakeAgentBackend() as fake, worker_pool(settings, fake.url, config.workers) as pool:
-            _say(f"fake agent backend at {fake.url}; worker pool pid {pool.proc.pid}")
-            yield Stack(ctx, fake, pool)
-    finally:
-        ctx.close()
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def _say(text: str) -> None:
-    click.echo(text, err=True)
-
-
-# ------------------------------------------------------------------------------ draining
-
-
-def count_settled(stack: Stack, names: Sequence[str]) -> int:
-    """Sessions that are ``cleaned`` in Redis with their final version flushed."""
-    reads = stack.ctx.cache.read_many(names)
-    return sum(
-        isinstance(r, StoredSession) and r.status is SessionStatus.CLEANED and not r.dirty
-        for r in reads
-    )
-
-
-def wait_for_write_behind(stack: Stack, names: Sequence[str], timeout_s: float) -> bool:
-    """Poll until nothing under the prefix is dirty and every session of ours is settled."""
-    deadline = time.monotonic() + timeout_s
-    with click.progressbar(length=len(names), label="write-behind", file=sys.stderr) as bar:
-        while True:
-            settled = count_settled(stack, names)
-            bar.update(settled - bar.pos)
-            if settled == len(names) and not dirty_total(stack.ctx):
-                return True
-            if time.monotonic() > deadline or not stack.pool.alive():
-                return False
-            time.sleep(DRAIN_POLL_S)
-
-
-def drain_problem(stack: Stack, timeout_s: float) -> str:
-    if not stack.pool.alive():
-        return f"the worker pool exited with status {stack.pool.proc.returncode}"
-    return f"the write-behind did not drain within --timeout {timeout_s:g} s"
+            update(count.done)
 
 
 # ------------------------------------------------------------------------------ the demo
@@ -438,7 +277,10 @@ def run_demo(config: DemoConfig) -> Report:
     started = time.monotonic()
     seed = config.seed if config.seed is not None else secrets.randbelow(1_000_000)
     tenant_id = f"demo-{secrets.token_hex(4)}"
-    with demo_stack(config) as stack:
+    settings = Settings()
+    config = replace(config, prefix=demo_prefix(config.prefix, settings))
+    settings = settings.model_copy(update={"key_prefix": config.prefix})
+    with demo_stack(settings, config.workers) as stack:
         report = _run_on(stack, config, tenant_id, seed)
         stack.pool.keep_log = not report.verified
         if not report.verified:
@@ -449,7 +291,7 @@ def run_demo(config: DemoConfig) -> Report:
 
 def _run_on(stack: Stack, config: DemoConfig, tenant_id: str, seed: int) -> Report:
     before = stack.ctx.cache.counters()
-    work = Workload(config, tenant_id, SessionLifecycle(stack.ctx), stack.fake.url)
+    work = Workload(config, tenant_id, SessionLifecycle(stack.ctx), stack.backend.url)
     phase = time.monotonic()
     rng = random.Random(seed)
     results = run_workload(work, plan_behaviours(config, rng), plan_turns(config, rng))
@@ -471,7 +313,7 @@ def _check(
 ) -> Report:
     """Verify the demo's runs, then measure what the stack counted."""
     cache, repo = stack.ctx.cache, stack.ctx.repo
-    problems += verify(cache, repo, stack.fake, str(setup["tenant"]), results)
+    problems += verify(cache, repo, stack.backend.runs(), str(setup["tenant"]), results)
     counters = counter_delta(before, cache.counters())
     sessions = sum(len(result.saved_sessions()) for result in results)
     problems += counter_problems(cache.keys.stats, counters, sessions)

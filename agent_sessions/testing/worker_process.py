@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -46,9 +46,18 @@ def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> d
 
 
 class WorkerProcess:
-    """``python -m agent_sessions worker -n N`` in its own process group, with a log file."""
+    """``python -m agent_sessions worker -n N [args]`` in its own process group, with a log
+    file; ``env`` adds variables that are not settings (``ASC_LOG_FORMAT``, ``TMPDIR``)."""
 
-    def __init__(self, settings: Settings, processes: int = 1, *, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        processes: int = 1,
+        *,
+        log: Path | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.owns_log = log is None
         self.keep_log = False
         """Whether a log file this object created outlives :meth:`stop` (a caller-given one
@@ -60,8 +69,8 @@ class WorkerProcess:
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent_sessions", "worker", "-n", str(processes)],
-                env=settings_env(settings),
+                [sys.executable, "-m", "agent_sessions", "worker", "-n", str(processes), *args],
+                env=settings_env(settings) | dict(env or {}),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -1,8 +1,14 @@
-"""Alembic environment: runs online only, on the connection ``persistence.migrate`` hands in.
+"""Alembic environment of this project's migrations, in the three ways they are run.
 
-There is no ``alembic.ini`` and no URL in here: ``persistence.migrate`` builds the config in
-code and passes an open connection through ``config.attributes["connection"]``, so the URL is
-never interpolated by configparser and the CLI and the tests share one code path.
+* ``persistence.migrate`` (``agent-sessions migrate``) builds the config in code and hands
+  in an open connection (``config.attributes["connection"]``) that holds the migration
+  lock, and the deployment's key prefix (``config.attributes["key_prefix"]``, which 0005
+  gives existing rows), so the URL never passes through configparser.
+* Offline mode (``agent-sessions migrate --sql``, ``alembic upgrade head --sql``) writes the
+  PostgreSQL statements instead of running them; it needs no database.
+* Alembic's own command line (``alembic.ini`` at the repository root) hands in nothing: the
+  URL and the key prefix come from the environment (``DATABASE_URL``, ``ASC_KEY_PREFIX``)
+  as for every command of the project, and the migration takes the same lock.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from cache.settings import Settings
+from persistence.migrate import locked_connection
 from persistence.models import metadata
 
 
@@ -19,12 +27,25 @@ def _run(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _run_offline() -> None:
+    """Render every statement as PostgreSQL text, values inlined, in one transaction."""
+    context.configure(dialect_name="postgresql", target_metadata=metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def main() -> None:
-    """Refuse offline (SQL script) mode: every migration here is meant to run on a server."""
-    connection = context.config.attributes.get("connection")
-    if context.is_offline_mode() or not isinstance(connection, Connection):
-        raise RuntimeError("run migrations through persistence.migrate (online, with a connection)")
-    _run(connection)
+    attributes = context.config.attributes
+    connection = attributes.get("connection")
+    if not isinstance(connection, Connection) and "key_prefix" not in attributes:
+        attributes["key_prefix"] = Settings().key_prefix  # Alembic's own command line
+    if context.is_offline_mode():
+        _run_offline()
+    elif isinstance(connection, Connection):
+        _run(connection)
+    else:
+        with locked_connection(Settings().database_url) as own:
+            _run(own)
 
 
 main()

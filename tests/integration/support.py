@@ -223,7 +223,7 @@ def run_node(
 def history_of(snapshot: Snapshot | CompositorSessionSnapshot | None) -> list[object]:
     """The ``messages`` of the ``history`` layer of a snapshot (domain or wire form)."""
     assert snapshot is not None, "no snapshot"
-    for layer in snapshot.layers:
+    for layer in snapshot.decoded().layers:
         if layer.name == "history":
             messages = layer.runtime_state.get("messages", [])
             assert isinstance(messages, list)

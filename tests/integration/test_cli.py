@@ -62,7 +62,10 @@ def cli(ctx: WorkerContext, *args: str, check: bool = True) -> subprocess.Comple
 
 
 def json_out(ctx: WorkerContext, *args: str) -> dict[str, object]:
-    return json.loads(cli(ctx, *args, "--json").stdout.strip().splitlines()[-1])
+    """The command's JSON object, less the ``using`` field every one carries (checked)."""
+    data = json.loads(cli(ctx, *args, "--json").stdout.strip().splitlines()[-1])
+    assert data.pop("using")["key_prefix"] == ctx.settings.key_prefix
+    return data  # type: ignore[no-any-return]
 
 
 def migrate(ctx: WorkerContext) -> None:
@@ -432,9 +435,9 @@ def test_poison_list_show_retry_and_drop(ctx: WorkerContext) -> None:
     parking = cli(ctx, "flush", "--wait", "--json", check=False)  # parks the corrupt one
     assert parking.returncode == 1  # drained, but two sessions are parked, not in Postgres
     assert json.loads(parking.stdout.strip().splitlines()[-1])["parked"] == 2
-    listed = json_out(ctx, "poison", "list")
-    assert set(listed) == {good_name, corrupt_name}
-    assert "cannot decode" in listed[corrupt_name]["reason"]  # type: ignore[index]
+    listed = json_out(ctx, "poison", "list")["parked"]
+    assert isinstance(listed, dict) and set(listed) == {good_name, corrupt_name}
+    assert "cannot decode" in listed[corrupt_name]["reason"]
     shown = json_out(ctx, "poison", "show", corrupt_name)
     assert "corrupt" in shown["redis"] and shown["postgres"]["version"] == 1  # type: ignore[index]
     assert json_out(ctx, "poison", "retry", good_name)["sessions"] == {good_name: True}

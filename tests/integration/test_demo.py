@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,30 @@ def test_demo_drives_the_stack_and_verifies_postgres(
     assert len(rows) == report["sessions"]
     assert {status for status, _ in rows} == {"cleaned"}
     assert sum(version for _, version in rows) == report["redis_writes"]
+    assert report["prefix"] == "asc-demo"  # the deployment's prefix (asc) plus -demo
+    assert 0 < report["cpu_ms"]["p50"] <= report["latency_ms"]["p50"]
+
+
+def test_demo_output_in_a_pipe_is_plain_lines_and_says_what_the_hot_path_includes(
+    redis_url: str, database_url: Database, tmp_path: Path
+) -> None:
+    """Before, a pipe got the bare labels "agent runs" and "write-behind" of the progress
+    bars, and a hot-path figure that was mostly the wait for the in-process fake backend."""
+    env = demo_env(redis_url, database_url.url, tmp_path, ASC_KEY_PREFIX="team7")
+    proc = run_demo([*SMALL, "--seed", "7"], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    progress = proc.stderr.splitlines()
+    assert "agent runs: 66 agent runs" in progress
+    assert any(
+        re.fullmatch(r"agent runs: 66 of 66 agent runs done in [\d.]+ s", x) for x in progress
+    )
+    settled = r"write-behind: (\d+) of \1 sessions flushed and cleaned up in [\d.]+ s"
+    assert any(re.fullmatch(settled, line) for line in progress), proc.stderr
+    report = proc.stdout.splitlines()
+    assert "key prefix team7-demo" in report[0]
+    (hot,) = [i for i, line in enumerate(report) if line.lstrip().startswith("hot path")]
+    assert re.search(r"wall p50 [\d.]+ ms, p99 [\d.]+ ms; CPU p50 [\d.]+ ms", report[hot])
+    assert "2 Redis round trips" in report[hot + 1] and "runs elsewhere" in report[hot + 1]
 
 
 def test_demo_reports_cleanups_that_never_finished_and_exits_1(

@@ -6,8 +6,10 @@
   result as one JSON object with the keys ``name, metric, value, baseline, ratio, goal, unit``
   and ``extra`` (``met``, ``spread``, p50/p99, repetitions, the command…). The exit status is
   0 even when the goal is missed (``extra.met`` is false); non-zero only on errors.
-- ``python -m bench all [--quick]`` runs every benchmark and writes ``docs/benchmarks.md``;
-  ``python -m bench report`` rewrites that page from the saved JSON files only.
+- ``python -m bench all`` runs every benchmark and writes ``docs/benchmarks.md`` and the
+  plots in ``docs/`` (``parallel_loops.png``, ``write_behind.png``); ``python -m bench
+  report`` rewrites that page from the saved JSON files only. A ``--quick`` run never
+  touches ``docs/``: its plots and (for ``all --quick``) its page go to ``bench/results/``.
 - A benchmark may have options of its own (``python -m bench fault_recovery --fault
   trigger``): declared in the registry (:class:`bench.harness.Option`), passed to its ``run``
   as keyword arguments, refused for any other benchmark and for ``all`` (which runs each

@@ -26,8 +26,16 @@ FAULT = Option(
     "run one fault case alone (default: all four)",
     choices=("worker", "trigger", "cleanup", "group-term"),
 )
+SNAPSHOT = Option(
+    "--snapshot",
+    "the agent state saved each iteration: realistic (default; bench/agent_state.py) or "
+    "small (the four-layer snapshot of before); a small run is saved as a variant",
+    choices=("realistic", "small"),
+)
 BENCHMARKS: dict[str, Benchmark] = {
-    "hot_path": Benchmark("bench.hot_path", "load+save of an 8 KB snapshot vs raw redis-py"),
+    "hot_path": Benchmark(
+        "bench.hot_path", "load+save of an 8 KB agent state vs raw redis-py", options=(SNAPSHOT,)
+    ),
     "coalescing": Benchmark("bench.coalescing", "Postgres row writes per save in a hot loop"),
     "flush_throughput": Benchmark(
         "bench.flush_throughput", "rows/s flushed end to end vs raw psycopg unnest"
@@ -39,15 +47,33 @@ BENCHMARKS: dict[str, Benchmark] = {
         options=(FAULT,),
     ),
     "loop_vs_postgres": Benchmark(
-        "bench.loop_vs_postgres", "loop iteration: ours vs the Postgres-only original"
+        "bench.loop_vs_postgres",
+        "loop iteration: ours vs the Postgres-only original",
+        options=(SNAPSHOT,),
     ),
     "conversation_turns": Benchmark(
-        "bench.conversation_turns", "chat turn: ours vs the Postgres-only original's app store"
+        "bench.conversation_turns",
+        "chat turn: ours vs the Postgres-only original's app store",
+        options=(SNAPSHOT,),
     ),
     "parallel_loops": Benchmark(
-        "bench.parallel_loops", "iterations/s with N loop processes, ours vs original"
+        "bench.parallel_loops",
+        "iterations/s with N loop processes, ours vs raw redis-py (and the original)",
+        options=(SNAPSHOT,),
     ),
-    "scale": Benchmark("bench.scale", "iteration time and memory with 100k live sessions"),
+    "cpu_per_iteration": Benchmark(
+        "bench.cpu_per_iteration",
+        "CPU per loop iteration (client + Redis server), ours vs raw redis-py",
+        options=(SNAPSHOT,),
+    ),
+    "flush_cpu": Benchmark(
+        "bench.flush_cpu",
+        "worker pool CPU per flushed row under loop load; Redis CPU of an idle pool",
+        options=(SNAPSHOT,),
+    ),
+    "scale": Benchmark(
+        "bench.scale", "iteration time and memory with 100k live sessions", options=(SNAPSHOT,)
+    ),
     "cleanup": Benchmark("bench.cleanup", "workflow end: unresumable and cleaned, 100 sessions"),
 }
 COMMANDS = {
@@ -66,7 +92,11 @@ def build_parser(registry: Mapping[str, Benchmark]) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=[*registry, *COMMANDS], metavar="NAME")
-    parser.add_argument("--quick", action="store_true", help="a short run (seconds)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short smoke run (seconds); never writes docs/ (plots and page: bench/results/)",
+    )
     parser.add_argument("--json", action="store_true", help="last line: the result as JSON")
     options = benchmark_options(registry)
     if options:
@@ -202,6 +232,8 @@ def main(
             options=options,
         )
         return 0
+    if args.name == "all" and args.quick:  # a smoke run: its page stays beside its results
+        doc_path = results_dir / doc_path.name
     path = write_report(list(registry), machine_facts(), results_dir=results_dir, doc_path=doc_path)
     print(f"wrote {path}")
     return status

@@ -3,12 +3,14 @@
 A turn is what a conversation costs between two backend runs, through the real path, with
 only the backend's own time left out: **ours** = ``SessionLifecycle.enter(ConversationScope)``,
 ``build_request`` and its JSON encoding, the backend's answer decoded from its JSON bytes (an
-~8 KB snapshot), ``RunOutcome.from_status`` and ``finish``, with a real ``agent-sessions
+~8 KB agent state), ``RunOutcome.from_status`` and ``finish``, with a real ``agent-sessions
 worker`` pool flushing to Postgres in the background. **original** = the Postgres-only
 ``AgentAppRuntimeSessionStore`` (:class:`bench.pg_original.OriginalConversationStore`): load
 the active row by ``(tenant, conversation, agent, config)`` (pydantic JSON decode), then read
 by key, update in place and commit. Both arms use the same Postgres server and database and
-the same conversations (200, one agent each, turns in random order), in alternating blocks.
+the same conversations (200, one agent each, turns in random order), in alternating blocks,
+saving the same states in the same order: :mod:`bench.agent_state`'s (``--snapshot
+realistic``, the default, a new state each turn; ``--snapshot small``, the one of before).
 
 Each turn has a new message id (a new ``ConversationScope``, validated at the door), as a
 chat does; the scopes are built before timing.
@@ -21,6 +23,7 @@ script, on copies of ours' session hashes). ``floor_ratio`` = raw / original is 
 
 from __future__ import annotations
 
+import itertools
 import random
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -30,7 +33,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from agent_backend.models import RunComposition, decode_status, encode_json
+from agent_backend.models import decode_status, encode_json
+from bench.agent_state import AgentStates, agent_states
 from bench.harness import (
     Result,
     make_result,
@@ -39,20 +43,15 @@ from bench.harness import (
     private_redis,
     run_interleaved,
 )
-from bench.hot_path import RawLoop, build_snapshot, seeded_uuid
-from bench.loop_vs_postgres import build_answer, build_composition
-from bench.pg_original import (
-    CompositorSessionSnapshot,
-    OriginalConversationStore,
-    create_engine,
-    create_table,
-    original_snapshot,
-)
+from bench.hot_path import RawLoop, seeded_uuid
+from bench.loop_vs_postgres import Payloads
+from bench.pg_original import OriginalConversationStore, create_engine, create_table
 from bench.stack import bench_settings, migrated_database, worker_context, worker_pool
 from cache.records import ConversationScope
 
 if TYPE_CHECKING:
     from agent_sessions.lifecycle import SessionLifecycle
+    from workers.context import WorkerContext
 
 NAME = "conversation_turns"
 METRIC = "per-turn time (enter+finish, 8 KB) vs Postgres-only original"
@@ -78,12 +77,10 @@ class ChatWorkload:
 
     conversations: list[ConversationScope]
     order: list[int]
-    composition: RunComposition
-    answer: bytes
-    snapshot_proto: CompositorSessionSnapshot
+    payloads: Payloads
 
     @classmethod
-    def build(cls, conversations: int, seed: int) -> ChatWorkload:
+    def build(cls, conversations: int, seed: int, states: AgentStates) -> ChatWorkload:
         rng = random.Random(seed)
         tenant, app, binding, agent, config = (seeded_uuid(rng) for _ in range(5))
         scopes = [
@@ -92,14 +89,7 @@ class ChatWorkload:
         ]
         order = list(range(conversations))
         random.Random(seed + 1).shuffle(order)
-        composition = build_composition()
-        return cls(
-            scopes,
-            order,
-            composition,
-            build_answer(composition),
-            original_snapshot(build_snapshot()),
-        )
+        return cls(scopes, order, Payloads.build(states))
 
     def turns(self, count: int) -> Iterator[ConversationScope]:
         """``count`` turns, each with its own message id (built before timing)."""
@@ -117,12 +107,15 @@ def ours_turn(
 ) -> Callable[[], object]:
     from agent_sessions.outcomes import RunOutcome
 
+    composition = workload.payloads.composition
+    answers = itertools.cycle(workload.payloads.answers)
+
     def turn() -> object:
         scope = next(turns)
         entry = lifecycle.enter(scope)
-        request = lifecycle.build_request(scope, entry, workload.composition)
+        request = lifecycle.build_request(scope, entry, composition)
         encode_json(request)
-        status = decode_status(workload.answer)
+        status = decode_status(next(answers))
         result = lifecycle.finish(scope, entry, RunOutcome.from_status(request, status))
         if result.version is None:
             raise RuntimeError(f"save failed: {result.metadata}")
@@ -135,20 +128,21 @@ def original_turn(
     store: OriginalConversationStore, workload: ChatWorkload, turns: Iterator[ConversationScope]
 ) -> Callable[[], object]:
     backend_run_id = str(uuid.uuid4())
+    snapshots = itertools.cycle(workload.payloads.originals)
 
     def turn() -> object:
         scope = next(turns)
         store.load(scope)
-        store.save(scope, backend_run_id=backend_run_id, snapshot=workload.snapshot_proto)
+        store.save(scope, backend_run_id=backend_run_id, snapshot=next(snapshots))
         return None
 
     return turn
 
 
-def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
+def _measure(plan: Plan, states: AgentStates) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
     from agent_sessions.lifecycle import SessionLifecycle
 
-    workload = ChatWorkload.build(plan.conversations, seed=29)
+    workload = ChatWorkload.build(plan.conversations, seed=29, states=states)
     total = plan.conversations + plan.warmup + plan.blocks * plan.per_block
     with ExitStack() as stack:
         redis_url = stack.enter_context(private_redis())
@@ -168,10 +162,7 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
         for _ in range(plan.conversations):  # every conversation has a session
             for arm in arms.values():
                 arm()
-        names = [ctx.cache.keys.session(scope.key) for scope in workload.conversations]
-        raw = RawLoop(cast(redis.Redis, ctx.cache.client), names, workload.order)
-        raw.populate()
-        arms["raw"] = raw
+        arms["raw"] = _raw(ctx, workload)
         before = ctx.cache.counters().get("rows_flushed", 0)
         print(f"  {plan.conversations} conversations, {WORKERS} flush workers; timing…")
         samples = run_interleaved(
@@ -183,6 +174,16 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
         )
         flushed = ctx.cache.counters().get("rows_flushed", 0) - before
     return samples, {"rows_flushed_meanwhile": flushed, "flush_workers": WORKERS}
+
+
+def _raw(ctx: WorkerContext, workload: ChatWorkload) -> RawLoop:
+    """The raw floor over copies of the conversations' session hashes, saving the same
+    states."""
+    names = [ctx.cache.keys.session(scope.key) for scope in workload.conversations]
+    client = cast(redis.Redis, ctx.cache.client)
+    raw = RawLoop(client, names, workload.order, workload.payloads.stored)
+    raw.populate()
+    return raw
 
 
 def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str, Any]) -> Result:
@@ -214,7 +215,8 @@ def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str,
     )
 
 
-def run(quick: bool) -> Result:
+def run(quick: bool, snapshot: str | None = None) -> Result:
     plan = QUICK if quick else FULL
-    samples, facts = _measure(plan)
-    return _result(samples, plan, facts)
+    states = agent_states(snapshot)
+    samples, facts = _measure(plan, states)
+    return _result(samples, plan, {**states.facts(), **facts})

@@ -37,6 +37,7 @@ from bench.harness import (
     private_redis,
 )
 from bench.hot_path import build_keys, build_write
+from bench.plot import plot_path, plot_write_behind
 from bench.stack import (
     WorkerPool,
     bench_settings,
@@ -58,13 +59,17 @@ RATE_PER_S = 1000
 WINDOW_S = 10.0
 
 
+PLOT = "write_behind.png"
+
+
 @dataclass(frozen=True)
 class Plan:
     seconds: float
+    quick: bool
 
 
-QUICK = Plan(seconds=8.0)
-FULL = Plan(seconds=30.0)
+QUICK = Plan(seconds=8.0, quick=True)
+FULL = Plan(seconds=30.0, quick=False)
 
 
 SaveTimes = dict[tuple[str, str], dict[int, float]]
@@ -176,6 +181,11 @@ def _stack() -> Iterator[tuple[WorkerContext, str, WorkerPool]]:
 class Lags:
     periods: list[tuple[float, float]]  # (oldest change's save time, lag) per write
     saves: list[float]  # lag of every save
+    written_at: list[float]  # flushed_at of every Postgres write
+
+
+def written_times(log: FlushLog) -> list[float]:
+    return [at for _, times in log.values() for at in times]
 
 
 def _measure(plan: Plan) -> tuple[Load, Lags, float]:
@@ -187,7 +197,7 @@ def _measure(plan: Plan) -> tuple[Load, Lags, float]:
             lambda: not dirty_total(ctx), "the pool to flush the rest", poll_s=0.1
         )
         log = read_flush_log(db_url)
-        lags = Lags(period_lags(load.saves, log), save_lags(load.saves, log))
+        lags = Lags(period_lags(load.saves, log), save_lags(load.saves, log), written_times(log))
         load.job_ms = [round(s * 1000, 1) for s in pool.job_seconds()]
         delay_s = ctx.settings.flush_delay_ms / 1000
     return load, lags, delay_s
@@ -201,7 +211,15 @@ def _windows(measured: Sequence[tuple[float, float]], start_s: float) -> list[fl
     return [round(percentile(b, 99), 3) for _, b in sorted(buckets.items()) if len(b) >= 20]
 
 
-def _result(load: Load, lags: Lags, delay_s: float) -> Result:
+def _plot(load: Load, lags: Lags, delay_s: float, quick: bool) -> dict[str, str]:
+    """docs/write_behind.png on a full run, bench/results/write_behind.png on a quick one."""
+    saved_at = [at for times in load.saves.values() for at in times.values()]
+    lag_values = [lag for _, lag in lags.periods]
+    path = plot_write_behind(saved_at, lags.written_at, lag_values, delay_s, plot_path(PLOT, quick))
+    return {"plot_preview": f"bench/results/{path.name}"} if quick else {"plot": path.name}
+
+
+def _result(load: Load, lags: Lags, delay_s: float, quick: bool) -> Result:
     values = [lag for _, lag in lags.periods]
     p99 = percentile(values, 99)
     windows = _windows(lags.periods, load.start_s)
@@ -230,11 +248,13 @@ def _result(load: Load, lags: Lags, delay_s: float) -> Result:
         "flush_workers": WORKERS,
         "flush_delay_s": delay_s,
         "ratio_p99_to_flush_delay": round(p99 / delay_s, 3),
+        "saves_per_postgres_write": round(load.count / max(len(lags.written_at), 1), 2),
         "what": (
             "per Postgres write (a row trigger logs each): flushed_at - client time of the "
             "oldest save it made durable (the first version after the previous write); "
             "flushed_at is the flush transaction's start, its commit lands a few ms later"
         ),
+        **_plot(load, lags, delay_s, quick),
     }
     return make_result(
         NAME,
@@ -249,4 +269,5 @@ def _result(load: Load, lags: Lags, delay_s: float) -> Result:
 
 
 def run(quick: bool) -> Result:
-    return _result(*_measure(QUICK if quick else FULL))
+    plan = QUICK if quick else FULL
+    return _result(*_measure(plan), quick=plan.quick)

@@ -3,13 +3,16 @@
 One iteration is what a loop costs between two backend runs, through the real node path,
 with only the backend's own time left out: **ours** = ``SessionLifecycle.enter(scope)``,
 ``build_request`` and its JSON encoding (what the client sends), the backend's answer
-decoded from its JSON bytes (an ~8 KB snapshot; the client's decoder), ``RunOutcome.from_status``
-and ``finish``, with a real ``agent-sessions worker`` pool flushing to Postgres in the
-background (default ``flush_delay_ms`` 1000). **original** = :mod:`bench.pg_original`:
-``load_active_session`` (ORM select by the five key columns + ``status = active``, JSON
-decode) then ``save_active_snapshot`` (ORM select by key, update the attributes,
-``commit()``) of the same snapshot as protocol JSON. Both use the same Postgres server and
-database, the same sessions (10 runs x 10 nodes, random order), in alternating blocks.
+decoded from its JSON bytes (an ~8 KB agent state; the client's decoder),
+``RunOutcome.from_status`` and ``finish``, with a real ``agent-sessions worker`` pool flushing
+to Postgres in the background (default ``flush_delay_ms`` 1000). **original** =
+:mod:`bench.pg_original`: ``load_active_session`` (ORM select by the five key columns +
+``status = active``, JSON decode) then ``save_active_snapshot`` (ORM select by key, update
+the attributes, ``commit()``) of the same state as protocol JSON. Both use the same Postgres
+server and database, the same sessions (10 runs x 10 nodes, random order), in alternating
+blocks. The states are :mod:`bench.agent_state`'s (``--snapshot realistic``, the default: a
+new state each iteration, the same sequence in every arm; ``--snapshot small``: the one
+four-layer snapshot of before).
 
 Also timed in the same blocks (``extra``): **raw**, the floor of any Redis-backed loop on
 this machine: ``hot_path``'s raw arm (redis-py ``HGETALL`` + ``EVALSHA`` of a two-command
@@ -22,9 +25,10 @@ report here.
 
 from __future__ import annotations
 
+import itertools
 import random
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +42,7 @@ from agent_backend.models import (
     decode_status,
     encode_json,
 )
+from bench.agent_state import SMALL, AgentStates, agent_states
 from bench.harness import (
     Result,
     arm_p50_us,
@@ -51,7 +56,7 @@ from bench.harness import (
     run_interleaved,
     time_calls,
 )
-from bench.hot_path import RawLoop, build_snapshot, build_specs, seeded_uuid
+from bench.hot_path import RawLoop, build_specs, seeded_uuid
 from bench.pg_original import (
     CompositorSessionSnapshot,
     OriginalSessionStore,
@@ -69,6 +74,7 @@ from bench.stack import (
 )
 from cache.records import LayerSpec, Scope, SessionKey, SessionWrite, Snapshot
 from cache.settings import Settings
+from cache.snapshot_json import text_of
 from workers.drain import drain
 
 if TYPE_CHECKING:
@@ -127,14 +133,15 @@ def build_scopes(runs: int, nodes: int, seed: int) -> list[Scope]:
     return scopes
 
 
-def build_composition() -> RunComposition:
-    """What a node sends: the replayable layers plus a credential-bearing model layer."""
-    return RunComposition(layers=[*build_specs(), LLM_LAYER])
+def build_composition(specs: Sequence[LayerSpec] | None = None) -> RunComposition:
+    """What a node sends: the replayable layers (by default :func:`bench.hot_path.build_specs`)
+    plus a credential-bearing model layer."""
+    return RunComposition(layers=[*(build_specs() if specs is None else specs), LLM_LAYER])
 
 
-def build_answer(composition: RunComposition) -> bytes:
-    """The JSON of the backend's terminal status: succeeded, with an ~8 KB snapshot aligned to
-    the composition the lifecycle sends (``history`` added)."""
+def build_answer(composition: RunComposition, snapshot: Snapshot) -> bytes:
+    """The JSON of the backend's terminal status: succeeded, with ``snapshot`` aligned to the
+    composition the lifecycle sends (``history`` added when missing)."""
     from agent_sessions.requests import with_history
 
     names = with_history(composition).layer_names()
@@ -144,37 +151,67 @@ def build_answer(composition: RunComposition) -> bytes:
         status="succeeded",
         created_at=now,
         updated_at=now,
-        session_snapshot=build_snapshot().aligned_to(names),
+        session_snapshot=snapshot.aligned_to(names),
     )
     return encode_json(status)
 
 
 @dataclass(frozen=True)
-class LoopWorkload:
-    """Sessions and payloads of one loop benchmark process; both arms iterate the same ones."""
+class Payloads:
+    """One agent state per iteration in turn, in each arm's form: the backend's JSON answer
+    (ours), the original's pydantic snapshot, and the JSON ours stores (raw)."""
 
-    scopes: list[Scope]
-    order: list[int]
     composition: RunComposition
-    answer: bytes
-    snapshot_proto: CompositorSessionSnapshot
+    answers: tuple[bytes, ...]
+    originals: tuple[CompositorSessionSnapshot, ...]
+    stored: tuple[bytes, ...]
     specs_proto: list[RunLayerSpec]
 
     @classmethod
-    def build(cls, runs: int, nodes: int, seed: int) -> LoopWorkload:
+    def build(cls, states: AgentStates) -> Payloads:
+        composition = build_composition(states.specs)
+        answers = tuple(build_answer(composition, snapshot) for snapshot in states.snapshots)
+        aligned = [decode_status(answer).session_snapshot for answer in answers]
+        return cls(
+            composition,
+            answers,
+            tuple(original_snapshot(cast(Snapshot, snapshot)) for snapshot in aligned),
+            tuple(text_of(cast(Snapshot, snapshot)) for snapshot in aligned),
+            original_specs(states.specs),
+        )
+
+
+@dataclass(frozen=True)
+class LoopWorkload:
+    """Sessions and payloads of one loop benchmark process; every arm iterates the same
+    sessions in the same order and saves the same states in the same order."""
+
+    scopes: list[Scope]
+    order: list[int]
+    payloads: Payloads
+
+    @classmethod
+    def build(
+        cls, runs: int, nodes: int, seed: int, states: AgentStates | None = None
+    ) -> LoopWorkload:
+        """``states`` default to the small snapshot (``coalescing`` and ``cleanup`` save it)."""
         scopes = build_scopes(runs, nodes, seed)
         order = list(range(len(scopes)))
         random.Random(seed + 1).shuffle(order)
-        composition = build_composition()
-        specs = [x for x in composition.layers if x.type != LLM_LAYER.type]
-        return cls(
-            scopes,
-            order,
-            composition,
-            build_answer(composition),
-            original_snapshot(build_snapshot()),
-            original_specs(specs),
-        )
+        return cls(scopes, order, Payloads.build(states or agent_states(SMALL)))
+
+    @property
+    def composition(self) -> RunComposition:
+        return self.payloads.composition
+
+    @property
+    def snapshot_proto(self) -> CompositorSessionSnapshot:
+        """The first state as the original's pydantic snapshot."""
+        return self.payloads.originals[0]
+
+    @property
+    def specs_proto(self) -> list[RunLayerSpec]:
+        return self.payloads.specs_proto
 
     def cycle(self) -> Iterator[Scope]:
         while True:
@@ -189,13 +226,14 @@ def ours_iteration(lifecycle: SessionLifecycle, workload: LoopWorkload) -> Calla
     from agent_sessions.outcomes import RunOutcome
 
     scopes = workload.cycle()
+    answers = itertools.cycle(workload.payloads.answers)
 
     def iteration() -> object:
         scope = next(scopes)
         entry = lifecycle.enter(scope)
         request = lifecycle.build_request(scope, entry, workload.composition)
         encode_json(request)
-        status = decode_status(workload.answer)
+        status = decode_status(next(answers))
         result = lifecycle.finish(scope, entry, RunOutcome.from_status(request, status))
         if result.version is None:
             raise RuntimeError(f"save failed: {result.metadata}")
@@ -207,6 +245,7 @@ def ours_iteration(lifecycle: SessionLifecycle, workload: LoopWorkload) -> Calla
 def original_iteration(store: OriginalSessionStore, workload: LoopWorkload) -> Callable[[], object]:
     """``load_active_session`` + ``save_active_snapshot`` of the original store."""
     scopes = workload.cycle()
+    snapshots = itertools.cycle(workload.payloads.originals)
     backend_run_id = str(uuid.uuid4())
 
     def iteration() -> object:
@@ -215,7 +254,7 @@ def original_iteration(store: OriginalSessionStore, workload: LoopWorkload) -> C
         store.save_active_snapshot(
             scope,
             backend_run_id=backend_run_id,
-            snapshot=workload.snapshot_proto,
+            snapshot=next(snapshots),
             layer_specs=workload.specs_proto,
         )
         return None
@@ -225,11 +264,13 @@ def original_iteration(store: OriginalSessionStore, workload: LoopWorkload) -> C
 
 @dataclass
 class LoopArms:
-    """Both arms, ready to call, over one workload (sessions created by one call each)."""
+    """The arms, ready to call, over one workload (sessions created by one call of ours and
+    the original each; raw copies ours' session hashes once they exist)."""
 
     ours: Callable[[], object]
     original: Callable[[], object]
     sessions: int
+    raw: Callable[[], object] = lambda: None
 
     def populate(self) -> None:
         for _ in range(self.sessions):
@@ -239,7 +280,8 @@ class LoopArms:
 
 @contextmanager
 def loop_arms(settings: Settings, workload: LoopWorkload) -> Iterator[LoopArms]:
-    """Our lifecycle and the original store for ``workload`` on ``settings``' servers."""
+    """Our lifecycle, the original store and the raw floor for ``workload`` on
+    ``settings``' servers."""
     from agent_sessions.lifecycle import SessionLifecycle
 
     with worker_context(settings) as ctx:
@@ -251,6 +293,7 @@ def loop_arms(settings: Settings, workload: LoopWorkload) -> Iterator[LoopArms]:
                 len(workload.scopes),
             )
             arms.populate()
+            arms.raw = raw_arm(ctx, workload)
             yield arms
         finally:
             engine.dispose()
@@ -259,8 +302,8 @@ def loop_arms(settings: Settings, workload: LoopWorkload) -> Iterator[LoopArms]:
 # --------------------------------------------------------------------------------- running
 
 
-def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
-    workload = LoopWorkload.build(plan.runs, plan.nodes, seed=23)
+def _measure(plan: Plan, states: AgentStates) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
+    workload = LoopWorkload.build(plan.runs, plan.nodes, seed=23, states=states)
     with ExitStack() as stack:
         redis_url = stack.enter_context(private_redis())
         db_url = stack.enter_context(migrated_database())
@@ -271,11 +314,7 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
         ctx = stack.enter_context(worker_context(settings))
         before = ctx.cache.counters().get("rows_flushed", 0)
         print(f"  {arms.sessions} sessions, {WORKERS} flush workers; timing…", flush=True)
-        both: dict[str, Callable[[], object]] = {
-            "ours": arms.ours,
-            "original": arms.original,
-            "raw": raw_arm(ctx, workload),
-        }
+        both = dict(ours=arms.ours, original=arms.original, raw=arms.raw)
         samples = run_interleaved(
             both,
             blocks=plan.blocks,
@@ -284,14 +323,7 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
             on_block=ours_vs_original_progress(plan.blocks),
         )
         flushed = ctx.cache.counters().get("rows_flushed", 0) - before
-        print("  again with a busy-loop process (CPU-warm):", flush=True)
-        with cpu_warm():
-            warm = run_interleaved(
-                both,
-                blocks=plan.warm_blocks,
-                per_block=plan.per_block,
-                on_block=ours_vs_original_progress(plan.blocks),
-            )
+        warm = _cpu_warm_facts(both, plan)
         drain(ctx)  # the workers go idle: the steps below are timed alone
         costs = node_path_costs(ctx, workload)
     facts = {
@@ -301,9 +333,22 @@ def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
         "raw_plus_protocol_json_p50_us": round(
             arm_p50_us(samples, "raw") + costs["request_json"] + costs["answer_json"], 1
         ),
-        **_warm_facts(warm),
+        **warm,
     }
     return samples, facts
+
+
+def _cpu_warm_facts(arms: Mapping[str, Callable[[], object]], plan: Plan) -> dict[str, Any]:
+    """The arms again, with a busy-loop process keeping the vCPUs awake."""
+    print("  again with a busy-loop process (CPU-warm):", flush=True)
+    with cpu_warm():
+        warm = run_interleaved(
+            arms,
+            blocks=plan.warm_blocks,
+            per_block=plan.per_block,
+            on_block=ours_vs_original_progress(plan.blocks),
+        )
+    return _warm_facts(warm)
 
 
 def node_path_costs(ctx: WorkerContext, workload: LoopWorkload) -> dict[str, float]:
@@ -321,15 +366,16 @@ def node_path_costs(ctx: WorkerContext, workload: LoopWorkload) -> dict[str, flo
     name = cache.keys.session(key)
     entry = lifecycle.enter(scope)
     request = lifecycle.build_request(scope, entry, workload.composition)
-    status = decode_status(workload.answer)
+    answer = workload.payloads.answers[0]
+    status = decode_status(answer)
     outcome = RunOutcome.from_status(request, status)
-    write = SessionWrite.for_scope(scope, cast(Snapshot, outcome.snapshot), snapshot_from_wire=True)
+    write = SessionWrite.for_scope(scope, cast(Snapshot, outcome.snapshot))
     stored = cast(dict[bytes, bytes], cache.client.hgetall(name))
     steps: dict[str, Callable[[], object]] = {
         "decode_session": lambda: cache.codec.decode_session(name, key, stored),
         "build_request": lambda: lifecycle.build_request(scope, entry, workload.composition),
         "request_json": lambda: encode_json(request),
-        "answer_json": lambda: decode_status(workload.answer),
+        "answer_json": lambda: decode_status(answer),
         "from_status": lambda: RunOutcome.from_status(request, status),
         "save_encoding": lambda: cache.save_call(key, write, expected_version=1),
     }
@@ -337,9 +383,11 @@ def node_path_costs(ctx: WorkerContext, workload: LoopWorkload) -> dict[str, flo
 
 
 def raw_arm(ctx: WorkerContext, workload: LoopWorkload) -> RawLoop:
-    """The raw floor over copies of the workload's session hashes, in the same order."""
+    """The raw floor over copies of the workload's session hashes, in the same order, saving
+    the same states."""
     names = [ctx.cache.keys.session(cast(SessionKey, scope.key)) for scope in workload.scopes]
-    raw = RawLoop(cast(redis.Redis, ctx.cache.client), names, workload.order)
+    client = cast(redis.Redis, ctx.cache.client)
+    raw = RawLoop(client, names, workload.order, workload.payloads.stored)
     raw.populate()
     return raw
 
@@ -387,7 +435,8 @@ def _result(samples: Mapping[str, list[list[int]]], plan: Plan, facts: dict[str,
     )
 
 
-def run(quick: bool) -> Result:
+def run(quick: bool, snapshot: str | None = None) -> Result:
     plan = QUICK if quick else FULL
-    samples, facts = _measure(plan)
-    return _result(samples, plan, facts)
+    states = agent_states(snapshot)
+    samples, facts = _measure(plan, states)
+    return _result(samples, plan, {**states.facts(), **facts})

@@ -1,6 +1,6 @@
 """The Postgres-only session store, written the way the original is (the comparison arm).
 
-What it reproduces (``/work/shared/reference/dify-session-lifecycle.md`` §1.3 and §3.3):
+What it reproduces (the original Postgres-only store, §1.3 and §3.3 of its domain reference):
 
 - an SQLAlchemy ORM model of ``workflow_agent_runtime_sessions`` (here named
   :data:`TABLE`, so it can sit next to ours in one database): a uuid primary key, the scope
@@ -78,7 +78,7 @@ _SPECS: Final = TypeAdapter(list[RunLayerSpec])
 
 def original_snapshot(snapshot: Snapshot) -> CompositorSessionSnapshot:
     """Our snapshot as the original's pydantic object (set-up, not timed)."""
-    return CompositorSessionSnapshot.model_validate(msgspec.to_builtins(snapshot))
+    return CompositorSessionSnapshot.model_validate(msgspec.to_builtins(snapshot.decoded()))
 
 
 def original_specs(specs: Sequence[LayerSpec]) -> list[RunLayerSpec]:

@@ -2,7 +2,10 @@
 
 Every run of a benchmark overwrites its own JSON file (the directory is gitignored), so the
 page always shows the last result of each benchmark together with the command and time that
-produced it. ``python -m bench report`` rebuilds the page from those files alone.
+produced it. A result run with a non-default option that its benchmark names as a variant
+(``extra["variant"]``, e.g. ``--snapshot small``) has a file of its own
+(``hot_path--snapshot=small.json``) and a row of its own, beside the default one.
+``python -m bench report`` rebuilds the page from those files alone.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ HOW_TO_READ = """\
   interleaved in alternating blocks, so machine drift hits both sides equally. The goal is a
   bound on the ratio unless it says `value`.
 - Absolute microseconds on this VM swing about 4x with the CPU's idle state: a Redis round trip
-  is ~110 µs when the 2 vCPUs idle between calls and ~25 µs when they are kept busy
-  (`/work/shared/reference/baselines.md`, "idle-vCPU caveat"). Compare ratios across runs and
-  machines, not microseconds.
+  is ~110 µs when the 2 vCPUs idle between calls and ~25 µs when they are kept busy (the
+  `cpu_warm_*` extras measure that state). Compare ratios across runs and machines, not
+  microseconds.
 - **spread** is the range of the per-block ratios (and p99s): a wide range means a noisy run;
   rerun without `--quick` before drawing conclusions.
 - `--quick` runs take seconds and are for smoke tests; publish full runs.
@@ -41,23 +44,45 @@ HOW_TO_READ = """\
   Redis and Postgres all share the same two vCPUs. Redis is always a private server.
 - A goal on `value` (rather than the ratio) is marked `value` in the goal column; `baseline`
   is then the reference the value is read against (e.g. `flush_delay` for `flush_lag`).
+- The loop benchmarks save a realistic agent state by default (`bench/agent_state.py`: six
+  layers, ~8 KB and ~180 containers, a new state every iteration); a row named
+  `NAME --snapshot small` is the same benchmark with the small four-layer snapshot the
+  benchmarks saved before (`python -m bench NAME --snapshot small`). `extra.snapshot` names
+  the state every result used.
+- `cpu_per_iteration` and `flush_cpu` count CPU, not time: this process's
+  (`time.process_time`), the private Redis server's (`INFO cpu`) and the worker pool's
+  (`/proc`, summed over its process group). CPU moves less than wall time with the vCPUs'
+  idle states, but the machine's other work still slows every arm's caches and clocks.
 """
+
+
+def result_key(result: Result) -> str:
+    """How a result is listed: its benchmark's name, then its variant if it has one
+    (``hot_path --snapshot small``)."""
+    variant = result.extra.get("variant")
+    return f"{result.name} {variant}" if variant else result.name
+
+
+def result_file(result: Result) -> str:
+    """``hot_path.json``; a variant's ``hot_path--snapshot=small.json``."""
+    variant = str(result.extra.get("variant") or "")
+    return result.name + variant.replace(" --", "--").replace(" ", "=") + ".json"
 
 
 def save_result(result: Result, results_dir: Path = RESULTS_DIR) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{result.name}.json"
+    path = results_dir / result_file(result)
     path.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=False) + "\n")
     return path
 
 
 def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, Result]:
-    """Every saved result, by benchmark name."""
+    """Every saved result, by :func:`result_key`."""
     if not results_dir.is_dir():
         return {}
     paths = sorted(results_dir.glob("*.json"))
     loaded = (Result.from_dict(json.loads(p.read_text())) for p in paths)
-    return {result.name: result for result in loaded}
+    return {result_key(result): result for result in loaded}
 
 
 def _number(value: float | None, unit: str = "") -> str:
@@ -92,7 +117,7 @@ def _row(result: Result) -> str:
     ratio = "-" if result.ratio is None else _ratio(result.ratio)
     command = result.extra.get("command", "?")
     cells = [
-        f"`{result.name}`",
+        f"`{result_key(result)}`",
         result.metric,
         _number(result.value, result.unit),
         _number(result.baseline, result.unit),
@@ -115,7 +140,7 @@ def _also_rows(result: Result) -> list[str]:
         goal = f"value {item['goal']} {_UNITS.get(unit, unit)}" if "goal" in item else "-"
         met = {True: "yes", False: "**no**"}.get(item.get("met"), "-")
         cells = [
-            f"`{result.name}` (also)",
+            f"`{result_key(result)}` (also)",
             item.get("metric", "?"),
             _number(value, unit),
             _number(baseline, unit),
@@ -173,8 +198,8 @@ def _run_section(results: Sequence[Result], info: Mapping[str, str]) -> list[str
 
 
 def _details(result: Result) -> list[str]:
-    skip = {"spread", "command", "recorded_at", "met", "goal_on", "what", "also", "plot"}
-    lines = [f"### `{result.name}`", ""]
+    skip = {"spread", "command", "recorded_at", "met", "goal_on", "what", "also", "plot", "variant"}
+    lines = [f"### `{result_key(result)}`", ""]
     if "what" in result.extra:
         lines += [f"What is measured: {result.extra['what']}.", ""]
     if result.extra.get("plot"):
@@ -196,8 +221,8 @@ def render(
         "# Benchmarks",
         "",
         f"Generated {now} by `python -m bench` from the last saved result of each benchmark",
-        "(`bench/results/<name>.json`, gitignored). `python -m bench all [--quick]` reruns them",
-        "all and rewrites this page; `python -m bench report` rewrites it from the saved files.",
+        "(`bench/results/<name>.json`, gitignored). `python -m bench all` reruns them all and",
+        "rewrites this page; `python -m bench report` rewrites it from the saved files.",
         "",
         "## Machine",
         "",
@@ -228,9 +253,11 @@ def write_report(
     results_dir: Path = RESULTS_DIR,
     doc_path: Path = DOC_PATH,
 ) -> Path:
-    """Write the page from the saved results, registered benchmarks first, in ``order``."""
+    """Write the page from the saved results, registered benchmarks first, in ``order``, each
+    followed by its variants."""
     saved = load_results(results_dir)
-    names = [name for name in order if name in saved] + sorted(set(saved) - set(order))
+    rank = {name: i for i, name in enumerate(order)}
+    names = sorted(saved, key=lambda key: (rank.get(saved[key].name, len(rank)), key))
     missing = [name for name in order if name not in saved]
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     page = render(

@@ -1,15 +1,17 @@
 """scale: does a loop iteration slow down, and what does a session cost, with 100k sessions?
 
 Private Redis servers, filled through the save script (pipelined) with the same ~8 KB
-snapshot mix: **small** holds 1,000 live sessions, **large** 100,000 (``--quick``: 20,000),
-ten Agent nodes per workflow run, each size in two hash encodings: **default** (Redis'
-``hash-max-listpack-value 64``: a session hash holding an 8 KB value is a hashtable) and
-**listpack** (``hash-max-listpack-value 16384``: the whole session hash is one listpack).
-The fill is then acknowledged as flushed (``ack_flush`` per shard, as a flush would), so the
-sessions are in their steady state: clean, with TTLs. One iteration = ``RedisSessionCache.load``
-+ ``save`` at the loaded version of a random session, which it finds clean (what the blocks
-saved is acknowledged between them, untimed, as a flush between a loop's iterations would);
-the four servers are timed in alternating blocks.
+snapshot mix (``--snapshot realistic``, the default: 16 consecutive states of
+:mod:`bench.agent_state`, 7.9-8.5 KB; ``--snapshot small``: the small snapshot at 16 sizes
+over 6-10 KB; each session keeps its own): **small** holds 1,000 live sessions, **large**
+100,000 (``--quick``: 20,000), ten Agent nodes per workflow run, each size in two hash
+encodings: **default** (Redis' ``hash-max-listpack-value 64``: a session hash holding an
+8 KB value is a hashtable) and **listpack** (``hash-max-listpack-value 16384``: the whole
+session hash is one listpack). The fill is then acknowledged as flushed (``ack_flush`` per
+shard, as a flush would), so the sessions are in their steady state: clean, with TTLs. One
+iteration = ``RedisSessionCache.load`` + ``save`` at the loaded version of a random session,
+which it finds clean (what the blocks saved is acknowledged between them, untimed, as a
+flush between a loop's iterations would); the four servers are timed in alternating blocks.
 
 - value = speed large/small on the default encoding = per-iteration time small / large (goal
   >= 0.9: no slowdown with size); the listpack servers' speed and the listpack/default speed
@@ -33,6 +35,7 @@ from typing import Any, cast
 
 import redis
 
+from bench.agent_state import SMALL, AgentStates, agent_states
 from bench.harness import (
     Result,
     goal_met,
@@ -44,20 +47,21 @@ from bench.harness import (
     run_interleaved,
     summarize,
 )
-from bench.hot_path import build_keys, build_snapshot, build_specs, build_write
+from bench.hot_path import build_keys, build_snapshot, build_write
 from bench.stack import (
     bulk_save,
 )
 from cache.client import connect
-from cache.records import Owner, SessionKey, SessionWrite
+from cache.records import Owner, SessionKey, SessionWrite, Snapshot
 from cache.settings import Settings
+from cache.snapshot_json import encode_checked
 from cache.store import RedisSessionCache
 
 NAME = "scale"
 METRIC = "iteration speed with many live sessions, large/small"
 GOAL = ">= 0.9"
 MEMORY_GOAL = "<= 1100"
-VARIANTS = 16  # snapshot sizes spread over 6-10 KB, like real histories of varying length
+VARIANTS = 16  # distinct snapshots in a fill (sessions take them in turn)
 ACK_CHUNK = 500
 ENCODINGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -79,20 +83,28 @@ FULL = Plan(small=1_000, large=100_000, blocks=15, per_block=1000, warmup=500)
 """``per_block`` <= ``small``: no session is saved twice between two settles."""
 
 
-def build_writes() -> list[SessionWrite]:
-    base = build_write()
+def _snapshots(states: AgentStates) -> list[Snapshot]:
+    """:data:`VARIANTS` snapshots: the realistic states in turn, or the small one at sizes
+    spread over 6-10 KB, like real histories of varying length."""
+    if states.kind != SMALL:
+        return [states.snapshots[i % len(states.snapshots)] for i in range(VARIANTS)]
     sizes = [6 * 1024 + i * 4 * 1024 // (VARIANTS - 1) for i in range(VARIANTS)]
+    return [build_snapshot(size, seed=31 + i) for i, size in enumerate(sizes)]
+
+
+def build_writes(states: AgentStates) -> list[SessionWrite]:
+    base = build_write()
     return [
         SessionWrite(
-            snapshot=build_snapshot(size, seed=31 + i),
-            layer_specs=build_specs(),
+            snapshot=snapshot,
+            layer_specs=states.specs,
             app_id=base.app_id,
             workflow_id=base.workflow_id,
             node_execution_id=base.node_execution_id,
             agent_config_snapshot_id=base.agent_config_snapshot_id,
             backend_run_id=base.backend_run_id,
         )
-        for i, size in enumerate(sizes)
+        for snapshot in _snapshots(states)
     ]
 
 
@@ -126,7 +138,8 @@ def _used_memory(client: redis.Redis) -> int:
 def _payload_bytes(cache: RedisSessionCache, writes: Sequence[SessionWrite], n: int) -> float:
     """Mean encoded snapshot + specs bytes over the ``n`` sessions (writes cycle)."""
     sizes = [
-        len(cache.codec.encode_snapshot(w.snapshot)) + len(cache.codec.encode_specs(w.layer_specs))
+        len(encode_checked(w.snapshot, cache.codec.max_snapshot_bytes))
+        + len(cache.codec.encode_specs(w.layer_specs))
         for w in writes
     ]
     return sum(sizes[i % len(sizes)] for i in range(n)) / n
@@ -214,8 +227,10 @@ def _open_cache(stack: ExitStack, config: Mapping[str, str]) -> RedisSessionCach
     return RedisSessionCache(client, settings)
 
 
-def _measure(plan: Plan) -> tuple[dict[str, list[list[int]]], dict[str, Filled]]:
-    writes = build_writes()
+def _measure(
+    plan: Plan, states: AgentStates
+) -> tuple[dict[str, list[list[int]]], dict[str, Filled]]:
+    writes = build_writes(states)
     filled: dict[str, Filled] = {}
     with ExitStack() as stack:
         for encoding, config in ENCODINGS.items():
@@ -345,7 +360,10 @@ def _memory_row(encoding: str, filled: Filled) -> dict[str, Any]:
 
 
 def _result(
-    samples: Mapping[str, list[list[int]]], plan: Plan, filled: Mapping[str, Filled]
+    samples: Mapping[str, list[list[int]]],
+    plan: Plan,
+    filled: Mapping[str, Filled],
+    states: AgentStates,
 ) -> Result:
     speed = _speed(samples, "small_default", "large_default")
     blocks = [
@@ -373,13 +391,15 @@ def _result(
         "memory_bytes_per_session": {arm: one.memory() for arm, one in filled.items()},
         "memory_usage_breakdown": {arm: one.breakdown for arm, one in filled.items()},
         "speed_met": goal_met(GOAL, speed),
+        **states.facts(),
     }
     return make_result(
         NAME, METRIC, value=speed, baseline=None, goal=GOAL, unit="x", goal_on="value", extra=extra
     )
 
 
-def run(quick: bool) -> Result:
+def run(quick: bool, snapshot: str | None = None) -> Result:
     plan = QUICK if quick else FULL
-    samples, filled = _measure(plan)
-    return _result(samples, plan, filled)
+    states = agent_states(snapshot, count=VARIANTS)
+    samples, filled = _measure(plan, states)
+    return _result(samples, plan, filled, states)

@@ -298,14 +298,19 @@ def test_all_runs_every_benchmark_and_writes_the_page(
     fake_benchmark: Benchmark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("bench.__main__.machine_facts", _no_machine_facts)
-    doc = tmp_path / "benchmarks.md"
+    doc = tmp_path / "docs" / "benchmarks.md"
+    results = tmp_path / "results"
     registry = {"fake": fake_benchmark}
-    status = main(["all", "--quick"], registry=registry, results_dir=tmp_path, doc_path=doc)
+    status = main(["all"], registry=registry, results_dir=results, doc_path=doc)
     page = doc.read_text()
     assert status == 0
     assert "| `fake` |" in page
-    assert "`python -m bench all --quick`" in page
+    assert "`python -m bench all`" in page
     assert "test CPU" in page
+    doc.unlink()
+    assert main(["all", "--quick"], registry=registry, results_dir=results, doc_path=doc) == 0
+    assert not doc.exists()  # a quick run never touches docs/
+    assert "`python -m bench all --quick`" in (results / "benchmarks.md").read_text()
 
 
 def test_all_reports_a_failing_benchmark(

@@ -56,7 +56,7 @@ from bench.stack import (
 )
 from cache.clock import now_iso
 from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
-from persistence.models import KEY_COLUMNS, TABLE_NAME, sessions
+from persistence.models import KEY_COLUMNS, TABLE_NAME, UNIQUE_COLUMNS, sessions
 from persistence.rows import COLUMNS as ROW_COLUMNS
 from persistence.rows import HASH_FIELDS, row_of_hash, row_of_session
 from workers.context import WorkerContext
@@ -81,7 +81,10 @@ class Plan:
 QUICK = Plan(sessions=5_000, reps=2, pool_sizes=(2,))
 FULL = Plan(sessions=20_000, reps=3, pool_sizes=(1, 2))
 
-_COLUMNS = tuple(c.name for c in sessions.columns if c.name not in {"id", "flushed_at"})
+_COLUMNS = tuple(
+    c.name for c in sessions.columns if c.name not in {"id", "flushed_at", "key_prefix"}
+)
+"""The columns the raw arm sends as arrays (``key_prefix``, one value for all, goes first)."""
 
 
 def _array_type(column: str) -> str:
@@ -103,13 +106,15 @@ def _array_type(column: str) -> str:
 
 
 def _unnest_sql() -> str:
+    unique = ", ".join(UNIQUE_COLUMNS[OwnerType.WORKFLOW_RUN])
     keys = ", ".join(KEY_COLUMNS[OwnerType.WORKFLOW_RUN])
     columns = ", ".join(_COLUMNS)
     arrays = ", ".join(f"%b::{_array_type(c)}[]" for c in _COLUMNS)
     updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS)
     return (
-        f"INSERT INTO {TABLE_NAME} ({columns}) SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT ({keys}) DO UPDATE SET {updates}, flushed_at = now() "
+        f"INSERT INTO {TABLE_NAME} (key_prefix, {columns}) "
+        f"SELECT %b::text, * FROM unnest({arrays}) "
+        f"ON CONFLICT ({unique}) DO UPDATE SET {updates}, flushed_at = now() "
         f"WHERE {TABLE_NAME}.version < excluded.version RETURNING {keys}, version"
     )
 
@@ -155,6 +160,7 @@ class RawWriter:
     """psycopg alone: the batches prepared up front, written one statement + commit each."""
 
     db_url: str
+    key_prefix: str
     seed: list[list[list[Any]]] = field(default_factory=list)
     update: list[list[list[Any]]] = field(default_factory=list)
 
@@ -166,7 +172,8 @@ class RawWriter:
         written = 0
         with psycopg.connect(self.db_url) as conn:
             for arrays in batches:
-                written += len(conn.execute(UNNEST_SQL, arrays).fetchall())
+                params = [self.key_prefix, *arrays]
+                written += len(conn.execute(UNNEST_SQL, params).fetchall())
                 conn.commit()
         return written
 
@@ -345,7 +352,7 @@ def _interleaved(
 def _measure(plan: Plan) -> Measured:
     keys = build_keys(plan.sessions)
     with _stack() as (ctx, db_url):
-        raw = RawWriter(db_url)
+        raw = RawWriter(db_url, ctx.settings.key_prefix)
         batches = _batches(ctx, keys)
         raw.prepare(batches)
         print(f"  {len(keys):,} sessions in {len(batches)} shard batches; timing…", flush=True)

@@ -74,9 +74,9 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         return
     from importlib.metadata import version
 
-    from persistence.migrate import head
+    from persistence.schema import HEAD
 
-    click.echo(f"agent-sessions {version('agent-session-cache')} (database schema {head()})")
+    click.echo(f"agent-sessions {version('agent-session-cache')} (database schema {HEAD})")
     ctx.exit()
 
 

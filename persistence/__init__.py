@@ -1,7 +1,8 @@
 """Postgres persistence, below ``workers`` and above ``cache``; one module per job:
 
 * ``models``: the tables (``agent_runtime_sessions``, ``agent_session_owners``); ``migrations``
-  and ``migrate``: Alembic, the only way the schema changes.
+  and ``migrate``: Alembic, the only way the schema changes; ``schema``: where a database's
+  schema is, read without importing Alembic (every process start checks it).
 * ``engine``: the SQLAlchemy engine; ``direct``: the flush's own autocommit connections.
 * ``rows``: session rows, built from a record or straight from a Redis hash's bytes.
 * ``upsert``: the fenced batch upsert (its SQL in its docstring) and the sorting of refusals.

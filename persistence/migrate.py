@@ -4,32 +4,45 @@ The Alembic config is built here rather than read from an ``alembic.ini``: the s
 directory is the installed ``persistence/migrations`` package, wherever it lives, and the
 database URL never passes through configparser (a ``%`` in a password would break it).
 :func:`upgrade_sql` and :func:`downgrade_sql` write the statements instead of running them
-(Alembic's offline mode; no database is needed).
+(Alembic's offline mode; no database is needed). Reading where a database's schema is
+needs no Alembic: :mod:`persistence.schema` (re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection
 
-from persistence.engine import create_engine
-from persistence.errors import (
-    DatabaseMissing,
-    PersistenceError,
-    PersistenceUnavailable,
-    RowRejected,
-    translate_errors,
+from persistence.schema import (
+    SchemaState,
+    connection,
+    current,
+    database_missing,
+    schema_state,
 )
+
+__all__ = [
+    "SchemaState",
+    "alembic_config",
+    "current",
+    "database_missing",
+    "downgrade",
+    "downgrade_sql",
+    "head",
+    "history",
+    "locked_connection",
+    "schema_state",
+    "upgrade",
+    "upgrade_sql",
+]
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK: Final = 0x61736373_6D696772  # "ascsmigr": one advisory lock key per database
@@ -51,39 +64,6 @@ def alembic_config(
     return config
 
 
-@contextmanager
-def _schema_errors() -> Iterator[None]:
-    """Like ``translate_errors``, but a refused DDL statement is a schema problem, not a row."""
-    try:
-        with translate_errors():
-            yield
-    except RowRejected as error:
-        raise PersistenceError(str(error)) from error.__cause__
-
-
-def _connect(engine: Engine, database_url: str) -> Connection:
-    """A connection of ``engine``; :class:`DatabaseMissing` when the server answers but lacks
-    the database."""
-    try:
-        with _schema_errors():
-            return engine.connect()
-    except PersistenceUnavailable as exc:
-        if database_missing(database_url):
-            raise DatabaseMissing(database_url) from exc
-        raise
-
-
-@contextmanager
-def _connection(database_url: str) -> Iterator[Connection]:
-    """One connection in one transaction (DDL is transactional in Postgres), then dispose."""
-    engine = create_engine(database_url, pool_pre_ping=False)
-    try:
-        with _connect(engine, database_url) as connection, _schema_errors(), connection.begin():
-            yield connection
-    finally:
-        engine.dispose()
-
-
 def _serialise(connection: Connection) -> None:
     """Hold a transaction-scoped advisory lock, so processes migrating at once take turns.
 
@@ -97,9 +77,9 @@ def _serialise(connection: Connection) -> None:
 def locked_connection(database_url: str) -> Iterator[Connection]:
     """A connection in a transaction that holds the migration lock (see :func:`_serialise`);
     :class:`DatabaseMissing` when the server answers but lacks the database."""
-    with _connection(database_url) as connection:
-        _serialise(connection)
-        yield connection
+    with connection(database_url) as conn:
+        _serialise(conn)
+        yield conn
 
 
 def upgrade(database_url: str, revision: str = "head", *, key_prefix: str | None = None) -> None:
@@ -130,12 +110,6 @@ def downgrade_sql(revision: str, output: TextIO) -> None:
     command.downgrade(alembic_config(output=output), revision, sql=True)
 
 
-def current(database_url: str) -> str | None:
-    """The revision the database is at, or ``None`` if it was never migrated."""
-    with _connection(database_url) as connection:
-        return MigrationContext.configure(connection).get_current_revision()
-
-
 def head() -> str | None:
     """The newest revision this package ships (what :func:`upgrade` goes to by default)."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -149,48 +123,3 @@ def history() -> list[str]:
         script.cmd_format(False, include_branches=True, include_doc=True, include_parents=True)
         for script in scripts.walk_revisions()
     ]
-
-
-@dataclass(frozen=True, slots=True)
-class SchemaState:
-    """Where a database's schema is, against what this build ships."""
-
-    current: str | None
-    """The database's revision (``None``: never migrated)."""
-    head: str | None
-    """The newest revision of this build."""
-    known: bool
-    """Whether this build knows ``current`` (a newer build may have migrated further)."""
-
-    @property
-    def at_head(self) -> bool:
-        return self.current == self.head
-
-
-def schema_state(database_url: str) -> SchemaState:
-    """The database's revision beside this build's head.
-
-    Raises :class:`DatabaseMissing` when the server answers but has no such database, and
-    :class:`PersistenceUnavailable` when it does not answer.
-    """
-    revision = current(database_url)
-    scripts = ScriptDirectory.from_config(alembic_config())
-    known = revision is None or any(s.revision == revision for s in scripts.walk_revisions())
-    return SchemaState(revision, scripts.get_current_head(), known)
-
-
-def database_missing(database_url: str) -> bool:
-    """Whether the server of ``database_url`` answers and lacks its database (asked through
-    the ``postgres`` maintenance database; ``False`` when that cannot be asked either)."""
-    url = make_url(database_url)
-    engine = create_engine(url.set(database="postgres").render_as_string(hide_password=False))
-    try:
-        with translate_errors(), engine.connect() as conn:
-            found = conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": url.database}
-            ).first()
-    except PersistenceError:
-        return False
-    finally:
-        engine.dispose()
-    return found is None

@@ -25,7 +25,7 @@ from cache.client import safe_url
 from cache.errors import StartupCheckFailed, StoreUnavailable
 from cache.settings import Settings
 from persistence.errors import DatabaseMissing, PersistenceUnavailable
-from persistence.migrate import schema_state
+from persistence.schema import schema_state
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)

@@ -33,12 +33,13 @@ The statement SQLAlchemy compiles once per owner type, for a workflow run's rows
                AND agent_session_owners.tenant_id = batch.tenant_id
                AND agent_session_owners.owner_type = 'workflow_run'
                AND agent_session_owners.owner_id = batch.workflow_run_id)))
-       AND NOT (EXISTS (SELECT * FROM agent_runtime_sessions AS stored
+       AND (batch.known_version IS NULL OR coalesce((SELECT stored.version
+             FROM agent_runtime_sessions AS stored
              WHERE stored.key_prefix = %(key_prefix)s::VARCHAR
                AND stored.tenant_id = batch.tenant_id
                AND stored.workflow_run_id = batch.workflow_run_id
                AND stored.node_id = batch.node_id AND stored.binding_id = batch.binding_id
-               AND stored.agent_id = batch.agent_id AND stored.version > batch.known_version))
+               AND stored.agent_id = batch.agent_id), 0) <= batch.known_version)
     ON CONFLICT (key_prefix, tenant_id, workflow_run_id, node_id, binding_id, agent_id) DO UPDATE
        SET <every other column> = excluded.<column>, flushed_at = now()
      WHERE agent_runtime_sessions.version < excluded.version
@@ -51,9 +52,13 @@ The statement SQLAlchemy compiles once per owner type, for a workflow run's rows
 
 ``<COLUMNS>`` is ``persistence.rows.COLUMNS``; a conversation's statement names its own key
 columns (``conversation_id`` and ``agent_config_snapshot_id`` for ``workflow_run_id`` and
-``node_id``). The second ``NOT EXISTS`` is the fence against a Redis that went back in time:
+``node_id``). The last condition is the fence against a Redis that went back in time:
 ``known_version`` is the highest version the row's Redis copy knows reached Postgres
 (``lua/mark_flushing.lua``; NULL for a copy an earlier build saved, which is not checked).
+It is a scalar subquery, one unique-index lookup per row whatever the table's statistics:
+written as ``NOT EXISTS``, Postgres planned it on a fresh table as an anti join over every
+row of the prefix (``EXPLAIN ANALYZE``: 21.8 ms for 20 rows among 3,000, 1.2 ms after
+``ANALYZE``).
 """
 
 from __future__ import annotations
@@ -202,14 +207,25 @@ def _fenced_rows(owner: OwnerType, prefix: sa.BindParameter[Any]) -> sa.Select[A
         owners.c.owner_type == owner.value,
         owners.c.owner_id == batch.c[OWNER_ID[owner].name],
     )
+    # A scalar subquery, not NOT EXISTS: Postgres may turn NOT EXISTS into an anti join, and
+    # on a table without statistics yet (a fresh one, a bulk load) it scanned every row of
+    # the prefix for each row of the batch (21.8 ms against 1.2 ms for 20 rows of 3,000). A
+    # scalar subquery stays one unique-index lookup per row, whatever the statistics.
     stored = sessions.alias("stored")
-    went_back = sa.exists().where(
-        stored.c.key_prefix == prefix,
-        *(stored.c[name] == batch.c[name] for name in KEY_COLUMNS[owner]),
-        stored.c.version > batch.c.known_version,
+    stored_version = (
+        sa.select(stored.c.version)
+        .where(
+            stored.c.key_prefix == prefix,
+            *(stored.c[name] == batch.c[name] for name in KEY_COLUMNS[owner]),
+        )
+        .scalar_subquery()
+    )
+    within_known = sa.or_(
+        batch.c.known_version.is_(None),
+        sa.func.coalesce(stored_version, sa.literal_column("0")) <= batch.c.known_version,
     )
     return sa.select(prefix, *(batch.c[name] for name in COLUMNS)).where(
-        sa.or_(batch.c.status != ACTIVE, ~ended), ~went_back
+        sa.or_(batch.c.status != ACTIVE, ~ended), within_known
     )
 
 

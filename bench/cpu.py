@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -200,12 +200,24 @@ def median_per_call(blocks: Sequence[CpuBlock], server_idle_rate: float = 0.0) -
     return {key: round(median([b[key] for b in per_block]), 1) for key in per_block[0]}
 
 
+def top_commands(
+    readings: Iterable[Mapping[str, tuple[int, float]]],
+    per: float,
+    *,
+    top: int = 6,
+    digits: int = 2,
+) -> dict[str, float]:
+    """Server µs spent in each command over all ``readings`` (``INFO commandstats`` deltas:
+    name -> (calls, µs)) divided by ``per``, the ``top`` largest."""
+    usec: dict[str, float] = {}
+    for commands in readings:
+        for name, (_, spent) in commands.items():
+            usec[name] = usec.get(name, 0.0) + spent
+    ranked = sorted(usec.items(), key=lambda item: -item[1])[:top]
+    return {name: round(spent / per, digits) for name, spent in ranked}
+
+
 def commands_per_call(blocks: Sequence[CpuBlock], top: int = 6) -> dict[str, float]:
     """Server µs per call spent in each command over all ``blocks``, the ``top`` largest."""
     calls = sum(block.calls for block in blocks)
-    usec: dict[str, float] = {}
-    for block in blocks:
-        for name, (_, spent) in block.commands.items():
-            usec[name] = usec.get(name, 0.0) + spent
-    ranked = sorted(usec.items(), key=lambda item: -item[1])[:top]
-    return {name: round(spent / calls, 2) for name, spent in ranked}
+    return top_commands((block.commands for block in blocks), calls, top=top)

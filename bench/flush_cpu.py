@@ -37,6 +37,7 @@ from bench.cpu import (
     cpu_delta,
     group_cpu_s,
     idle_cpu_rate,
+    top_commands,
 )
 from bench.harness import Result, make_result, median, private_redis
 from bench.loop_vs_postgres import LoopWorkload, ours_iteration
@@ -226,12 +227,7 @@ def _per_s(windows: Sequence[Window], read: Callable[[Window], float]) -> float:
 def _idle_commands(windows: Sequence[Window], top: int = 6) -> dict[str, float]:
     """Redis µs per second of each command while the pool idles, the ``top`` largest."""
     seconds = sum(w.seconds for w in windows)
-    usec: dict[str, float] = {}
-    for window in windows:
-        for name, (_, spent) in window.commands.items():
-            usec[name] = usec.get(name, 0.0) + spent
-    ranked = sorted(usec.items(), key=lambda item: -item[1])[:top]
-    return {name: round(spent / seconds, 1) for name, spent in ranked}
+    return top_commands((w.commands for w in windows), seconds, top=top, digits=1)
 
 
 def _also(reps: Sequence[Rep], alone_ms_per_s: float) -> list[dict[str, Any]]:

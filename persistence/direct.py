@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -23,7 +24,8 @@ from sqlalchemy.engine import URL
 
 from persistence.errors import PersistenceUnavailable, classify
 
-Params = dict[str, Any]
+Params = Sequence[Any]
+"""The values of a statement's ``$1``, ``$2``, ... in order."""
 
 
 class DirectConnections:
@@ -36,7 +38,8 @@ class DirectConnections:
         self._made: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
     def execute(self, sql: bytes, params: Params) -> list[tuple[Any, ...]]:
-        """Run ``sql`` and return every row it returns; driver errors pass through."""
+        """Run ``sql`` (``$n`` placeholders, sent as it is) and return every row it returns;
+        driver errors pass through."""
         conn, used = self._connection()
         try:
             return self._run(conn, sql, params)
@@ -56,8 +59,9 @@ class DirectConnections:
 
     @staticmethod
     def _run(conn: psycopg.Connection[Any], sql: bytes, params: Params) -> list[tuple[Any, ...]]:
-        cursor = conn.execute(sql, params)
-        return cursor.fetchall() if cursor.description is not None else []
+        with psycopg.RawCursor(conn) as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description is not None else []
 
     def _connection(self) -> tuple[psycopg.Connection[Any], bool]:
         """This thread's connection, and whether it has been used before."""

@@ -42,3 +42,21 @@ def test_the_documented_filters_and_conflict_target_are_the_compiled_ones() -> N
         "ON CONFLICT (key_prefix, tenant_id, conversation_id, binding_id, agent_id, "
         "agent_config_snapshot_id)" in conversation
     )
+
+
+def test_positional_numbers_each_name_once_and_keeps_an_escaped_percent() -> None:
+    sql, order = upsert.positional(b"SELECT %(a)s, %(b)s, %(a)s WHERE x LIKE 'p%%'")
+    assert sql == b"SELECT $1, $2, $1 WHERE x LIKE 'p%'"
+    assert order == ("a", "b")
+
+
+def test_the_flushers_statement_is_the_compiled_one_with_numbered_parameters() -> None:
+    """Every named parameter becomes its ``$n``, and nothing else of the SQL changes."""
+    for owner in OwnerType:
+        stmt = upsert._UPSERTS[owner]
+        back = stmt.raw_sql
+        for n, name in reversed(list(enumerate(stmt.order, start=1))):
+            back = back.replace(b"$%d" % n, b"%%(%s)s" % name.encode())
+        assert back == stmt.sql
+        assert set(stmt.order) == set(re.findall(r"%\((\w+)\)s", stmt.sql.decode()))
+        assert b"%(" not in stmt.raw_sql

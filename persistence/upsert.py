@@ -261,7 +261,7 @@ def positional(sql: bytes) -> tuple[bytes, tuple[str, ...]]:
     twice is one parameter), and the names in ``$n`` order.
 
     psycopg converts a ``%(name)s`` query on every execution, and caches the conversion only
-    for queries up to 4,096 bytes: the upsert is longer, so each flush paid ~80 µs to parse
+    for queries up to 4,096 bytes: the upsert is longer, so each flush paid 64 µs to parse
     it again. In this form a ``psycopg.RawCursor`` sends it as it is.
     """
     order: list[str] = []

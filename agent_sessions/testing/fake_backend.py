@@ -39,6 +39,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -338,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m agent_sessions.testing.fake_backend [--host H] [--port N]
     [--finish-delay-ms MS]``."""
     args = _parse_args(argv)
+    # A process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python then installs no handler: "until interrupted" must hold anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fake = FakeAgentBackend(args.host, args.port, finish_delay_s=args.finish_delay_ms / 1000)
     try:

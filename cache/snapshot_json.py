@@ -7,11 +7,14 @@ layers are :class:`RawLayer`\\ s, whose ``runtime_state`` is that layer's JSON t
 (``msgspec.Raw``), decoded only when someone asks (:func:`decoded`). Encoding one writes that
 text as it is.
 
-The door (:func:`encode_checked`) is the same for every snapshot: a layer state built in
-Python is checked value by value (:func:`cache.validate.check_json_object`); then the JSON is
-decoded back into its raw frame, which checks its syntax and shape in C, and its nesting is
-bounded on the text itself (:func:`nesting_within`). No flag says where a snapshot came from:
-a runtime state is either JSON text, checked as text, or Python values, checked as values.
+The door (:func:`encode_checked`) is the same for every snapshot: the frame (record types,
+names, lifecycle states) is checked in Python; a layer state built in Python is checked value
+by value (:func:`cache.validate.check_json_object`); a layer state held as text is checked as
+text, on its own (:func:`check_state_text`): one JSON object that every reader decodes
+(simdjson's validating parser, msgspec's full decode for what simdjson refuses), nested at
+most :data:`~cache.validate.MAX_JSON_DEPTH` deep (:func:`nesting_within`). No flag says where
+a snapshot came from: a runtime state is either JSON text, checked as text, or Python values,
+checked as values.
 
 Snapshots that earlier builds stored as msgpack are still read (:func:`frame_of`).
 """
@@ -22,14 +25,12 @@ import re
 from typing import Final
 
 import msgspec
+import simdjson
 
 from cache.errors import InvalidSnapshot, PayloadTooLarge
 from cache.records import LifecycleState, Snapshot, SnapshotLayer, is_text
 from cache.validate import MAX_JSON_DEPTH, check_json_object, check_name
 
-SNAPSHOT_WRAPPERS: Final = 3
-"""Containers around a layer's runtime state in a snapshot: the snapshot, its layer list,
-the layer."""
 EMPTY_STATE: Final = msgspec.Raw(b"{}")
 
 
@@ -56,22 +57,11 @@ _STATES: Final = frozenset(LifecycleState)
 _BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
 _DROP: Final = bytes(b for b in range(256) if b not in b'"[]{}')
 """Every byte but quotes and brackets."""
+_NOT_OPENING: Final = bytes(b for b in range(256) if b not in b"[{")
+"""Every byte but an opening bracket."""
 _WHITESPACE: Final = b" \t\r\n"
 _ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
 """A backslash escape in JSON text and the character it escapes."""
-_NUMBER_MARKS: Final = bytes.maketrans(
-    bytes(range(256)),
-    bytes(
-        ord("0") if 48 <= b <= 57 else ord("e") if b in b"eE" else ord("+") if b in b"+-" else 32
-        for b in range(256)
-    ),
-)
-"""Digits to ``0``, ``e``/``E`` to ``e``, signs to ``+``, every other byte to a space."""
-_RISKY_NUMBERS: Final = (b"e000", b"e+000", b"0" * 200)
-"""Marks of a number the decoder may find out of range: a 3-digit exponent, or 200 digits in
-a row (a float beyond 1e308 with a shorter exponent has at least 210 before its point; an
-int beyond 4,300 digits). Letters and digits in strings can look
-the same: a false alarm only costs a full decode."""
 
 
 def is_json(data: bytes) -> bool:
@@ -140,7 +130,7 @@ def encode_checked(snapshot: object, limit: int) -> bytes:
         raise InvalidSnapshot(f"snapshot cannot be stored: {exc}") from None
     if len(data) > limit:
         raise PayloadTooLarge(f"encoded snapshot is {len(data)} bytes; the limit is {limit}")
-    _check_text(data, checked)
+    _check_text(checked)
     return data
 
 
@@ -174,52 +164,47 @@ def _check_layer(layer: object) -> None:
         check_json_object(f"layer {layer.name!r} runtime_state", layer.runtime_state)
 
 
-def _check_text(data: bytes, checked: Snapshot) -> None:
-    """The encoded JSON: valid, the frame it decodes to the one checked (no text state
-    spilled out of its layer), states objects, every value decodable, nesting bounded."""
+def _check_text(checked: Snapshot) -> None:
+    """Each state held as text, on its own: one JSON object (nothing of it spills into its
+    layer's other fields or the next layer), every value decodable, nesting bounded."""
+    for layer in checked.layers:
+        state: object = layer.runtime_state
+        if type(state) is msgspec.Raw:
+            check_state_text(f"layer {layer.name!r} runtime_state", state)
+
+
+def check_state_text(where: str, text: msgspec.Raw) -> None:
+    """:class:`InvalidSnapshot` unless ``text`` is one JSON object that every reader of a
+    snapshot decodes (msgspec here, the backend's parser) nested at most
+    :data:`~cache.validate.MAX_JSON_DEPTH` deep.
+
+    simdjson validates it in one C pass: the syntax, one document and nothing after it,
+    UTF-8, escapes (no lone surrogate), numbers in range. What it refuses, msgspec's full
+    decode has the last word on: integers beyond 64 bits are refused by simdjson alone
+    (``BIGINT_ERROR``) but decode, and are stored, as before. The nesting needs a pass only
+    when the text holds more brackets than the bound (a bracket in a string counts too).
+    """
+    data = bytes(text)
     try:
-        frame = _RAW.decode(data)
+        is_object: bool | None = type(simdjson.Parser().parse(data)) is simdjson.Object
+    except (ValueError, RuntimeError):  # UnicodeDecodeError is a ValueError
+        is_object = None  # msgspec decides, once the nesting is known to be bounded
+    openings = len(data.translate(None, _NOT_OPENING))  # an upper bound on the nesting
+    if openings > MAX_JSON_DEPTH and not nesting_within(data, MAX_JSON_DEPTH):
+        raise InvalidSnapshot(f"{where} nests deeper than {MAX_JSON_DEPTH} levels")
+    if is_object is None:
+        is_object = _decodes_to_object(where, data)
+    if not is_object:
+        raise InvalidSnapshot(f"{where} must be a JSON object")
+
+
+def _decodes_to_object(where: str, data: bytes) -> bool:
+    """Whether msgspec's full decode of ``data`` gives an object; :class:`InvalidSnapshot`
+    if it does not decode."""
+    try:
+        return type(_ANY.decode(data)) is dict
     except msgspec.DecodeError as exc:
-        raise InvalidSnapshot(f"snapshot is not valid JSON: {exc}") from None
-    if len(frame.layers) != len(checked.layers):
-        raise InvalidSnapshot("a runtime_state's text is not one JSON value")
-    for layer, given in zip(frame.layers, checked.layers, strict=True):
-        if not _same_layer(layer, given):
-            raise InvalidSnapshot(
-                f"layer {given.name!r}: runtime_state's text is not one JSON value"
-            )
-        if bytes(memoryview(layer.runtime_state)[:1]) != b"{":
-            raise InvalidSnapshot(f"layer {layer.name!r} runtime_state must be a JSON object")
-    _check_values(data)
-    if not nesting_within(data, MAX_JSON_DEPTH + SNAPSHOT_WRAPPERS):
-        raise InvalidSnapshot(f"a runtime_state nests deeper than {MAX_JSON_DEPTH} levels")
-
-
-def _same_layer(read: RawLayer, given: SnapshotLayer) -> bool:
-    """Whether the layer read back from the text is the one checked: a text state that held
-    more than one JSON value would have spilled into its layer's other fields or the next."""
-    if read.name != given.name:
-        return False
-    state: object = given.runtime_state
-    return not isinstance(state, msgspec.Raw) or read.runtime_state == state  # compares bytes
-
-
-def _check_values(data: bytes) -> None:
-    """Every value of the JSON text decodes (the raw frame's decode checked the syntax and
-    the escapes, not these): valid UTF-8, no encoded surrogate, and, when the text looks as
-    if it might hold a number out of range, a full decode says whether it does (C-level
-    passes either way)."""
-    try:
-        data.decode()
-    except UnicodeDecodeError as exc:
-        raise InvalidSnapshot(f"snapshot is not valid UTF-8: {exc.reason}") from None
-    marks = data.translate(_NUMBER_MARKS)
-    if not any(risk in marks for risk in _RISKY_NUMBERS):
-        return
-    try:
-        _ANY.decode(data)
-    except msgspec.DecodeError as exc:
-        raise InvalidSnapshot(f"snapshot holds a value that cannot be read back: {exc}") from None
+        raise InvalidSnapshot(f"{where} is not JSON every reader can decode: {exc}") from None
 
 
 def nesting_within(data: bytes, limit: int) -> bool:

@@ -190,3 +190,56 @@ def test_a_hand_made_text_state_cannot_spill_into_the_frame(raw: bytes) -> None:
 def test_an_int_too_long_for_python_to_print_is_invalid_not_a_crash() -> None:
     with pytest.raises(InvalidSnapshot):
         encode_checked(Snapshot((layer({"n": 10**5000}),)), 1 << 20)
+
+
+def reader_takes(text: bytes) -> bool:
+    """What the door must decide, from the readers' side: msgspec decodes ``text`` in full
+    into an object nested at most ``MAX_JSON_DEPTH`` deep."""
+    try:
+        value = msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return type(value) is dict and depth(value) <= MAX_JSON_DEPTH
+
+
+def door_takes(text: bytes) -> bool:
+    snapshot = RawSnapshot((RawLayer("h", LifecycleState.NEW, msgspec.Raw(text)),))
+    try:
+        encode_checked(snapshot, 1 << 20)
+    except InvalidSnapshot:
+        return False
+    return True
+
+
+NUMBER = st.from_regex(rb"\A-?[0-9]{1,25}(\.[0-9]{1,25})?([eE][+-]?[0-9]{1,5})?\Z")
+NOISE = st.sampled_from(
+    [b"0", b"9", b"e", b"E", b"+", b"-", b".", b'"', b"\\", b"u", b"d800", b"[", b"]", b"{",
+     b"}", b",", b":", b" ", b"\xff", b"\xed\xa0\x80", b"\xc3\xa9", b"\x00", b"null"]
+)  # fmt: skip
+
+
+@given(JSON, st.lists(st.tuples(st.integers(0, 10_000), NOISE), max_size=3), NUMBER)
+def test_the_door_takes_a_text_state_exactly_when_every_reader_does(
+    value: Any, edits: list[tuple[int, bytes]], number: bytes
+) -> None:
+    """simdjson is the door's fast path and msgspec the readers' parser: whatever a text state
+    holds (mangled JSON, odd numbers, bad UTF-8, lone surrogates), the door stores it exactly
+    when msgspec decodes it in full into an object within the nesting bound."""
+    text = msgspec.json.encode({"v": value, "n": msgspec.Raw(number)})
+    for offset, noise in edits:
+        at = offset % (len(text) + 1)
+        text = text[:at] + noise + text[at:]
+    assert door_takes(text) == reader_takes(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b'{"n": 18446744073709551615, "m": -9223372036854775808}', b'{"n": 18446744073709551616}',
+     b'{"n": -9223372036854775809}', b'{"f": 1.7976931348623157e308, "g": 5e-324, "h": 1e-400}',
+     b'{"f": 1.7976931348623159e308}', b'{"a": ' + b"[" * 99 + b"]" * 99 + b"}",
+     b'{"a": ' + b"[" * 100 + b"]" * 100 + b"}", b'{"a": "' + b"[" * 200 + b'"}'],
+    ids=["64-bit-ends", "past-uint64", "past-int64", "float-ends", "past-float-max",
+         "100-deep", "101-deep", "brackets-in-a-string"],
+)  # fmt: skip
+def test_numbers_at_the_edges_and_deep_text_are_decided_as_the_reader_does(text: bytes) -> None:
+    assert door_takes(text) == reader_takes(text)

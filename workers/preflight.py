@@ -6,7 +6,9 @@ every pass: Redis or the queue's Redis does not answer, or its user's ACL lacks 
 pattern or RQ's pub/sub channels (:func:`permission_problem` names which), Postgres does not
 answer, the database does not exist, its schema is not at this build's newest migration, or
 the metrics port is taken. A missing agent backend is not an error (cleanups are then only
-marked locally), but it is said once, at start.
+marked locally), nor is autovacuum off for the sessions table (the flush's fence may then
+be planned badly: :func:`persistence.schema.statistics_advice`), but each is said once, at
+start.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from cache.client import safe_url
 from cache.errors import StartupCheckFailed, StoreUnavailable
 from cache.settings import Settings
 from persistence.errors import DatabaseMissing, PersistenceUnavailable
-from persistence.schema import schema_state
+from persistence.schema import schema_state, statistics_advice
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ def checked_context(settings: Settings, metrics: tuple[str, int] | None = None) 
         ctx.close()
         raise
     log.info("%s", using_line(settings))
+    advice = statistics_advice(settings.database_url)
+    if advice:
+        log.warning("%s", advice)
     if not settings.agent_backend_url:
         log.warning(
             "AGENT_BACKEND_URL is unset: cleanups only mark sessions cleaned here; "

@@ -182,7 +182,7 @@ def check_state_text(where: str, text: msgspec.Raw) -> None:
     UTF-8, escapes (no lone surrogate), numbers in range. What it refuses, msgspec's full
     decode has the last word on: integers beyond 64 bits are refused by simdjson alone
     (``BIGINT_ERROR``) but decode, and are stored, as before. The nesting needs a pass only
-    when the text holds more brackets than the bound (a bracket in a string counts too).
+    when the text holds more opening brackets than the bound (one in a string counts too).
     """
     data = bytes(text)
     try:

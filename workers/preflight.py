@@ -26,7 +26,7 @@ from cache import keys
 from cache.client import safe_url
 from cache.errors import StartupCheckFailed, StoreUnavailable
 from cache.settings import Settings
-from persistence.errors import DatabaseMissing, PersistenceUnavailable
+from persistence.errors import DatabaseMissing, PersistenceError, PersistenceUnavailable
 from persistence.schema import schema_state, statistics_advice
 from workers.context import WorkerContext
 
@@ -52,7 +52,11 @@ def checked_context(settings: Settings, metrics: tuple[str, int] | None = None) 
         ctx.close()
         raise
     log.info("%s", using_line(settings))
-    advice = statistics_advice(settings.database_url)
+    try:
+        advice = statistics_advice(settings.database_url)
+    except PersistenceError as exc:  # advice only: a failed look is no reason not to start
+        log.info("autovacuum not checked: %s", exc)
+        advice = None
     if advice:
         log.warning("%s", advice)
     if not settings.agent_backend_url:

@@ -65,7 +65,6 @@ conversation index by ``(key_prefix, tenant_id)`` alone, 0.87 ms per row among 2
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -254,31 +253,6 @@ _PER_CALL: Final = frozenset({*COLUMNS, "known_version", "key_prefix"})
 """The statement's parameters that change with every call (the rest are constants)."""
 
 
-_NAMED: Final = re.compile(rb"%\((\w+)\)s|%%")
-"""A named placeholder of psycopg's ``%(name)s`` style, or an escaped ``%``."""
-
-
-def positional(sql: bytes) -> tuple[bytes, tuple[str, ...]]:
-    """``sql`` with Postgres' own ``$n`` placeholders for its ``%(name)s`` ones (a name used
-    twice is one parameter), and the names in ``$n`` order.
-
-    psycopg converts a ``%(name)s`` query on every execution, and caches the conversion only
-    for queries up to 4,096 bytes: the upsert is longer, so each flush paid 64 µs to parse
-    it again. In this form a ``psycopg.RawCursor`` sends it as it is.
-    """
-    order: list[str] = []
-
-    def number(match: re.Match[bytes]) -> bytes:
-        if match.group(1) is None:
-            return b"%"
-        name = match.group(1).decode()
-        if name not in order:
-            order.append(name)
-        return b"$%d" % (order.index(name) + 1)
-
-    return _NAMED.sub(number, sql), tuple(order)
-
-
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     """One owner's upsert and its constant parameters, compiled once: as psycopg SQL (for a
@@ -291,10 +265,12 @@ class _Compiled:
 
     @classmethod
     def of(cls, owner: OwnerType) -> _Compiled:
-        compiled = _upsert_statement(owner).compile(dialect=postgresql_psycopg.dialect())  # type: ignore[no-untyped-call]
+        statement = _upsert_statement(owner)
+        compiled = statement.compile(dialect=postgresql_psycopg.dialect())  # type: ignore[no-untyped-call]
         constants = {k: v for k, v in compiled.params.items() if k not in _PER_CALL}
-        sql = str(compiled).encode()
-        return cls(sql, constants, *positional(sql))
+        numbered = statement.compile(dialect=_NUMBERED)
+        order = tuple(numbered.positiontup or ())
+        return cls(str(compiled).encode(), constants, str(numbered).encode(), order)
 
     def params(self, rows: Sequence[SessionRow], key_prefix: str) -> dict[str, Any]:
         """One binary array per column, column-major, and the deployment's prefix."""
@@ -308,6 +284,12 @@ class _Compiled:
         return [named[name] for name in self.order]
 
 
+_NUMBERED: Final = postgresql_psycopg.dialect(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
+"""The dialect compiling the flusher's form: Postgres' own ``$n`` placeholders, one per name.
+
+psycopg converts a ``%(name)s`` query on every execution and caches the conversion only for
+queries up to 4,096 bytes: the upsert is longer, so each flush paid 64 µs to parse it again.
+In this form a ``psycopg.RawCursor`` sends it as it is."""
 _UPSERTS: Final = {owner: _Compiled.of(owner) for owner in OwnerType}
 
 

@@ -44,12 +44,6 @@ def test_the_documented_filters_and_conflict_target_are_the_compiled_ones() -> N
     )
 
 
-def test_positional_numbers_each_name_once_and_keeps_an_escaped_percent() -> None:
-    sql, order = upsert.positional(b"SELECT %(a)s, %(b)s, %(a)s WHERE x LIKE 'p%%'")
-    assert sql == b"SELECT $1, $2, $1 WHERE x LIKE 'p%'"
-    assert order == ("a", "b")
-
-
 def test_the_flushers_statement_is_the_compiled_one_with_numbered_parameters() -> None:
     """Every named parameter becomes its ``$n``, and nothing else of the SQL changes."""
     for owner in OwnerType:

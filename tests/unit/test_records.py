@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -126,6 +128,23 @@ def test_scope_key_is_the_five_key_ids_and_none_without_a_run() -> None:
     s = f.scope(tenant="t", run="r", node="n", binding="b", agent="g")
     assert s.key == SessionKey("t", "r", "n", "b", "g")
     assert f.scope(run=None).key is None
+
+
+def test_a_scope_made_once_keeps_its_key_and_stays_a_plain_value() -> None:
+    """The key is made when the scope is (the node path asks at every step), yet the scope
+    compares, hashes, prints, copies and ``replace``s by its own fields alone."""
+    s = f.scope(tenant="t", run="r", node="n", binding="b", agent="g")
+    assert s.key is s.key
+    other = dataclasses.replace(s, node_id="n2")
+    assert other.key == SessionKey("t", "r", "n2", "b", "g")
+    assert dataclasses.replace(s) == s and hash(dataclasses.replace(s)) == hash(s)
+    assert copy.deepcopy(s) == s and copy.deepcopy(s).key == s.key
+    assert "_key" not in repr(s)
+    assert s.key is not None and s.key.owner == Owner("t", "r")
+    c = f.conversation_scope(tenant="t", conversation="c", config="k")
+    assert c.key == SessionKey.conversation("t", "c", c.binding_id, c.agent_id, "k")
+    assert dataclasses.replace(c, agent_config_snapshot_id="k2").key.config_id == "k2"
+    assert c.key.owner == Owner.conversation("t", "c")
 
 
 def test_session_write_validates_ids_and_record_types() -> None:

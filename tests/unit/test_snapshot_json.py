@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -243,3 +244,22 @@ def test_the_door_takes_a_text_state_exactly_when_every_reader_does(
 )  # fmt: skip
 def test_numbers_at_the_edges_and_deep_text_are_decided_as_the_reader_does(text: bytes) -> None:
     assert door_takes(text) == reader_takes(text)
+
+
+@pytest.mark.parametrize("size", [100, 70_000], ids=["reused-parser", "own-parser"])
+def test_small_and_large_texts_are_decided_alike_from_many_threads(size: int) -> None:
+    """Small texts go to each thread's reused parser, large ones to a parser of their own:
+    the verdicts are the reader's either way, whatever runs beside them."""
+    pad = b'"' + b"x" * size + b'"'
+    texts = [
+        b'{"p": ' + pad + b"}",
+        b'{"p": ' + pad + b"} x",
+        b'{"p": [' + pad + b"]",
+        b'{"a": ' + b"[" * 101 + pad + b"]" * 101 + b"}",
+        b'{"a": ' + b"[" * 99 + pad + b"]" * 99 + b"}",
+    ]
+    expected = [reader_takes(text) for text in texts]
+    assert expected == [True, False, False, False, True]
+    with ThreadPoolExecutor(4) as pool:
+        verdicts = list(pool.map(door_takes, texts * 50))
+    assert verdicts == expected * 50

@@ -28,7 +28,7 @@ from persistence.errors import (
 )
 from persistence.models import TABLE_NAME
 
-REVISIONS: Final = ("0001", "0002", "0003", "0004", "0005")
+REVISIONS: Final = ("0001", "0002", "0003", "0004", "0005", "0006")
 """The migrations this build ships, oldest first."""
 HEAD: Final = REVISIONS[-1]
 """The newest revision of this build (what ``agent-sessions migrate`` goes to)."""
@@ -129,13 +129,15 @@ _AUTOVACUUM: Final = text(
 
 
 def statistics_advice(database_url: str, table: str = TABLE_NAME) -> str | None:
-    """Why Postgres may never gather statistics of the sessions table (autovacuum off, on the
+    """Why Postgres may never vacuum or analyze the sessions table (autovacuum off, on the
     server or for the table), with what to do; ``None`` when autovacuum runs (or the table
     does not exist yet).
 
-    Without statistics the flush fence's stored-version lookup was planned on another index
-    than the unique key's and read every row of a tenant per flushed row (``auto_explain``:
-    0.87 ms per row among 20,000; README, Benchmarks).
+    Every flush updates rows in place: without vacuuming, their dead versions pile up in the
+    table and its indexes; without statistics, queries are planned on guesses. (The flush's
+    own fence no longer depends on them: each owner's indexes are partial,
+    ``persistence.models.OWNER_ROWS``; before, a never-analyzed table made it read every
+    row of a tenant per flushed row.)
     """
     with connection(database_url) as conn:
         found = conn.execute(_AUTOVACUUM, {"table": table}).first()
@@ -143,7 +145,7 @@ def statistics_advice(database_url: str, table: str = TABLE_NAME) -> str | None:
         return None
     where = "on this server" if not found[0] else f"for table {table}"
     return (
-        f"autovacuum is off {where}: Postgres never gathers statistics of {table}, and "
-        "without them the flush's fence may read every row of a tenant per flushed row; "
-        f"turn autovacuum on, or run ANALYZE {table} after bulk loads and as it grows"
+        f"autovacuum is off {where}: Postgres never vacuums or analyzes {table}, whose rows "
+        "every flush updates, so their dead versions pile up and queries are planned "
+        f"without statistics; turn autovacuum on, or run VACUUM (ANALYZE) {table} regularly"
     )

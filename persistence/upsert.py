@@ -40,7 +40,8 @@ The statement SQLAlchemy compiles once per owner type, for a workflow run's rows
                AND stored.workflow_run_id = batch.workflow_run_id
                AND stored.node_id = batch.node_id AND stored.binding_id = batch.binding_id
                AND stored.agent_id = batch.agent_id), 0) <= batch.known_version)
-    ON CONFLICT (key_prefix, tenant_id, workflow_run_id, node_id, binding_id, agent_id) DO UPDATE
+    ON CONFLICT (key_prefix, tenant_id, workflow_run_id, node_id, binding_id, agent_id)
+       WHERE workflow_run_id IS NOT NULL DO UPDATE
        SET <every other column> = excluded.<column>, flushed_at = now()
      WHERE agent_runtime_sessions.version < excluded.version
        AND (agent_runtime_sessions.lineage IS NULL OR excluded.lineage IS NULL
@@ -52,14 +53,17 @@ The statement SQLAlchemy compiles once per owner type, for a workflow run's rows
 
 ``<COLUMNS>`` is ``persistence.rows.COLUMNS``; a conversation's statement names its own key
 columns (``conversation_id`` and ``agent_config_snapshot_id`` for ``workflow_run_id`` and
-``node_id``). The last condition is the fence against a Redis that went back in time:
-``known_version`` is the highest version the row's Redis copy knows reached Postgres
-(``lua/mark_flushing.lua``; NULL for a copy an earlier build saved, which is not checked).
-It is a scalar subquery: written as ``NOT EXISTS``, Postgres planned it on a fresh table as
-an anti join over every row of the prefix (``EXPLAIN ANALYZE``: 21.8 ms for 20 rows among
-3,000, 1.2 ms after ``ANALYZE``). With statistics it is one unique-index lookup per row;
-on a table never analyzed (autovacuum off) Postgres was seen to look it up through the
-conversation index by ``(key_prefix, tenant_id)`` alone, 0.87 ms per row among 20,000.
+``node_id``) and its own partial unique index (``conversation_id IS NOT NULL``). The last
+condition is the fence against a Redis that went back in time: ``known_version`` is the
+highest version the row's Redis copy knows reached Postgres (``lua/mark_flushing.lua``; NULL
+for a copy an earlier build saved, which is not checked). It is a scalar subquery: written as
+``NOT EXISTS``, Postgres planned it on a fresh table as an anti join over every row of the
+prefix (``EXPLAIN ANALYZE``: 21.8 ms for 20 rows among 3,000, 1.2 ms after ``ANALYZE``). The
+lookup can only be planned on the owner's own indexes, which are partial
+(``persistence.models.OWNER_ROWS``): so it reads at most one owner's rows whatever the
+statistics (without any, with one index per key shared by both owners, Postgres looked it up
+through the conversation index by ``(key_prefix, tenant_id)``: 0.87 ms per row among
+20,000; ``tests/integration/test_upsert_plan.py``).
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ from sqlalchemy.types import UserDefinedType
 from cache.records import Owner, OwnerType, SessionKey
 from persistence.direct import DirectConnections
 from persistence.errors import translate_errors
-from persistence.models import KEY_COLUMNS, UNIQUE_COLUMNS, owners, sessions
+from persistence.models import KEY_COLUMNS, OWNER_ROWS, UNIQUE_COLUMNS, owners, sessions
 from persistence.rows import COLUMNS, SessionRow, newest_per_key
 from persistence.selects import (
     ACTIVE,
@@ -181,8 +185,8 @@ def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
     version of each row it wrote; rows the fence kept return nothing. The deployment's
     prefix is one scalar parameter; ``known_version`` (per row) only filters.
 
-    One statement per owner type: each owner's key has its own unique constraint, and one
-    ``ON CONFLICT`` names one of them.
+    One statement per owner type: each owner's key has its own partial unique index, and one
+    ``ON CONFLICT`` names one of them (its columns and its predicate).
     """
     prefix = sa.bindparam("key_prefix", type_=sa.String())
     insert = pg_insert(sessions).from_select(["key_prefix", *COLUMNS], _fenced_rows(owner, prefix))
@@ -190,6 +194,7 @@ def _upsert_statement(owner: OwnerType) -> ReturningInsert[Any]:
     updated = {name: insert.excluded[name] for name in COLUMNS if name not in keys}
     return insert.on_conflict_do_update(
         index_elements=list(UNIQUE_COLUMNS[owner]),
+        index_where=sa.text(OWNER_ROWS[owner]),
         set_={**updated, "flushed_at": sa.func.now()},
         where=_may_replace(insert.excluded),
     ).returning(*KEYS[owner], sessions.c.version)
@@ -211,8 +216,7 @@ def _fenced_rows(owner: OwnerType, prefix: sa.BindParameter[Any]) -> sa.Select[A
     # A scalar subquery, not NOT EXISTS: Postgres may turn NOT EXISTS into an anti join, and
     # on a table without statistics yet (a fresh one, a bulk load) it scanned every row of
     # the prefix for each row of the batch (21.8 ms against 1.2 ms for 20 rows of 3,000).
-    # With statistics the subquery is one unique-index lookup per row; without them
-    # Postgres may still pick another index by (key_prefix, tenant_id) (README, Benchmarks).
+    # Its equality on the owner's id restricts it to the owner's partial indexes.
     stored = sessions.alias("stored")
     stored_version = (
         sa.select(stored.c.version)

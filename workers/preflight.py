@@ -6,9 +6,9 @@ every pass: Redis or the queue's Redis does not answer, or its user's ACL lacks 
 pattern or RQ's pub/sub channels (:func:`permission_problem` names which), Postgres does not
 answer, the database does not exist, its schema is not at this build's newest migration, or
 the metrics port is taken. A missing agent backend is not an error (cleanups are then only
-marked locally), nor is autovacuum off for the sessions table (the flush's fence may then
-be planned badly: :func:`persistence.schema.statistics_advice`), but each is said once, at
-start.
+marked locally), nor is autovacuum off for the sessions table (dead row versions pile up and
+queries go without statistics: :func:`persistence.schema.statistics_advice`), but each is
+said once, at start.
 """
 
 from __future__ import annotations

@@ -30,7 +30,13 @@ from tests import factories as f
 from tests.integration.support import upsert
 from tests.servers import Database
 
-HEAD = "0005"
+HEAD = "0006"
+PARTIAL_BY_OWNER = (
+    "agent_runtime_session_workflow_scope_unique",
+    "agent_runtime_session_workflow_lookup_idx",
+    "agent_runtime_session_conversation_scope_unique",
+    "agent_runtime_session_conversation_lookup_idx",
+)
 
 
 @pytest.fixture
@@ -114,9 +120,74 @@ def test_migrated_constraint_and_index_names_equal_the_models(
         "unique": {c.name for c in sessions.constraints if isinstance(c, sa.UniqueConstraint)},
         "index": {i.name for i in sessions.indexes},
     }
-    assert stored["unique"] == {
-        "agent_runtime_session_workflow_scope_unique",
-        "agent_runtime_session_conversation_scope_unique",
+    assert stored["unique"] == set()  # each owner's key is a partial unique index
+
+
+def test_each_owners_key_and_lookup_are_partial_indexes_of_its_rows(
+    database_url: Database, engine: Engine
+) -> None:
+    """Alembic's comparison does not see index predicates: the catalog is read instead."""
+    migrate.upgrade(database_url.url)
+    with engine.connect() as conn:
+        found = {
+            index["name"]: (index["unique"], index["dialect_options"].get("postgresql_where"))
+            for index in sa.inspect(conn).get_indexes(TABLE_NAME)
+        }
+    workflow, conversation = "(workflow_run_id IS NOT NULL)", "(conversation_id IS NOT NULL)"
+    assert {name: found[name] for name in PARTIAL_BY_OWNER} == {
+        "agent_runtime_session_workflow_scope_unique": (True, workflow),
+        "agent_runtime_session_workflow_lookup_idx": (False, workflow),
+        "agent_runtime_session_conversation_scope_unique": (True, conversation),
+        "agent_runtime_session_conversation_lookup_idx": (False, conversation),
+    }
+    declared = {
+        index.name: (bool(index.unique), f"({index.dialect_options['postgresql']['where']})")
+        for index in sessions.indexes
+        if index.name in PARTIAL_BY_OWNER
+    }
+    assert declared == {name: found[name] for name in PARTIAL_BY_OWNER}
+
+
+def test_upgrading_0005_keeps_every_row_and_each_key_unique_per_owner(
+    database_url: Database, engine: Engine
+) -> None:
+    """0006 turns the unique constraints into partial unique indexes: rows written under
+    0005 stay, the fenced upsert still finds them by key, and a second row of a key is
+    still refused; downgrading brings the constraints back."""
+    migrate.upgrade(database_url.url, "0005")
+    key, conversation = f.session_key(), SessionKey.conversation("t", "c", "b", "g", "k")
+    repo = SessionRepository(engine, "asc")
+    conversation_write = f.session_write(of=f.conversation_scope(config="k"))
+    first = [
+        f.stored_session(key, version=1),
+        f.stored_session(conversation, version=1, write=conversation_write),
+    ]
+    assert len(upsert(repo, first).written) == 2
+    migrate.upgrade(database_url.url)
+    newer = [dataclasses.replace(s, version=2) for s in first]
+    assert upsert(repo, newer).written == sorted(
+        [(key, 2), (conversation, 2)], key=lambda entry: entry[0].sort_key()
+    )
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {TABLE_NAME}")).scalar_one() == 2
+        copy = (
+            f"INSERT INTO {TABLE_NAME} (key_prefix, owner_type, tenant_id, workflow_id,"
+            " workflow_run_id, node_id, node_execution_id, binding_id, agent_id, app_id,"
+            " agent_config_snapshot_id, status, version, snapshot, layer_specs, created_at,"
+            " updated_at, lineage) SELECT key_prefix, owner_type, tenant_id, workflow_id,"
+            " workflow_run_id, node_id, node_execution_id, binding_id, agent_id, app_id,"
+            " agent_config_snapshot_id, status, version, snapshot, layer_specs, created_at,"
+            f" updated_at, lineage FROM {TABLE_NAME} WHERE owner_type = 'workflow_run'"
+        )
+        with pytest.raises(sa.exc.IntegrityError, match="workflow_scope_unique"):
+            conn.execute(sa.text(copy))
+    repo.close()
+    migrate.downgrade(database_url.url, "0005")
+    with engine.connect() as conn:
+        uniques = {u["name"] for u in sa.inspect(conn).get_unique_constraints(TABLE_NAME)}
+    assert uniques == set(PARTIAL_BY_OWNER) - {
+        "agent_runtime_session_workflow_lookup_idx",
+        "agent_runtime_session_conversation_lookup_idx",
     }
 
 

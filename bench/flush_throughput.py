@@ -56,7 +56,7 @@ from bench.stack import (
 )
 from cache.clock import now_iso
 from cache.records import OwnerType, SessionKey, SessionStatus, StoredSession
-from persistence.models import KEY_COLUMNS, TABLE_NAME, UNIQUE_COLUMNS, sessions
+from persistence.models import KEY_COLUMNS, OWNER_ROWS, TABLE_NAME, UNIQUE_COLUMNS, sessions
 from persistence.rows import COLUMNS as ROW_COLUMNS
 from persistence.rows import HASH_FIELDS, row_of_hash, row_of_session
 from workers.context import WorkerContext
@@ -114,7 +114,8 @@ def _unnest_sql() -> str:
     return (
         f"INSERT INTO {TABLE_NAME} (key_prefix, {columns}) "
         f"SELECT %b::text, * FROM unnest({arrays}) "
-        f"ON CONFLICT ({unique}) DO UPDATE SET {updates}, flushed_at = now() "
+        f"ON CONFLICT ({unique}) WHERE {OWNER_ROWS[OwnerType.WORKFLOW_RUN]} "
+        f"DO UPDATE SET {updates}, flushed_at = now() "
         f"WHERE {TABLE_NAME}.version < excluded.version RETURNING {keys}, version"
     )
 

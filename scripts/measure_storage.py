@@ -56,7 +56,7 @@ from cache.records import (
 )
 from persistence import migrate
 from persistence.engine import create_engine
-from persistence.models import KEY_COLUMNS, TABLE_NAME, sessions
+from persistence.models import KEY_COLUMNS, OWNER_ROWS, TABLE_NAME, UNIQUE_COLUMNS, sessions
 from persistence.repository import SessionRepository
 from persistence.rows import COLUMNS as ROW_COLUMNS
 from persistence.rows import SessionRow, row_of_session
@@ -80,9 +80,12 @@ ARRAY_TYPES = [
 """Each column's array type, in ``COLUMNS`` order (derived, so it follows the table)."""
 WORKFLOW_KEYS = KEY_COLUMNS[OwnerType.WORKFLOW_RUN]
 KEYS = ", ".join(WORKFLOW_KEYS)
+UNIQUE = ", ".join(UNIQUE_COLUMNS[OwnerType.WORKFLOW_RUN])
+WORKFLOW_ROWS = OWNER_ROWS[OwnerType.WORKFLOW_RUN]
+PREFIX = "asc"
 UPDATE_SET = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS) + ", flushed_at = now()"
 TAIL = (
-    f"ON CONFLICT ({KEYS}) DO UPDATE SET {UPDATE_SET} "
+    f"ON CONFLICT ({UNIQUE}) WHERE {WORKFLOW_ROWS} DO UPDATE SET {UPDATE_SET} "
     f"WHERE {TABLE_NAME}.version < excluded.version RETURNING {KEYS}, version"
 )
 ONE_ROW_SQL = (
@@ -139,17 +142,24 @@ def batches(rng: random.Random) -> tuple[list[StoredSession], list[list[StoredSe
 def raw_row(s: StoredSession, now: datetime) -> dict[str, Any]:
     row = dict(zip(ROW_COLUMNS, row_of_session(s, now).values, strict=True))
     row["layer_specs"] = Jsonb(row["layer_specs"])
-    return row
+    return {"key_prefix": PREFIX, **row}
 
 
 def shape_values(engine: Engine) -> Callable[[list[StoredSession]], int]:
     def run(batch: list[StoredSession]) -> int:
         now = datetime.now(UTC)
         insert = pg_insert(sessions).values(
-            [dict(zip(ROW_COLUMNS, row_of_session(s, now).values, strict=True)) for s in batch]
+            [
+                {
+                    "key_prefix": PREFIX,
+                    **dict(zip(ROW_COLUMNS, row_of_session(s, now).values, strict=True)),
+                }
+                for s in batch
+            ]
         )
         stmt = insert.on_conflict_do_update(
-            index_elements=list(WORKFLOW_KEYS),
+            index_elements=list(UNIQUE_COLUMNS[OwnerType.WORKFLOW_RUN]),
+            index_where=sa.text(WORKFLOW_ROWS),
             set_={**{c: insert.excluded[c] for c in COLUMNS}, "flushed_at": sa.func.now()},
             where=sessions.c.version < insert.excluded.version,
         ).returning(*(sessions.c[k] for k in WORKFLOW_KEYS), sessions.c.version)
@@ -183,7 +193,7 @@ def rows_of(batch: list[StoredSession]) -> list[SessionRow]:
 
 
 def shape_repository(engine: Engine) -> Callable[[list[StoredSession]], int]:
-    repo = SessionRepository(engine, "asc")
+    repo = SessionRepository(engine, PREFIX)
     return lambda batch: len(repo.upsert_rows(rows_of(batch)).written)
 
 
@@ -220,7 +230,7 @@ def reset(engine: Engine, compression: str, seed: list[StoredSession]) -> None:
         conn.exec_driver_sql(
             f"ALTER TABLE {TABLE_NAME} ALTER COLUMN snapshot SET COMPRESSION {compression}"
         )
-    SessionRepository(engine, "asc").upsert_rows(rows_of(seed))
+    SessionRepository(engine, PREFIX).upsert_rows(rows_of(seed))
     with engine.connect() as conn:
         conn.exec_driver_sql("CHECKPOINT")
 

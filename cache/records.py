@@ -149,11 +149,7 @@ class SessionKey:
 
     @property
     def owner(self) -> Owner:
-        owner = object.__new__(Owner)  # the IDs were checked when this key was made
-        object.__setattr__(owner, "tenant_id", self.tenant_id)
-        object.__setattr__(owner, "owner_id", self.owner_id)
-        object.__setattr__(owner, "owner_type", self.owner_type)
-        return owner
+        return Owner(self.tenant_id, self.owner_id, self.owner_type)
 
     def parts(self) -> tuple[str, str, str, str, str]:
         """The five IDs, in key-name order (the owner's three after tenant and owner id)."""
@@ -210,32 +206,27 @@ class Scope:
     agent_id: str
     agent_config_snapshot_id: str
 
-    _key: SessionKey | None = field(init=False, repr=False, compare=False)
-    """:attr:`key`, made once (the node path asks for it at every step)."""
-
     def __post_init__(self) -> None:
         for name in ("tenant_id", "app_id", "workflow_id", "node_id", "node_execution_id"):
             check_id(name, getattr(self, name))
         for name in ("binding_id", "agent_id", "agent_config_snapshot_id"):
             check_id(name, getattr(self, name))
         check_optional_id("workflow_run_id", self.workflow_run_id)
-        key = None
-        if self.workflow_run_id is not None:
-            key = unchecked(  # the IDs were checked above
-                SessionKey,
-                tenant_id=self.tenant_id,
-                owner_id=self.workflow_run_id,
-                node_id=self.node_id,
-                binding_id=self.binding_id,
-                agent_id=self.agent_id,
-                owner_type=_WORKFLOW,
-                config_id="",
-            )
-        object.__setattr__(self, "_key", key)
 
     @property
     def key(self) -> SessionKey | None:
-        return self._key
+        if self.workflow_run_id is None:
+            return None
+        return unchecked(  # the IDs were checked when this scope was made
+            SessionKey,
+            tenant_id=self.tenant_id,
+            owner_id=self.workflow_run_id,
+            node_id=self.node_id,
+            binding_id=self.binding_id,
+            agent_id=self.agent_id,
+            owner_type=_WORKFLOW,
+            config_id="",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,15 +247,15 @@ class ConversationScope:
     agent_config_snapshot_id: str
     message_id: str
 
-    _key: SessionKey = field(init=False, repr=False, compare=False)
-    """:attr:`key`, made once (the node path asks for it at every step)."""
-
     def __post_init__(self) -> None:
         for name in ("tenant_id", "app_id", "conversation_id", "binding_id", "agent_id"):
             check_id(name, getattr(self, name))
         check_id("agent_config_snapshot_id", self.agent_config_snapshot_id)
         check_id("message_id", self.message_id)
-        key = unchecked(  # the IDs were checked above
+
+    @property
+    def key(self) -> SessionKey:
+        return unchecked(  # the IDs were checked when this scope was made
             SessionKey,
             tenant_id=self.tenant_id,
             owner_id=self.conversation_id,
@@ -274,11 +265,6 @@ class ConversationScope:
             owner_type=_CONVERSATION,
             config_id=self.agent_config_snapshot_id,
         )
-        object.__setattr__(self, "_key", key)
-
-    @property
-    def key(self) -> SessionKey:
-        return self._key
 
 
 AnyScope: TypeAlias = Scope | ConversationScope

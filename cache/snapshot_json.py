@@ -22,7 +22,6 @@ Snapshots that earlier builds stored as msgpack are still read (:func:`frame_of`
 from __future__ import annotations
 
 import re
-import threading
 from typing import Final
 
 import msgspec
@@ -63,12 +62,6 @@ _NOT_OPENING: Final = bytes(b for b in range(256) if b not in b"[{")
 _WHITESPACE: Final = b" \t\r\n"
 _ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
 """A backslash escape in JSON text and the character it escapes."""
-_PARSERS: Final = threading.local()
-"""Each thread's simdjson parser for small texts, reused: a parser keeps the buffers of the
-largest text it parsed, and is not for two threads at once."""
-_REUSED_UP_TO: Final = 64 * 1024
-"""Texts up to this size go to the thread's parser (its buffers stay small); larger ones to
-a parser of their own, freed with it."""
 
 
 def is_json(data: bytes) -> bool:
@@ -193,32 +186,16 @@ def check_state_text(where: str, text: msgspec.Raw) -> None:
     """
     data = bytes(text)
     try:
-        is_object: bool | None = type(_parser(len(data)).parse(data)) is simdjson.Object
+        is_object: bool | None = type(simdjson.Parser().parse(data)) is simdjson.Object
     except (ValueError, RuntimeError):  # UnicodeDecodeError is a ValueError
         is_object = None  # msgspec decides, once the nesting is known to be bounded
-    if not _shallow(data) and not nesting_within(data, MAX_JSON_DEPTH):
+    openings = len(data.translate(None, _NOT_OPENING))  # an upper bound on the nesting
+    if openings > MAX_JSON_DEPTH and not nesting_within(data, MAX_JSON_DEPTH):
         raise InvalidSnapshot(f"{where} nests deeper than {MAX_JSON_DEPTH} levels")
     if is_object is None:
         is_object = _decodes_to_object(where, data)
     if not is_object:
         raise InvalidSnapshot(f"{where} must be a JSON object")
-
-
-def _parser(size: int) -> simdjson.Parser:
-    if size > _REUSED_UP_TO:
-        return simdjson.Parser()
-    parser: simdjson.Parser | None = getattr(_PARSERS, "parser", None)
-    if parser is None:
-        parser = _PARSERS.parser = simdjson.Parser()
-    return parser
-
-
-def _shallow(data: bytes) -> bool:
-    """Whether ``data`` cannot nest deeper than the bound, by a cheap upper bound: each
-    container takes two bytes and one opening bracket."""
-    if len(data) <= 2 * MAX_JSON_DEPTH:
-        return True
-    return len(data.translate(None, _NOT_OPENING)) <= MAX_JSON_DEPTH
 
 
 def _decodes_to_object(where: str, data: bytes) -> bool:

@@ -168,27 +168,36 @@ def test_upgrading_0005_keeps_every_row_and_each_key_unique_per_owner(
     assert upsert(repo, newer).written == sorted(
         [(key, 2), (conversation, 2)], key=lambda entry: entry[0].sort_key()
     )
+    columns = (
+        "key_prefix, owner_type, tenant_id, workflow_id, workflow_run_id, conversation_id,"
+        " node_id, node_execution_id, binding_id, agent_id, app_id, agent_config_snapshot_id,"
+        " status, version, snapshot, layer_specs, created_at, updated_at, lineage"
+    )
     with engine.connect() as conn:
         assert conn.execute(sa.text(f"SELECT count(*) FROM {TABLE_NAME}")).scalar_one() == 2
-        copy = (
-            f"INSERT INTO {TABLE_NAME} (key_prefix, owner_type, tenant_id, workflow_id,"
-            " workflow_run_id, node_id, node_execution_id, binding_id, agent_id, app_id,"
-            " agent_config_snapshot_id, status, version, snapshot, layer_specs, created_at,"
-            " updated_at, lineage) SELECT key_prefix, owner_type, tenant_id, workflow_id,"
-            " workflow_run_id, node_id, node_execution_id, binding_id, agent_id, app_id,"
-            " agent_config_snapshot_id, status, version, snapshot, layer_specs, created_at,"
-            f" updated_at, lineage FROM {TABLE_NAME} WHERE owner_type = 'workflow_run'"
-        )
-        with pytest.raises(sa.exc.IntegrityError, match="workflow_scope_unique"):
-            conn.execute(sa.text(copy))
+        for owner in ("workflow_run", "conversation"):  # a second row of the same key
+            copy = (
+                f"INSERT INTO {TABLE_NAME} ({columns}) SELECT {columns} FROM {TABLE_NAME}"
+                f" WHERE owner_type = '{owner}'"
+            )
+            with pytest.raises(sa.exc.IntegrityError, match=f"{owner.split('_')[0]}_scope"):
+                conn.execute(sa.text(copy))
+            conn.rollback()
     repo.close()
     migrate.downgrade(database_url.url, "0005")
     with engine.connect() as conn:
-        uniques = {u["name"] for u in sa.inspect(conn).get_unique_constraints(TABLE_NAME)}
-    assert uniques == set(PARTIAL_BY_OWNER) - {
-        "agent_runtime_session_workflow_lookup_idx",
-        "agent_runtime_session_conversation_lookup_idx",
+        inspector = sa.inspect(conn)
+        uniques = {u["name"] for u in inspector.get_unique_constraints(TABLE_NAME)}
+        predicates = {
+            index["name"]: index["dialect_options"].get("postgresql_where")
+            for index in inspector.get_indexes(TABLE_NAME)
+        }
+    assert uniques == {
+        "agent_runtime_session_workflow_scope_unique",
+        "agent_runtime_session_conversation_scope_unique",
     }
+    assert predicates["agent_runtime_session_workflow_lookup_idx"] is None
+    assert predicates["agent_runtime_session_conversation_lookup_idx"] is None
 
 
 def test_snapshot_column_is_lz4_compressed_as_the_model_declares(

@@ -130,16 +130,12 @@ def test_scope_key_is_the_five_key_ids_and_none_without_a_run() -> None:
     assert f.scope(run=None).key is None
 
 
-def test_a_scope_made_once_keeps_its_key_and_stays_a_plain_value() -> None:
-    """The key is made when the scope is (the node path asks at every step), yet the scope
-    compares, hashes, prints, copies and ``replace``s by its own fields alone."""
+def test_a_scopes_key_follows_its_fields_through_copies_and_replace() -> None:
     s = f.scope(tenant="t", run="r", node="n", binding="b", agent="g")
-    assert s.key is s.key
     other = dataclasses.replace(s, node_id="n2")
     assert other.key == SessionKey("t", "r", "n2", "b", "g")
     assert dataclasses.replace(s) == s and hash(dataclasses.replace(s)) == hash(s)
     assert copy.deepcopy(s) == s and copy.deepcopy(s).key == s.key
-    assert "_key" not in repr(s)
     assert s.key is not None and s.key.owner == Owner("t", "r")
     c = f.conversation_scope(tenant="t", conversation="c", config="k")
     assert c.key == SessionKey.conversation("t", "c", c.binding_id, c.agent_id, "k")

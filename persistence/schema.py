@@ -128,7 +128,7 @@ _AUTOVACUUM: Final = text(
 )
 
 
-def statistics_advice(database_url: str, table: str = TABLE_NAME) -> str | None:
+def autovacuum_advice(database_url: str, table: str = TABLE_NAME) -> str | None:
     """Why Postgres may never vacuum or analyze the sessions table (autovacuum off, on the
     server or for the table), with what to do; ``None`` when autovacuum runs (or the table
     does not exist yet).

@@ -7,7 +7,7 @@ pattern or RQ's pub/sub channels (:func:`permission_problem` names which), Postg
 answer, the database does not exist, its schema is not at this build's newest migration, or
 the metrics port is taken. A missing agent backend is not an error (cleanups are then only
 marked locally), nor is autovacuum off for the sessions table (dead row versions pile up and
-queries go without statistics: :func:`persistence.schema.statistics_advice`), but each is
+queries go without statistics: :func:`persistence.schema.autovacuum_advice`), but each is
 said once, at start.
 """
 
@@ -27,7 +27,7 @@ from cache.client import safe_url
 from cache.errors import StartupCheckFailed, StoreUnavailable
 from cache.settings import Settings
 from persistence.errors import DatabaseMissing, PersistenceError, PersistenceUnavailable
-from persistence.schema import schema_state, statistics_advice
+from persistence.schema import autovacuum_advice, schema_state
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def checked_context(settings: Settings, metrics: tuple[str, int] | None = None) 
         raise
     log.info("%s", using_line(settings))
     try:
-        advice = statistics_advice(settings.database_url)
+        advice = autovacuum_advice(settings.database_url)
     except PersistenceError as exc:  # advice only: a failed look is no reason not to start
         log.info("autovacuum not checked: %s", exc)
         advice = None

@@ -63,8 +63,9 @@ LOOKUPS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 def upgrade() -> None:
     for name, columns, where in UNIQUES:
         op.drop_constraint(op.f(name), SESSIONS, type_="unique")
-        op.create_index(op.f(name), SESSIONS, list(columns), unique=True,
-                        postgresql_where=sa.text(where))  # fmt: skip
+        op.create_index(
+            op.f(name), SESSIONS, list(columns), unique=True, postgresql_where=sa.text(where)
+        )
     for name, columns, where in LOOKUPS:
         op.drop_index(op.f(name), SESSIONS)
         op.create_index(op.f(name), SESSIONS, list(columns), postgresql_where=sa.text(where))

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from persistence import migrate
 from persistence.engine import create_engine
 from persistence.models import TABLE_NAME
-from persistence.schema import statistics_advice
+from persistence.schema import autovacuum_advice
 from tests.integration.support import make_ctx
 from tests.servers import Database
 from workers.preflight import checked_context
@@ -47,20 +47,20 @@ def test_autovacuum_off_for_the_sessions_table_is_advised_with_the_fix(
 ) -> None:
     migrate.upgrade(database_url.url)
     set_table_autovacuum(engine, on=False)
-    advice = statistics_advice(database_url.url)
+    advice = autovacuum_advice(database_url.url)
     assert advice is not None
     assert f"VACUUM (ANALYZE) {TABLE_NAME}" in advice
     where = f"for table {TABLE_NAME}" if server_autovacuum(engine) else "on this server"
     assert f"autovacuum is off {where}" in advice
 
     set_table_autovacuum(engine, on=True)
-    advice = statistics_advice(database_url.url)
+    advice = autovacuum_advice(database_url.url)
     assert (advice is None) is server_autovacuum(engine)
     assert advice is None or "autovacuum is off on this server" in advice
 
 
 def test_a_database_not_migrated_yet_gets_no_advice(database_url: Database) -> None:
-    assert statistics_advice(database_url.url) is None
+    assert autovacuum_advice(database_url.url) is None
 
 
 def test_the_worker_pool_logs_the_advice_once_at_start(

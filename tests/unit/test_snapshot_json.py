@@ -20,6 +20,7 @@ from cache.snapshot_json import (
     encode_checked,
     frame_of,
     nesting_within,
+    openings,
 )
 from cache.validate import MAX_JSON_DEPTH
 
@@ -47,6 +48,13 @@ def test_the_nesting_read_off_the_text_is_the_values_nesting(value: Any, spaced:
     d = depth(value)
     assert nesting_within(text, d)
     assert not d or not nesting_within(text, d - 1)
+
+
+@given(st.binary(max_size=64) | JSON.map(lambda value: json.dumps(value).encode()))
+def test_openings_counts_every_opening_bracket_byte(data: bytes) -> None:
+    """The bound the door reads before it looks at the nesting: every ``{`` and ``[`` byte,
+    in strings too, so it is never below the nesting."""
+    assert openings(data) == sum(byte in b"{[" for byte in data)
 
 
 def layer(state: object, name: str = "history") -> SnapshotLayer:

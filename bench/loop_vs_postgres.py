@@ -346,7 +346,8 @@ def _cpu_warm_facts(arms: Mapping[str, Callable[[], object]], plan: Plan) -> dic
             arms,
             blocks=plan.warm_blocks,
             per_block=plan.per_block,
-            on_block=ours_vs_original_progress(plan.blocks),
+            warmup=plan.warmup,
+            on_block=ours_vs_original_progress(plan.warm_blocks),
         )
     return _warm_facts(warm)
 

@@ -6,9 +6,11 @@ realistic agent state is saved once through the store; then the real save's ``KE
 ``ARGV`` (any version, so every call takes the loop's path: the session already dirty) are
 sent with ``EVALSHA`` to ``save.lua`` and to variants of it, the variants taking turns round
 by round; each prints its median server µs per call (``INFO commandstats``, reset before each
-variant's calls) over the rounds. ``empty`` returns at once (what the arguments alone cost),
-``raw`` is the benchmarks' two-command raw script given only the snapshot. Variants are
-measurements, never loaded by the store. The README's "Where ours' CPU goes" quotes it.
+variant's calls) over the rounds. ``empty`` returns before its first command (what the
+arguments and the prelude's definitions cost), ``raw`` is the benchmarks' two-command raw
+script given only the snapshot. Every variant must answer as a save does, and the session
+must be dirty, or the script stops. Variants are measurements, never loaded by the store.
+The README's "Where ours' CPU goes" quotes it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
             "if not was_dirty then",
         )
     ],
+    # The field loop below copies save.lua's (FIELDS from ARGV[FIRST_FIELD + 1] on): keep them
+    # alike; the script stops if the anchor it replaces is gone, not if the loop drifts.
     "HSET only": [
         (
             _HEAD,
@@ -70,10 +74,17 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
 def _variant(edits: list[tuple[str, str]]) -> str:
     text = source("save")
     for old, new in edits:
-        if old not in text:
-            raise SystemExit(f"save.lua no longer holds {old!r}: update this script")
+        if text.count(old) != 1:
+            raise SystemExit(f"save.lua no longer holds {old!r} once: update this script")
         text = text.replace(old, new)
     return text
+
+
+def _check_saves(send: Callable[[], object], name: str) -> None:
+    """Every variant must answer as a save does ({0, version}), or its time means nothing."""
+    reply = send()
+    if not isinstance(reply, list) or reply[:1] != [0]:
+        raise SystemExit(f"{name} answered {reply!r}, not a save's {{0, version}}")
 
 
 def _usec_per_call(client: redis.Redis, send: Callable[[], object], calls: int) -> float:
@@ -96,15 +107,21 @@ def main() -> None:
         write = build_writes(agent_states(None))[0]
         cache.save(key, write)
         keys, args = cache.save_call(key, write)
+        snapshot = cache.codec.write_values(write)[0]
         client = redis.Redis.from_url(url)
         shas = {name: client.script_load(_variant(edits)) for name, edits in VARIANTS.items()}
         raw_sha = client.script_load(RAW_SAVE_LUA)
-        snapshot = args[7]
         sends: dict[str, Callable[[], object]] = {
             name: partial(client.evalsha, sha, len(keys), *keys, *args)
             for name, sha in shas.items()
         }
+        for name, send in sends.items():
+            _check_saves(send, name)
         sends["raw"] = partial(client.evalsha, raw_sha, 1, "bench:raw:0", snapshot)
+        if client.zscore(keys[3], keys[0]) is None:
+            raise SystemExit(
+                "the session is not dirty: the variants would not take the loop's path"
+            )
         results: dict[str, list[float]] = {name: [] for name in sends}
         for round_ in range(opts.rounds):
             for name, send in sends.items():

@@ -19,8 +19,8 @@ from cache.snapshot_json import (
     decode,
     encode_checked,
     frame_of,
+    more_openings_than,
     nesting_within,
-    openings,
 )
 from cache.validate import MAX_JSON_DEPTH
 
@@ -50,11 +50,14 @@ def test_the_nesting_read_off_the_text_is_the_values_nesting(value: Any, spaced:
     assert not d or not nesting_within(text, d - 1)
 
 
-@given(st.binary(max_size=64) | JSON.map(lambda value: json.dumps(value).encode()))
-def test_openings_counts_every_opening_bracket_byte(data: bytes) -> None:
+@given(
+    st.binary(max_size=64) | JSON.map(lambda value: json.dumps(value).encode()),
+    st.integers(min_value=0, max_value=12),
+)
+def test_more_openings_than_counts_every_opening_bracket_byte(data: bytes, limit: int) -> None:
     """The bound the door reads before it looks at the nesting: every ``{`` and ``[`` byte,
-    in strings too, so it is never below the nesting."""
-    assert openings(data) == sum(byte in b"{[" for byte in data)
+    in strings too (never below the nesting), exact at the limit whichever bracket hits it."""
+    assert more_openings_than(data, limit) == (sum(byte in b"{[" for byte in data) > limit)
 
 
 def layer(state: object, name: str = "history") -> SnapshotLayer:

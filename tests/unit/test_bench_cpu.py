@@ -125,19 +125,22 @@ def test_per_call_figures_subtract_the_servers_idle_rate() -> None:
 
 
 def test_cpu_per_iteration_reports_ours_over_raw_totals() -> None:
-    from bench.cpu_per_iteration import QUICK, _result
+    from bench.cpu_per_iteration import QUICK, _result, _warm_facts
 
     ours = [CpuBlock(1000, 0.5, 0.4, 0.1, {"evalsha": (1000, 60_000.0)})] * 2
     raw = [CpuBlock(1000, 0.2, 0.1, 0.05, {"evalsha": (1000, 20_000.0)})] * 2
     tuned = [CpuBlock(1000, 0.5, 0.35, 0.1, {"evalsha": (1000, 60_000.0)})] * 2
-    facts = {"server_idle_cpu_ms_per_s": 0.0, "snapshot": "realistic"}
+    warm = {"ours": [CpuBlock(1000, 0.4, 0.3, 0.1, {})], "raw": [CpuBlock(1000, 0.1, 0.1, 0.0, {})]}
+    facts = {"server_idle_cpu_ms_per_s": 0.0, "snapshot": "realistic", **_warm_facts(warm, 0.0)}
     result = _result({"ours": ours, "raw": raw, "ours_gc_tuned": tuned}, QUICK, facts)
     assert (result.value, result.baseline, result.ratio) == (500.0, 150.0, 3.333)
     assert result.met is False and result.goal == "<= 2.0"
     assert result.extra["ours_us"]["client"] == 400.0 and result.extra["server_ratio"] == 2.0
     assert result.extra["server_us_by_command"]["ours"] == {"evalsha": 60.0}
-    assert [row["value"] for row in result.extra["also"]] == [400.0, 100.0, 450.0]
+    assert [row["value"] for row in result.extra["also"]] == [400.0, 100.0, 450.0, 400.0]
+    assert result.extra["also"][-1]["baseline"] == 100.0
     assert result.extra["gc_tuned_vs_default"] == 0.9
+    assert result.extra["cpu_warm_ratio"] == 4.0 and result.extra["cpu_warm_block_ratios"] == [4.0]
 
 
 def test_flush_cpu_subtracts_the_idle_pool_per_second() -> None:

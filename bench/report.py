@@ -33,7 +33,10 @@ HOW_TO_READ = """\
 - Absolute microseconds on this VM swing about 4x with the CPU's idle state: a Redis round trip
   is ~110 µs when the 2 vCPUs idle between calls and ~25 µs when they are kept busy (the
   `cpu_warm_*` extras measure that state). Compare ratios across runs and machines, not
-  microseconds.
+  microseconds. Ratios move with it too: both arms pay the wake-ups (in wall time, and in
+  the CPU of the side that wakes the other), which pulls a ratio towards 1; the
+  `cpu_warm_*` ratios of `hot_path`, `loop_vs_postgres` and `cpu_per_iteration` are closer
+  to the arms' own work.
 - **spread** is the range of the per-block ratios (and p99s): a wide range means a noisy run;
   rerun without `--quick` before drawing conclusions.
 - `--quick` runs take seconds and are for smoke tests; publish full runs.

@@ -180,16 +180,21 @@ def _cpu_warm_blocks(
 
 def _warm_facts(warm: Mapping[str, list[CpuBlock]], idle_rate: float) -> dict[str, Any]:
     ours, raw = (median_per_call(warm[arm], idle_rate) for arm in ("ours", "raw"))
-    pairs = zip(warm["ours"], warm["raw"], strict=True)
     return {
         "cpu_warm_ours_us": ours,
         "cpu_warm_raw_us": raw,
         "cpu_warm_ratio": round(ratio(ours["total"], raw["total"]), 3),
-        "cpu_warm_block_ratios": [
-            round(a.per_call_us(idle_rate)["total"] / b.per_call_us(idle_rate)["total"], 3)
-            for a, b in pairs
-        ],
+        "cpu_warm_block_ratios": _block_ratios(warm, idle_rate),
     }
+
+
+def _block_ratios(blocks: Mapping[str, list[CpuBlock]], idle_rate: float) -> list[float]:
+    """Per block, ours' total CPU per iteration over raw's."""
+    pairs = zip(blocks["ours"], blocks["raw"], strict=True)
+    return [
+        round(a.per_call_us(idle_rate)["total"] / b.per_call_us(idle_rate)["total"], 3)
+        for a, b in pairs
+    ]
 
 
 def _also(name: str, ours: float, raw: float, how: str) -> dict[str, Any]:
@@ -206,10 +211,7 @@ def _result(blocks: Mapping[str, list[CpuBlock]], plan: Plan, facts: dict[str, A
     rate = facts["server_idle_cpu_ms_per_s"] / 1000
     ours, raw = median_per_call(blocks["ours"], rate), median_per_call(blocks["raw"], rate)
     tuned = median_per_call(blocks[TUNED], rate)
-    pairs = zip(blocks["ours"], blocks["raw"], strict=True)
-    ratios = [
-        round(a.per_call_us(rate)["total"] / b.per_call_us(rate)["total"], 3) for a, b in pairs
-    ]
+    ratios = _block_ratios(blocks, rate)
     extra: dict[str, Any] = {
         "spread": f"block ratios {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} blocks",
         "ours_us": ours,

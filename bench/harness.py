@@ -386,6 +386,22 @@ def cpu_warm() -> Iterator[None]:
         proc.wait()
 
 
+def run_interleaved_warm(
+    arms: Mapping[str, Callable[[], object]],
+    *,
+    blocks: int,
+    per_block: int,
+    warmup: int = 0,
+    on_block: BlockHook | None = None,
+) -> dict[str, list[list[int]]]:
+    """:func:`run_interleaved` inside :func:`cpu_warm`: the benchmarks' CPU-warm pass."""
+    print("  again with a busy-loop process (CPU-warm):", flush=True)
+    with cpu_warm():
+        return run_interleaved(
+            arms, blocks=blocks, per_block=per_block, warmup=warmup, on_block=on_block
+        )
+
+
 def spread_text(values: Sequence[float], unit: str = "", digits: int = 2) -> str:
     """``"min-max over N reps"``, the one-line spread of repeated measurements."""
     if not values:

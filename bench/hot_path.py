@@ -38,7 +38,6 @@ from bench.harness import (
     Result,
     arm_p50_us,
     block_ratios,
-    cpu_warm,
     goal_met,
     make_result,
     median,
@@ -46,6 +45,7 @@ from bench.harness import (
     private_redis,
     ratio,
     run_interleaved,
+    run_interleaved_warm,
     summarize,
     time_calls,
 )
@@ -344,11 +344,9 @@ def _measure(
             warmup=plan.warmup,
             on_block=_progress(plan),
         )
-        print("  again with a busy-loop process (CPU-warm):", flush=True)
-        with cpu_warm():
-            warm = run_interleaved(
-                arms, blocks=plan.warm_blocks, per_block=plan.per_block, warmup=plan.warmup
-            )
+        warm = run_interleaved_warm(
+            arms, blocks=plan.warm_blocks, per_block=plan.per_block, warmup=plan.warmup
+        )
         facts = {
             **states.facts(),
             "snapshot_bytes": len(raw.payload),

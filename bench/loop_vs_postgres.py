@@ -47,13 +47,13 @@ from bench.harness import (
     Result,
     arm_p50_us,
     block_ratios,
-    cpu_warm,
     make_result,
     median,
     ours_vs_original_facts,
     ours_vs_original_progress,
     private_redis,
     run_interleaved,
+    run_interleaved_warm,
     time_calls,
 )
 from bench.hot_path import RawLoop, build_specs, seeded_uuid
@@ -340,15 +340,13 @@ def _measure(plan: Plan, states: AgentStates) -> tuple[dict[str, list[list[int]]
 
 def _cpu_warm_facts(arms: Mapping[str, Callable[[], object]], plan: Plan) -> dict[str, Any]:
     """The arms again, with a busy-loop process keeping the vCPUs awake."""
-    print("  again with a busy-loop process (CPU-warm):", flush=True)
-    with cpu_warm():
-        warm = run_interleaved(
-            arms,
-            blocks=plan.warm_blocks,
-            per_block=plan.per_block,
-            warmup=plan.warmup,
-            on_block=ours_vs_original_progress(plan.warm_blocks),
-        )
+    warm = run_interleaved_warm(
+        arms,
+        blocks=plan.warm_blocks,
+        per_block=plan.per_block,
+        warmup=plan.warmup,
+        on_block=ours_vs_original_progress(plan.warm_blocks),
+    )
     return _warm_facts(warm)
 
 

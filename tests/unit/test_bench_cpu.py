@@ -143,6 +143,25 @@ def test_cpu_per_iteration_reports_ours_over_raw_totals() -> None:
     assert result.extra["cpu_warm_ratio"] == 4.0 and result.extra["cpu_warm_block_ratios"] == [4.0]
 
 
+def test_hot_path_reports_its_cpu_warm_pass_beside_the_plain_headline() -> None:
+    from bench.hot_path import QUICK, _result, _warm_facts
+
+    plain = {"ours": [[300_000] * 3] * 2, "raw": [[200_000] * 3] * 2, "raw_codec": [[250_000]] * 2}
+    warm = {
+        "ours": [[260_000], [240_000]],
+        "raw": [[130_000], [120_000]],
+        "raw_codec": [[200_000]] * 2,
+    }
+    result = _result(plain, QUICK, {"snapshot": "realistic", **_warm_facts(warm)})
+    assert (result.value, result.baseline, result.ratio) == (300.0, 200.0, 1.5)
+    assert result.extra["cpu_warm_ours_p50_us"] == 250.0
+    assert result.extra["cpu_warm_raw_p50_us"] == 125.0
+    assert result.extra["cpu_warm_ratio"] == 2.0
+    assert result.extra["cpu_warm_ratio_vs_raw_codec"] == 1.25
+    assert result.extra["cpu_warm_block_ratios"] == [2.0, 2.0]
+    assert result.extra["cpu_warm_blocks"] == QUICK.warm_blocks
+
+
 def test_flush_cpu_subtracts_the_idle_pool_per_second() -> None:
     from bench.flush_cpu import QUICK, Rep, Window, _result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import types
@@ -30,6 +31,7 @@ from bench.harness import (
     percentile,
     ratio,
     run_interleaved,
+    run_interleaved_warm,
     summarize,
 )
 from bench.report import load_results, render, save_result
@@ -150,6 +152,32 @@ def test_run_interleaved_alternates_block_order() -> None:
     assert [len(block) for block in samples["a"]] == [2, 2, 2]
     assert all(ns >= 0 for block in samples["b"] for ns in block)
     assert seen == [0, 1, 2]
+
+
+def _children() -> set[int]:
+    """The pids of this process's live children (from ``/proc``)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+def test_the_warm_pass_runs_its_blocks_beside_a_busy_loop_and_stops_it() -> None:
+    before = _children()
+    during: list[set[int]] = []
+    samples = run_interleaved_warm(
+        {"a": lambda: during.append(_children() - before)}, blocks=2, per_block=1, warmup=1
+    )
+    assert [len(block) for block in samples["a"]] == [1, 1]
+    assert len(during) == 3 and all(len(pids) == 1 for pids in during)
+    assert _children() == before
 
 
 # --------------------------------------------------------------------------------- registry + CLI
